@@ -1,0 +1,109 @@
+"""Configuration dataclasses, created once (by `LLM(...)` or the CLI) and passed down."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture facts read from a checkpoint's config.json (or GGUF metadata)."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    sliding_window: int | None
+    tie_word_embeddings: bool
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    torch_dtype: str | None
+
+    @classmethod
+    def from_hf(cls, hf: dict, generation: dict | None = None) -> "ModelConfig":
+        generation = generation or {}
+        num_heads = hf["num_attention_heads"]
+        hidden = hf["hidden_size"]
+        eos = generation.get("eos_token_id", hf.get("eos_token_id"))
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        window = hf.get("sliding_window")
+        if hf.get("use_sliding_window") is False:
+            window = None
+        return cls(
+            architecture=(hf.get("architectures") or ["LlamaForCausalLM"])[0],
+            vocab_size=hf["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=hf.get("head_dim") or hidden // num_heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=hf.get("rope_theta", 10000.0),
+            rope_scaling=hf.get("rope_scaling"),
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            sliding_window=window,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            bos_token_id=generation.get("bos_token_id", hf.get("bos_token_id")),
+            eos_token_ids=eos_ids,
+            torch_dtype=hf.get("torch_dtype") or hf.get("dtype"),
+        )
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache: `num_blocks` blocks of `block_size` token slots per layer."""
+
+    block_size: int
+    num_blocks: int
+    enable_prefix_caching: bool = True
+
+    @property
+    def max_total_tokens(self) -> int:
+        return self.block_size * self.num_blocks
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Budgets of one engine step (TGI's names)."""
+
+    max_batch_prefill_tokens: int = 4096
+    max_num_seqs: int = 256
+    max_model_len: int = 4096
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    dtype: str = "float32"
+    device: str = "cpu"
+    model_id: str = ""
+    attention_backend: str = "torch"
+
+
+@dataclass
+class EngineArgs:
+    """What a user can set, by `LLM(...)` or the CLI; resolved into an `EngineConfig`."""
+
+    model: str | None = None
+    revision: str | None = None
+    download_dir: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    tensor_parallel_size: int = 1
+    max_batch_total_tokens: int | None = None
+    max_batch_prefill_tokens: int = 4096
+    max_num_seqs: int = 256
+    max_model_len: int | None = None
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    cpu_kv_cache_bytes: int = 2 << 30

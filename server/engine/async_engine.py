@@ -1,0 +1,128 @@
+"""The engine for servers: an asyncio front over one engine thread.
+
+The engine's state is touched by its own thread only. Callers post commands (add, abort) to
+a thread-safe queue and receive outputs on a per-request asyncio queue, fed with
+`call_soon_threadsafe`, so the event loop never waits for a model step.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from typing import AsyncIterator
+
+from server.config import EngineArgs
+from server.engine.llm_engine import LLMEngine
+from server.outputs import RequestOutput
+from server.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineStepError(RuntimeError):
+    """A model step failed; the requests in it were ended."""
+
+
+class AsyncEngine:
+    def __init__(self, args: EngineArgs | None = None, engine: LLMEngine | None = None):
+        self.engine = engine or LLMEngine(args or EngineArgs())
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; leaving the iteration early aborts the request."""
+        loop = asyncio.get_running_loop()
+        accepted: asyncio.Future = loop.create_future()
+        stream: asyncio.Queue = asyncio.Queue()
+        self._commands.put(("add", (prompt, params, request_id, loop, stream, accepted)))
+        request_id = await accepted
+        finished = False
+        try:
+            while not finished:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def shutdown(self) -> None:
+        self._stopped.set()
+        self._commands.put(("wake", None))
+        self._thread.join(timeout=30)
+
+    # -- the engine thread ---------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stopped.is_set():
+            block = not self.engine.has_unfinished_requests()
+            self._run_commands(block)
+            if self.engine.has_unfinished_requests():
+                self._step()
+
+    def _run_commands(self, block: bool) -> None:
+        while True:
+            try:
+                kind, payload = self._commands.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                return
+            block = False
+            if kind == "add":
+                self._add(*payload)
+            elif kind == "abort":
+                self.engine.abort(payload)
+                self._streams.pop(payload, None)
+
+    def _add(self, prompt, params, request_id, loop, stream, accepted) -> None:
+        try:
+            request_id = self.engine.add_request(prompt, params, request_id)
+        except Exception as error:  # bad input: tell the caller, keep serving
+            loop.call_soon_threadsafe(self._settle, accepted, None, error)
+            return
+        self._streams[request_id] = (loop, stream)
+        loop.call_soon_threadsafe(self._settle, accepted, request_id, None)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as error:
+            logger.exception("engine step failed")
+            self._fail_all(EngineStepError(f"Request failed during generation: {error}"))
+            return
+        for output in outputs:
+            target = self._streams.get(output.request_id)
+            if target is None:
+                continue
+            loop, stream = target
+            loop.call_soon_threadsafe(stream.put_nowait, output)
+            if output.finished:
+                del self._streams[output.request_id]
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id in list(self.engine.requests):
+            self.engine.abort(request_id)
+            target = self._streams.pop(request_id, None)
+            if target is not None:
+                loop, stream = target
+                loop.call_soon_threadsafe(stream.put_nowait, error)
+
+
+    def _settle(self, future: asyncio.Future, request_id: str | None, error) -> None:
+        """Resolve an add on the caller's loop; a caller already gone aborts its request."""
+        if future.cancelled():
+            if request_id is not None:
+                self.abort(request_id)
+        elif error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(request_id)

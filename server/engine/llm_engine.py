@@ -1,0 +1,245 @@
+"""The engine core: requests in, one scheduled model step at a time, outputs out."""
+from __future__ import annotations
+
+import itertools
+import secrets
+import time
+
+import torch
+
+from server.config import CacheConfig, EngineArgs, EngineConfig, ModelConfig, SchedulerConfig
+from server.engine.block_manager import BlockManager
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.scheduler import Scheduler
+from server.engine.sequence import Request, Sequence, SequenceStatus
+from server.engine.stop import check_stop, stable_text_len
+from server.engine.tokenizer import Tokenizer
+from server.models.loader import load_config, load_generation_config, resolve_model
+from server.outputs import CompletionOutput, RequestOutput
+from server.runtime.model_runner import ModelRunner, SequenceChunk
+from server.runtime.random import row_key
+from server.runtime.sampler import SamplingOptions
+from server.sampling_params import SamplingParams
+
+_DTYPE_NAMES = {"float32": "float32", "float": "float32", "float16": "float16", "half": "float16",
+                "bfloat16": "bfloat16", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _device_and_dtype(args: EngineArgs, model: ModelConfig) -> tuple[str, str]:
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but CUDA is not available")
+    if args.dtype == "auto":
+        native = _DTYPE_NAMES.get(str(model.torch_dtype), "bfloat16")
+        dtype = "float32" if device == "cpu" else ("bfloat16" if native == "float32" else native)
+    elif args.dtype in _DTYPE_NAMES:
+        dtype = _DTYPE_NAMES[args.dtype]
+    else:
+        raise ValueError(f"dtype {args.dtype!r} is not supported: auto, float32, float16, bfloat16")
+    return device, dtype
+
+
+def _kv_tokens(args: EngineArgs, model: ModelConfig, device: str, dtype: str) -> int:
+    """KV cache capacity in tokens: asked for, or what the memory budget holds."""
+    if args.max_batch_total_tokens is not None:
+        return args.max_batch_total_tokens
+    itemsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    per_token = 2 * model.num_layers * model.num_kv_heads * model.head_dim * itemsize
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        weights = 2 * model.hidden_size * model.vocab_size + model.num_layers * 12 * model.hidden_size ** 2
+        budget = int(0.9 * free) - weights * itemsize - (2 << 30)
+    else:
+        budget = args.cpu_kv_cache_bytes
+    return max(budget // per_token, args.block_size)
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs):
+        if args.tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size > 1 is not supported yet")
+        if args.block_size < 1 or args.max_batch_prefill_tokens < 1 or args.max_num_seqs < 1:
+            raise ValueError("block_size, max_batch_prefill_tokens and max_num_seqs must be positive")
+        source = resolve_model(args.model, args.revision, args.download_dir)
+        model = ModelConfig.from_hf(load_config(source), load_generation_config(source))
+        device, dtype = _device_and_dtype(args, model)
+        self.tokenizer = Tokenizer.load(source.path, source.gguf_file)
+        kv_tokens = _kv_tokens(args, model, device, dtype)
+        num_blocks = -(-kv_tokens // args.block_size)
+        max_model_len = min(args.max_model_len or model.max_position_embeddings,
+                            model.max_position_embeddings, num_blocks * args.block_size)
+        self.config = EngineConfig(
+            model=model,
+            cache=CacheConfig(args.block_size, num_blocks, args.enable_prefix_caching),
+            scheduler=SchedulerConfig(args.max_batch_prefill_tokens, args.max_num_seqs, max_model_len),
+            dtype=dtype, device=device, model_id=source.model_id)
+        self.runner = ModelRunner(self.config, source)
+        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        self.scheduler = Scheduler(self.config.scheduler, self.block_manager)
+        self.eos_token_ids = set(model.eos_token_ids) | self.tokenizer.eos_token_ids
+        self.requests: dict[str, Request] = {}
+        self.detokenizers: dict[int, IncrementalDetokenizer] = {}
+        self._seq_ids = itertools.count()
+        self._request_ids = itertools.count()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.scheduler.max_model_len
+
+    # -- requests -----------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams,
+                    request_id: str | None = None) -> str:
+        """Validate and queue one request; raises ValueError for bad input."""
+        request_id = str(next(self._request_ids)) if request_id is None else request_id
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        text, token_ids = self._encode(prompt)
+        request = Request(request_id, text, token_ids, params)
+        seed = params.seed if params.seed is not None else secrets.randbits(64)
+        request.seed = seed
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None]
+        for index in range(params.best_of):
+            seq_seed = (seed + index * 0x9E3779B97F4A7C15) % 2**64
+            seq = Sequence(next(self._seq_ids), request, index, seq_seed)
+            request.sequences.append(seq)
+            self.detokenizers[seq.seq_id] = IncrementalDetokenizer(
+                self.tokenizer, token_ids, skip_special_tokens=params.skip_special_tokens)
+            self.scheduler.add(seq)
+        self.requests[request_id] = request
+        return request_id
+
+    def _encode(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            text, token_ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, token_ids = None, list(prompt)
+            vocab = self.config.model.vocab_size
+            if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
+                raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if not token_ids:
+            raise ValueError("prompt must not be empty")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(token_ids)} tokens; the model's context is "
+                             f"{self.max_model_len} tokens, so it must be shorter than that")
+        return text, token_ids
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now; its KV blocks are freed at once."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        request.aborted = True
+        for seq in request.sequences:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                seq.status = SequenceStatus.FINISHED
+                self.scheduler.remove(seq)
+            self.detokenizers.pop(seq.seq_id, None)
+        return self._output(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -- the step -----------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch; return an output for every request that advanced."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        chunks = [self._chunk(seq, n) for seq, n in zip(batch.seqs, batch.num_new_tokens)]
+        results = self.runner.execute(chunks)
+        now = time.monotonic()
+        touched: dict[str, Request] = {}
+        for seq, num_tokens, result in zip(batch.seqs, batch.num_new_tokens, results):
+            request = seq.request
+            request.first_scheduled_time = request.first_scheduled_time or now
+            start = seq.num_computed_tokens
+            seq.num_computed_tokens += num_tokens
+            self.block_manager.commit(seq)
+            if result.prompt_logprobs:
+                scored = request.prompt_logprobs
+                first = len(scored) - 1 - start  # entries recomputed after preemption are skipped
+                scored.extend(result.prompt_logprobs[max(first, 0):])
+            if result.sampled is not None:
+                request.first_token_time = request.first_token_time or now
+                self._append(seq, result.sampled)
+                touched[request.request_id] = request
+        outputs = []
+        for request in touched.values():
+            outputs.append(self._output(request))
+            if request.is_finished:
+                self.requests.pop(request.request_id, None)
+        return outputs
+
+    def _chunk(self, seq: Sequence, num_tokens: int) -> SequenceChunk:
+        start = seq.num_computed_tokens
+        end = start + num_tokens
+        chunk = SequenceChunk(seq.token_ids[start:end], start, seq.block_table)
+        params = seq.params
+        if params.prompt_logprobs is not None and seq.index == 0 and start < seq.num_prompt_tokens - 1:
+            chunk.prompt_targets = seq.token_ids[start + 1:min(end + 1, seq.num_prompt_tokens)]
+            chunk.prompt_top_n = params.prompt_logprobs
+        if end == len(seq):
+            banned = []
+            if seq.num_output_tokens < params.min_tokens:
+                banned = sorted(self.eos_token_ids | set(params.stop_token_ids))
+            chunk.sampling = SamplingOptions(
+                temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                typical_p=params.typical_p, min_p=params.min_p,
+                repetition_penalty=params.repetition_penalty,
+                frequency_penalty=params.frequency_penalty,
+                presence_penalty=params.presence_penalty,
+                key=row_key(seq.seed, seq.num_output_tokens),
+                num_logprobs=params.logprobs or 0,
+                all_token_ids=seq.token_ids if params.repetition_penalty != 1.0 else [],
+                output_token_ids=seq.output_token_ids if params.frequency_penalty or params.presence_penalty else [],
+                banned_token_ids=banned)
+        return chunk
+
+    def _append(self, seq: Sequence, sampled) -> None:
+        seq.token_ids.append(sampled.token_id)
+        seq.cumulative_logprob += sampled.logprob
+        if seq.params.logprobs is not None:
+            seq.output_logprobs.append({sampled.token_id: sampled.logprob, **sampled.top_logprobs})
+        detokenizer = self.detokenizers[seq.seq_id]
+        delta = detokenizer.add(sampled.token_id)
+        seq.text += delta
+        check_stop(seq, sampled.token_id, len(delta), self.eos_token_ids, self.max_model_len)
+        if seq.finish_reason is not None:
+            if seq.stop_reason is None or isinstance(seq.stop_reason, int):
+                seq.text += detokenizer.flush()
+            seq.status = SequenceStatus.FINISHED
+            self.scheduler.remove(seq)
+            self.detokenizers.pop(seq.seq_id, None)
+
+    def _output(self, request: Request) -> RequestOutput:
+        params = request.params
+        seqs = request.sequences
+        finished = request.is_finished
+        if params.best_of > params.n:
+            if not finished:
+                seqs = []
+            else:
+                seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[:params.n]
+        completions = []
+        for rank, seq in enumerate(seqs):
+            end = stable_text_len(seq)
+            delta = seq.text[seq.emitted_text_len:end]
+            seq.emitted_text_len = end
+            completions.append(CompletionOutput(
+                index=rank if params.best_of > params.n else seq.index,
+                text=seq.text[:end], token_ids=list(seq.output_token_ids),
+                cumulative_logprob=seq.cumulative_logprob,
+                logprobs=list(seq.output_logprobs) if params.logprobs is not None else None,
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, delta=delta))
+        return RequestOutput(
+            request_id=request.request_id, prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            prompt_logprobs=list(request.prompt_logprobs) if params.prompt_logprobs is not None else None,
+            outputs=completions, finished=finished, seed=request.seed,
+            num_cached_tokens=seqs[0].num_cached_tokens if seqs else 0)

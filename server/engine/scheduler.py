@@ -1,0 +1,111 @@
+"""Continuous batching: which sequences run in the next step, and for how many tokens.
+
+Every step, running sequences go first (one token each when decoding, a chunk when their
+prefill is still in progress), then waiting sequences are admitted first come, first served
+while the prefill token budget and the KV blocks last; a prompt longer than the budget is
+prefilled in chunks over several steps. When blocks run out, the newest running sequence is
+preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed
+(usually from the prefix cache) later. Nothing here touches a tensor.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from server.config import SchedulerConfig
+from server.engine.block_manager import BlockManager
+from server.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    """The work of one step: `num_new_tokens[i]` tokens of `seqs[i]`, from its computed mark."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    def add(self, seq: Sequence, num_tokens: int) -> None:
+        self.seqs.append(seq)
+        self.num_new_tokens.append(num_tokens)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def __bool__(self) -> bool:
+        return bool(self.seqs)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order: newest last
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a finished or aborted sequence out of the queues and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.release(seq)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.config.max_batch_prefill_tokens
+        queue = deque(self.running)
+        kept: list[Sequence] = []
+        while queue:
+            seq = queue.popleft()
+            remaining = len(seq) - seq.num_computed_tokens
+            num_tokens = 1 if remaining == 1 else min(remaining, budget)
+            if num_tokens == 0:  # a chunked prefill waiting for budget
+                kept.append(seq)
+                continue
+            total = seq.num_computed_tokens + num_tokens
+            while not self.block_manager.can_grow(seq, total) and queue:
+                self._preempt(queue.pop(), batch)
+            if not self.block_manager.can_grow(seq, total):
+                self._preempt(seq, batch)
+                continue
+            self.block_manager.grow(seq, total)
+            batch.add(seq, num_tokens)
+            kept.append(seq)
+            if remaining > 1:
+                budget -= num_tokens
+        self.running = kept
+        if not batch.preempted:
+            self._admit_waiting(batch, budget)
+        return batch
+
+    def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            needs_prompt_logprobs = seq.params.prompt_logprobs is not None
+            hits = [] if needs_prompt_logprobs else self.block_manager.lookup_prefix(seq)
+            cached = len(hits) * self.block_manager.block_size
+            num_tokens = min(len(seq) - cached, budget)
+            if not self.block_manager.can_admit(hits, cached + num_tokens):
+                break
+            self.waiting.popleft()
+            self.block_manager.admit(seq, hits, cached + num_tokens)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.add(seq, num_tokens)
+            budget -= num_tokens
+
+    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        self.block_manager.release(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        batch.preempted.append(seq)
+        self.num_preemptions += 1

@@ -1,0 +1,86 @@
+"""One generated sequence and the request that owns one or more of them."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from server.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """Token ids of one sequence (prompt + output) and its place in the KV cache.
+
+    `num_computed_tokens` counts tokens whose K/V are already in the cache; the scheduler
+    advances it in chunks, and preemption resets it to 0 (the tokens are recomputed later).
+    """
+
+    def __init__(self, seq_id: int, request: "Request", index: int, seed: int):
+        self.seq_id = seq_id
+        self.request = request
+        self.index = index  # position among the request's best_of samples
+        self.seed = seed
+        self.token_ids: list[int] = list(request.prompt_token_ids)
+        self.num_prompt_tokens = len(self.token_ids)
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at admission
+        self.block_table: list[int] = []
+        self.block_hashes: list[bytes] = []  # prefix-cache keys of the full blocks, in order
+        self.num_committed_blocks = 0  # leading blocks already published to the prefix cache
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+        self.output_logprobs: list[dict[int, float]] = []
+        self.cumulative_logprob = 0.0
+        self.text = ""  # detokenized output, stop strings already cut
+        self.emitted_text_len = 0  # how much of `text` has been streamed
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def __repr__(self) -> str:
+        return (f"Sequence(id={self.seq_id}, len={len(self)}, computed={self.num_computed_tokens}, "
+                f"status={self.status.value})")
+
+
+@dataclass
+class Request:
+    """What a caller asked for: a prompt, its sampling settings, and the sequences sampled."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    sequences: list[Sequence] = field(default_factory=list)
+    prompt_logprobs: list[dict[int, float] | None] = field(default_factory=list)
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    seed: int | None = None  # the request's seed, drawn at random when none was given
+    aborted: bool = False
+
+    @property
+    def is_finished(self) -> bool:
+        return all(seq.is_finished for seq in self.sequences)

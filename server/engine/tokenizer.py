@@ -1,0 +1,239 @@
+"""Text <-> token ids for one model, and the model's chat format.
+
+Two backends answer the same questions. Mistral's own tokenizer (mistral-common) is preferred
+when the model directory ships one (`tekken.json`, `tokenizer.model.v*`), even beside a
+tokenizer.json: Mistral's chat format is defined by that library's code, not by a template.
+Everything else goes through a Hugging Face tokenizer, whose chat template we render ourselves
+in a sandbox, since the template is code that came with the weights.
+"""
+
+import json
+import re
+from abc import ABC, abstractmethod
+from datetime import datetime
+from functools import cached_property, lru_cache
+from itertools import groupby
+from pathlib import Path
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from mistral_common.exceptions import MistralCommonException
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+from transformers import AutoTokenizer
+
+MAX_TEMPLATE_OUTPUT_CHARS = 1_000_000
+
+
+class Tokenizer(ABC):
+    vocab_size: int
+    bos_token_id: int | None
+    eos_token_ids: set[int]
+    has_chat_template: bool
+
+    @classmethod
+    def load(cls, path: str, gguf_file: str | None = None) -> "Tokenizer":
+        directory = Path(path)
+        if gguf_file is None:
+            mistral_files = [*directory.glob("tekken.json"), *sorted(directory.glob("tokenizer.model.v*"))]
+            if mistral_files:
+                return MistralCommonTokenizer(str(mistral_files[0]))
+        return HuggingFaceTokenizer(path, gguf_file)
+
+    @abstractmethod
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    @abstractmethod
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str: ...
+
+    @abstractmethod
+    def is_special(self, token_id: int) -> bool:
+        """Whether decode(..., skip_special_tokens=True) drops this token."""
+
+    def extends_byte_run(self, token_id: int) -> bool:
+        """Whether decode joins this token with its neighbouring byte tokens into one run
+        whose text can still change when the next byte arrives (so text ending here is not final)."""
+        return False
+
+    @abstractmethod
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> list[int]: ...
+
+    @abstractmethod
+    def render_chat(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> str: ...
+
+    def token_text(self, token_id: int) -> str:
+        # Decoded after a plain anchor token, so a SentencePiece word keeps its leading space
+        # (" Paris", as it reads inside generated text) instead of losing it at the string start.
+        anchor, anchor_text = self._anchor
+        return self.decode(anchor + [token_id], skip_special_tokens=False)[len(anchor_text) :]
+
+    @cached_property
+    def _anchor(self) -> tuple[list[int], str]:
+        anchor = self.encode("a", add_special_tokens=False)[-1:]
+        return anchor, self.decode(anchor, skip_special_tokens=False)
+
+
+class HuggingFaceTokenizer(Tokenizer):
+    def __init__(self, path: str, gguf_file: str | None = None):
+        extra = {"gguf_file": gguf_file} if gguf_file else {}
+        self._tok = AutoTokenizer.from_pretrained(path, **extra)
+        self.vocab_size = len(self._tok)
+        # transformers 5 builds some slow-format tokenizers with an empty vocabulary instead of failing.
+        if self.vocab_size == 0:
+            raise ValueError(f"tokenizer at {path} loaded with an empty vocabulary")
+        self.bos_token_id = self._tok.bos_token_id
+        self.eos_token_ids = {self._tok.eos_token_id} if self._tok.eos_token_id is not None else set()
+        added = self._tok.backend_tokenizer.get_added_tokens_decoder()
+        self._special_ids = {i for i, t in added.items() if t.special}
+        self._byte_run_ids = self._byte_fallback_ids()
+        self._template = _pick_template(self._tok.chat_template)
+        self.has_chat_template = self._template is not None
+
+    def _byte_fallback_ids(self) -> set[int]:
+        # Hugging Face's ByteFallback decoder turns a whole run of <0xNN> tokens into U+FFFD
+        # as soon as one byte in it is invalid, rewriting text that looked complete before.
+        if not getattr(self._tok.backend_tokenizer.model, "byte_fallback", False):
+            return set()
+        byte_token = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+        return {i for t, i in self._tok.get_vocab().items() if byte_token.fullmatch(t)}
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        # Clean-up of tokenization spaces would make the text of a prefix change as tokens follow it.
+        return self._tok.decode(
+            token_ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
+        )
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special_ids
+
+    def extends_byte_run(self, token_id: int) -> bool:
+        return token_id in self._byte_run_ids
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tools=None) -> list[int]:
+        text = self.render_chat(messages, add_generation_prompt, tools)
+        # The template writes BOS itself.
+        return self.encode(text, add_special_tokens=False)
+
+    def render_chat(self, messages, add_generation_prompt=True, tools=None) -> str:
+        if self._template is None:
+            raise ValueError("Template error: template not found")
+        return render_template(
+            self._template,
+            messages=_flatten_content(messages),
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self._tok.bos_token or "",
+            eos_token=self._tok.eos_token or "",
+        )
+
+
+class MistralCommonTokenizer(Tokenizer):
+    def __init__(self, file: str):
+        self._mistral = MistralTokenizer.from_file(file)
+        self._tok = self._mistral.instruct_tokenizer.tokenizer
+        self.vocab_size = self._tok.n_words
+        self.bos_token_id = self._tok.bos_id
+        self.eos_token_ids = {self._tok.eos_id}
+        self.has_chat_template = True
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, bos=add_special_tokens, eos=False)
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        if skip_special_tokens:
+            return self._tok.decode(token_ids, special_token_policy=SpecialTokenPolicy.IGNORE)
+        # mistral-common's KEEP policy shows SentencePiece pieces ("▁Hello", "<0x0A>") rather than
+        # text, so we decode the runs between special tokens ourselves.
+        parts = []
+        for special, run in groupby(token_ids, self._tok.is_special):
+            run = list(run)
+            if special:
+                parts.extend(self._tok.id_to_piece(t) for t in run)
+                continue
+            text = self._tok.decode(run)
+            # SentencePiece drops the space before the first word of a string; inside text it stays.
+            if parts and self._tok.id_to_piece(run[0]).startswith("▁"):
+                text = " " + text
+            parts.append(text)
+        return "".join(parts)
+
+    def is_special(self, token_id: int) -> bool:
+        return self._tok.is_special(token_id)
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tools=None) -> list[int]:
+        # Mistral's format has no generation prompt: a conversation ending in a user turn is
+        # always ready for the assistant's answer.
+        try:
+            request = ChatCompletionRequest.from_openai(_flatten_content(messages), tools=tools)
+            return self._mistral.encode_chat_completion(request).tokens
+        except (MistralCommonException, ValueError) as e:
+            raise ValueError(f"Template error: {e}") from e
+
+    def render_chat(self, messages, add_generation_prompt=True, tools=None) -> str:
+        ids = self.apply_chat_template(messages, add_generation_prompt, tools)
+        return self.decode(ids, skip_special_tokens=False)
+
+
+def render_template(template: str, **variables) -> str:
+    """Render a chat template in jinja2's sandbox, with the helpers chat templates expect
+    and a bound on the output size. Any failure is a ValueError starting "Template error:"."""
+    try:
+        chunks, size = [], 0
+        for chunk in _compile(template).generate(**variables):
+            size += len(chunk)
+            if size > MAX_TEMPLATE_OUTPUT_CHARS:
+                raise ValueError(f"output exceeds {MAX_TEMPLATE_OUTPUT_CHARS} characters")
+            chunks.append(chunk)
+        return "".join(chunks)
+    # The template is foreign code: whatever goes wrong inside it is the template's error.
+    except Exception as e:
+        raise ValueError(f"Template error: {e}") from e
+
+
+@lru_cache(maxsize=16)
+def _compile(template: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)
+
+
+def _raise_exception(message: str):
+    raise jinja2.TemplateError(message)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    # jinja2's own tojson escapes HTML characters, which would put "\u003c" in prompts.
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def _pick_template(chat_template: str | dict | None) -> str | None:
+    # A tokenizer may carry several named templates; the unnamed use is "default", as in TGI.
+    if isinstance(chat_template, dict):
+        return chat_template.get("default")
+    return chat_template
+
+
+def _flatten_content(messages: list[dict]) -> list[dict]:
+    """OpenAI content given as a list of parts becomes the plain string templates expect."""
+    flat = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            text = "".join(part.get("text", "") for part in content if part.get("type") == "text")
+            message = {**message, "content": text}
+        flat.append(message)
+    return flat

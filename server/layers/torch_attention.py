@@ -1,0 +1,65 @@
+"""The plain-torch attention backend over the paged KV cache: the CPU path and the oracle."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    num_blocks, block_size, kv_heads, head_dim = k_cache.shape
+    k_cache.view(num_blocks * block_size, kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(num_blocks * block_size, kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def _gather(cache: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` tokens of a sequence: [length, kv_heads, head_dim]."""
+    return cache[blocks].flatten(0, 1)[:length]
+
+
+def _allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Causal mask, narrowed to the last `window` positions (Mistral's sliding window)."""
+    mask = k_pos.unsqueeze(-2) <= q_pos.unsqueeze(-1)
+    if window is not None:
+        mask &= (q_pos.unsqueeze(-1) - k_pos.unsqueeze(-2)) < window
+    return mask
+
+
+def prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+            block_tables: torch.Tensor, query_lens: list[int], context_lens: list[int],
+            scale: float, window: int | None) -> torch.Tensor:
+    """Variable-length attention, one sequence at a time, reading cached prefixes."""
+    block_size = k_cache.shape[1]
+    group = q.shape[1] // k_cache.shape[2]
+    out = torch.empty_like(q)  # [num_tokens, heads, head_dim]
+    start = 0
+    for i, (q_len, ctx) in enumerate(zip(query_lens, context_lens)):
+        blocks = block_tables[i, :-(-ctx // block_size)]
+        k = _gather(k_cache, blocks, ctx).repeat_interleave(group, dim=1)
+        v = _gather(v_cache, blocks, ctx).repeat_interleave(group, dim=1)
+        k_pos = torch.arange(ctx, device=q.device)
+        mask = _allowed(k_pos[ctx - q_len:], k_pos, window)
+        qi = q[start:start + q_len].transpose(0, 1)  # [heads, q_len, head_dim]
+        oi = F.scaled_dot_product_attention(qi, k.transpose(0, 1), v.transpose(0, 1),
+                                            attn_mask=mask, scale=scale)
+        out[start:start + q_len] = oi.transpose(0, 1)
+        start += q_len
+    return out
+
+
+def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+           window: int | None) -> torch.Tensor:
+    """One query token per sequence, the whole batch at once over padded block tables."""
+    num_seqs, heads, head_dim = q.shape
+    kv_heads = k_cache.shape[2]
+    k = k_cache[block_tables].flatten(1, 2)  # [num_seqs, max_blocks * block_size, kv, dim]
+    v = v_cache[block_tables].flatten(1, 2)
+    qg = q.view(num_seqs, kv_heads, heads // kv_heads, head_dim).float()
+    scores = torch.einsum("bkgd,bskd->bkgs", qg, k.float()) * scale
+    k_pos = torch.arange(k.shape[1], device=q.device)
+    mask = _allowed(context_lens - 1, k_pos, window)  # [num_seqs, keys]
+    scores.masked_fill_(~mask[:, None, None, :], float("-inf"))
+    probs = scores.softmax(dim=-1)
+    out = torch.einsum("bkgs,bskd->bkgd", probs, v.float())
+    return out.reshape(num_seqs, heads, head_dim).to(q.dtype)

@@ -1,0 +1,97 @@
+"""The library API, shaped like vLLM's: `LLM(...).generate(prompts, SamplingParams(...))`."""
+from __future__ import annotations
+
+from typing import Sequence as Seq
+
+from tqdm import tqdm
+
+from server.config import EngineArgs
+from server.engine.llm_engine import LLMEngine
+from server.outputs import RequestOutput
+from server.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+Conversation = list[dict]
+
+
+class LLM:
+    """An offline engine. `model=None` serves the embedded SmolLM2-135M-Instruct."""
+
+    def __init__(self, model: str | None = None, dtype: str = "auto", device: str = "auto",
+                 tensor_parallel_size: int = 1, max_batch_total_tokens: int | None = None,
+                 block_size: int = 16, enable_prefix_caching: bool = True,
+                 max_batch_prefill_tokens: int = 4096, max_num_seqs: int = 256,
+                 max_model_len: int | None = None, revision: str | None = None,
+                 download_dir: str | None = None):
+        self.engine = LLMEngine(EngineArgs(
+            model=model, revision=revision, download_dir=download_dir, dtype=dtype,
+            device=device, tensor_parallel_size=tensor_parallel_size,
+            max_batch_total_tokens=max_batch_total_tokens, max_batch_prefill_tokens=max_batch_prefill_tokens,
+            max_num_seqs=max_num_seqs, max_model_len=max_model_len, block_size=block_size,
+            enable_prefix_caching=enable_prefix_caching))
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Seq[Prompt],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for each prompt (text or token ids); outputs come back in prompt order."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
+                                        and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("no prompts given")
+        return self._run(prompts, self._params_for(sampling_params, len(prompts)), use_tqdm)
+
+    def chat(self, messages: Conversation | Seq[Conversation],
+             sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+             use_tqdm: bool = True, tools: list[dict] | None = None) -> list[RequestOutput]:
+        """Apply the model's chat template to each conversation, then generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        if not conversations or any(not c for c in conversations):
+            raise ValueError("no messages given")
+        tokenizer = self.engine.tokenizer
+        prompts = [tokenizer.apply_chat_template(c, tools=tools) for c in conversations]
+        texts = [tokenizer.render_chat(c, tools=tools) for c in conversations]
+        outputs = self._run(prompts, self._params_for(sampling_params, len(prompts)), use_tqdm)
+        for output, text in zip(outputs, texts):
+            output.prompt = text
+        return outputs
+
+    @staticmethod
+    def _params_for(params, count: int) -> list[SamplingParams]:
+        if params is None:
+            return [SamplingParams()] * count
+        if isinstance(params, SamplingParams):
+            return [params] * count
+        params = list(params)
+        if len(params) != count:
+            raise ValueError(f"{len(params)} sampling params for {count} prompts")
+        return params
+
+    def _run(self, prompts: list[Prompt], params: list[SamplingParams],
+             use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.engine
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                ids.append(engine.add_request(prompt, p))
+        except Exception:
+            for request_id in ids:  # a bad prompt leaves nothing queued behind it
+                engine.abort(request_id)
+            raise
+        finals: dict[str, RequestOutput] = {}
+        try:
+            with tqdm(total=len(ids), desc="Generating", disable=not use_tqdm) as bar:
+                while len(finals) < len(ids):
+                    for output in engine.step():
+                        if output.finished:
+                            finals[output.request_id] = output
+                            bar.update(1)
+        finally:
+            for request_id in ids:
+                if request_id not in finals:
+                    engine.abort(request_id)
+        return [finals[i] for i in ids]

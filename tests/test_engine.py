@@ -1,0 +1,162 @@
+"""Continuous batching, preemption, prefix caching, seeds and stops: outputs never change."""
+from __future__ import annotations
+
+import pytest
+
+from server import LLM, SamplingParams
+
+PROMPTS = [[1] + [(i * 37 + j * 11) % 30000 + 100 for j in range(n)]
+           for i, n in enumerate([3, 40, 9, 70, 1, 25, 120, 14])]
+GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+SAMPLED = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=7, max_tokens=20,
+                         ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(mistral_v03_dir):
+    return LLM(mistral_v03_dir, block_size=4)
+
+
+def tokens(outputs):
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def alone(llm, prompts, params):
+    return [tokens(llm.generate([p], params, use_tqdm=False))[0] for p in prompts]
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "seeded"])
+def test_request_alone_and_in_a_mixed_batch_give_the_same_tokens(llm, params):
+    assert tokens(llm.generate(PROMPTS, params, use_tqdm=False)) == alone(llm, PROMPTS, params)
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "seeded"])
+def test_preempted_sequences_resume_with_the_same_tokens(mistral_v03_dir, llm, params):
+    expected = tokens(llm.generate(PROMPTS, params, use_tqdm=False))
+    small = LLM(mistral_v03_dir, block_size=4, max_batch_total_tokens=160)
+    assert tokens(small.generate(PROMPTS, params, use_tqdm=False)) == expected
+    assert small.engine.scheduler.num_preemptions > 0
+    assert small.engine.block_manager.num_free_blocks == small.engine.block_manager.num_blocks
+
+
+def test_long_prompts_are_prefilled_in_chunks_with_the_same_tokens(mistral_v03_dir, llm):
+    expected = tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False))
+    chunked = LLM(mistral_v03_dir, block_size=4, max_batch_prefill_tokens=16)
+    assert tokens(chunked.generate(PROMPTS, GREEDY, use_tqdm=False)) == expected
+
+
+def test_prefix_cache_hits_skip_recomputation_and_change_nothing(mistral_v03_dir):
+    shared = PROMPTS[6]
+    cold = LLM(mistral_v03_dir, block_size=4, enable_prefix_caching=False)
+    expected = tokens(cold.generate([shared, shared[:50] + [7, 8, 9]], GREEDY, use_tqdm=False))
+    warm = LLM(mistral_v03_dir, block_size=4)
+    first = warm.generate([shared], GREEDY, use_tqdm=False)[0]
+    assert first.num_cached_tokens == 0
+    again, branch = warm.generate([shared, shared[:50] + [7, 8, 9]], GREEDY, use_tqdm=False)
+    assert again.num_cached_tokens == len(shared) - 1 - (len(shared) - 1) % 4
+    assert branch.num_cached_tokens == 48  # the 12 full blocks of the shared 50 tokens
+    assert tokens([again, branch]) == expected
+    assert cold.engine.block_manager.prefix_hits == 0
+
+
+def test_a_seed_reproduces_and_different_seeds_differ(llm):
+    prompt = PROMPTS[1]
+    first = llm.generate([prompt], SAMPLED, use_tqdm=False)[0].outputs[0].token_ids
+    second = llm.generate([prompt], SAMPLED, use_tqdm=False)[0].outputs[0].token_ids
+    other = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=8, max_tokens=20,
+                           ignore_eos=True)
+    assert first == second
+    assert llm.generate([prompt], other, use_tqdm=False)[0].outputs[0].token_ids != first
+
+
+def test_unseeded_requests_draw_a_seed_that_reproduces_them(llm):
+    params = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)
+    first = llm.generate([PROMPTS[2]], params, use_tqdm=False)[0]
+    replay = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True, seed=first.seed)
+    assert llm.generate([PROMPTS[2]], replay, use_tqdm=False)[0].outputs[0].token_ids == \
+        first.outputs[0].token_ids
+
+
+def test_n_and_best_of_return_distinct_ranked_samples(llm):
+    params = SamplingParams(n=2, best_of=4, temperature=1.0, seed=3, max_tokens=8,
+                            ignore_eos=True)
+    output = llm.generate([PROMPTS[0]], params, use_tqdm=False)[0]
+    assert len(output.outputs) == 2
+    assert output.outputs[0].cumulative_logprob >= output.outputs[1].cumulative_logprob
+    three = llm.generate([PROMPTS[0]], SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=8,
+                                                      ignore_eos=True), use_tqdm=False)[0]
+    assert len({tuple(o.token_ids) for o in three.outputs}) == 3
+
+
+def test_stop_strings_are_cut_exactly(llm):
+    base = llm.generate([PROMPTS[3]], GREEDY, use_tqdm=False)[0].outputs[0]
+    text = base.text
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    cut = text.index(stop)
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=[stop])
+    out = llm.generate([PROMPTS[3]], params, use_tqdm=False)[0].outputs[0]
+    assert out.text == text[:cut]
+    assert (out.finish_reason, out.stop_reason) == ("stop", stop)
+    kept = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=stop,
+                          include_stop_str_in_output=True)
+    assert llm.generate([PROMPTS[3]], kept, use_tqdm=False)[0].outputs[0].text == \
+        text[:cut + len(stop)]
+
+
+def test_stop_token_ids_eos_and_min_tokens(llm):
+    base = llm.generate([PROMPTS[3]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    stop_id = base[5]
+    first = base.index(stop_id)
+    out = llm.generate([PROMPTS[3]], SamplingParams(temperature=0, max_tokens=20,
+                                                    stop_token_ids=[stop_id]), use_tqdm=False)
+    completion = out[0].outputs[0]
+    assert completion.token_ids == base[:first + 1]
+    assert (completion.finish_reason, completion.stop_reason) == ("stop", stop_id)
+    banned = SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop_id],
+                            min_tokens=first + 2)
+    later = llm.generate([PROMPTS[3]], banned, use_tqdm=False)[0].outputs[0].token_ids
+    assert len(later) > first + 1 and stop_id not in later[:first + 2]
+
+
+def test_max_tokens_and_logprobs_shapes(llm):
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=2)
+    completion = llm.generate([PROMPTS[4]], params, use_tqdm=False)[0].outputs[0]
+    assert len(completion.token_ids) == 5 and completion.finish_reason == "length"
+    assert len(completion.logprobs) == 5
+    for token, entry in zip(completion.token_ids, completion.logprobs):
+        assert token in entry and len(entry) in (2, 3)
+        assert entry[token] == max(entry.values())  # greedy takes the most likely
+
+
+@pytest.mark.parametrize("bad", [
+    dict(prompts=[], params=GREEDY),
+    dict(prompts=[[1] * 600], params=GREEDY),
+    dict(prompts=[[1, 40000]], params=GREEDY),
+    dict(prompts=[""], params=GREEDY),
+], ids=["empty-list", "too-long", "out-of-vocab", "empty-prompt"])
+def test_bad_input_raises_value_error_and_the_engine_keeps_working(llm, bad):
+    with pytest.raises(ValueError):
+        llm.generate(bad["prompts"], bad["params"], use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    assert tokens(llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)) == alone(llm, PROMPTS[:1], GREEDY)
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_p=0), dict(top_k=-2),
+                                    dict(max_tokens=0), dict(min_tokens=5, max_tokens=2),
+                                    dict(temperature=float("nan")), dict(n=2, best_of=1),
+                                    dict(frequency_penalty=3)])
+def test_out_of_range_sampling_params_raise_value_error(kwargs):
+    with pytest.raises(ValueError):
+        SamplingParams(**kwargs)
+
+
+def test_a_bad_prompt_in_a_list_leaves_nothing_queued(llm):
+    with pytest.raises(ValueError):
+        llm.generate([PROMPTS[0], [1] * 600], GREEDY, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+
+
+def test_unknown_model_path_raises_value_error(tmp_path):
+    with pytest.raises(ValueError):
+        LLM(str(tmp_path / "no-such-model"))

@@ -1,0 +1,74 @@
+"""The oracle: greedy tokens and logprobs equal Hugging Face transformers on the same weights."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from server import LLM, SamplingParams
+
+PROMPTS = [
+    [1, 100, 200, 300, 400, 500, 600, 700],
+    [1, 42] + list(range(1000, 1030)),  # longer than the sliding window of 8
+    [1, 5, 9],
+]
+
+
+def hf_greedy(model_dir: str, prompt: list[int], max_new_tokens: int):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                 attn_implementation="eager")
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=None, pad_token_id=0, output_logits=True,
+                         return_dict_in_generate=True)
+    tokens = out.sequences[0, len(prompt):].tolist()
+    logprobs = torch.stack(out.logits)[:, 0].float().log_softmax(-1)  # [new_tokens, vocab]
+    return tokens, logprobs, model
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=3)
+
+
+@pytest.mark.parametrize("fixture", ["mistral_v03_dir", "mistral_window_dir"])
+def test_greedy_tokens_and_logprobs_equal_transformers(fixture, request):
+    model_dir = request.getfixturevalue(fixture)
+    llm = LLM(model_dir, dtype="float32")
+    outputs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    for prompt, output in zip(PROMPTS, outputs):
+        tokens, hf_logprobs, _ = hf_greedy(model_dir, prompt, GREEDY.max_tokens)
+        completion = output.outputs[0]
+        assert completion.token_ids == tokens
+        assert completion.finish_reason == "length"
+        for step, (token, entry) in enumerate(zip(tokens, completion.logprobs)):
+            assert entry[token] == pytest.approx(hf_logprobs[step, token].item(), abs=1e-4)
+            top = hf_logprobs[step].topk(3)
+            for token_id, value in zip(top.indices.tolist(), top.values.tolist()):
+                assert entry[token_id] == pytest.approx(value, abs=1e-4)
+
+
+def test_sliding_window_changes_the_output(mistral_window_dir):
+    """The window really masks: the same weights without it generate differently."""
+    prompt = PROMPTS[1]
+    model = AutoModelForCausalLM.from_pretrained(mistral_window_dir, dtype=torch.float32,
+                                                 attn_implementation="eager")
+    model.config.sliding_window = None
+    full = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    ours = LLM(mistral_window_dir).generate([prompt], GREEDY, use_tqdm=False)[0]
+    assert ours.outputs[0].token_ids != full
+
+
+def test_prompt_logprobs_equal_transformers_forward(mistral_v03_dir):
+    prompt = PROMPTS[1]
+    llm = LLM(mistral_v03_dir, max_batch_prefill_tokens=8)  # scored across chunks
+    output = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2),
+                          use_tqdm=False)[0]
+    model = AutoModelForCausalLM.from_pretrained(mistral_v03_dir, dtype=torch.float32,
+                                                 attn_implementation="eager")
+    with torch.no_grad():
+        hf = model(torch.tensor([prompt])).logits[0].log_softmax(-1)  # [len, vocab]
+    assert output.prompt_logprobs[0] is None
+    assert len(output.prompt_logprobs) == len(prompt)
+    for position, entry in enumerate(output.prompt_logprobs[1:], start=1):
+        token = prompt[position]
+        assert entry[token] == pytest.approx(hf[position - 1, token].item(), abs=1e-4)
+        assert len(entry) in (2, 3)  # the actual token plus the top 2
