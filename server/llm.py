@@ -86,6 +86,8 @@ class LLM:
         try:
             with tqdm(total=len(ids), desc="Generating", disable=not use_tqdm) as bar:
                 while len(finals) < len(ids):
+                    if not engine.scheduler.has_work():
+                        raise RuntimeError("requests are unfinished but nothing can be scheduled")
                     for output in engine.step():
                         if output.finished:
                             finals[output.request_id] = output

