@@ -87,7 +87,6 @@ class EngineConfig:
     dtype: str = "float32"
     device: str = "cpu"
     model_id: str = ""
-    attention_backend: str = "torch"
 
 
 @dataclass

@@ -41,21 +41,6 @@ def _device_and_dtype(args: EngineArgs, model: ModelConfig) -> tuple[str, str]:
     return device, dtype
 
 
-def _kv_tokens(args: EngineArgs, model: ModelConfig, device: str, dtype: str) -> int:
-    """KV cache capacity in tokens: asked for, or what the memory budget holds."""
-    if args.max_batch_total_tokens is not None:
-        return args.max_batch_total_tokens
-    itemsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
-    per_token = 2 * model.num_layers * model.num_kv_heads * model.head_dim * itemsize
-    if device.startswith("cuda"):
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        weights = 2 * model.hidden_size * model.vocab_size + model.num_layers * 12 * model.hidden_size ** 2
-        budget = int(0.9 * free) - weights * itemsize - (2 << 30)
-    else:
-        budget = args.cpu_kv_cache_bytes
-    return max(budget // per_token, args.block_size)
-
-
 class LLMEngine:
     def __init__(self, args: EngineArgs):
         if args.tensor_parallel_size != 1:
@@ -66,8 +51,12 @@ class LLMEngine:
         model = ModelConfig.from_hf(load_config(source), load_generation_config(source))
         device, dtype = _device_and_dtype(args, model)
         self.tokenizer = Tokenizer.load(source.path, source.gguf_file)
-        kv_tokens = _kv_tokens(args, model, device, dtype)
+        self.runner = ModelRunner(model, source, device, dtype)
+        kv_tokens = args.max_batch_total_tokens or self.runner.kv_tokens_that_fit(
+            args.cpu_kv_cache_bytes, args.max_batch_prefill_tokens)
         num_blocks = -(-kv_tokens // args.block_size)
+        if num_blocks < 2:
+            raise ValueError(f"no room for a KV cache: {kv_tokens} tokens fit in the memory left")
         max_model_len = min(args.max_model_len or model.max_position_embeddings,
                             model.max_position_embeddings, num_blocks * args.block_size)
         self.config = EngineConfig(
@@ -75,7 +64,7 @@ class LLMEngine:
             cache=CacheConfig(args.block_size, num_blocks, args.enable_prefix_caching),
             scheduler=SchedulerConfig(args.max_batch_prefill_tokens, args.max_num_seqs, max_model_len),
             dtype=dtype, device=device, model_id=source.model_id)
-        self.runner = ModelRunner(self.config, source)
+        self.runner.allocate_kv_cache(self.config.cache)
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.config.scheduler, self.block_manager)
         self.eos_token_ids = set(model.eos_token_ids) | self.tokenizer.eos_token_ids

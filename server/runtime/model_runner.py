@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.config import EngineConfig
+from server.config import CacheConfig, ModelConfig
 from server.layers.attention import Attention, AttentionMetadata
 from server.models.loader import ModelSource, iter_weights
 from server.models.registry import model_class
@@ -38,26 +38,45 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, source: ModelSource):
-        self.config = config
-        self.device = torch.device(config.device)
-        self.dtype = _DTYPES[config.dtype]
-        self.block_size = config.cache.block_size
+    def __init__(self, model_config: ModelConfig, source: ModelSource, device: str,
+                 dtype: str, attention_backend: str = "torch"):
+        self.model_config = model_config
+        self.device = torch.device(device)
+        self.dtype = _DTYPES[dtype]
+        self.block_size = 0  # set with the KV cache
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
-                self.model = model_class(config.model)(config.model, config.attention_backend)
+                self.model = model_class(model_config)(model_config, attention_backend)
         finally:
             torch.set_default_dtype(default_dtype)
         with torch.no_grad():
             self.model.load_weights(iter_weights(source))
         self.model.eval()
-        self._allocate_kv_cache()
 
-    def _allocate_kv_cache(self) -> None:
-        m, c = self.config.model, self.config.cache
-        shape = (c.num_blocks, c.block_size, m.num_kv_heads, m.head_dim)
+    def kv_bytes_per_token(self) -> int:
+        m = self.model_config
+        return 2 * m.num_layers * m.num_kv_heads * m.head_dim * self.dtype.itemsize
+
+    def kv_tokens_that_fit(self, cpu_budget_bytes: int, max_batch_prefill_tokens: int) -> int:
+        """KV capacity, in tokens, of the memory left once the weights are loaded.
+
+        On CUDA: 90% of the free memory, less room for one step's activations at the prefill
+        budget; on the CPU: the given budget.
+        """
+        if self.device.type != "cuda":
+            return cpu_budget_bytes // self.kv_bytes_per_token()
+        free, _ = torch.cuda.mem_get_info(self.device)
+        m = self.model_config
+        activations = max_batch_prefill_tokens * (4 * m.intermediate_size + 8 * m.hidden_size
+                                                  + m.vocab_size) * 4
+        return max(0, int(0.9 * free) - activations - (1 << 30)) // self.kv_bytes_per_token()
+
+    def allocate_kv_cache(self, cache: CacheConfig) -> None:
+        self.block_size = cache.block_size
+        m = self.model_config
+        shape = (cache.num_blocks, cache.block_size, m.num_kv_heads, m.head_dim)
         for module in self.model.modules():
             if isinstance(module, Attention):
                 module.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
