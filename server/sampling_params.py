@@ -39,6 +39,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.best_of is None:
             self.best_of = self.n
+        if self.top_k == -1:  # vLLM's older spelling of "disabled"
+            self.top_k = 0
         if isinstance(self.stop, str):
             self.stop_strings = [self.stop]
         else:
@@ -70,7 +72,7 @@ class SamplingParams:
         if not 0 <= self.min_p <= 1:
             bad(f"min_p must be in [0, 1], got {self.min_p}")
         if self.top_k < 0:
-            bad(f"top_k must be 0 (disabled) or positive, got {self.top_k}")
+            bad(f"top_k must be positive, or 0 or -1 to disable it, got {self.top_k}")
         if self.repetition_penalty <= 0:
             bad(f"repetition_penalty must be positive, got {self.repetition_penalty}")
         if not -2 <= self.frequency_penalty <= 2:

@@ -140,3 +140,27 @@ def any_tokenizer(request) -> Tokenizer:
     return request.getfixturevalue(request.param)
 
 
+
+
+@pytest.fixture(scope="session")
+def llama31_dir(tmp_path_factory, hf_v1_dir) -> str:
+    """Llama-3.1 shapes in miniature: GQA 4:1, llama3 rope scaling, tied embeddings
+    (with a Llama-2 SentencePiece tokenizer.json standing in for Llama 3's)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("llama-3.1")
+    torch.manual_seed(2)
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    config = LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                         max_position_embeddings=1024, rope_parameters=rope,
+                         initializer_range=0.1, tie_word_embeddings=True, bos_token_id=1,
+                         eos_token_id=2)
+    LlamaForCausalLM(config).float().eval().save_pretrained(path)
+    hub_config = json.loads((path / "config.json").read_text())
+    hub_config["rope_theta"] = hub_config["rope_parameters"].pop("rope_theta")
+    hub_config["rope_scaling"] = hub_config.pop("rope_parameters")  # as Llama 3.1 ships it
+    (path / "config.json").write_text(json.dumps(hub_config, indent=2))
+    shutil.copytree(hf_v1_dir, path, dirs_exist_ok=True)
+    return str(path)

@@ -157,6 +157,10 @@ def test_a_bad_prompt_in_a_list_leaves_nothing_queued(llm):
     assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
 
 
+def test_top_k_minus_one_means_disabled_as_in_vllm():
+    assert SamplingParams(top_k=-1).top_k == 0
+
+
 def test_unknown_model_path_raises_value_error(tmp_path):
     with pytest.raises(ValueError):
         LLM(str(tmp_path / "no-such-model"))

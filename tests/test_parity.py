@@ -9,8 +9,9 @@ from server import LLM, SamplingParams
 
 PROMPTS = [
     [1, 100, 200, 300, 400, 500, 600, 700],
-    [1, 42] + list(range(1000, 1030)),  # longer than the sliding window of 8
+    [1, 42] + list(range(300, 400, 3)),  # longer than the sliding window of 8
     [1, 5, 9],
+    [1] + [(7 * i) % 500 + 3 for i in range(150)],  # past llama3 rope's original context of 64
 ]
 
 
@@ -35,7 +36,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("fixture", ["mistral_v03_dir", "mistral_window_dir"])
+@pytest.mark.parametrize("fixture", ["mistral_v03_dir", "mistral_window_dir", "llama31_dir"])
 def test_greedy_tokens_and_logprobs_equal_transformers(fixture, device, request):
     model_dir = request.getfixturevalue(fixture)
     llm = LLM(model_dir, dtype="float32", device=device)
