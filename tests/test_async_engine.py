@@ -7,6 +7,7 @@ import pytest
 
 from server import LLM, AsyncEngine, SamplingParams
 from server.config import EngineArgs
+from server.engine.async_engine import EngineDeadError
 
 PROMPTS = ["The quick brown fox", "Bonjour, je m'appelle", "数学は", "Emoji: 🎉🚀 and more"]
 
@@ -96,3 +97,21 @@ def test_a_failing_step_fails_its_requests_and_the_engine_recovers(engine, monke
     assert final.finished
     manager = engine.engine.block_manager
     assert manager.num_free_blocks == manager.num_blocks
+
+
+def test_a_dead_engine_loop_fails_its_streams_and_says_so(mistral_v03_dir):
+    engine = AsyncEngine(EngineArgs(model=mistral_v03_dir))
+
+    def broken_step():
+        raise SystemError("the loop itself broke")
+
+    engine._step = broken_step  # a fault outside any model step
+
+    async def main():
+        with pytest.raises(EngineDeadError):
+            await collect(engine, PROMPTS[0], SamplingParams(max_tokens=4))
+        with pytest.raises(EngineDeadError):
+            await collect(engine, PROMPTS[0], SamplingParams(max_tokens=4))
+
+    asyncio.run(main())
+    assert not engine.is_alive

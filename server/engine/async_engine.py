@@ -24,18 +24,25 @@ class EngineStepError(RuntimeError):
     """A model step failed; the requests in it were ended."""
 
 
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped; no request can be served any more."""
+
+
 class AsyncEngine:
     def __init__(self, args: EngineArgs | None = None, engine: LLMEngine | None = None):
         self.engine = engine or LLMEngine(args or EngineArgs())
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopped = threading.Event()
+        self.dead_error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
 
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; leaving the iteration early aborts the request."""
+        if not self.is_alive:
+            raise EngineDeadError(f"the engine has stopped: {self.dead_error}")
         loop = asyncio.get_running_loop()
         accepted: asyncio.Future = loop.create_future()
         stream: asyncio.Queue = asyncio.Queue()
@@ -54,6 +61,10 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and self.dead_error is None
+
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
@@ -64,11 +75,28 @@ class AsyncEngine:
 
     # -- the engine thread ---------------------------------------------------------------
     def _loop(self) -> None:
-        while not self._stopped.is_set():
-            block = not self.engine.has_unfinished_requests()
-            self._run_commands(block)
-            if self.engine.has_unfinished_requests():
-                self._step()
+        try:
+            while not self._stopped.is_set():
+                block = not self.engine.has_unfinished_requests()
+                self._run_commands(block)
+                if self.engine.has_unfinished_requests():
+                    self._step()
+        except BaseException as error:  # a bug in the loop itself: say so, never hang callers
+            logger.exception("engine loop died")
+            self.dead_error = error
+            self._fail_all(EngineDeadError(f"the engine has stopped: {error}"))
+            self._fail_waiting_adds(error)
+
+    def _fail_waiting_adds(self, error: BaseException) -> None:
+        while True:
+            try:
+                kind, payload = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                loop, accepted = payload[3], payload[5]
+                loop.call_soon_threadsafe(self._settle, accepted, None,
+                                          EngineDeadError(f"the engine has stopped: {error}"))
 
     def _run_commands(self, block: bool) -> None:
         while True:
@@ -111,10 +139,9 @@ class AsyncEngine:
     def _fail_all(self, error: Exception) -> None:
         for request_id in list(self.engine.requests):
             self.engine.abort(request_id)
-            target = self._streams.pop(request_id, None)
-            if target is not None:
-                loop, stream = target
-                loop.call_soon_threadsafe(stream.put_nowait, error)
+        for loop, stream in self._streams.values():
+            loop.call_soon_threadsafe(stream.put_nowait, error)
+        self._streams.clear()
 
 
     def _settle(self, future: asyncio.Future, request_id: str | None, error) -> None:
