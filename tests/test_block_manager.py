@@ -10,7 +10,8 @@ from server.sampling_params import SamplingParams
 
 def make_seq(tokens, seq_id=0):
     request = Request(str(seq_id), None, list(tokens), SamplingParams())
-    return Sequence(seq_id, request, 0, seed=0)
+    request.sequences.append(Sequence(seq_id, request, 0, seed=0))
+    return request.sequences[0]
 
 
 def admit(manager, seq):

@@ -88,6 +88,14 @@ def test_n_and_best_of_return_distinct_ranked_samples(llm):
     assert len({tuple(o.token_ids) for o in three.outputs}) == 3
 
 
+def test_the_samples_of_one_request_share_its_prompt_through_the_prefix_cache(mistral_v03_dir):
+    llm = LLM(mistral_v03_dir, block_size=4)
+    params = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=4, ignore_eos=True)
+    llm.generate([PROMPTS[6]], params, use_tqdm=False)
+    full_blocks = (len(PROMPTS[6]) - 1) // 4 * 4
+    assert llm.engine.block_manager.prefix_hits == 2 * full_blocks
+
+
 def test_stop_strings_are_cut_exactly(llm):
     base = llm.generate([PROMPTS[3]], GREEDY, use_tqdm=False)[0].outputs[0]
     text = base.text

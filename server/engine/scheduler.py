@@ -88,8 +88,12 @@ class Scheduler:
         return batch
 
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        deferred = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if _waits_for_first_sample(seq):
+                deferred.append(self.waiting.popleft())
+                continue
             needs_prompt_logprobs = seq.params.prompt_logprobs is not None
             hits = [] if needs_prompt_logprobs else self.block_manager.lookup_prefix(seq)
             cached = len(hits) * self.block_manager.block_size
@@ -102,6 +106,7 @@ class Scheduler:
             self.running.append(seq)
             batch.add(seq, num_tokens)
             budget -= num_tokens
+        self.waiting.extendleft(reversed(deferred))
 
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
         self.block_manager.release(seq)
@@ -109,3 +114,11 @@ class Scheduler:
         self.waiting.appendleft(seq)
         batch.preempted.append(seq)
         self.num_preemptions += 1
+
+
+def _waits_for_first_sample(seq: Sequence) -> bool:
+    """The other samples of a request (`n`, `best_of`) start once the first has its prompt in
+    the cache, so that they read it from the prefix cache instead of computing it again."""
+    first = seq.request.sequences[0]
+    return seq is not first and not first.is_finished and \
+        first.num_computed_tokens < first.num_prompt_tokens
