@@ -51,15 +51,11 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
            window: int | None) -> torch.Tensor:
     """One query token per sequence, the whole batch at once over padded block tables."""
-    num_seqs, heads, head_dim = q.shape
-    kv_heads = k_cache.shape[2]
     k = k_cache[block_tables].flatten(1, 2)  # [num_seqs, max_blocks * block_size, kv, dim]
     v = v_cache[block_tables].flatten(1, 2)
-    qg = q.view(num_seqs, kv_heads, heads // kv_heads, head_dim).float()
-    scores = torch.einsum("bkgd,bskd->bkgs", qg, k.float()) * scale
     k_pos = torch.arange(k.shape[1], device=q.device)
     mask = _allowed(context_lens - 1, k_pos, window)  # [num_seqs, keys]
-    scores.masked_fill_(~mask[:, None, None, :], float("-inf"))
-    probs = scores.softmax(dim=-1)
-    out = torch.einsum("bkgs,bskd->bkgd", probs, v.float())
-    return out.reshape(num_seqs, heads, head_dim).to(q.dtype)
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask[:, None, None, :], scale=scale,
+                                         enable_gqa=True)
+    return out.squeeze(2)  # [num_seqs, heads, head_dim]
