@@ -84,19 +84,19 @@ class AsyncEngine:
         except BaseException as error:  # a bug in the loop itself: say so, never hang callers
             logger.exception("engine loop died")
             self.dead_error = error
-            self._fail_all(EngineDeadError(f"the engine has stopped: {error}"))
-            self._fail_waiting_adds(error)
+            dead = EngineDeadError(f"the engine has stopped: {error}")
+            self._fail_all(dead)
+            self._refuse_queued_adds(dead)
 
-    def _fail_waiting_adds(self, error: BaseException) -> None:
+    def _refuse_queued_adds(self, error: EngineDeadError) -> None:
         while True:
             try:
                 kind, payload = self._commands.get_nowait()
             except queue.Empty:
                 return
             if kind == "add":
-                loop, accepted = payload[3], payload[5]
-                loop.call_soon_threadsafe(self._settle, accepted, None,
-                                          EngineDeadError(f"the engine has stopped: {error}"))
+                *_, loop, _stream, accepted = payload
+                loop.call_soon_threadsafe(self._settle, accepted, None, error)
 
     def _run_commands(self, block: bool) -> None:
         while True:

@@ -222,7 +222,7 @@ class LLMEngine:
             seq.emitted_text_len = end
             completions.append(CompletionOutput(
                 index=rank if params.best_of > params.n else seq.index,
-                text=seq.text[:end], token_ids=list(seq.output_token_ids),
+                text=seq.text[:end], token_ids=seq.output_token_ids,  # a fresh slice
                 cumulative_logprob=seq.cumulative_logprob,
                 logprobs=list(seq.output_logprobs) if params.logprobs is not None else None,
                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, delta=delta))
