@@ -106,3 +106,5 @@ class EngineArgs:
     block_size: int = 16
     enable_prefix_caching: bool = True
     cpu_kv_cache_bytes: int = 2 << 30
+    cuda_memory_fraction: float = 1.0  # share of the GPU's memory this process may use
+    quantize: str | None = None

@@ -17,10 +17,21 @@ class CompletionOutput:
     finish_reason: str | None  # "stop", "length" or "abort"; None while running
     stop_reason: str | int | None = None  # the stop string or stop token id that matched
     delta: str = ""
+    seed: int | None = None  # the seed this sequence was sampled with
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass
+class RequestMetrics:
+    """When things happened to a request, in `time.monotonic()` seconds."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
 
 
 @dataclass
@@ -33,3 +44,4 @@ class RequestOutput:
     finished: bool
     seed: int | None = None
     num_cached_tokens: int = 0
+    metrics: RequestMetrics | None = None

@@ -34,6 +34,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # added to the logits of these token ids
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -46,6 +47,7 @@ class SamplingParams:
         else:
             self.stop_strings = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.logit_bias = dict(self.logit_bias or {})
         self._validate()
 
     def _validate(self) -> None:
@@ -91,6 +93,11 @@ class SamplingParams:
                 bad(f"{name} must be non-negative, got {value}")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             bad(f"seed must be in [0, 2**64), got {self.seed}")
+        for token_id, bias in self.logit_bias.items():
+            if not isinstance(token_id, int) or token_id < 0:
+                bad(f"logit_bias keys must be token ids, got {token_id!r}")
+            if not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+                bad(f"logit_bias values must be in [-100, 100], got {bias!r}")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             bad("stop strings must be non-empty strings")
 

@@ -164,3 +164,25 @@ def llama31_dir(tmp_path_factory, hf_v1_dir) -> str:
     (path / "config.json").write_text(json.dumps(hub_config, indent=2))
     shutil.copytree(hf_v1_dir, path, dirs_exist_ok=True)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_server(mistral_v03_dir):
+    """The tiny Mistral-Instruct-v0.3 checkpoint served by `python -m server`."""
+    from server_process import ServerProcess
+
+    server = ServerProcess("--model-id", mistral_v03_dir, "--max-total-tokens", "256",
+                           "--max-input-tokens", "200", "--max-batch-total-tokens", "8192",
+                           "--max-concurrent-requests", "16")
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(mistral_v03_dir):
+    """The same checkpoint in-process: the oracle for what the server must answer."""
+    from server import LLM
+
+    return LLM(mistral_v03_dir, max_batch_total_tokens=8192)

@@ -60,3 +60,11 @@ def test_no_module_imports_a_layer_above_its_own():
 def test_the_layers_exist():
     for prefix in LAYERS[:-1]:
         assert (ROOT / prefix.replace(".", "/")).is_dir(), prefix
+
+
+def test_the_http_layer_never_touches_tensors():
+    for path in (ROOT / "server" / "api").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        assert not {n for n in names if n.split(".")[0] in ("torch", "triton")}, path

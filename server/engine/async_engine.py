@@ -10,6 +10,7 @@ import asyncio
 import logging
 import queue
 import threading
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 from server.config import EngineArgs
@@ -26,6 +27,16 @@ class EngineStepError(RuntimeError):
 
 class EngineDeadError(RuntimeError):
     """The engine thread stopped; no request can be served any more."""
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for metrics and health, read without stopping the engine thread."""
+
+    num_waiting: int  # sequences queued for admission
+    num_running: int  # sequences in the running batch
+    num_free_blocks: int
+    num_blocks: int
 
 
 class AsyncEngine:
@@ -64,6 +75,20 @@ class AsyncEngine:
     @property
     def is_alive(self) -> bool:
         return self._thread.is_alive() and self.dead_error is None
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def stats(self) -> EngineStats:
+        scheduler = self.engine.scheduler
+        blocks = self.engine.block_manager
+        return EngineStats(len(scheduler.waiting), len(scheduler.running),
+                           blocks.num_free_blocks, blocks.num_blocks)
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
@@ -142,7 +167,6 @@ class AsyncEngine:
         for loop, stream in self._streams.values():
             loop.call_soon_threadsafe(stream.put_nowait, error)
         self._streams.clear()
-
 
     def _settle(self, future: asyncio.Future, request_id: str | None, error) -> None:
         """Resolve an add on the caller's loop; a caller already gone aborts its request."""

@@ -15,7 +15,7 @@ from server.engine.sequence import Request, Sequence, SequenceStatus
 from server.engine.stop import check_stop, stable_text_len
 from server.engine.tokenizer import Tokenizer
 from server.models.loader import load_config, load_generation_config, resolve_model
-from server.outputs import CompletionOutput, RequestOutput
+from server.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from server.runtime.model_runner import ModelRunner, SequenceChunk
 from server.runtime.random import row_key
 from server.runtime.sampler import SamplingOptions
@@ -45,6 +45,10 @@ class LLMEngine:
     def __init__(self, args: EngineArgs):
         if args.tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1 is not supported yet")
+        if args.quantize is not None:
+            raise ValueError(f"quantize={args.quantize!r} is not supported yet")
+        if not 0 < args.cuda_memory_fraction <= 1:
+            raise ValueError(f"cuda_memory_fraction must be in (0, 1], got {args.cuda_memory_fraction}")
         if args.block_size < 1 or args.max_batch_prefill_tokens < 1 or args.max_num_seqs < 1:
             raise ValueError("block_size, max_batch_prefill_tokens and max_num_seqs must be positive")
         source = resolve_model(args.model, args.revision, args.download_dir)
@@ -53,7 +57,7 @@ class LLMEngine:
         self.tokenizer = Tokenizer.load(source.path, source.gguf_file)
         self.runner = ModelRunner(model, source, device, dtype)
         kv_tokens = args.max_batch_total_tokens or self.runner.kv_tokens_that_fit(
-            args.cpu_kv_cache_bytes, args.max_batch_prefill_tokens)
+            args.cpu_kv_cache_bytes, args.max_batch_prefill_tokens, args.cuda_memory_fraction)
         num_blocks = -(-kv_tokens // args.block_size)
         if num_blocks < 2:
             raise ValueError(f"no room for a KV cache: {kv_tokens} tokens fit in the memory left")
@@ -85,6 +89,9 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         text, token_ids = self._encode(prompt)
+        vocab = self.config.model.vocab_size
+        if any(t >= vocab for t in params.logit_bias):
+            raise ValueError(f"logit_bias keys must be token ids below the vocabulary size {vocab}")
         request = Request(request_id, text, token_ids, params)
         seed = params.seed if params.seed is not None else secrets.randbits(64)
         request.seed = seed
@@ -187,7 +194,7 @@ class LLMEngine:
                 num_logprobs=params.logprobs or 0,
                 all_token_ids=seq.token_ids if params.repetition_penalty != 1.0 else [],
                 output_token_ids=seq.output_token_ids if params.frequency_penalty or params.presence_penalty else [],
-                banned_token_ids=banned)
+                banned_token_ids=banned, logit_bias=params.logit_bias)
         return chunk
 
     def _append(self, seq: Sequence, sampled) -> None:
@@ -225,10 +232,13 @@ class LLMEngine:
                 text=seq.text[:end], token_ids=seq.output_token_ids,  # a fresh slice
                 cumulative_logprob=seq.cumulative_logprob,
                 logprobs=list(seq.output_logprobs) if params.logprobs is not None else None,
-                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, delta=delta))
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, delta=delta,
+                seed=seq.seed))
         return RequestOutput(
             request_id=request.request_id, prompt=request.prompt,
             prompt_token_ids=request.prompt_token_ids,
             prompt_logprobs=list(request.prompt_logprobs) if params.prompt_logprobs is not None else None,
             outputs=completions, finished=finished, seed=request.seed,
-            num_cached_tokens=seqs[0].num_cached_tokens if seqs else 0)
+            num_cached_tokens=seqs[0].num_cached_tokens if seqs else 0,
+            metrics=RequestMetrics(request.arrival_time, request.first_scheduled_time,
+                                   request.first_token_time, time.monotonic() if finished else None))

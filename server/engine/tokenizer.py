@@ -51,6 +51,25 @@ class Tokenizer(ABC):
     def is_special(self, token_id: int) -> bool:
         """Whether decode(..., skip_special_tokens=True) drops this token."""
 
+    def encode_with_offsets(self, text: str) -> list[tuple[int, int, int]]:
+        """(token id, start, stop) character offsets of each token of `encode(text)`.
+
+        This fallback measures how much text each token adds, decoding a short window before
+        it so that SentencePiece's dropped leading space and multi-byte runs come out right.
+        """
+        token_ids = self.encode(text)
+        out, position = [], 0
+        for i, token_id in enumerate(token_ids):
+            if self.is_special(token_id):
+                out.append((token_id, position, position))
+                continue
+            window = token_ids[max(0, i - 6):i]
+            added = len(self.decode(window + [token_id])) - len(self.decode(window))
+            stop = min(len(text), position + max(0, added))
+            out.append((token_id, position, stop))
+            position = stop
+        return out
+
     def extends_byte_run(self, token_id: int) -> bool:
         """Whether decode joins this token with its neighbouring byte tokens into one run
         whose text can still change when the next byte arrives (so text ending here is not final)."""
@@ -104,6 +123,11 @@ class HuggingFaceTokenizer(Tokenizer):
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens)
+
+    def encode_with_offsets(self, text: str) -> list[tuple[int, int, int]]:
+        encoding = self._tok(text, return_offsets_mapping=True)
+        return [(i, start, stop) for i, (start, stop)
+                in zip(encoding["input_ids"], encoding["offset_mapping"])]
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         # Clean-up of tokenization spaces would make the text of a prefix change as tokens follow it.

@@ -59,15 +59,17 @@ class ModelRunner:
         m = self.model_config
         return 2 * m.num_layers * m.num_kv_heads * m.head_dim * self.dtype.itemsize
 
-    def kv_tokens_that_fit(self, cpu_budget_bytes: int, max_batch_prefill_tokens: int) -> int:
+    def kv_tokens_that_fit(self, cpu_budget_bytes: int, max_batch_prefill_tokens: int,
+                           memory_fraction: float = 1.0) -> int:
         """KV capacity, in tokens, of the memory left once the weights are loaded.
 
-        On CUDA: 90% of the free memory, less room for one step's activations at the prefill
-        budget; on the CPU: the given budget.
+        On CUDA: 90% of the free memory (less what `memory_fraction` leaves to others), less
+        room for one step's activations at the prefill budget; on the CPU: the given budget.
         """
         if self.device.type != "cuda":
             return cpu_budget_bytes // self.kv_bytes_per_token()
-        free, _ = torch.cuda.mem_get_info(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        free = max(0, free - int((1 - memory_fraction) * total))
         m = self.model_config
         activations = max_batch_prefill_tokens * (4 * m.intermediate_size + 8 * m.hidden_size
                                                   + m.vocab_size) * 4

