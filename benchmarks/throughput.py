@@ -1,10 +1,14 @@
-"""Offline throughput: the engine against transformers' batched `generate`, in one run.
+"""Offline throughput: the engine against transformers on the same model and prompts, in one run.
 
-Same model, same prompts (seeded random token ids), greedy, `ignore_eos`, the same number of
-new tokens for every request. Prints one JSON object with both figures and their ratio.
+Seeded random prompts, greedy, `ignore_eos`; prompt and output lengths uniform in their
+ranges. Prints one JSON object with both figures and their ratio (and on CUDA the fraction of
+the matmul roofline: 2 FLOPs per parameter per token over the bf16 rate measured in the run).
 
     python benchmarks/throughput.py                       # SmolLM2 (embedded default), CPU
-    python benchmarks/throughput.py --num-prompts 24 --max-tokens 64 --device cpu
+    # nano-vllm's workload on the GPU: 256 requests, prompts and outputs of 100-1024 tokens
+    python benchmarks/throughput.py --model /tmp/mistral-7b --device cuda --num-prompts 256 \
+        --min-prompt-len 100 --max-prompt-len 1024 --min-output-len 100 --max-output-len 1024 \
+        --peer generate_batch --peer-num-prompts 64 --repeats 1
 """
 from __future__ import annotations
 
@@ -29,6 +33,11 @@ def make_prompts(count: int, min_len: int, max_len: int, vocab: int, seed: int) 
             for _ in range(count)]
 
 
+def output_lens(count: int, min_len: int, max_len: int, seed: int) -> list[int]:
+    rng = random.Random(seed + 1)
+    return [rng.randint(min_len, max_len) for _ in range(count)]
+
+
 def best_of(repeats: int, run) -> tuple[float, object]:
     """The fastest of `repeats` timed runs (shared machines add noise, never speed)."""
     best, result = float("inf"), None
@@ -39,8 +48,8 @@ def best_of(repeats: int, run) -> tuple[float, object]:
     return best, result
 
 
-def run_engine(llm: LLM, args, prompts) -> dict:
-    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+def run_engine(llm: LLM, args, prompts, lens) -> dict:
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lens]
     llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm-up
     elapsed, outputs = best_of(args.repeats, lambda: llm.generate(prompts, params, use_tqdm=False))
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
@@ -58,14 +67,16 @@ def load_transformers(args, dtype):
     return AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
 
 
-def run_transformers(args, prompts, dtype) -> dict:
-    """Padded batched `generate` (left padding), the way transformers users batch offline."""
+def run_transformers(args, prompts, lens, dtype) -> dict:
+    """Padded batched `generate` (left padding), the way transformers users batch offline;
+    every row generates the mean output length (generate takes one length for all)."""
     model = load_transformers(args, dtype).to(args.device).eval()
     width = max(len(p) for p in prompts)
     pad = 0
+    new_tokens = round(sum(lens) / len(lens))
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=args.device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=args.device)
-    kwargs = dict(do_sample=False, max_new_tokens=args.max_tokens, min_new_tokens=args.max_tokens,
+    kwargs = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                   pad_token_id=pad)
     with torch.inference_mode():
         model.generate(ids[:2], attention_mask=mask[:2], **{**kwargs, "max_new_tokens": 4,
@@ -76,13 +87,41 @@ def run_transformers(args, prompts, dtype) -> dict:
     return {"seconds": elapsed, "output_tokens": generated, "tokens_per_s": generated / elapsed}
 
 
+def run_generate_batch(args, prompts, lens, dtype) -> dict:
+    """transformers' continuous batching (`generate_batch`, paged attention over SDPA); every
+    request generates the mean output length (one length for the batch)."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation="paged|sdpa")
+    except (ValueError, KeyError):
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa")
+    model = model.to(args.device).eval()
+    new_tokens = round(sum(lens) / len(lens))
+    config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                              eos_token_id=-1, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate_batch(prompts[:2], generation_config=GenerationConfig(
+            max_new_tokens=4, do_sample=False, eos_token_id=-1, pad_token_id=0))
+        elapsed, out = best_of(args.repeats, lambda: model.generate_batch(prompts, generation_config=config))
+    generated = sum(len(o.generated_tokens) for o in out.values())
+    return {"seconds": elapsed, "output_tokens": generated, "tokens_per_s": generated / elapsed,
+            "num_prompts": len(prompts), "output_len_each": new_tokens}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="model id, directory or .gguf (default: SmolLM2)")
     parser.add_argument("--num-prompts", type=int, default=24)
     parser.add_argument("--min-prompt-len", type=int, default=16)
     parser.add_argument("--max-prompt-len", type=int, default=128)
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=64, help="output length, unless a range is given")
+    parser.add_argument("--min-output-len", type=int, default=None)
+    parser.add_argument("--max-output-len", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--peer", choices=["generate", "generate_batch", "none"], default="generate")
+    parser.add_argument("--peer-num-prompts", type=int, default=None,
+                        help="run the peer on the first N prompts only (it can take many minutes)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--seed", type=int, default=0)
@@ -90,22 +129,39 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     # Prefix caching off: repeats run the same prompts, and the peer has no such cache.
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, enable_prefix_caching=False)
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, enable_prefix_caching=False,
+              max_num_seqs=args.max_num_seqs)
     config = llm.engine.config
     prompts = make_prompts(args.num_prompts, args.min_prompt_len, args.max_prompt_len,
                            config.model.vocab_size, args.seed)
-    engine = run_engine(llm, args, prompts)
+    lens = output_lens(args.num_prompts, args.min_output_len or args.max_tokens,
+                       args.max_output_len or args.max_tokens, args.seed)
+    engine = run_engine(llm, args, prompts, lens)
+    params = sum(p.numel() for p in llm.engine.runner.model.parameters())
+    kv_tokens = config.cache.max_total_tokens
     del llm
-    peer = run_transformers(args, prompts, getattr(torch, config.dtype))
-    print(json.dumps({
+    report = {
         "benchmark": "throughput", "model": config.model_id, "device": config.device,
-        "dtype": config.dtype, "num_prompts": args.num_prompts, "max_tokens": args.max_tokens,
-        "prompt_len": [args.min_prompt_len, args.max_prompt_len], "repeats": args.repeats,
+        "dtype": config.dtype, "num_prompts": args.num_prompts,
+        "prompt_len": [args.min_prompt_len, args.max_prompt_len],
+        "output_len": [min(lens), max(lens)], "repeats": args.repeats, "kv_cache_tokens": kv_tokens,
         "torch_threads": torch.get_num_threads(), "engine": engine,
-        "transformers_generate": peer,
-        "ratio_engine_over_transformers": engine["tokens_per_s"] / peer["tokens_per_s"],
-    }, indent=2))
+    }
+    if config.device.startswith("cuda"):
+        from benchmarks.roofline import matmul_rate
 
+        torch.cuda.empty_cache()
+        rate = matmul_rate()
+        flops = 2 * params * (sum(len(p) for p in prompts) + sum(lens))
+        report["matmul_flops_per_s"] = rate
+        report["engine_fraction_of_roofline"] = flops / rate / engine["seconds"]
+    if args.peer != "none":
+        count = args.peer_num_prompts or args.num_prompts
+        run = run_generate_batch if args.peer == "generate_batch" else run_transformers
+        peer = run(args, prompts[:count], lens[:count], getattr(torch, config.dtype))
+        report[f"transformers_{args.peer}"] = peer
+        report["ratio_engine_over_transformers"] = engine["tokens_per_s"] / peer["tokens_per_s"]
+    print(json.dumps(report, indent=2))
 
 if __name__ == "__main__":
     main()

@@ -108,3 +108,5 @@ class EngineArgs:
     cpu_kv_cache_bytes: int = 2 << 30
     cuda_memory_fraction: float = 1.0  # share of the GPU's memory this process may use
     quantize: str | None = None
+    attention_backend: str = "auto"  # triton on CUDA, torch on the CPU
+    enforce_eager: bool = False  # no CUDA graphs

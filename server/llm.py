@@ -29,6 +29,7 @@ class LLM:
             max_batch_total_tokens=max_batch_total_tokens, max_batch_prefill_tokens=max_batch_prefill_tokens,
             max_num_seqs=max_num_seqs, max_model_len=max_model_len, block_size=block_size,
             enable_prefix_caching=enable_prefix_caching))
+        self.engine.stream_outputs = False  # generate() returns finished requests only
 
     def get_tokenizer(self):
         return self.engine.tokenizer
@@ -86,7 +87,7 @@ class LLM:
         try:
             with tqdm(total=len(ids), desc="Generating", disable=not use_tqdm) as bar:
                 while len(finals) < len(ids):
-                    if not engine.scheduler.has_work():
+                    if not engine.has_work():
                         raise RuntimeError("requests are unfinished but nothing can be scheduled")
                     for output in engine.step():
                         if output.finished:

@@ -77,7 +77,7 @@ def test_bad_input_raises_for_that_request_only(engine):
 
 def test_a_failing_step_fails_its_requests_and_the_engine_recovers(engine, monkeypatch):
     runner = engine.engine.runner
-    original = runner.execute
+    original = runner.launch
     calls = {"n": 0}
 
     def flaky(chunks):
@@ -86,7 +86,7 @@ def test_a_failing_step_fails_its_requests_and_the_engine_recovers(engine, monke
             raise RuntimeError("injected fault")
         return original(chunks)
 
-    monkeypatch.setattr(runner, "execute", flaky)
+    monkeypatch.setattr(runner, "launch", flaky)
 
     async def main():
         with pytest.raises(RuntimeError, match="injected fault"):

@@ -39,6 +39,27 @@ def test_preempted_sequences_resume_with_the_same_tokens(mistral_v03_dir, llm, p
     assert small.engine.block_manager.num_free_blocks == small.engine.block_manager.num_blocks
 
 
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "seeded"])
+def test_a_step_out_of_device_memory_preempts_and_retries_with_the_same_tokens(mistral_v03_dir, llm, params):
+    import torch
+
+    expected = tokens(llm.generate(PROMPTS, params, use_tqdm=False))
+    fresh = LLM(mistral_v03_dir, block_size=4)
+    runner = fresh.engine.runner
+    execute, calls = runner.launch, []
+
+    def out_of_memory_twice(chunks):
+        calls.append(len(chunks))
+        if len(calls) in (1, 4):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return execute(chunks)
+
+    runner.launch = out_of_memory_twice
+    assert tokens(fresh.generate(PROMPTS, params, use_tqdm=False)) == expected
+    assert calls[1] < calls[0] and fresh.engine.scheduler.num_preemptions >= 4
+    assert fresh.engine.block_manager.num_free_blocks == fresh.engine.block_manager.num_blocks
+
+
 def test_long_prompts_are_prefilled_in_chunks_with_the_same_tokens(mistral_v03_dir, llm):
     expected = tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False))
     chunked = LLM(mistral_v03_dir, block_size=4, max_batch_prefill_tokens=16)

@@ -87,9 +87,12 @@ def test_prompt_logprobs_equal_transformers_forward(mistral_v03_dir):
 @pytest.mark.parametrize("fixture", ["mistral_v03_dir", "mistral_window_dir"])
 def test_bf16_greedy_tokens_equal_transformers_up_to_near_ties(fixture, request):
     """In bf16 two implementations may round a near-tie differently; anything else is a bug."""
-    model_dir = request.getfixturevalue(fixture)
-    llm = LLM(model_dir, dtype="bfloat16", device="cuda")
-    for prompt, output in zip(PROMPTS, llm.generate(PROMPTS, GREEDY, use_tqdm=False)):
+    assert_bf16_parity(request.getfixturevalue(fixture), PROMPTS)
+
+
+def assert_bf16_parity(model_dir: str, prompts: list[list[int]], **llm_args) -> None:
+    llm = LLM(model_dir, dtype="bfloat16", device="cuda", **llm_args)
+    for prompt, output in zip(prompts, llm.generate(prompts, GREEDY, use_tqdm=False)):
         tokens, hf_logprobs, _ = hf_greedy(model_dir, prompt, GREEDY.max_tokens, "cuda",
                                            torch.bfloat16)
         ours = output.outputs[0].token_ids
@@ -97,3 +100,19 @@ def test_bf16_greedy_tokens_equal_transformers_up_to_near_ties(fixture, request)
             step = next(i for i, (a, b) in enumerate(zip(ours, tokens)) if a != b)
             margin = hf_logprobs[step, tokens[step]] - hf_logprobs[step, ours[step]]
             assert margin < 0.05, f"diverged at step {step} with a margin of {margin:.3f}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_greedy_on_mistral_7b_shapes_equals_transformers_up_to_near_ties(tmp_path):
+    """Two layers of Mistral-7B-v0.3's real shapes (random weights), through the Triton
+    kernels, CUDA graphs, chunked prefill (a prefill budget of 96) and the prefix cache."""
+    import random
+
+    from benchmarks.make_checkpoint import make
+
+    model_dir = str(make(tmp_path / "mistral-7b-2l", num_layers=2))
+    rng = random.Random(0)
+    prompts = [[1] + [rng.randrange(100, 32768) for _ in range(n)] for n in (5, 40, 300, 700)]
+    prompts.append(prompts[2][:200] + [7, 8, 9])  # shares 12 blocks with an earlier prompt
+    assert_bf16_parity(model_dir, prompts, max_batch_prefill_tokens=96)

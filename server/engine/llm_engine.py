@@ -1,6 +1,7 @@
 """The engine core: requests in, one scheduled model step at a time, outputs out."""
 from __future__ import annotations
 
+import gc
 import itertools
 import secrets
 import time
@@ -12,7 +13,7 @@ from server.engine.block_manager import BlockManager
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Request, Sequence, SequenceStatus
-from server.engine.stop import check_stop, stable_text_len
+from server.engine.stop import check_text_stop, check_token_stop, stable_text_len
 from server.engine.tokenizer import Tokenizer
 from server.models.loader import load_config, load_generation_config, resolve_model
 from server.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -55,25 +56,34 @@ class LLMEngine:
         model = ModelConfig.from_hf(load_config(source), load_generation_config(source))
         device, dtype = _device_and_dtype(args, model)
         self.tokenizer = Tokenizer.load(source.path, source.gguf_file)
-        self.runner = ModelRunner(model, source, device, dtype)
+        self.runner = ModelRunner(model, source, device, dtype, args.attention_backend)
+        model_len = min(args.max_model_len or model.max_position_embeddings, model.max_position_embeddings)
         kv_tokens = args.max_batch_total_tokens or self.runner.kv_tokens_that_fit(
-            args.cpu_kv_cache_bytes, args.max_batch_prefill_tokens, args.cuda_memory_fraction)
+            args.cpu_kv_cache_bytes, args.max_batch_prefill_tokens, args.cuda_memory_fraction,
+            model_len, args.block_size)
         num_blocks = -(-kv_tokens // args.block_size)
         if num_blocks < 2:
             raise ValueError(f"no room for a KV cache: {kv_tokens} tokens fit in the memory left")
-        max_model_len = min(args.max_model_len or model.max_position_embeddings,
-                            model.max_position_embeddings, num_blocks * args.block_size)
+        max_model_len = min(model_len, num_blocks * args.block_size)
         self.config = EngineConfig(
             model=model,
             cache=CacheConfig(args.block_size, num_blocks, args.enable_prefix_caching),
             scheduler=SchedulerConfig(args.max_batch_prefill_tokens, args.max_num_seqs, max_model_len),
             dtype=dtype, device=device, model_id=source.model_id)
         self.runner.allocate_kv_cache(self.config.cache)
+        if not args.enforce_eager:
+            self.runner.capture_decode_graphs(args.max_num_seqs, max_model_len)
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.config.scheduler, self.block_manager)
         self.eos_token_ids = set(model.eos_token_ids) | self.tokenizer.eos_token_ids
         self.requests: dict[str, Request] = {}
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
+        self._unfinished_outputs: list[Sequence] = []  # sampled last step, text not yet made
+        self.stream_outputs = True  # False: an output only when a request finishes (offline use)
+        # The model, its cache and the tokenizer live as long as the engine: keep them out of
+        # the garbage collector's scans, which otherwise grow with every step's small objects.
+        gc.collect()
+        gc.freeze()
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
 
@@ -141,17 +151,53 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def has_work(self) -> bool:
+        """Whether a step would do anything: run a batch or hand out pending outputs."""
+        return self.scheduler.has_work() or bool(self._unfinished_outputs)
+
     # -- the step -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled batch; return an output for every request that advanced."""
+        """Run one scheduled batch and return the outputs of the requests that advanced.
+
+        The host work that the next schedule does not need (detokenizing, stop strings,
+        building outputs) is done one step late, while the device computes the next batch:
+        a call returns the outputs of the batch before its own, and a call with nothing left
+        to run returns the last ones. A stop string so found ends its sequence one token
+        late; that extra token is dropped.
+        """
         batch = self.scheduler.schedule()
-        if not batch:
-            return []
-        chunks = [self._chunk(seq, n) for seq, n in zip(batch.seqs, batch.num_new_tokens)]
-        results = self.runner.execute(chunks)
+        launched = None
+        if batch:
+            chunks = [self._chunk(seq, n) for seq, n in zip(batch.seqs, batch.num_new_tokens)]
+            launched = self._within_memory(batch, lambda: self.runner.launch(chunks))
+        outputs = self._finish_outputs()
+        if launched is not None:
+            results = self._within_memory(batch, lambda: self.runner.collect(launched))
+            if results is not None:
+                self.scheduler.step_succeeded()
+                self._advance(batch, results)
+        return outputs
+
+    def _within_memory(self, batch, work):
+        """`work()`, or None after making room if the device ran out of memory doing it."""
+        try:
+            return work()
+        except torch.cuda.OutOfMemoryError:
+            if len(batch.seqs) == 1:
+                raise  # nothing left to make room with: this request fails, the server stays
+            # The newest half goes back to the queue, to be recomputed later; nothing of this
+            # step was committed.
+            self.scheduler.preempt_newest(len(batch.seqs) // 2)
+            torch.cuda.empty_cache()
+            return None
+
+    def _advance(self, batch, results) -> None:
+        """What the next schedule needs: computed counts, the new tokens, and the stops that
+        depend on token ids alone."""
         now = time.monotonic()
-        touched: dict[str, Request] = {}
         for seq, num_tokens, result in zip(batch.seqs, batch.num_new_tokens, results):
+            if seq.is_finished:  # a stop string ended it after this step was launched
+                continue
             request = seq.request
             request.first_scheduled_time = request.first_scheduled_time or now
             start = seq.num_computed_tokens
@@ -164,13 +210,66 @@ class LLMEngine:
             if result.sampled is not None:
                 request.first_token_time = request.first_token_time or now
                 self._append(seq, result.sampled)
-                touched[request.request_id] = request
+                self._unfinished_outputs.append(seq)
+
+    def _append(self, seq: Sequence, sampled) -> None:
+        seq.token_ids.append(sampled.token_id)
+        seq.cumulative_logprob += sampled.logprob
+        if seq.params.logprobs is not None:
+            seq.output_logprobs.append({sampled.token_id: sampled.logprob, **sampled.top_logprobs})
+        check_token_stop(seq, sampled.token_id, self.eos_token_ids, self.max_model_len)
+        if seq.finish_reason is not None:
+            seq.status = SequenceStatus.FINISHED
+            self.scheduler.remove(seq)
+
+    def _finish_outputs(self) -> list[RequestOutput]:
+        """The rest of the previous step: text, stop strings, and the outputs."""
+        seqs, self._unfinished_outputs = self._unfinished_outputs, []
+        touched: dict[str, Request] = {}
+        for seq in seqs:
+            detokenizer = self.detokenizers.get(seq.seq_id)
+            if detokenizer is None:  # aborted meanwhile
+                continue
+            delta = detokenizer.add(seq.token_ids[-1])
+            seq.text += delta
+            if seq.finish_reason != "stop" and check_text_stop(seq, len(delta)) and not seq.is_finished:
+                seq.status = SequenceStatus.FINISHED
+                self.scheduler.remove(seq)
+            if seq.finish_reason is not None:
+                if not isinstance(seq.stop_reason, str):
+                    seq.text += detokenizer.flush()
+                del self.detokenizers[seq.seq_id]
+            touched[seq.request.request_id] = seq.request
         outputs = []
         for request in touched.values():
-            outputs.append(self._output(request))
-            if request.is_finished:
+            finished = request.is_finished
+            if finished or self.stream_outputs:
+                outputs.append(self._output(request))
+            if finished:
                 self.requests.pop(request.request_id, None)
         return outputs
+
+    def _sampling_options(self, seq: Sequence) -> SamplingOptions:
+        """The sequence's sampling settings for its next token (made once, updated per step)."""
+        params = seq.params
+        options = seq.sampling_options
+        if options is None:
+            options = seq.sampling_options = SamplingOptions(
+                temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                typical_p=params.typical_p, min_p=params.min_p,
+                repetition_penalty=params.repetition_penalty,
+                frequency_penalty=params.frequency_penalty,
+                presence_penalty=params.presence_penalty,
+                num_logprobs=params.logprobs or 0, logit_bias=params.logit_bias)
+        options.key = row_key(seq.seed, seq.num_output_tokens) if params.temperature > 0 else 0
+        if params.repetition_penalty != 1.0:
+            options.all_token_ids = seq.token_ids
+        if params.frequency_penalty or params.presence_penalty:
+            options.output_token_ids = seq.output_token_ids
+        if params.min_tokens:
+            options.banned_token_ids = sorted(self.eos_token_ids | set(params.stop_token_ids)) \
+                if seq.num_output_tokens < params.min_tokens else []
+        return options
 
     def _chunk(self, seq: Sequence, num_tokens: int) -> SequenceChunk:
         start = seq.num_computed_tokens
@@ -181,37 +280,8 @@ class LLMEngine:
             chunk.prompt_targets = seq.token_ids[start + 1:min(end + 1, seq.num_prompt_tokens)]
             chunk.prompt_top_n = params.prompt_logprobs
         if end == len(seq):
-            banned = []
-            if seq.num_output_tokens < params.min_tokens:
-                banned = sorted(self.eos_token_ids | set(params.stop_token_ids))
-            chunk.sampling = SamplingOptions(
-                temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-                typical_p=params.typical_p, min_p=params.min_p,
-                repetition_penalty=params.repetition_penalty,
-                frequency_penalty=params.frequency_penalty,
-                presence_penalty=params.presence_penalty,
-                key=row_key(seq.seed, seq.num_output_tokens),
-                num_logprobs=params.logprobs or 0,
-                all_token_ids=seq.token_ids if params.repetition_penalty != 1.0 else [],
-                output_token_ids=seq.output_token_ids if params.frequency_penalty or params.presence_penalty else [],
-                banned_token_ids=banned, logit_bias=params.logit_bias)
+            chunk.sampling = self._sampling_options(seq)
         return chunk
-
-    def _append(self, seq: Sequence, sampled) -> None:
-        seq.token_ids.append(sampled.token_id)
-        seq.cumulative_logprob += sampled.logprob
-        if seq.params.logprobs is not None:
-            seq.output_logprobs.append({sampled.token_id: sampled.logprob, **sampled.top_logprobs})
-        detokenizer = self.detokenizers[seq.seq_id]
-        delta = detokenizer.add(sampled.token_id)
-        seq.text += delta
-        check_stop(seq, sampled.token_id, len(delta), self.eos_token_ids, self.max_model_len)
-        if seq.finish_reason is not None:
-            if seq.stop_reason is None or isinstance(seq.stop_reason, int):
-                seq.text += detokenizer.flush()
-            seq.status = SequenceStatus.FINISHED
-            self.scheduler.remove(seq)
-            self.detokenizers.pop(seq.seq_id, None)
 
     def _output(self, request: Request) -> RequestOutput:
         params = request.params

@@ -17,6 +17,9 @@ from server.engine.block_manager import BlockManager
 from server.engine.sequence import Sequence, SequenceStatus
 
 
+RECOVERY_STEPS = 64
+
+
 @dataclass
 class ScheduledBatch:
     """The work of one step: `num_new_tokens[i]` tokens of `seqs[i]`, from its computed mark."""
@@ -44,6 +47,10 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: newest last
         self.num_preemptions = 0
+        # After a step ran out of device memory, the batch is held at the size that fits
+        # until RECOVERY_STEPS steps have gone well.
+        self.memory_limit: int | None = None
+        self._steps_since_limit = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -89,7 +96,8 @@ class Scheduler:
 
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         deferred = []
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        limit = min(self.config.max_num_seqs, self.memory_limit or self.config.max_num_seqs)
+        while self.waiting and budget > 0 and len(self.running) < limit:
             seq = self.waiting[0]
             if _waits_for_first_sample(seq):
                 deferred.append(self.waiting.popleft())
@@ -107,6 +115,20 @@ class Scheduler:
             batch.add(seq, num_tokens)
             budget -= num_tokens
         self.waiting.extendleft(reversed(deferred))
+
+    def preempt_newest(self, count: int) -> None:
+        """After a step that ran out of device memory: send the `count` newest running
+        sequences back to the queue and admit no more than remain, for a while."""
+        for _ in range(min(count, len(self.running))):
+            self._preempt(self.running.pop(), ScheduledBatch())
+        self.memory_limit = max(1, len(self.running))
+        self._steps_since_limit = 0
+
+    def step_succeeded(self) -> None:
+        if self.memory_limit is not None:
+            self._steps_since_limit += 1
+            if self._steps_since_limit >= RECOVERY_STEPS:
+                self.memory_limit = None
 
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
         self.block_manager.release(seq)

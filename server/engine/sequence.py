@@ -40,6 +40,7 @@ class Sequence:
         self.cumulative_logprob = 0.0
         self.text = ""  # detokenized output, stop strings already cut
         self.emitted_text_len = 0  # how much of `text` has been streamed
+        self.sampling_options = None  # the runtime's SamplingOptions, made at the first sample
 
     @property
     def params(self) -> SamplingParams:

@@ -15,9 +15,9 @@ def find_stop_string(text: str, new_len: int, stops: list[str]) -> tuple[int, st
     return best
 
 
-def check_stop(seq: Sequence, token_id: int, new_text_len: int, eos_token_ids: set[int],
-               max_model_len: int) -> None:
-    """Set `seq.finish_reason` (and cut a matched stop string from `seq.text`) if it must end."""
+def check_token_stop(seq: Sequence, token_id: int, eos_token_ids: set[int], max_model_len: int) -> None:
+    """Set `seq.finish_reason` if the token just appended ends it: EOS, a stop token id, or
+    the length limits."""
     params = seq.params
     num_out = seq.num_output_tokens
     if num_out >= params.min_tokens:
@@ -27,15 +27,24 @@ def check_stop(seq: Sequence, token_id: int, new_text_len: int, eos_token_ids: s
         if token_id in params.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", token_id
             return
-        match = find_stop_string(seq.text, new_text_len, params.stop_strings)
-        if match is not None:
-            index, stop = match
-            end = index + len(stop) if params.include_stop_str_in_output else index
-            seq.text = seq.text[:end]
-            seq.finish_reason, seq.stop_reason = "stop", stop
-            return
     if (params.max_tokens is not None and num_out >= params.max_tokens) or len(seq) >= max_model_len:
         seq.finish_reason = "length"
+
+
+def check_text_stop(seq: Sequence, new_text_len: int) -> bool:
+    """Whether a stop string ends within the last `new_text_len` characters of `seq.text`; if
+    so, cut the text there and finish the sequence (this outranks a length limit reached at
+    the same token)."""
+    params = seq.params
+    if not params.stop_strings or seq.num_output_tokens < params.min_tokens:
+        return False
+    match = find_stop_string(seq.text, new_text_len, params.stop_strings)
+    if match is None:
+        return False
+    index, stop = match
+    seq.text = seq.text[:index + len(stop) if params.include_stop_str_in_output else index]
+    seq.finish_reason, seq.stop_reason = "stop", stop
+    return True
 
 
 def stable_text_len(seq: Sequence) -> int:

@@ -1,12 +1,20 @@
-"""SiLU-and-multiply over the fused gate/up projection."""
+"""SiLU-and-multiply over the fused gate/up projection (one Triton kernel on CUDA)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from kernels.reference import silu_and_mul_reference
+
+try:
+    from kernels.activation import silu_and_mul
+except ImportError:  # pragma: no cover - no triton: the CPU path only
+    silu_and_mul = None
 
 
 class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = x.chunk(2, dim=-1)  # [num_tokens, 2 * intermediate] -> 2 x [.., intermediate]
-        return F.silu(gate) * up
+        """[num_tokens, 2 * intermediate] -> [num_tokens, intermediate]"""
+        if x.is_cuda and silu_and_mul is not None:
+            return silu_and_mul(x)
+        return silu_and_mul_reference(x)

@@ -6,6 +6,13 @@ import math
 import torch
 from torch import nn
 
+from kernels.reference import rotary_reference
+
+try:
+    from kernels.rotary import rotary as rotary_kernel
+except ImportError:  # pragma: no cover - no triton: the CPU path only
+    rotary_kernel = None
+
 
 def _inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     # float32 throughout, as the reference implementation computes it: angles at long
@@ -39,11 +46,8 @@ class RotaryEmbedding(nn.Module):
                              persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """Rotate q [num_tokens, heads, head_dim] and k [num_tokens, kv_heads, head_dim]."""
-        cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+        """Rotate q [num_tokens, heads, head_dim] and k [num_tokens, kv_heads, head_dim]
+        (in place on CUDA)."""
+        if q.is_cuda and rotary_kernel is not None:
+            return rotary_kernel(positions, q, k, self.cos_sin)
+        return rotary_reference(positions, q, k, self.cos_sin)

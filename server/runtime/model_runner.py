@@ -5,15 +5,18 @@ It owns the model and its paged KV cache, and knows nothing of requests: the eng
 """
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
 
 import torch
 
 from server.config import CacheConfig, ModelConfig
-from server.layers.attention import Attention, AttentionMetadata
+from server.layers.attention import Attention, AttentionMetadata, resolve_backend
 from server.models.loader import ModelSource, iter_weights
 from server.models.registry import model_class
-from server.runtime.sampler import SampledToken, SamplingOptions, prompt_logprobs, sample
+from server.runtime.cuda_graphs import DEFAULT_SIZES, DecodeGraphs
+from server.runtime.sampler import (DeviceSample, SampledToken, SamplingOptions, prompt_logprobs,
+                                   sample_on_device, sampled_tokens)
 
 
 @dataclass
@@ -34,16 +37,24 @@ class ChunkResult:
     prompt_logprobs: list[dict[int, float]]
 
 
+GRAPH_RESERVE_BYTES = 512 << 20  # what captured graphs and the allocator's slack may take
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, source: ModelSource, device: str,
-                 dtype: str, attention_backend: str = "torch"):
+                 dtype: str, attention_backend: str = "auto"):
         self.model_config = model_config
         self.device = torch.device(device)
         self.dtype = _DTYPES[dtype]
         self.block_size = 0  # set with the KV cache
+        self.max_blocks_per_seq = 0
+        self.graphs: DecodeGraphs | None = None
+        self._staging = torch.empty(0, dtype=torch.int64)
+        attention_backend = resolve_backend(attention_backend, self.device)
+        self.attention_backend = attention_backend
+        self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count \
+            if self.device.type == "cuda" else 4
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
@@ -60,20 +71,42 @@ class ModelRunner:
         return 2 * m.num_layers * m.num_kv_heads * m.head_dim * self.dtype.itemsize
 
     def kv_tokens_that_fit(self, cpu_budget_bytes: int, max_batch_prefill_tokens: int,
-                           memory_fraction: float = 1.0) -> int:
-        """KV capacity, in tokens, of the memory left once the weights are loaded.
+                           memory_fraction: float, max_model_len: int, block_size: int) -> int:
+        """KV capacity, in tokens, of the memory left once the weights are loaded (TGI's warmup).
 
-        On CUDA: 90% of the free memory (less what `memory_fraction` leaves to others), less
-        room for one step's activations at the prefill budget; on the CPU: the given budget.
+        On CUDA a forward pass at the prefill budget is run to measure the activations' peak;
+        the KV cache then gets 95% of what is left under `memory_fraction`. On the CPU: the
+        given budget.
         """
         if self.device.type != "cuda":
             return cpu_budget_bytes // self.kv_bytes_per_token()
+        self.activation_bytes = self.profile_activation_bytes(max_batch_prefill_tokens, max_model_len, block_size)
         free, total = torch.cuda.mem_get_info(self.device)
-        free = max(0, free - int((1 - memory_fraction) * total))
-        m = self.model_config
-        activations = max_batch_prefill_tokens * (4 * m.intermediate_size + 8 * m.hidden_size
-                                                  + m.vocab_size) * 4
-        return max(0, int(0.9 * free) - activations - (1 << 30)) // self.kv_bytes_per_token()
+        usable = free - (1 - memory_fraction) * total - self.activation_bytes - GRAPH_RESERVE_BYTES
+        return int(0.95 * max(0, usable)) // self.kv_bytes_per_token()
+
+    @torch.inference_mode()
+    def profile_activation_bytes(self, num_tokens: int, max_model_len: int, block_size: int) -> int:
+        """Peak memory of one prefill step of `num_tokens` tokens (and their sampling), measured."""
+        seq_len = min(num_tokens, max_model_len)
+        num_seqs = -(-num_tokens // seq_len)
+        per_seq = -(-seq_len // block_size)
+        self.allocate_kv_cache(CacheConfig(block_size, num_seqs * per_seq))
+        chunks, left = [], num_tokens
+        for i in range(num_seqs):
+            length = min(seq_len, left)
+            left -= length
+            chunks.append(SequenceChunk([0] * length, 0, list(range(i * per_seq, (i + 1) * per_seq)),
+                                        sampling=SamplingOptions(temperature=1.0, top_p=0.9, top_k=50)))
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        self.execute(chunks)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        self.free_kv_cache()
+        return peak
 
     def allocate_kv_cache(self, cache: CacheConfig) -> None:
         self.block_size = cache.block_size
@@ -84,46 +117,124 @@ class ModelRunner:
                 module.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
                 module.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
 
+    def free_kv_cache(self) -> None:
+        for module in self.model.modules():
+            if isinstance(module, Attention):
+                module.k_cache = module.v_cache = torch.empty(0)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @torch.inference_mode()
+    def capture_decode_graphs(self, max_batch_size: int, max_model_len: int) -> None:
+        """Capture decode steps for batch sizes up to `max_batch_size` (CUDA and triton only)."""
+        if self.device.type != "cuda" or self.attention_backend != "triton":
+            return
+        sizes = [s for s in DEFAULT_SIZES if s <= max_batch_size] or [1]
+        self.max_blocks_per_seq = -(-max_model_len // self.block_size)
+        self.graphs = DecodeGraphs(self.model, sizes, self.max_blocks_per_seq, self._num_splits, self.device)
+
+    def _num_splits(self, num_seqs: int) -> int:
+        """Context splits of the decode kernel: enough programs for about two per SM (at most
+        32 splits); a function of the batch shape only, so that graphs can be captured."""
+        programs = num_seqs * self.model_config.num_kv_heads
+        return max(1, min(32, -(-2 * self.num_sms // programs)))
+
     def _metadata(self, chunks: list[SequenceChunk]):
+        """The step's inputs, moved to the device in one copy from a pinned staging buffer:
+        token ids, positions, slots, context lengths, query starts, the rows to sample, and
+        the block tables."""
         size = self.block_size
-        token_ids, positions, slots = [], [], []
+        token_ids, positions, slots, sample_rows = [], [], [], []
         for chunk in chunks:
+            start = chunk.start_pos
             token_ids.extend(chunk.token_ids)
-            for pos in range(chunk.start_pos, chunk.start_pos + len(chunk.token_ids)):
+            table = chunk.block_table
+            for pos in range(start, start + len(chunk.token_ids)):
                 positions.append(pos)
-                slots.append(chunk.block_table[pos // size] * size + pos % size)
+                slots.append(table[pos // size] * size + pos % size)
+            if chunk.sampling is not None:
+                sample_rows.append(len(token_ids) - 1)
         width = max(len(c.block_table) for c in chunks)
-        tables = [c.block_table + [0] * (width - len(c.block_table)) for c in chunks]
-        context_lens = [c.start_pos + len(c.token_ids) for c in chunks]
-
-        def tensor(values):
-            return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
-
+        query_lens = [len(c.token_ids) for c in chunks]
+        context_lens = [c.start_pos + n for c, n in zip(chunks, query_lens)]
+        cu_query_lens = [0]
+        for n in query_lens:
+            cu_query_lens.append(cu_query_lens[-1] + n)
+        packed = token_ids + positions + slots + context_lens + cu_query_lens + sample_rows
+        for chunk in chunks:
+            packed += chunk.block_table
+            packed += [0] * (width - len(chunk.block_table))
+        device_values = self._to_device(packed)
+        parts = device_values[:len(packed) - width * len(chunks)].split(
+            [len(token_ids), len(positions), len(slots), len(context_lens), len(cu_query_lens), len(sample_rows)])
+        tables = device_values[len(packed) - width * len(chunks):].view(len(chunks), width)
+        decode_only = all(n == 1 for n in query_lens)
         meta = AttentionMetadata(
-            slot_mapping=tensor(slots), block_tables=tensor(tables),
-            context_lens=tensor(context_lens), query_lens=[len(c.token_ids) for c in chunks],
-            context_lens_list=context_lens)
-        return tensor(token_ids), tensor(positions), meta
+            slot_mapping=parts[2], block_tables=tables, context_lens=parts[3], cu_query_lens=parts[4],
+            query_lens=query_lens, context_lens_list=context_lens, decode_only=decode_only,
+            max_query_len=max(query_lens), num_splits=self._num_splits(len(chunks)) if decode_only else 1)
+        return parts[0], parts[1], meta, parts[5]
+
+    def _to_device(self, values: list[int]) -> torch.Tensor:
+        host = torch.frombuffer(array("q", values), dtype=torch.int64)  # much faster than torch.tensor(list)
+        if self.device.type != "cuda":
+            return host
+        # The staging buffer is reused only after the step that read it was collected.
+        if self._staging.numel() < host.numel():
+            self._staging = torch.empty(max(host.numel(), 2 * self._staging.numel()), dtype=torch.int64,
+                                        pin_memory=True)
+        stage = self._staging[:host.numel()]
+        stage.copy_(host)
+        return stage.to(self.device, non_blocking=True)
+
+    def _forward(self, chunks: list[SequenceChunk]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states [num_tokens, hidden] and the rows to sample from."""
+        token_ids, positions, meta, sample_rows = self._metadata(chunks)
+        if self.graphs is not None and meta.decode_only and len(chunks) <= self.graphs.max_size:
+            hidden = self.graphs.run(token_ids, positions, meta.slot_mapping, meta.block_tables, meta.context_lens)
+        else:
+            hidden = self.model(token_ids, positions, meta)
+        return hidden, sample_rows
 
     @torch.inference_mode()
     def execute(self, chunks: list[SequenceChunk]) -> list[ChunkResult]:
-        token_ids, positions, meta = self._metadata(chunks)
-        hidden = self.model(token_ids, positions, meta)  # [num_tokens, hidden]
-        rows, row_chunks, results = [], [], []
+        return self.collect(self.launch(chunks))
+
+    @torch.inference_mode()
+    def launch(self, chunks: list[SequenceChunk]) -> "LaunchedStep":
+        """Queue one step's work on the device and return without waiting for it (on CUDA),
+        so that the host can do other work while the GPU computes."""
+        hidden, sample_rows = self._forward(chunks)  # [num_tokens, hidden]
+        row_chunks, results = [], []
         start = 0
         for i, chunk in enumerate(chunks):
             end = start + len(chunk.token_ids)
             scored = []
-            if chunk.prompt_targets:
+            if chunk.prompt_targets:  # rare: read at once
                 logits = self.model.compute_logits(hidden[start:start + len(chunk.prompt_targets)])
                 scored = prompt_logprobs(logits, chunk.prompt_targets, chunk.prompt_top_n)
             results.append(ChunkResult(None, scored))
             if chunk.sampling is not None:
-                rows.append(end - 1)
                 row_chunks.append(i)
             start = end
-        if rows:
-            logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
-            for i, token in zip(row_chunks, sample(logits, [chunks[i].sampling for i in row_chunks])):
-                results[i].sampled = token
-        return results
+        picked = None
+        if row_chunks:
+            logits = self.model.compute_logits(hidden[sample_rows])
+            picked = sample_on_device(logits, [chunks[i].sampling for i in row_chunks])
+        return LaunchedStep(chunks, results, row_chunks, picked)
+
+    def collect(self, step: "LaunchedStep") -> list[ChunkResult]:
+        """Wait for a launched step and return its results."""
+        if step.picked is not None:
+            sampling = [step.chunks[i].sampling for i in step.row_chunks]
+            for i, token in zip(step.row_chunks, sampled_tokens(step.picked, sampling)):
+                step.results[i].sampled = token
+        return step.results
+
+
+@dataclass
+class LaunchedStep:
+    chunks: list[SequenceChunk]
+    results: list[ChunkResult]
+    row_chunks: list[int]  # which chunks sample a token
+    picked: DeviceSample | None

@@ -112,8 +112,22 @@ def _min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(probs < floor, float("-inf"))
 
 
+@dataclass
+class DeviceSample:
+    """A step's picks, still on the device: reading them is what waits for the GPU."""
+
+    next_ids: torch.Tensor  # [rows] int64
+    chosen: torch.Tensor  # [rows] float32: logprob of each pick
+    top: tuple[torch.Tensor, torch.Tensor] | None  # values, indices [rows, max top-n]
+
+
 def sample(logits: torch.Tensor, rows: list[SamplingOptions]) -> list[SampledToken]:
     """Pick one token per row of logits [rows, vocab] (float32)."""
+    return sampled_tokens(sample_on_device(logits, rows), rows)
+
+
+def sample_on_device(logits: torch.Tensor, rows: list[SamplingOptions]) -> DeviceSample:
+    """Queue the sampling work of `sample` without waiting for it."""
     device = logits.device
     raw_logprobs = logits.log_softmax(dim=-1)
     if any(r.banned_token_ids for r in rows):
@@ -147,9 +161,14 @@ def sample(logits: torch.Tensor, rows: list[SamplingOptions]) -> list[SampledTok
     chosen = raw_logprobs.gather(1, next_ids[:, None])[:, 0]
     top_n = max(r.num_logprobs for r in rows)
     top = raw_logprobs.topk(top_n, dim=-1) if top_n else None
-    next_ids, chosen = next_ids.tolist(), chosen.tolist()
-    top_vals = top.values.tolist() if top else None
-    top_ids = top.indices.tolist() if top else None
+    return DeviceSample(next_ids, chosen, (top.values, top.indices) if top is not None else None)
+
+
+def sampled_tokens(picked: DeviceSample, rows: list[SamplingOptions]) -> list[SampledToken]:
+    """The picks on the host (waits for the device)."""
+    next_ids, chosen = picked.next_ids.tolist(), picked.chosen.tolist()
+    top_vals = picked.top[0].tolist() if picked.top else None
+    top_ids = picked.top[1].tolist() if picked.top else None
     out = []
     for i, r in enumerate(rows):
         n = r.num_logprobs

@@ -1,15 +1,13 @@
-"""The plain-torch attention backend over the paged KV cache: the CPU path and the oracle."""
+"""Attention over the paged KV cache in plain torch: the CPU path, and the oracle that the
+Triton kernels (decode_attention, prefill_attention) are tested against.
+
+A sequence's token at position p lives in slot `block_table[p // block_size] * block_size +
+p % block_size` of a cache shaped `[num_blocks, block_size, num_kv_heads, head_dim]`. With a
+sliding `window`, a query at position p sees keys p - window + 1 .. p (Mistral's convention)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-
-def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    num_blocks, block_size, kv_heads, head_dim = k_cache.shape
-    k_cache.view(num_blocks * block_size, kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    v_cache.view(num_blocks * block_size, kv_heads, head_dim).index_copy_(0, slot_mapping, v)
 
 
 def _gather(cache: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tensor:
@@ -25,7 +23,7 @@ def _allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> to
     return mask
 
 
-def prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def prefill_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             block_tables: torch.Tensor, query_lens: list[int], context_lens: list[int],
             scale: float, window: int | None) -> torch.Tensor:
     """Variable-length attention, one sequence at a time, reading cached prefixes."""
@@ -47,7 +45,7 @@ def prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     return out
 
 
-def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
            window: int | None) -> torch.Tensor:
     """One query token per sequence, the whole batch at once over padded block tables."""

@@ -1,0 +1,85 @@
+"""A Mistral-7B-Instruct-v0.3-shaped checkpoint with random weights, laid out as on the hub.
+
+Nothing can be downloaded on the GPU machine, and shapes, not values, decide speed:
+
+    python benchmarks/make_checkpoint.py /tmp/mistral-7b              # 32 layers, 14.5 GB bf16
+    python benchmarks/make_checkpoint.py /tmp/mistral-2l --num-layers 2
+
+Weights are drawn on the GPU when there is one (std 0.02, norms at 1), saved as bf16
+safetensors shards with an index, beside the real v3 tokenizer from mistral-common.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+SHAPE = dict(vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+             num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768)
+
+
+def layer_shapes(i: int, c: dict) -> dict[str, tuple[int, ...]]:
+    h, kv = c["hidden_size"], c["num_key_value_heads"] * c["head_dim"]
+    q, inter = c["num_attention_heads"] * c["head_dim"], c["intermediate_size"]
+    p = f"model.layers.{i}."
+    return {p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+            p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+            p + "mlp.down_proj.weight": (h, inter), p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,)}
+
+
+def make(path: Path, num_layers: int, seed: int = 0) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    config = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", **SHAPE,
+              "num_hidden_layers": num_layers, "hidden_act": "silu", "rms_norm_eps": 1e-5,
+              "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False,
+              "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16", "attention_dropout": 0.0,
+              "initializer_range": 0.02, "use_cache": True}
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    data = Path(importlib.util.find_spec("mistral_common").submodule_search_locations[0]) / "data"
+    shutil.copy(data / "mistral_instruct_tokenizer_240323.model.v3", path / "tokenizer.model.v3")
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator(device).manual_seed(seed)
+
+    def tensor(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if name.endswith("norm.weight"):
+            return torch.ones(shape, dtype=torch.bfloat16)
+        return (torch.randn(shape, generator=generator, device=device) * 0.02).to(torch.bfloat16).cpu()
+
+    c = {**SHAPE, "num_hidden_layers": num_layers}
+    groups = [{"model.embed_tokens.weight": (c["vocab_size"], c["hidden_size"])}]
+    groups += [layer_shapes(i, c) for i in range(num_layers)]
+    groups.append({"model.norm.weight": (c["hidden_size"],), "lm_head.weight": (c["vocab_size"], c["hidden_size"])})
+    shards: list[dict[str, tuple]] = [{}]
+    for group in groups:  # about 4 layers per shard, as the hub's files hold
+        if len(shards[-1]) >= 36:
+            shards.append({})
+        shards[-1].update(group)
+    weight_map = {}
+    for index, shard in enumerate(shards, start=1):
+        name = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: tensor(n, s) for n, s in shard.items()}, str(path / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("path", type=Path)
+    parser.add_argument("--num-layers", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(make(args.path, args.num_layers, args.seed))
+
+
+if __name__ == "__main__":
+    main()

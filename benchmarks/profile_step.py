@@ -1,0 +1,96 @@
+"""Where a decode step's time goes: wall time against GPU kernel time, and the top kernels.
+
+    python benchmarks/profile_step.py --model /tmp/mistral-7b --batch-sizes 1,256
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from server.config import EngineArgs  # noqa: E402
+from server.engine.llm_engine import LLMEngine  # noqa: E402
+from server.sampling_params import SamplingParams  # noqa: E402
+
+
+def host_breakdown(engine: LLMEngine, steps: int) -> dict[str, float]:
+    """Milliseconds per step spent in each part of `LLMEngine.step` (collect includes the wait)."""
+    spent: dict[str, float] = defaultdict(float)
+    originals = []
+
+    def wrap(owner, name):
+        fn = getattr(owner, name)
+        originals.append((owner, name, fn))
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] += (time.perf_counter() - start) * 1000 / steps
+        setattr(owner, name, timed)
+
+    for owner, name in ((engine.scheduler, "schedule"), (engine, "_chunk"), (engine.runner, "_metadata"),
+                        (engine.runner, "launch"), (engine, "_finish_outputs"), (engine.runner, "collect"),
+                        (engine, "_advance")):
+        wrap(owner, name)
+    for _ in range(steps):
+        engine.step()
+    for owner, name, fn in originals:
+        setattr(owner, name, fn)
+    return dict(spent)
+
+
+def decode_profile(engine: LLMEngine, batch: int, prompt_len: int, steps: int) -> dict:
+    rng = random.Random(batch)
+    for _ in range(batch):
+        engine.add_request([rng.randrange(100, 32000) for _ in range(prompt_len)],
+                           SamplingParams(temperature=0, max_tokens=steps * 3 + 10, ignore_eos=True))
+    while any(s.num_computed_tokens < s.num_prompt_tokens for r in engine.requests.values() for s in r.sequences):
+        engine.step()
+    for _ in range(5):
+        engine.step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    wall = (time.perf_counter() - start) / steps
+    host = host_breakdown(engine, steps)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    kernels: dict[str, float] = defaultdict(float)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[event.name[:90]] += event.device_time_total / 1000 / steps
+    for request_id in list(engine.requests):
+        engine.abort(request_id)
+    gpu = sum(kernels.values())
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:14]
+    return {"batch": batch, "wall_ms_per_step": wall * 1000, "gpu_kernel_ms_per_step": gpu, "host_ms_per_step": host,
+            "idle_ms_per_step": wall * 1000 - gpu, "top_kernels_ms_per_step": dict(top)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 256])
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=30)
+    args = parser.parse_args()
+    engine = LLMEngine(EngineArgs(model=args.model, dtype="bfloat16", enable_prefix_caching=False))
+    print(json.dumps([decode_profile(engine, b, args.prompt_len, args.steps) for b in args.batch_sizes], indent=2))
+
+
+if __name__ == "__main__":
+    main()

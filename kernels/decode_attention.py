@@ -1,0 +1,122 @@
+"""Paged attention for decode steps (one query token per sequence), split along the context.
+
+Flash-decoding: the context of each sequence is cut into `num_splits` ranges; program
+(seq, kv_head, split) reads its range of K/V once through the block table, for all the query
+heads that share that KV head (GQA), and keeps an online softmax (running max m, sum l, and
+the weighted sum of V). A second kernel merges the splits by their log-sum-exps:
+    out = sum_s exp(lse_s - max lse) * out_s / sum_s exp(lse_s - max lse)
+The number of splits depends only on the batch shape, never on the contexts, so a decode step
+can be captured in a CUDA graph and replayed with other contexts. A sequence with context 0
+(a padding row of a captured batch) gets zeros.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+LOG2E = 1.4426950408889634
+
+
+def _precision(q) -> str:
+    # float32 inputs are multiplied in full float32 (Triton would use TF32), as the reference does.
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _decode_split_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, part_out_ptr, part_lse_ptr,
+        scale_log2, window, stride_qt, stride_qh, stride_bt, stride_cb, stride_cs, stride_ch,
+        GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    num_heads = tl.num_programs(1) * GROUP
+    ctx = tl.load(context_lens_ptr + seq).to(tl.int32)
+    start = 0
+    if window > 0:
+        start = tl.maximum(ctx - window, 0)
+    per_split = tl.cdiv(tl.cdiv(ctx - start, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = start + split * per_split
+    hi = tl.minimum(lo + per_split, ctx)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    heads = kv_head * GROUP + g
+    gmask = g < GROUP
+    dmask = d < HEAD_DIM
+    q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                mask=gmask[:, None] & dmask[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        pmask = pos < hi
+        block = tl.load(block_tables_ptr + seq * stride_bt + pos // PAGE, mask=pmask, other=0)
+        slot = block.to(tl.int64) * stride_cb + (pos % PAGE) * stride_cs + kv_head * stride_ch
+        kv_mask = pmask[:, None] & dmask[None, :]
+        k = tl.load(k_cache_ptr + slot[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_G, BLOCK_N], in log2 units
+        s = tl.where(pmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m - m_new)
+        v = tl.load(v_cache_ptr + slot[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        l = l * alpha + tl.sum(p, axis=1)
+        m = m_new
+    has_keys = hi > lo
+    out = tl.where(has_keys, acc / tl.where(l > 0, l, 1.0)[:, None], 0.0)
+    lse = tl.where(has_keys, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))
+    part = (seq * num_heads + heads) * NUM_SPLITS + split  # [BLOCK_G]
+    tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=gmask[:, None] & dmask[None, :])
+    tl.store(part_lse_ptr + part, lse, mask=gmask)
+
+
+@triton.jit
+def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                         BLOCK_S: tl.constexpr):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    row = seq * tl.num_programs(1) + head
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    smask = s < NUM_SPLITS
+    lse = tl.load(part_lse_ptr + row * NUM_SPLITS + s, mask=smask, other=float("-inf"))
+    top = tl.max(lse, axis=0)
+    safe_top = tl.where(top == float("-inf"), 0.0, top)
+    weight = tl.where(smask, tl.exp2(lse - safe_top), 0.0)
+    total = tl.sum(weight, axis=0)
+    parts = tl.load(part_out_ptr + (row * NUM_SPLITS + s)[:, None] * HEAD_DIM + d[None, :],
+                    mask=smask[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+    out = tl.sum(parts * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + seq * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty),
+             mask=d < HEAD_DIM)
+
+
+def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float,
+                     window: int | None, num_splits: int, out=None):
+    """q [num_seqs, heads, head_dim] -> [num_seqs, heads, head_dim]; block_tables [num_seqs,
+    max_blocks] and context_lens [num_seqs] are integer tensors on the device."""
+    num_seqs, num_heads, head_dim = q.shape
+    _, page, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    if out is None:
+        out = torch.empty_like(q)
+    part_out = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device)
+    block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16
+    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse,
+        scale * LOG2E, window or 0, q.stride(0), q.stride(1), block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
+        PAGE=page, BLOCK_N=64 if head_dim <= 128 else 32, NUM_SPLITS=num_splits, PRECISION=_precision(q), num_warps=4, num_stages=2)
+    _merge_splits_kernel[(num_seqs, num_heads)](
+        part_out, part_lse, out, out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_D=block_d,
+        NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits))
+    return out

@@ -1,0 +1,43 @@
+"""RMSNorm with the residual add fused in: one read of x and the residual, one write of each.
+
+    s = x + residual            (rounded to the model dtype, as the unfused code does)
+    y = weight * dtype(s * rsqrt(mean(s^2) + eps))   (the norm in float32)
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+
+@triton.jit
+def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, stride_x, stride_r,
+                    eps, HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < HIDDEN
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(residual_ptr + row * stride_r + offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        tl.store(residual_out_ptr + row * HIDDEN + offs, x, mask=mask)
+    x32 = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x32 * x32, axis=0) / HIDDEN + eps)
+    normed = (x32 * rstd).to(x.dtype)
+    w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
+    y = normed.to(tl.float32) * w.to(tl.float32)
+    tl.store(out_ptr + row * HIDDEN + offs, y.to(x.dtype), mask=mask)
+
+
+def rmsnorm(x, weight, eps, residual=None):
+    """x [num_tokens, hidden] (rows may be strided); same results as the reference."""
+    num_tokens, hidden = x.shape
+    out = torch.empty((num_tokens, hidden), dtype=x.dtype, device=x.device)
+    residual_out = torch.empty_like(out) if residual is not None else out
+    _rmsnorm_kernel[(num_tokens,)](
+        x, residual if residual is not None else x, weight, out, residual_out,
+        x.stride(0), residual.stride(0) if residual is not None else 0, eps,
+        HIDDEN=hidden, BLOCK=triton.next_power_of_2(hidden), HAS_RESIDUAL=residual is not None,
+        num_warps=8 if hidden >= 4096 else 4)
+    return out if residual is None else (out, residual_out)

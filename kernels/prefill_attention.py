@@ -1,0 +1,96 @@
+"""Paged attention for prefill: variable-length query chunks that attend to their whole
+context in the cache (prefix-cached blocks, earlier chunks of a chunked prefill, and this
+step's tokens, which are written to the cache first).
+
+Program (seq, head, m_block) takes BLOCK_M query rows of one sequence; query row r sits at
+position ctx - q_len + r. It walks the keys from the window's start to its last row's
+position in BLOCK_N tiles, gathering each key's slot through the block table, with an online
+softmax (exp2 in log2 units). Rows that see no key yet in a tile keep their running state:
+the max is read as 0 there, so no -inf minus -inf appears.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+LOG2E = 1.4426950408889634
+
+
+def _precision(q) -> str:
+    # float32 inputs are multiplied in full float32 (Triton would use TF32), as the reference does.
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _prefill_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_query_lens_ptr, context_lens_ptr, out_ptr,
+        scale_log2, window, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+        stride_cb, stride_cs, stride_ch,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    m_block = tl.program_id(2)
+    q_start = tl.load(cu_query_lens_ptr + seq).to(tl.int32)
+    q_len = tl.load(cu_query_lens_ptr + seq + 1).to(tl.int32) - q_start
+    if m_block * BLOCK_M < q_len:
+        ctx = tl.load(context_lens_ptr + seq).to(tl.int32)
+        kv_head = head // GROUP
+        rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < q_len
+        q_pos = ctx - q_len + rows
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < HEAD_DIM
+        q = tl.load(q_ptr + (q_start + rows)[:, None] * stride_qt + head * stride_qh + d[None, :],
+                    mask=rmask[:, None] & dmask[None, :], other=0.0)
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        first_row_pos = ctx - q_len + m_block * BLOCK_M
+        hi = tl.minimum(first_row_pos + BLOCK_M, ctx)
+        lo = 0
+        if window > 0:
+            lo = (tl.maximum(first_row_pos - window + 1, 0) // BLOCK_N) * BLOCK_N
+        for n0 in range(lo, hi, BLOCK_N):
+            k_pos = n0 + tl.arange(0, BLOCK_N)
+            kmask = k_pos < hi
+            block = tl.load(block_tables_ptr + seq * stride_bt + k_pos // PAGE, mask=kmask, other=0)
+            slot = block.to(tl.int64) * stride_cb + (k_pos % PAGE) * stride_cs + kv_head * stride_ch
+            kv_mask = kmask[:, None] & dmask[None, :]
+            k = tl.load(k_cache_ptr + slot[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
+            allowed = kmask[None, :] & (k_pos[None, :] <= q_pos[:, None])
+            if window > 0:
+                allowed = allowed & (q_pos[:, None] - k_pos[None, :] < window)
+            s = tl.where(allowed, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m - m_safe)
+            v = tl.load(v_cache_ptr + slot[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            l = l * alpha + tl.sum(p, axis=1)
+            m = m_new
+        out = acc / tl.where(l > 0, l, 1.0)[:, None]
+        tl.store(out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+
+
+def prefill_attention(q, k_cache, v_cache, block_tables, cu_query_lens, context_lens, max_query_len: int,
+                      scale: float, window: int | None, out=None):
+    """q [num_tokens, heads, head_dim] (sequence i owns rows cu_query_lens[i]:cu_query_lens[i+1])."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_seqs = context_lens.shape[0]
+    _, page, num_kv_heads, _ = k_cache.shape
+    if out is None:
+        out = torch.empty_like(q)
+    block_m = 64 if max_query_len > 32 else 16
+    _prefill_kernel[(num_seqs, num_heads, triton.cdiv(max_query_len, block_m))](
+        q, k_cache, v_cache, block_tables, cu_query_lens, context_lens, out,
+        scale * LOG2E, window or 0, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        PAGE=page, BLOCK_M=block_m, BLOCK_N=64, PRECISION=_precision(q), num_warps=4, num_stages=2)
+    return out

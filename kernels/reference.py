@@ -1,0 +1,44 @@
+"""The plain-torch twins of the small kernels: the math each kernel must reproduce, and what
+the CPU path runs. (Attention's twins are in attention_reference.py.) No triton here, so the
+CPU path works where triton is not installed."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def store_kv_reference(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """k, v [num_tokens, kv_heads, head_dim] into their slots; slot -1 (padding) is skipped."""
+    keep = slot_mapping >= 0
+    num_blocks, block_size, kv_heads, head_dim = k_cache.shape
+    if not bool(keep.all()):
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+    k_cache.view(num_blocks * block_size, kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(num_blocks * block_size, kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def rmsnorm_reference(x, weight, eps, residual=None):
+    """y = weight * dtype(s * rsqrt(mean(s^2) + eps)) with s = x (+ residual, in x's dtype);
+    returns y, or (y, s) when a residual is given."""
+    if residual is not None:
+        x = x + residual
+    x32 = x.float()
+    y = weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return y if residual is None else (y, x)
+
+
+def silu_and_mul_reference(x):
+    """[.., 2 * width] = [gate | up] -> silu(gate) * up."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def rotary_reference(positions, q, k, cos_sin):
+    """Rotate-half rotary embedding in float32; cos_sin [max_position, head_dim] = [cos | sin]."""
+    cos, sin = cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
+
+    def rotate(x):
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+    return rotate(q), rotate(k)

@@ -1,0 +1,67 @@
+"""Decode steps captured as CUDA graphs, for a ladder of batch sizes, and replayed.
+
+A decode step of a few sequences is hundreds of small kernel launches; replaying a graph
+issues them at once. The graph of size B reads static input buffers, so a batch of n <= B
+sequences is copied into them and padded: padding rows write no KV (slot -1) and attend to
+nothing (context 0). All sizes share one memory pool.
+"""
+from __future__ import annotations
+
+import bisect
+
+import torch
+
+from server.layers.attention import AttentionMetadata
+
+DEFAULT_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+
+
+class DecodeGraphs:
+    def __init__(self, model, sizes: list[int], max_blocks: int, num_splits, device: torch.device):
+        """`num_splits(batch_size)` gives the decode kernel's context splits for a size."""
+        self.sizes = sorted(sizes)
+        biggest = self.sizes[-1]
+        self.token_ids = torch.zeros(biggest, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(biggest, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((biggest,), -1, dtype=torch.int64, device=device)
+        self.block_tables = torch.zeros(biggest, max_blocks, dtype=torch.int32, device=device)
+        self.context_lens = torch.zeros(biggest, dtype=torch.int32, device=device)
+        self.cu_query_lens = torch.arange(biggest + 1, dtype=torch.int32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        pool = None
+        for size in reversed(self.sizes):  # the biggest first, so the pool fits them all
+            meta = AttentionMetadata(
+                slot_mapping=self.slot_mapping[:size], block_tables=self.block_tables[:size],
+                context_lens=self.context_lens[:size], cu_query_lens=self.cu_query_lens[:size + 1],
+                query_lens=[1] * size, context_lens_list=[1] * size, decode_only=True, max_query_len=1,
+                num_splits=num_splits(size))
+            args = (self.token_ids[:size], self.positions[:size], meta)
+            model(*args)  # warm-up: compiles and autotunes outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[size] = model(*args)
+            pool = graph.pool()
+            self.graphs[size] = graph
+        torch.cuda.synchronize()
+
+    @property
+    def max_size(self) -> int:
+        return self.sizes[-1]
+
+    def run(self, token_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+            block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+        """One decode step of n <= max_size sequences -> hidden states [n, hidden]."""
+        n = token_ids.shape[0]
+        size = self.sizes[bisect.bisect_left(self.sizes, n)]
+        self.token_ids[:n].copy_(token_ids)
+        self.positions[:n].copy_(positions)
+        self.slot_mapping[:n].copy_(slot_mapping)
+        self.slot_mapping[n:size].fill_(-1)
+        self.context_lens[:n].copy_(context_lens)
+        self.context_lens[n:size].zero_()
+        width = block_tables.shape[1]
+        self.block_tables[:n, :width].copy_(block_tables)
+        self.graphs[size].replay()
+        return self.outputs[size][:n]

@@ -1,0 +1,159 @@
+"""Each Triton kernel against its plain-torch reference: on the GPU over many shapes, and on
+the CPU in Triton's interpreter over a few small ones (CI)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.attention_reference import decode_attention_reference, prefill_attention_reference
+from kernels.reference import rmsnorm_reference, rotary_reference, silu_and_mul_reference, store_kv_reference
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.bfloat16, torch.float16] if CUDA else [torch.float32]
+gpu_only = pytest.mark.skipif(not CUDA, reason="the larger shapes run on the GPU only")
+
+
+def tol(dtype):
+    return dict(atol=2e-2, rtol=2e-2) if dtype != torch.float32 else dict(atol=1e-4, rtol=1e-4)
+
+
+def paged_cache(context_lens, page, kv_heads, head_dim, dtype, seed=0):
+    """A cache with shuffled block tables, filled at random; returns caches and tables."""
+    g = torch.Generator().manual_seed(seed)
+    blocks_each = [-(-c // page) for c in context_lens]
+    num_blocks = sum(blocks_each) + 3
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    width = max(blocks_each)
+    tables, used = [], 0
+    for n in blocks_each:
+        tables.append(order[used:used + n] + [0] * (width - n))
+        used += n
+    shape = (num_blocks, page, kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=g).to(dtype).to(DEVICE)
+    v_cache = torch.randn(shape, generator=g).to(dtype).to(DEVICE)
+    return k_cache, v_cache, torch.tensor(tables, dtype=torch.int32, device=DEVICE)
+
+
+DECODE_CASES = [  # context_lens, page, heads, kv_heads, head_dim, window, splits
+    ([5, 17, 33], 16, 4, 2, 16, None, 1),
+    ([40, 3], 16, 4, 1, 32, 8, 3),
+    ([70], 8, 2, 2, 16, None, 4),
+    ([9, 20], 4, 8, 2, 8, None, 2),  # head_dim 8: tiles padded to what tl.dot needs
+] + [pytest.param(*case, marks=gpu_only) for case in [
+    ([1, 15, 16, 17, 300, 4097], 16, 32, 8, 128, None, 8),
+    ([128, 1000], 16, 32, 32, 128, None, 1),
+    ([2049, 77], 32, 16, 2, 64, None, 16),
+    ([5000, 4096, 130], 16, 32, 8, 128, 4096, 32),
+    ([513], 256, 8, 1, 128, None, 5),
+]]
+
+
+@pytest.mark.parametrize("context_lens, page, heads, kv_heads, head_dim, window, splits", DECODE_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_attention_matches_reference(context_lens, page, heads, kv_heads, head_dim, window, splits, dtype):
+    from kernels.decode_attention import decode_attention
+
+    k_cache, v_cache, tables = paged_cache(context_lens, page, kv_heads, head_dim, dtype)
+    q = torch.randn(len(context_lens), heads, head_dim).to(dtype).to(DEVICE)
+    ctx = torch.tensor(context_lens, device=DEVICE)
+    scale = head_dim ** -0.5
+    out = decode_attention(q, k_cache, v_cache, tables, ctx, scale, window, num_splits=splits)
+    ref = decode_attention_reference(q.float(), k_cache.float(), v_cache.float(), tables.long(), ctx, scale, window)
+    torch.testing.assert_close(out.float(), ref, **tol(dtype))
+
+
+def test_decode_attention_gives_zeros_for_padding_rows():
+    from kernels.decode_attention import decode_attention
+
+    k_cache, v_cache, tables = paged_cache([20, 1], 16, 2, 16, torch.float32)
+    q = torch.randn(2, 4, 16, device=DEVICE)
+    out = decode_attention(q, k_cache, v_cache, tables, torch.tensor([20, 0], device=DEVICE), 0.25, None, 2)
+    assert torch.isfinite(out).all() and (out[1] == 0).all()
+
+
+PREFILL_CASES = [  # (query_len, context_len) per sequence, page, heads, kv_heads, head_dim, window
+    ([(5, 5), (3, 20), (17, 17)], 16, 4, 2, 16, None),
+    ([(9, 30), (1, 1)], 8, 2, 1, 32, 6),
+    ([(7, 7), (3, 12)], 4, 8, 2, 8, None),
+] + [pytest.param(*case, marks=gpu_only) for case in [
+    ([(128, 128), (1000, 1000), (37, 600), (1, 4097)], 16, 32, 8, 128, None),
+    ([(300, 300), (64, 2048)], 32, 16, 16, 64, None),
+    ([(700, 900), (513, 513)], 16, 32, 4, 128, 256),
+    ([(2048, 2048)], 256, 8, 1, 128, None),
+]]
+
+
+@pytest.mark.parametrize("lens, page, heads, kv_heads, head_dim, window", PREFILL_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_attention_reads_cached_prefixes_like_the_reference(lens, page, heads, kv_heads, head_dim,
+                                                                    window, dtype):
+    from kernels.prefill_attention import prefill_attention
+
+    query_lens = [q for q, _ in lens]
+    context_lens = [c for _, c in lens]
+    k_cache, v_cache, tables = paged_cache(context_lens, page, kv_heads, head_dim, dtype, seed=1)
+    q = torch.randn(sum(query_lens), heads, head_dim).to(dtype).to(DEVICE)
+    cu = torch.tensor([0] + torch.tensor(query_lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    ctx = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
+    scale = head_dim ** -0.5
+    out = prefill_attention(q, k_cache, v_cache, tables, cu, ctx, max(query_lens), scale, window)
+    ref = prefill_attention_reference(q.float(), k_cache.float(), v_cache.float(), tables.long(),
+                                      query_lens, context_lens, scale, window)
+    torch.testing.assert_close(out.float(), ref, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_store_kv_writes_slots_from_strided_views_and_skips_padding(dtype):
+    from kernels.cache import store_kv
+
+    qkv = torch.randn(6, 3 * 2 * 16).to(dtype).to(DEVICE)
+    k = qkv[:, 32:64].view(6, 2, 16)
+    v = qkv[:, 64:].view(6, 2, 16)
+    slots = torch.tensor([3, 0, 9, -1, 17, 30], device=DEVICE)
+    caches = [torch.zeros(4, 8, 2, 16, dtype=dtype, device=DEVICE) for _ in range(4)]
+    store_kv(k, v, caches[0], caches[1], slots)
+    store_kv_reference(k, v, caches[2], caches[3], slots)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+
+
+@pytest.mark.parametrize("hidden", [64, 100] + ([4096] if CUDA else []))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_add_rmsnorm_matches_reference(hidden, dtype):
+    from kernels.norm import rmsnorm
+
+    x = torch.randn(7, hidden).to(dtype).to(DEVICE)
+    residual = torch.randn(7, hidden).to(dtype).to(DEVICE)
+    weight = torch.rand(hidden).to(dtype).to(DEVICE)
+    y, s = rmsnorm(x, weight, 1e-5, residual)
+    y_ref, s_ref = rmsnorm_reference(x, weight, 1e-5, residual)
+    assert torch.equal(s, s_ref)
+    torch.testing.assert_close(y, y_ref, atol=1e-2 if dtype != torch.float32 else 1e-5, rtol=1e-2)
+    torch.testing.assert_close(rmsnorm(x, weight, 1e-5), rmsnorm_reference(x, weight, 1e-5),
+                               atol=1e-2 if dtype != torch.float32 else 1e-5, rtol=1e-2)
+
+
+@pytest.mark.parametrize("width", [48, 1000] + ([14336] if CUDA else []))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_matches_reference(width, dtype):
+    from kernels.activation import silu_and_mul
+
+    x = torch.randn(5, 2 * width).to(dtype).to(DEVICE)
+    torch.testing.assert_close(silu_and_mul(x), silu_and_mul_reference(x), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 2, 16), (3, 1, 8)] + ([(32, 8, 128)] if CUDA else []))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_in_place_matches_reference(heads, kv_heads, head_dim, dtype):
+    from kernels.rotary import rotary
+
+    positions = torch.tensor([0, 5, 17, 2, 63], device=DEVICE)
+    angles = torch.outer(torch.arange(64.0), 1.0 / 10000 ** (torch.arange(0, head_dim, 2) / head_dim))
+    cos_sin = torch.cat([angles.cos(), angles.sin()], dim=-1).to(DEVICE)
+    qkv = torch.randn(5, (heads + 2 * kv_heads) * head_dim).to(dtype).to(DEVICE)
+    q = qkv[:, :heads * head_dim].view(5, heads, head_dim)
+    k = qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].view(5, kv_heads, head_dim)
+    q_ref, k_ref = rotary_reference(positions, q.clone(), k.clone(), cos_sin)
+    rotary(positions, q, k, cos_sin)
+    torch.testing.assert_close(q, q_ref, atol=1e-2 if dtype != torch.float32 else 1e-5, rtol=1e-2)
+    torch.testing.assert_close(k, k_ref, atol=1e-2 if dtype != torch.float32 else 1e-5, rtol=1e-2)
