@@ -100,10 +100,10 @@ def run_generate_batch(args, prompts, lens, dtype) -> dict:
     new_tokens = round(sum(lens) / len(lens))
     config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                               eos_token_id=-1, pad_token_id=0)
-    with torch.inference_mode():
-        model.generate_batch(prompts[:2], generation_config=GenerationConfig(
-            max_new_tokens=4, do_sample=False, eos_token_id=-1, pad_token_id=0))
-        elapsed, out = best_of(args.repeats, lambda: model.generate_batch(prompts, generation_config=config))
+    # generate_batch manages its own inference mode (its static buffers must stay outside it).
+    model.generate_batch(prompts[:2], generation_config=GenerationConfig(
+        max_new_tokens=4, do_sample=False, eos_token_id=-1, pad_token_id=0))
+    elapsed, out = best_of(args.repeats, lambda: model.generate_batch(prompts, generation_config=config))
     generated = sum(len(o.generated_tokens) for o in out.values())
     return {"seconds": elapsed, "output_tokens": generated, "tokens_per_s": generated / elapsed,
             "num_prompts": len(prompts), "output_len_each": new_tokens}
