@@ -16,7 +16,10 @@ FLAGS = [
     ("--revision", str, None, "Branch, tag or commit of the hub model, e.g. `refs/pr/2`; pin it."),
     ("--dtype", str, None, "float16, bfloat16 or float32. Default: the checkpoint's dtype "
      "(float32 on the CPU). Cannot be combined with --quantize."),
-    ("--num-shard", int, None, "Tensor-parallel shards (GPUs). Default: 1."),
+    ("--num-shard", int, None, "Tensor-parallel shards: one process per GPU (or per CPU rank, over "
+     "gloo), each holding 1/N of the weights. Default: 1, or every visible GPU with --sharded true."),
+    ("--sharded", str, None, "true or false: whether to shard the model (TGI's flag); true with no "
+     "--num-shard uses every visible GPU."),
     ("--quantize", str, None, f"Weight quantization: {', '.join(QUANTIZE)}."),
     ("--max-concurrent-requests", int, 128, "Requests in flight (running and queued) beyond which "
      "new ones are refused with 429 at once, rather than left waiting."),
@@ -79,6 +82,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.add_argument(flag, type=kind, default=value, help=help_text, **extra)
     parser.add_argument("-p", dest="port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.sharded not in (None, "true", "false"):
+        parser.error("--sharded must be true or false")
+    if args.sharded == "false" and (args.num_shard or 1) != 1:
+        parser.error("--sharded false cannot be combined with --num-shard > 1")
+    if args.sharded == "true" and args.num_shard is None:
+        import torch
+
+        args.num_shard = torch.cuda.device_count()
+        if args.num_shard < 2:
+            parser.error("--sharded true needs at least two visible GPUs, or --num-shard")
     if args.dtype and args.quantize:
         parser.error("--dtype cannot be combined with --quantize")
     if args.max_input_tokens is not None and args.max_total_tokens is not None \
@@ -106,13 +119,23 @@ def main(argv: list[str] | None = None) -> int:
     from server.config import EngineArgs
     from server.engine.async_engine import AsyncEngine
 
+    from server.runtime.setup import launched_rank, start_runner
+
+    rank = launched_rank()
+    if rank is not None:  # started by torchrun: every process is a rank, rank 0 serves HTTP
+        args.num_shard = int(os.environ["WORLD_SIZE"])
+    engine_args = EngineArgs(
+        model=args.model_id, revision=args.revision, download_dir=args.huggingface_hub_cache,
+        dtype=args.dtype or "auto", tensor_parallel_size=args.num_shard or 1,
+        max_batch_total_tokens=args.max_batch_total_tokens,
+        max_batch_prefill_tokens=args.max_batch_prefill_tokens, max_model_len=args.max_total_tokens,
+        cuda_memory_fraction=args.cuda_memory_fraction, quantize=args.quantize)
+    if rank:
+        log.info("rank %d of %d: running the steps rank 0 sends", rank, engine_args.tensor_parallel_size)
+        start_runner(engine_args, rank).runner.serve_steps()
+        return 0
     try:
-        engine = AsyncEngine(EngineArgs(
-            model=args.model_id, revision=args.revision, download_dir=args.huggingface_hub_cache,
-            dtype=args.dtype or "auto", tensor_parallel_size=args.num_shard or 1,
-            max_batch_total_tokens=args.max_batch_total_tokens,
-            max_batch_prefill_tokens=args.max_batch_prefill_tokens, max_model_len=args.max_total_tokens,
-            cuda_memory_fraction=args.cuda_memory_fraction, quantize=args.quantize))
+        engine = AsyncEngine(engine_args)
     except (ValueError, FileNotFoundError, OSError) as error:
         log.error("could not start: %s", error)
         return 2

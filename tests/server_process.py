@@ -19,10 +19,11 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, *args: str, env: dict[str, str] | None = None):
+    def __init__(self, *args: str, env: dict[str, str] | None = None, launcher: list[str] = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "server", "--hostname", "127.0.0.1", "--port", str(self.port), *args]
+        command = [sys.executable, *launcher, "-m", "server", "--hostname", "127.0.0.1", "--port", str(self.port),
+                   *args]
         self.process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})})

@@ -97,6 +97,7 @@ class AsyncEngine:
         self._stopped.set()
         self._commands.put(("wake", None))
         self._thread.join(timeout=30)
+        self.engine.shutdown()
 
     # -- the engine thread ---------------------------------------------------------------
     def _loop(self) -> None:

@@ -1,6 +1,7 @@
 """The engine core: requests in, one scheduled model step at a time, outputs out."""
 from __future__ import annotations
 
+import atexit
 import gc
 import itertools
 import secrets
@@ -8,71 +9,48 @@ import time
 
 import torch
 
-from server.config import CacheConfig, EngineArgs, EngineConfig, ModelConfig, SchedulerConfig
+from server.config import EngineArgs, EngineConfig, SchedulerConfig
 from server.engine.block_manager import BlockManager
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Request, Sequence, SequenceStatus
 from server.engine.stop import check_text_stop, check_token_stop, stable_text_len
 from server.engine.tokenizer import Tokenizer
-from server.models.loader import load_config, load_generation_config, resolve_model
 from server.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from server.runtime.model_runner import ModelRunner, SequenceChunk
+from server.runtime.model_runner import SequenceChunk
 from server.runtime.random import row_key
 from server.runtime.sampler import SamplingOptions
+from server.runtime.setup import launched_rank, leave_group, start_runner
+from server.runtime.workers import Workers, free_port
 from server.sampling_params import SamplingParams
-
-_DTYPE_NAMES = {"float32": "float32", "float": "float32", "float16": "float16", "half": "float16",
-                "bfloat16": "bfloat16", "bf16": "bfloat16", "fp16": "float16"}
-
-
-def _device_and_dtype(args: EngineArgs, model: ModelConfig) -> tuple[str, str]:
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for, but CUDA is not available")
-    if args.dtype == "auto":
-        native = _DTYPE_NAMES.get(str(model.torch_dtype), "bfloat16")
-        dtype = "float32" if device == "cpu" else ("bfloat16" if native == "float32" else native)
-    elif args.dtype in _DTYPE_NAMES:
-        dtype = _DTYPE_NAMES[args.dtype]
-    else:
-        raise ValueError(f"dtype {args.dtype!r} is not supported: auto, float32, float16, bfloat16")
-    return device, dtype
 
 
 class LLMEngine:
     def __init__(self, args: EngineArgs):
-        if args.tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size > 1 is not supported yet")
+        if args.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be positive, got {args.tensor_parallel_size}")
         if args.quantize is not None:
             raise ValueError(f"quantize={args.quantize!r} is not supported yet")
         if not 0 < args.cuda_memory_fraction <= 1:
             raise ValueError(f"cuda_memory_fraction must be in (0, 1], got {args.cuda_memory_fraction}")
         if args.block_size < 1 or args.max_batch_prefill_tokens < 1 or args.max_num_seqs < 1:
             raise ValueError("block_size, max_batch_prefill_tokens and max_num_seqs must be positive")
-        source = resolve_model(args.model, args.revision, args.download_dir)
-        model = ModelConfig.from_hf(load_config(source), load_generation_config(source))
-        device, dtype = _device_and_dtype(args, model)
-        self.tokenizer = Tokenizer.load(source.path, source.gguf_file)
-        self.runner = ModelRunner(model, source, device, dtype, args.attention_backend)
-        model_len = min(args.max_model_len or model.max_position_embeddings, model.max_position_embeddings)
-        kv_tokens = args.max_batch_total_tokens or self.runner.kv_tokens_that_fit(
-            args.cpu_kv_cache_bytes, args.max_batch_prefill_tokens, args.cuda_memory_fraction,
-            model_len, args.block_size)
-        num_blocks = -(-kv_tokens // args.block_size)
-        if num_blocks < 2:
-            raise ValueError(f"no room for a KV cache: {kv_tokens} tokens fit in the memory left")
-        max_model_len = min(model_len, num_blocks * args.block_size)
+        self.workers = None
+        port = 0
+        if args.tensor_parallel_size > 1 and launched_rank() is None:
+            port = free_port()
+            self.workers = Workers(args, port)
+        started = start_runner(args, 0, port)
+        self.runner = started.runner
+        self.tokenizer = Tokenizer.load(started.source.path, started.source.gguf_file)
+        model, num_blocks, max_model_len = started.model, started.cache.num_blocks, started.max_model_len
         self.config = EngineConfig(
-            model=model,
-            cache=CacheConfig(args.block_size, num_blocks, args.enable_prefix_caching),
+            model=model, cache=started.cache,
             scheduler=SchedulerConfig(args.max_batch_prefill_tokens, args.max_num_seqs, max_model_len),
-            dtype=dtype, device=device, model_id=source.model_id)
-        self.runner.allocate_kv_cache(self.config.cache)
-        if not args.enforce_eager:
-            self.runner.capture_decode_graphs(args.max_num_seqs, max_model_len)
+            dtype=started.dtype, device=started.device, model_id=started.source.model_id)
+        if args.tensor_parallel_size > 1:
+            self.runner.sends_steps = True
+            atexit.register(self.shutdown)
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.config.scheduler, self.block_manager)
         self.eos_token_ids = set(model.eos_token_ids) | self.tokenizer.eos_token_ids
@@ -147,6 +125,15 @@ class LLMEngine:
                 self.scheduler.remove(seq)
             self.detokenizers.pop(seq.seq_id, None)
         return self._output(request)
+
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do with one rank)."""
+        if self.runner.sends_steps:
+            self.runner.stop_serving()
+            if self.workers is not None:
+                self.workers.stop()
+                self.workers = None
+            leave_group()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)

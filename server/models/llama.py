@@ -10,7 +10,8 @@ from server.config import ModelConfig
 from server.layers.activation import SiluAndMul
 from server.layers.attention import Attention, AttentionMetadata
 from server.layers.embedding import Embedding, LMHead
-from server.layers.linear import Linear, MergedLinear
+from server.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+from server.layers.parallel import tensor_parallel
 from server.layers.norm import RMSNorm
 from server.layers.rotary import RotaryEmbedding
 
@@ -18,11 +19,19 @@ from server.layers.rotary import RotaryEmbedding
 class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, backend: str):
         super().__init__()
-        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        tp = tensor_parallel()
+        if config.num_heads % tp.size or (config.num_kv_heads % tp.size and tp.size % config.num_kv_heads):
+            raise ValueError(f"{config.num_heads} attention heads and {config.num_kv_heads} KV heads "
+                             f"cannot be split over {tp.size} ranks")
+        # Each rank computes its share of the heads; with fewer KV heads than ranks, ranks share them.
+        self.num_heads = config.num_heads // tp.size
+        self.num_kv_heads = max(1, config.num_kv_heads // tp.size)
         self.head_dim = config.head_dim
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size])
-        self.o_proj = Linear(q_size, config.hidden_size)
+        q_size, kv_size = config.num_heads * self.head_dim, config.num_kv_heads * self.head_dim
+        kv_parts = min(config.num_kv_heads, tp.size)
+        self.qkv_proj = MergedColumnParallelLinear(
+            config.hidden_size, [(q_size, tp.size), (kv_size, kv_parts), (kv_size, kv_parts)])
+        self.o_proj = RowParallelLinear(q_size, config.hidden_size)
         self.rotary = rotary
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim,
                               config.sliding_window, backend)
@@ -42,8 +51,9 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_up_proj = MergedLinear(config.hidden_size, [config.intermediate_size] * 2)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
+        parts = tensor_parallel().size
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [(config.intermediate_size, parts)] * 2)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,25 +110,32 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [num_tokens, vocab]
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy checkpoint tensors (Hugging Face names) into the parameters; all must be set."""
+    def load_weights(self, weights: Iterable[tuple[str, object]]) -> None:
+        """Copy checkpoint tensors (Hugging Face names) into the parameters, each rank taking
+        its own slice; every parameter must be set. A weight may be any sliceable tensor."""
         params = dict(self.named_parameters())
         missing = set(params)
-        for name, tensor in weights:
+        for name, loaded in weights:
             name = name.removeprefix("model.")
             if "rotary_emb" in name or (name == "lm_head.weight" and self.config.tie_word_embeddings):
                 continue
+            is_bias = name.endswith(".bias")
             for checkpoint_name, (ours, index) in self.merged_pieces.items():
                 if f".{checkpoint_name}." in name:
                     target = name.replace(checkpoint_name, ours)
-                    module = self.get_submodule(target.rsplit(".", 1)[0])
-                    module.load_piece(index, tensor, bias=name.endswith(".bias"))
+                    self.get_submodule(target.rsplit(".", 1)[0]).load_piece(index, loaded, bias=is_bias)
                     missing.discard(target)
                     break
             else:
                 if name not in params:
                     raise ValueError(f"unexpected weight {name!r} in the checkpoint")
-                params[name].data.copy_(tensor)
+                module = self.get_submodule(name.rsplit(".", 1)[0])
+                if hasattr(module, "load"):
+                    module.load(loaded, bias=is_bias)
+                else:  # replicated on every rank (norms)
+                    params[name].data.copy_(loaded[:])
                 missing.discard(name)
+        if self.config.tie_word_embeddings:
+            missing.discard("lm_head.weight")
         if missing:
             raise ValueError(f"weights missing from the checkpoint: {sorted(missing)[:5]}")

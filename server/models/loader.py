@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
@@ -91,9 +90,10 @@ def load_generation_config(source: ModelSource) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def iter_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF parameter name, tensor) one tensor at a time, so the caller can copy each
-    into its parameters without the whole checkpoint ever being in memory twice."""
+def iter_weights(source: ModelSource) -> Iterator[tuple[str, object]]:
+    """Yield (HF parameter name, sliceable tensor) one at a time. From safetensors the tensor
+    is a lazy slice that reads only the rows or columns asked for, so a tensor-parallel rank
+    reads only its own shard and no rank ever holds the whole checkpoint."""
     if source.gguf_file is not None:
         reader = open_gguf(source.gguf_file)
         yield from iter_gguf_weights(reader, gguf_config(reader))
@@ -101,7 +101,7 @@ def iter_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
     for file in tqdm(_safetensors_files(Path(source.path)), desc="Loading safetensors shards"):
         with safe_open(file, framework="pt") as shard:
             for name in shard.keys():
-                yield name, shard.get_tensor(name)
+                yield name, shard.get_slice(name)
 
 
 def _default_model() -> ModelSource:

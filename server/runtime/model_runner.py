@@ -9,9 +9,11 @@ from array import array
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from server.config import CacheConfig, ModelConfig
 from server.layers.attention import Attention, AttentionMetadata, resolve_backend
+from server.layers.parallel import TensorParallel
 from server.models.loader import ModelSource, iter_weights
 from server.models.registry import model_class
 from server.runtime.cuda_graphs import DEFAULT_SIZES, DecodeGraphs
@@ -42,9 +44,15 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 class ModelRunner:
+    """With tensor parallelism, every rank has a runner over its shard; rank 0's (the driver)
+    sends each step's chunks to the others before running it, and alone samples."""
+
     def __init__(self, model_config: ModelConfig, source: ModelSource, device: str,
-                 dtype: str, attention_backend: str = "auto"):
+                 dtype: str, attention_backend: str = "auto", tp: TensorParallel = TensorParallel()):
         self.model_config = model_config
+        self.tp = tp
+        self.num_kv_heads = max(1, model_config.num_kv_heads // tp.size)  # on this rank
+        self.sends_steps = False  # the driver, once the other ranks wait for steps
         self.device = torch.device(device)
         self.dtype = _DTYPES[dtype]
         self.block_size = 0  # set with the KV cache
@@ -68,7 +76,7 @@ class ModelRunner:
 
     def kv_bytes_per_token(self) -> int:
         m = self.model_config
-        return 2 * m.num_layers * m.num_kv_heads * m.head_dim * self.dtype.itemsize
+        return 2 * m.num_layers * self.num_kv_heads * m.head_dim * self.dtype.itemsize
 
     def kv_tokens_that_fit(self, cpu_budget_bytes: int, max_batch_prefill_tokens: int,
                            memory_fraction: float, max_model_len: int, block_size: int) -> int:
@@ -111,7 +119,7 @@ class ModelRunner:
     def allocate_kv_cache(self, cache: CacheConfig) -> None:
         self.block_size = cache.block_size
         m = self.model_config
-        shape = (cache.num_blocks, cache.block_size, m.num_kv_heads, m.head_dim)
+        shape = (cache.num_blocks, cache.block_size, self.num_kv_heads, m.head_dim)
         for module in self.model.modules():
             if isinstance(module, Attention):
                 module.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -136,7 +144,7 @@ class ModelRunner:
     def _num_splits(self, num_seqs: int) -> int:
         """Context splits of the decode kernel: enough programs for about two per SM (at most
         32 splits); a function of the batch shape only, so that graphs can be captured."""
-        programs = num_seqs * self.model_config.num_kv_heads
+        programs = num_seqs * self.num_kv_heads
         return max(1, min(32, -(-2 * self.num_sms // programs)))
 
     def _metadata(self, chunks: list[SequenceChunk]):
@@ -204,6 +212,8 @@ class ModelRunner:
     def launch(self, chunks: list[SequenceChunk]) -> "LaunchedStep":
         """Queue one step's work on the device and return without waiting for it (on CUDA),
         so that the host can do other work while the GPU computes."""
+        if self.sends_steps:
+            dist.broadcast_object_list([chunks], src=0, group=self.tp.control)
         hidden, sample_rows = self._forward(chunks)  # [num_tokens, hidden]
         row_chunks, results = [], []
         start = 0
@@ -219,9 +229,25 @@ class ModelRunner:
             start = end
         picked = None
         if row_chunks:
-            logits = self.model.compute_logits(hidden[sample_rows])
-            picked = sample_on_device(logits, [chunks[i].sampling for i in row_chunks])
+            logits = self.model.compute_logits(hidden[sample_rows])  # a collective: every rank
+            if self.tp.rank == 0:
+                picked = sample_on_device(logits, [chunks[i].sampling for i in row_chunks])
         return LaunchedStep(chunks, results, row_chunks, picked)
+
+    def serve_steps(self) -> None:
+        """The loop of a rank other than 0: run each step rank 0 sends, until it sends None."""
+        while True:
+            message = [None]
+            dist.broadcast_object_list(message, src=0, group=self.tp.control)
+            if message[0] is None:
+                return
+            self.launch(message[0])
+
+    def stop_serving(self) -> None:
+        """Rank 0: tell the other ranks that no step follows."""
+        if self.sends_steps:
+            self.sends_steps = False
+            dist.broadcast_object_list([None], src=0, group=self.tp.control)
 
     def collect(self, step: "LaunchedStep") -> list[ChunkResult]:
         """Wait for a launched step and return its results."""

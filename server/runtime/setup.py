@@ -1,0 +1,109 @@
+"""Starting a model runner: what every tensor-parallel rank does at start, in the same order
+(their collectives must match): choose device and dtype, build and load the model shard,
+size the KV cache (the smallest that fits on every rank), allocate it, capture graphs."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from server.config import CacheConfig, EngineArgs, ModelConfig
+from server.layers.parallel import TensorParallel, set_tensor_parallel
+from server.models.loader import ModelSource, load_config, load_generation_config, resolve_model
+from server.runtime.model_runner import ModelRunner
+
+_DTYPE_NAMES = {"float32": "float32", "float": "float32", "float16": "float16", "half": "float16",
+                "bfloat16": "bfloat16", "bf16": "bfloat16", "fp16": "float16"}
+
+
+@dataclass
+class StartedRunner:
+    runner: ModelRunner
+    model: ModelConfig
+    source: ModelSource
+    cache: CacheConfig
+    max_model_len: int
+    device: str
+    dtype: str
+
+
+def device_and_dtype(args: EngineArgs, model: ModelConfig, rank: int) -> tuple[str, str]:
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but CUDA is not available")
+    if device == "cuda" and args.tensor_parallel_size > 1:
+        device = f"cuda:{local_device_index(rank)}"
+    if args.dtype == "auto":
+        native = _DTYPE_NAMES.get(str(model.torch_dtype), "bfloat16")
+        dtype = "float32" if device == "cpu" else ("bfloat16" if native == "float32" else native)
+    elif args.dtype in _DTYPE_NAMES:
+        dtype = _DTYPE_NAMES[args.dtype]
+    else:
+        raise ValueError(f"dtype {args.dtype!r} is not supported: auto, float32, float16, bfloat16")
+    return device, dtype
+
+
+def launched_rank() -> int | None:
+    """This process's rank when torchrun (or any torch.distributed launcher) started the
+    ranks, as for several machines; None when the server starts its own."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"])
+    return None
+
+
+def local_device_index(rank: int) -> int:
+    return int(os.environ.get("LOCAL_RANK", rank))
+
+
+def join_group(args: EngineArgs, rank: int, port: int) -> TensorParallel:
+    """Join the ranks' process group (NCCL on GPUs, gloo on CPUs) and a gloo group for the
+    step messages that rank 0 sends; with one rank, nothing to join. Ranks started by a
+    launcher meet through its rendezvous (MASTER_ADDR, MASTER_PORT)."""
+    size = args.tensor_parallel_size
+    if size == 1:
+        return TensorParallel()
+    cuda = args.device != "cpu" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_device_index(rank))
+    launched = launched_rank() is not None
+    init = "env://" if launched else f"tcp://127.0.0.1:{port}"
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=init,
+                            rank=rank, world_size=size, timeout=timedelta(seconds=120))
+    control = dist.new_group(backend="gloo") if cuda else dist.group.WORLD
+    return TensorParallel(rank, size, dist.group.WORLD, control)
+
+
+def leave_group() -> None:
+    dist.destroy_process_group()
+    set_tensor_parallel(TensorParallel())
+
+
+def start_runner(args: EngineArgs, rank: int = 0, port: int = 0) -> StartedRunner:
+    tp = join_group(args, rank, port)
+    set_tensor_parallel(tp)
+    source = resolve_model(args.model, args.revision, args.download_dir)
+    model = ModelConfig.from_hf(load_config(source), load_generation_config(source))
+    device, dtype = device_and_dtype(args, model, rank)
+    runner = ModelRunner(model, source, device, dtype, args.attention_backend, tp)
+    model_len = min(args.max_model_len or model.max_position_embeddings, model.max_position_embeddings)
+    kv_tokens = args.max_batch_total_tokens or runner.kv_tokens_that_fit(
+        args.cpu_kv_cache_bytes, args.max_batch_prefill_tokens, args.cuda_memory_fraction,
+        model_len, args.block_size)
+    if tp.size > 1:  # the cache must fit on the rank with the least room
+        smallest = torch.tensor([kv_tokens], dtype=torch.int64)
+        dist.all_reduce(smallest, op=dist.ReduceOp.MIN, group=tp.control)
+        kv_tokens = int(smallest)
+    num_blocks = -(-kv_tokens // args.block_size)
+    if num_blocks < 2:
+        raise ValueError(f"no room for a KV cache: {kv_tokens} tokens fit in the memory left")
+    max_model_len = min(model_len, num_blocks * args.block_size)
+    cache = CacheConfig(args.block_size, num_blocks, args.enable_prefix_caching)
+    runner.allocate_kv_cache(cache)
+    if not args.enforce_eager:
+        runner.capture_decode_graphs(args.max_num_seqs, max_model_len)
+    return StartedRunner(runner, model, source, cache, max_model_len, device, dtype)

@@ -1,0 +1,89 @@
+"""Tensor parallelism over gloo on the CPU: 2 and 4 ranks give the tokens of one rank."""
+from __future__ import annotations
+
+import re
+import signal
+import time
+
+import httpx
+import pytest
+
+from server import LLM, SamplingParams
+from server_process import ServerProcess
+
+PROMPTS = [[1, 5, 9, 200, 300], [1] + list(range(100, 160)), [1, 42, 7]]
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=2)
+SEEDED = SamplingParams(temperature=0.9, top_p=0.9, seed=3, max_tokens=10, ignore_eos=True)
+
+
+def run(model_dir, tp, params, **kwargs):
+    llm = LLM(model_dir, tensor_parallel_size=tp, max_batch_total_tokens=2048, block_size=8, **kwargs)
+    try:
+        outputs = llm.generate(PROMPTS, params, use_tqdm=False)
+        weights = sum(p.numel() for p in llm.engine.runner.model.parameters())
+        return outputs, weights
+    finally:
+        llm.engine.shutdown()
+
+
+@pytest.mark.parametrize("fixture", ["mistral_v03_dir", "llama31_dir"])
+@pytest.mark.parametrize("tp", [2, 4])
+def test_ranks_give_the_tokens_of_one_rank(fixture, tp, request):
+    # mistral: 4 heads, 2 KV heads (4 ranks share KV heads); llama31: 8 heads, 2 KV heads, tied
+    # embeddings, llama3 rope. Chunked prefill (budget 16) and the prefix cache run too.
+    model_dir = request.getfixturevalue(fixture)
+    for params in (GREEDY, SEEDED):
+        expected, whole = run(model_dir, 1, params, max_batch_prefill_tokens=16)
+        got, shard = run(model_dir, tp, params, max_batch_prefill_tokens=16)
+        for ours, theirs in zip(got, expected):
+            assert ours.outputs[0].token_ids == theirs.outputs[0].token_ids
+            if params.logprobs:
+                for a, b in zip(ours.outputs[0].logprobs, theirs.outputs[0].logprobs):
+                    assert a.keys() == b.keys()
+                    assert all(abs(a[t] - b[t]) < 1e-4 for t in a)
+    # Each rank holds about 1/tp of the weights (norms are replicated; with fewer KV heads
+    # than ranks, K and V are too).
+    assert shard < whole / tp * 1.35
+
+
+def test_the_server_shards_over_two_ranks_and_dies_with_a_rank(mistral_v03_dir, tiny_llm):
+    server = ServerProcess("--model-id", mistral_v03_dir, "--num-shard", "2", "--max-batch-total-tokens", "2048",
+                           "--max-total-tokens", "256")
+    try:
+        server.wait_ready()
+        expected = tiny_llm.generate("The quick brown fox", SamplingParams(temperature=0, max_tokens=6),
+                                     use_tqdm=False)[0].outputs[0].text
+        r = httpx.post(f"{server.url}/generate", json={"inputs": "The quick brown fox",
+                                                      "parameters": {"max_new_tokens": 6}}, timeout=60)
+        assert r.json()["generated_text"] == expected
+        worker = int(re.search(r"rank 1 started \(pid (\d+)\)", server.log).group(1))
+        import os
+
+        os.kill(worker, signal.SIGKILL)
+        start = time.monotonic()
+        code = server.process.wait(timeout=15)
+        assert code != 0 and time.monotonic() - start < 10
+        assert "tensor-parallel rank 1" in server.log and "exited" in server.log
+    finally:
+        server.stop()
+
+
+def test_ranks_started_by_torchrun_serve_together(mistral_v03_dir, tiny_llm):
+    """The multi-machine path (torch.distributed's own rendezvous), on one machine."""
+    from server_process import free_port
+
+    launcher = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
+    server = ServerProcess("--model-id", mistral_v03_dir, "--max-batch-total-tokens", "2048",
+                           "--max-total-tokens", "256", launcher=launcher)
+    try:
+        server.wait_ready()
+        expected = tiny_llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=6),
+                                     use_tqdm=False)[0].outputs[0].text
+        r = httpx.post(f"{server.url}/generate", json={"inputs": "Once upon a time",
+                                                      "parameters": {"max_new_tokens": 6}}, timeout=60)
+        assert r.json()["generated_text"] == expected
+        assert "rank 1 of 2" in server.log
+        server.terminate()  # torchrun passes SIGTERM to every rank, and all of them end
+        server.process.wait(timeout=30)
+    finally:
+        server.stop()
