@@ -1,6 +1,7 @@
 """Tensor parallelism over gloo on the CPU: 2 and 4 ranks give the tokens of one rank."""
 from __future__ import annotations
 
+import os
 import re
 import signal
 import time
@@ -57,8 +58,6 @@ def test_the_server_shards_over_two_ranks_and_dies_with_a_rank(mistral_v03_dir, 
                                                       "parameters": {"max_new_tokens": 6}}, timeout=60)
         assert r.json()["generated_text"] == expected
         worker = int(re.search(r"rank 1 started \(pid (\d+)\)", server.log).group(1))
-        import os
-
         os.kill(worker, signal.SIGKILL)
         start = time.monotonic()
         code = server.process.wait(timeout=15)
@@ -87,3 +86,46 @@ def test_ranks_started_by_torchrun_serve_together(mistral_v03_dir, tiny_llm):
         server.process.wait(timeout=30)
     finally:
         server.stop()
+
+
+def rss_anon_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        line = next(line for line in status if line.startswith("RssAnon:"))
+    return int(line.split()[1]) / 1024
+
+
+def test_each_rank_holds_about_its_share_of_the_weights_in_memory(tmp_path):
+    """A checkpoint of ~200 MB (fp32): the memory a rank's process owns after loading grows
+    with 1/N of it, over a constant (the interpreter and torch)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import MistralConfig
+
+    from conftest import MISTRAL_DATA
+
+    config = MistralConfig(vocab_size=32768, hidden_size=512, intermediate_size=2048, num_hidden_layers=6,
+                           num_attention_heads=8, num_key_value_heads=4, head_dim=64, max_position_embeddings=256,
+                           tie_word_embeddings=False)
+    config.save_pretrained(tmp_path)
+    shapes = {"model.embed_tokens.weight": (32768, 512), "lm_head.weight": (32768, 512), "model.norm.weight": (512,)}
+    for i in range(6):
+        p = f"model.layers.{i}."
+        shapes.update({p + "self_attn.q_proj.weight": (512, 512), p + "self_attn.k_proj.weight": (256, 512),
+                       p + "self_attn.v_proj.weight": (256, 512), p + "self_attn.o_proj.weight": (512, 512),
+                       p + "mlp.gate_proj.weight": (2048, 512), p + "mlp.up_proj.weight": (2048, 512),
+                       p + "mlp.down_proj.weight": (512, 2048), p + "input_layernorm.weight": (512,),
+                       p + "post_attention_layernorm.weight": (512,)})
+    save_file({n: torch.randn(s) * 0.02 for n, s in shapes.items()}, str(tmp_path / "model.safetensors"))
+    shutil.copy(MISTRAL_DATA / "tokenizer.model.v1", tmp_path / "tokenizer.model.v1")
+    weights_mb = sum(torch.Size(s).numel() for s in shapes.values()) * 4 / 2**20
+    held = {}
+    for tp in (2, 4):
+        llm = LLM(str(tmp_path), tensor_parallel_size=tp, max_batch_total_tokens=256, block_size=8)
+        try:
+            held[tp] = rss_anon_mb(llm.engine.workers.processes[0].pid)
+        finally:
+            llm.engine.shutdown()
+    # Going from 2 to 4 ranks frees a quarter of the weights on each rank (within 25%).
+    assert held[2] - held[4] == pytest.approx(weights_mb / 4, rel=0.25), (held, weights_mb)
