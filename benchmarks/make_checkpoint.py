@@ -1,9 +1,11 @@
-"""A Mistral-7B-Instruct-v0.3-shaped checkpoint with random weights, laid out as on the hub.
+"""A Mistral-7B-Instruct-v0.3-shaped (or Mixtral-8x7B-shaped) checkpoint with random
+weights, laid out as on the hub.
 
 Nothing can be downloaded on the GPU machine, and shapes, not values, decide speed:
 
     python benchmarks/make_checkpoint.py /tmp/mistral-7b              # 32 layers, 14.5 GB bf16
     python benchmarks/make_checkpoint.py /tmp/mistral-2l --num-layers 2
+    python benchmarks/make_checkpoint.py /tmp/mixtral-4l --mixtral --num-layers 4
 
 Weights are drawn on the GPU when there is one (std 0.02, norms at 1), saved as bf16
 safetensors shards with an index, beside the real v3 tokenizer from mistral-common.
@@ -27,16 +29,29 @@ def layer_shapes(i: int, c: dict) -> dict[str, tuple[int, ...]]:
     h, kv = c["hidden_size"], c["num_key_value_heads"] * c["head_dim"]
     q, inter = c["num_attention_heads"] * c["head_dim"], c["intermediate_size"]
     p = f"model.layers.{i}."
-    return {p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-            p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
-            p + "mlp.down_proj.weight": (h, inter), p + "input_layernorm.weight": (h,),
-            p + "post_attention_layernorm.weight": (h,)}
+    shapes = {p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+              p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+              p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)}
+    experts = c.get("num_local_experts", 0)
+    if not experts:
+        shapes.update({p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+                       p + "mlp.down_proj.weight": (h, inter)})
+        return shapes
+    shapes[p + "block_sparse_moe.gate.weight"] = (experts, h)
+    for e in range(experts):
+        moe = f"{p}block_sparse_moe.experts.{e}."
+        shapes.update({moe + "w1.weight": (inter, h), moe + "w3.weight": (inter, h), moe + "w2.weight": (h, inter)})
+    return shapes
 
 
-def make(path: Path, num_layers: int, seed: int = 0) -> Path:
+def make(path: Path, num_layers: int, seed: int = 0, mixtral: bool = False, router_std: float = 0.02) -> Path:
+    """`router_std`: a larger spread makes the experts' routing decisive, so that two
+    implementations' rounding never flips which experts a token goes to (for parity tests)."""
     path.mkdir(parents=True, exist_ok=True)
-    config = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", **SHAPE,
+    kind = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 32000,
+            "num_local_experts": 8, "num_experts_per_tok": 2} if mixtral else \
+        {"architectures": ["MistralForCausalLM"], "model_type": "mistral"}
+    config = {**SHAPE, **kind,
               "num_hidden_layers": num_layers, "hidden_act": "silu", "rms_norm_eps": 1e-5,
               "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False,
               "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16", "attention_dropout": 0.0,
@@ -44,7 +59,10 @@ def make(path: Path, num_layers: int, seed: int = 0) -> Path:
     (path / "config.json").write_text(json.dumps(config, indent=2))
     (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     data = Path(importlib.util.find_spec("mistral_common").submodule_search_locations[0]) / "data"
-    shutil.copy(data / "mistral_instruct_tokenizer_240323.model.v3", path / "tokenizer.model.v3")
+    if mixtral:  # Mixtral-8x7B's tokenizer
+        shutil.copy(data / "tokenizer.model.v1", path / "tokenizer.model.v1")
+    else:
+        shutil.copy(data / "mistral_instruct_tokenizer_240323.model.v3", path / "tokenizer.model.v3")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     generator = torch.Generator(device).manual_seed(seed)
@@ -52,15 +70,16 @@ def make(path: Path, num_layers: int, seed: int = 0) -> Path:
     def tensor(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         if name.endswith("norm.weight"):
             return torch.ones(shape, dtype=torch.bfloat16)
-        return (torch.randn(shape, generator=generator, device=device) * 0.02).to(torch.bfloat16).cpu()
+        std = router_std if name.endswith("block_sparse_moe.gate.weight") else 0.02
+        return (torch.randn(shape, generator=generator, device=device) * std).to(torch.bfloat16).cpu()
 
-    c = {**SHAPE, "num_hidden_layers": num_layers}
+    c = config
     groups = [{"model.embed_tokens.weight": (c["vocab_size"], c["hidden_size"])}]
     groups += [layer_shapes(i, c) for i in range(num_layers)]
     groups.append({"model.norm.weight": (c["hidden_size"],), "lm_head.weight": (c["vocab_size"], c["hidden_size"])})
     shards: list[dict[str, tuple]] = [{}]
-    for group in groups:  # about 4 layers per shard, as the hub's files hold
-        if len(shards[-1]) >= 36:
+    for group in groups:  # a few layers per shard, as the hub's files hold
+        if sum(torch.Size(s).numel() for s in shards[-1].values()) > 2_000_000_000:
             shards.append({})
         shards[-1].update(group)
     weight_map = {}
@@ -77,8 +96,9 @@ def main() -> None:
     parser.add_argument("path", type=Path)
     parser.add_argument("--num-layers", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mixtral", action="store_true", help="Mixtral-8x7B's shapes (8 experts, top-2)")
     args = parser.parse_args()
-    print(make(args.path, args.num_layers, args.seed))
+    print(make(args.path, args.num_layers, args.seed, args.mixtral))
 
 
 if __name__ == "__main__":

@@ -42,3 +42,21 @@ def rotary_reference(positions, q, k, cos_sin):
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
     return rotate(q), rotate(k)
+
+
+def fused_moe_reference(x, w13, w2, topk_weights, topk_ids):
+    """Each token through its top-k experts, weighted and summed (Mixtral's expert MLPs).
+
+    x [tokens, hidden]; w13 [experts, 2 * inter, hidden] = [gate; up] of each expert;
+    w2 [experts, hidden, inter]; topk_weights, topk_ids [tokens, k]. Computed expert by expert,
+    summing into token order in expert order, as transformers' Mixtral does.
+    """
+    out = torch.zeros_like(x)
+    for expert in range(w13.shape[0]):
+        token_idx, k_pos = torch.where(topk_ids == expert)
+        if token_idx.numel() == 0:
+            continue
+        gate, up = F.linear(x[token_idx], w13[expert]).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, w2[expert]) * topk_weights[token_idx, k_pos, None]
+        out.index_add_(0, token_idx, y.to(out.dtype))
+    return out

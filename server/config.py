@@ -25,6 +25,8 @@ class ModelConfig:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     torch_dtype: str | None
+    num_experts: int = 0  # mixture of experts (Mixtral): experts per layer, 0 for a dense MLP
+    num_experts_per_tok: int = 0
 
     @classmethod
     def from_hf(cls, hf: dict, generation: dict | None = None) -> "ModelConfig":
@@ -54,6 +56,8 @@ class ModelConfig:
             bos_token_id=generation.get("bos_token_id", hf.get("bos_token_id")),
             eos_token_ids=eos_ids,
             torch_dtype=hf.get("torch_dtype") or hf.get("dtype"),
+            num_experts=hf.get("num_local_experts", 0),
+            num_experts_per_tok=hf.get("num_experts_per_tok", 0),
         )
 
 

@@ -191,3 +191,19 @@ def tiny_llm(mistral_v03_dir):
     from server import LLM
 
     return LLM(mistral_v03_dir, max_batch_total_tokens=8192)
+
+
+@pytest.fixture(scope="session")
+def mixtral_dir(tmp_path_factory) -> str:
+    """Mixtral-8x7B's layout in miniature: 4 experts, top-2, the real v1 tokenizer."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    path = tmp_path_factory.mktemp("mixtral")
+    torch.manual_seed(3)
+    config = MixtralConfig(vocab_size=32000, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                           num_experts_per_tok=2, max_position_embeddings=512, rope_theta=1e6,
+                           initializer_range=0.1, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    model = MixtralForCausalLM(config).float().eval()
+    _save_like_the_hub(model, path, {"tokenizer.model.v1": MISTRAL_DATA / "tokenizer.model.v1"})
+    return str(path)

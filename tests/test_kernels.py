@@ -157,3 +157,26 @@ def test_rotary_in_place_matches_reference(heads, kv_heads, head_dim, dtype):
     rotary(positions, q, k, cos_sin)
     torch.testing.assert_close(q, q_ref, atol=1e-2 if dtype != torch.float32 else 1e-5, rtol=1e-2)
     torch.testing.assert_close(k, k_ref, atol=1e-2 if dtype != torch.float32 else 1e-5, rtol=1e-2)
+
+
+MOE_CASES = [(1, 4, 2, 64, 48), (7, 4, 2, 32, 40), (40, 8, 2, 64, 96)] + [
+    pytest.param(*case, marks=gpu_only) for case in
+    [(1, 8, 2, 4096, 14336), (64, 8, 2, 4096, 14336), (4096, 8, 2, 1024, 2048), (300, 8, 2, 4096, 1792)]]
+
+
+@pytest.mark.parametrize("tokens, experts, top_k, hidden, inter", MOE_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_moe_matches_reference(tokens, experts, top_k, hidden, inter, dtype):
+    from kernels.fused_moe import fused_moe
+    from kernels.reference import fused_moe_reference
+
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, hidden, generator=g).to(dtype).to(DEVICE)
+    w13 = (torch.randn(experts, 2 * inter, hidden, generator=g) / hidden ** 0.5).to(dtype).to(DEVICE)
+    w2 = (torch.randn(experts, hidden, inter, generator=g) / inter ** 0.5).to(dtype).to(DEVICE)
+    probs = torch.randn(tokens, experts, generator=g).softmax(-1)
+    weights, ids = probs.topk(top_k, dim=-1)
+    weights, ids = (weights / weights.sum(-1, keepdim=True)).to(DEVICE), ids.to(DEVICE)
+    out = fused_moe(x, w13, w2, weights, ids)
+    ref = fused_moe_reference(x.float(), w13.float(), w2.float(), weights, ids)
+    torch.testing.assert_close(out.float(), ref, **tol(dtype))

@@ -61,10 +61,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, backend: str):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, backend: str, mlp: nn.Module):
         super().__init__()
         self.self_attn = LlamaAttention(config, rotary, backend)
-        self.mlp = LlamaMLP(config)
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -92,11 +92,15 @@ class LlamaForCausalLM(nn.Module):
         rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
                                  config.rope_theta, config.rope_scaling)
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary, attention_backend)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary, attention_backend, self.make_mlp(config))
                                     for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         tied = self.embed_tokens if config.tie_word_embeddings else None
         self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied_to=tied)
+
+    @staticmethod
+    def make_mlp(config: ModelConfig) -> nn.Module:
+        return LlamaMLP(config)
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -110,11 +114,12 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [num_tokens, vocab]
 
-    def load_weights(self, weights: Iterable[tuple[str, object]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, object]], already_loaded: set[str] = frozenset()) -> None:
         """Copy checkpoint tensors (Hugging Face names) into the parameters, each rank taking
-        its own slice; every parameter must be set. A weight may be any sliceable tensor."""
+        its own slice; every parameter must be set (`already_loaded`: by a subclass). A weight
+        may be any sliceable tensor."""
         params = dict(self.named_parameters())
-        missing = set(params)
+        missing = set(params) - set(already_loaded)
         for name, loaded in weights:
             name = name.removeprefix("model.")
             if "rotary_emb" in name or (name == "lm_head.weight" and self.config.tie_word_embeddings):

@@ -5,10 +5,12 @@ from torch import nn
 
 from server.config import ModelConfig
 from server.models.llama import LlamaForCausalLM
+from server.models.mixtral import MixtralForCausalLM
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
 }
 
 

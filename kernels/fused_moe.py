@@ -1,0 +1,117 @@
+"""Mixtral's experts as two grouped matmuls over tokens sorted by expert.
+
+Each (token, choice) pair goes to one expert. Pairs are sorted by expert and each expert's
+run is padded to a multiple of BLOCK_M, so that a block of BLOCK_M rows belongs to a single
+expert (`block_expert`, -1 past the end). Then, per block:
+    inter[pair] = silu(x[token] @ W1[e]^T) * (x[token] @ W3[e]^T)     (gate and up in one pass)
+    out[pair]   = weight[pair] * inter[pair] @ W2[e]^T
+and the k outputs of each token are summed back into token order. Weights are stacked
+`w13 [experts, 2 * inter, hidden]` (W1 above W3) and `w2 [experts, hidden, inter]`. The sort
+is done with device ops only (no host round trip), so the whole layer can be graph-captured.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def sort_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    """-> (pair ids in padded expert order [capacity] (num_pairs marks padding),
+    the expert of each BLOCK_M block [capacity // block_m] (-1 for unused blocks))."""
+    flat = topk_ids.flatten()
+    num_pairs = flat.numel()
+    order = torch.argsort(flat, stable=True)
+    # scatter_add, not bincount: bincount reads its size back to the host, which graphs forbid
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_start = torch.cumsum(padded, 0) - padded
+    start = torch.cumsum(counts, 0) - counts
+    sorted_experts = flat[order]
+    rank = torch.arange(num_pairs, device=flat.device) - start[sorted_experts]
+    capacity = (num_pairs + num_experts * (block_m - 1) + block_m - 1) // block_m * block_m
+    pair_ids = torch.full((capacity,), num_pairs, dtype=torch.int64, device=flat.device)
+    pair_ids[padded_start[sorted_experts] + rank] = order
+    block_first_row = torch.arange(0, capacity, block_m, device=flat.device)
+    ends = torch.cumsum(padded, 0)
+    block_expert = torch.searchsorted(ends, block_first_row, right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1)
+    return pair_ids, block_expert
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, w13_ptr, inter_ptr, pair_ids_ptr, block_expert_ptr, num_pairs,
+                    TOP_K: tl.constexpr, HIDDEN: tl.constexpr, INTER: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    block = tl.program_id(0)
+    expert = tl.load(block_expert_ptr + block)
+    if expert >= 0:
+        pairs = tl.load(pair_ids_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
+        valid = pairs < num_pairs
+        tokens = pairs // TOP_K
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < INTER
+        w_base = w13_ptr + expert.to(tl.int64) * (2 * INTER * HIDDEN)
+        gate = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, HIDDEN, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kmask = ks < HIDDEN
+            a = tl.load(x_ptr + tokens[:, None] * HIDDEN + ks[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
+            wg = tl.load(w_base + cols[None, :] * HIDDEN + ks[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
+            wu = tl.load(w_base + (INTER + cols[None, :]) * HIDDEN + ks[:, None],
+                         mask=kmask[:, None] & cmask[None, :], other=0.0)
+            gate = tl.dot(a, wg, gate, input_precision=PRECISION)
+            up = tl.dot(a, wu, up, input_precision=PRECISION)
+        out = gate / (1.0 + tl.exp(-gate)) * up
+        tl.store(inter_ptr + pairs[:, None] * INTER + cols[None, :], out.to(inter_ptr.dtype.element_ty),
+                 mask=valid[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _down_kernel(inter_ptr, w2_ptr, out_ptr, weights_ptr, pair_ids_ptr, block_expert_ptr, num_pairs,
+                 HIDDEN: tl.constexpr, INTER: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    block = tl.program_id(0)
+    expert = tl.load(block_expert_ptr + block)
+    if expert >= 0:
+        pairs = tl.load(pair_ids_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
+        valid = pairs < num_pairs
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < HIDDEN
+        w_base = w2_ptr + expert.to(tl.int64) * (HIDDEN * INTER)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, INTER, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kmask = ks < INTER
+            a = tl.load(inter_ptr + pairs[:, None] * INTER + ks[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
+            w = tl.load(w_base + cols[None, :] * INTER + ks[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        weight = tl.load(weights_ptr + pairs, mask=valid, other=0.0)
+        acc = acc * weight[:, None]
+        tl.store(out_ptr + pairs[:, None] * HIDDEN + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=valid[:, None] & cmask[None, :])
+
+
+def fused_moe(x, w13, w2, topk_weights, topk_ids, block_m: int | None = None):
+    """x [tokens, hidden] -> [tokens, hidden]; the same math as `fused_moe_reference`."""
+    num_tokens, hidden = x.shape
+    num_experts, double_inter, _ = w13.shape
+    inter = double_inter // 2
+    top_k = topk_ids.shape[1]
+    num_pairs = num_tokens * top_k
+    block_m = block_m or (16 if num_pairs <= 64 else 64)
+    pair_ids, block_expert = sort_by_expert(topk_ids, num_experts, block_m)
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    inter_out = torch.empty((num_pairs, inter), dtype=x.dtype, device=x.device)
+    block_n, block_k = 64, 32
+    grid = (block_expert.numel(), triton.cdiv(inter, block_n))
+    _gate_up_kernel[grid](x.contiguous(), w13, inter_out, pair_ids, block_expert, num_pairs, TOP_K=top_k,
+                          HIDDEN=hidden, INTER=inter, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                          PRECISION=precision)
+    pair_out = torch.empty((num_pairs, hidden), dtype=x.dtype, device=x.device)
+    grid = (block_expert.numel(), triton.cdiv(hidden, block_n))
+    _down_kernel[grid](inter_out, w2, pair_out, topk_weights.flatten().float().contiguous(), pair_ids, block_expert,
+                       num_pairs, HIDDEN=hidden, INTER=inter, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                       PRECISION=precision)
+    return pair_out.view(num_tokens, top_k, hidden).sum(dim=1)
