@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import random
+import time
 
 import pytest
 
@@ -115,3 +117,39 @@ def test_a_dead_engine_loop_fails_its_streams_and_says_so(mistral_v03_dir):
 
     asyncio.run(main())
     assert not engine.is_alive
+
+
+def test_aborting_ten_of_a_hundred_leaves_the_other_ninety_exact_and_ids_reusable(engine, mistral_v03_dir):
+    rng = random.Random(5)
+    prompts = [[1] + [rng.randrange(100, 30000) for _ in range(rng.randint(1, 40))] for _ in range(100)]
+    params = SamplingParams(temperature=0.8, seed=3, max_tokens=24, ignore_eos=True, n=1)
+    alone = LLM(mistral_v03_dir, block_size=4).generate(prompts, params, use_tqdm=False)
+    doomed = set(rng.sample(range(100), 10))
+
+    async def run(i):
+        seen = 0
+        async for output in engine.generate(prompts[i], params, request_id=f"r{i}"):
+            seen += 1
+            if i in doomed and seen == 1 + i % 5:  # give up at a different point each
+                engine.abort(f"r{i}")
+                return None
+            if output.finished:
+                return output
+        return None
+
+    async def main():
+        return await asyncio.gather(*(run(i) for i in range(100)))
+
+    results = asyncio.run(main())
+    for i, output in enumerate(results):
+        if i not in doomed:
+            assert output.outputs[0].token_ids == alone[i].outputs[0].token_ids
+    inner = engine.engine
+    deadline = time.monotonic() + 10
+    while inner.has_unfinished_requests() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not inner.has_unfinished_requests()
+    assert inner.block_manager.num_free_blocks == inner.block_manager.num_blocks
+    # An aborted id can be used again.
+    again = asyncio.run(collect(engine, prompts[min(doomed)], params, request_id=f"r{min(doomed)}"))[1]
+    assert again.outputs[0].token_ids == alone[min(doomed)].outputs[0].token_ids

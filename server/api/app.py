@@ -8,8 +8,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.api.errors import APIError, api_error_handler, request_validation_handler
+from server.api.errors import APIError, api_error_handler, http_error_handler, request_validation_handler
 from server.api.middleware import ApiKeyMiddleware, PayloadLimitMiddleware
 from server.api.openai_routes import OpenAIRoutes
 from server.api.openai_schemas import ChatRequest, CompletionRequest
@@ -32,6 +33,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(RequestValidationError, request_validation_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
     # Nobody is left to read an answer; 499 is what the access logs of proxies call this.
     app.add_exception_handler(ClientDisconnected, lambda _request, _error: Response(status_code=499))
 

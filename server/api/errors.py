@@ -6,6 +6,7 @@ import re
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 
 class APIError(Exception):
@@ -57,3 +58,13 @@ async def request_validation_handler(_request: Request, error: RequestValidation
         where = ".".join(str(part) for part in problem.get("loc", ())[1:]) or "body"
         described.append(f"`{where}`: {problem.get('msg', 'invalid')}")
     return JSONResponse(validation_error("; ".join(described)).body(), status_code=422)
+
+
+_HTTP_ERROR_TYPES = {404: "not_found", 405: "method_not_allowed"}
+
+
+async def http_error_handler(_request: Request, error: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own refusals (an unreadable body, an unknown route) in TGI's error shape."""
+    error_type = _HTTP_ERROR_TYPES.get(error.status_code, "validation")
+    return JSONResponse({"error": str(error.detail), "error_type": error_type},
+                        status_code=error.status_code, headers=getattr(error, "headers", None))

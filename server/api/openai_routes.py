@@ -111,6 +111,9 @@ class OpenAIRoutes:
         except Exception as error:  # after the stream began, an error is its last event
             trace.failed(error)
             yield error_event(error)
+        except BaseException as error:  # the client left: its request was aborted on the way out
+            trace.failed(error)
+            raise
         yield openai_event("[DONE]")
 
     # -- completions ----------------------------------------------------------------------
@@ -196,6 +199,9 @@ class OpenAIRoutes:
         except Exception as error:  # after the stream began, an error is its last event
             trace.failed(error)
             yield error_event(error)
+        except BaseException as error:  # the client left: its request was aborted on the way out
+            trace.failed(error)
+            raise
         yield openai_event("[DONE]")
 
     async def run_completions(self, generations: list[Generation]) -> list[list[SequenceResult]]:

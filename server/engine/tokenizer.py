@@ -9,6 +9,8 @@ in a sandbox, since the template is code that came with the weights.
 
 import json
 import re
+import sys
+import time
 from abc import ABC, abstractmethod
 from datetime import datetime
 from functools import cached_property, lru_cache
@@ -24,6 +26,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from transformers import AutoTokenizer
 
 MAX_TEMPLATE_OUTPUT_CHARS = 1_000_000
+MAX_TEMPLATE_SECONDS = 1.0
 
 
 class Tokenizer(ABC):
@@ -198,7 +201,9 @@ class MistralCommonTokenizer(Tokenizer):
         try:
             request = ChatCompletionRequest.from_openai(_flatten_content(messages), tools=tools)
             return self._mistral.encode_chat_completion(request).tokens
-        except (MistralCommonException, ValueError) as e:
+        # mistral-common's own checks raise several kinds of errors (a message without content
+        # is a TypeError deep inside it): any of them is the conversation's fault.
+        except (MistralCommonException, ValueError, TypeError, KeyError, AttributeError) as e:
             raise ValueError(f"Template error: {e}") from e
 
     def render_chat(self, messages, add_generation_prompt=True, tools=None) -> str:
@@ -207,8 +212,11 @@ class MistralCommonTokenizer(Tokenizer):
 
 
 def render_template(template: str, **variables) -> str:
-    """Render a chat template in jinja2's sandbox, with the helpers chat templates expect
-    and a bound on the output size. Any failure is a ValueError starting "Template error:"."""
+    """Render a chat template in jinja2's sandbox, with the helpers chat templates expect and
+    bounds on the output size and the time taken. Any failure is a ValueError starting
+    "Template error:"."""
+    previous = sys.gettrace()
+    sys.settrace(_time_limit(time.monotonic() + MAX_TEMPLATE_SECONDS))
     try:
         chunks, size = [], 0
         for chunk in _compile(template).generate(**variables):
@@ -220,6 +228,22 @@ def render_template(template: str, **variables) -> str:
     # The template is foreign code: whatever goes wrong inside it is the template's error.
     except Exception as e:
         raise ValueError(f"Template error: {e}") from e
+    finally:
+        sys.settrace(previous)
+
+
+def _time_limit(deadline: float):
+    """A trace function that stops a template's compiled code (and nothing else) past the
+    deadline: jinja2's sandbox bounds what a template may touch, not how long it loops."""
+    def line(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rendering took longer than {MAX_TEMPLATE_SECONDS} s")
+        return line
+
+    def call(frame, event, arg):
+        return line if frame.f_code.co_filename == "<template>" else None
+
+    return call
 
 
 @lru_cache(maxsize=16)
