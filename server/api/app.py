@@ -37,15 +37,16 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     # Nobody is left to read an answer; 499 is what the access logs of proxies call this.
     app.add_exception_handler(ClientDisconnected, lambda _request, _error: Response(status_code=499))
 
-    @app.get("/health", tags=["Text Generation Inference"], summary="200 while the engine runs",
-             responses={503: {"model": ErrorResponse}})
     async def health():
         if not engine.is_alive:
             return JSONResponse({"error": "unhealthy", "error_type": "healthcheck"}, status_code=503)
         return Response(status_code=200)
 
-    app.add_api_route("/ping", health, methods=["GET"], include_in_schema=False)
-    app.add_api_route("/", health, methods=["GET"], include_in_schema=False)
+    health_responses = {200: {"description": "The engine runs (empty body)", "content": {}},
+                        503: {"model": ErrorResponse, "description": "The engine has stopped"}}
+    for path in ("/health", "/ping", "/"):
+        app.add_api_route(path, health, methods=["GET"], response_class=Response, responses=health_responses,
+                          tags=["Text Generation Inference"], summary="200 while the engine runs")
 
     @app.get("/info", response_model=Info, tags=["Text Generation Inference"], summary="The served model and limits")
     async def info():
@@ -66,7 +67,8 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         state.refresh_gauges()
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.post("/invocations", tags=["Text Generation Inference"], responses={422: {"model": ErrorResponse}},
+    @app.post("/invocations", tags=["Text Generation Inference"],
+              responses={code: {"model": ErrorResponse} for code in (400, 422, 424, 429)},
               summary="SageMaker: a generate, chat or completion body, told apart by its fields")
     async def invocations(request: Request, response: Response):
         try:

@@ -15,7 +15,11 @@ from server.api.streaming import EventStream, merge, openai_event, until_disconn
 from server.api.tgi_schemas import ErrorResponse
 from server.api.validation import openai_params
 
-ERRORS = {code: {"model": ErrorResponse} for code in (422, 424, 429)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 413, 422, 424, 429)}
+# Streams answer with server-sent events; the JSON schema of each event is the route's model.
+STREAMED = {**ERRORS, 200: {"description": "JSON, or server-sent events when streaming",
+                            "content": {"text/event-stream": {"schema": {
+                                "type": "object", "properties": {"data": {"type": "string"}}}}}}}
 
 
 def finish_reason(seq: SequenceResult) -> str | None:
@@ -269,9 +273,9 @@ class OpenAIRoutes:
     def router(self) -> APIRouter:
         router = APIRouter(tags=["OpenAI"])
         router.add_api_route("/v1/chat/completions", self.chat, methods=["POST"], response_model=ChatCompletion,
-                             responses=ERRORS, summary="OpenAI chat completions (plain or streamed)")
+                             responses=STREAMED, summary="OpenAI chat completions (plain or streamed)")
         router.add_api_route("/v1/completions", self.completions, methods=["POST"], response_model=Completion,
-                             responses=ERRORS, summary="OpenAI completions (plain or streamed)")
+                             responses=STREAMED, summary="OpenAI completions (plain or streamed)")
         router.add_api_route("/v1/models", self.models, methods=["GET"], response_model=ModelList,
                              summary="The served model")
         return router

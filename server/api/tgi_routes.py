@@ -13,7 +13,11 @@ from server.api.tgi_schemas import (ErrorResponse, GenerateRequest, GenerateResp
                                     StreamResponse)
 from server.api.validation import validate_generate
 
-ERRORS = {code: {"model": ErrorResponse} for code in (422, 424, 429)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 413, 422, 424, 429)}
+# Streams answer with server-sent events; the JSON schema of each event is the route's model.
+STREAMED = {**ERRORS, 200: {"description": "JSON, or server-sent events when streaming",
+                            "content": {"text/event-stream": {"schema": {
+                                "type": "object", "properties": {"data": {"type": "string"}}}}}}}
 
 
 def token_json(token: TokenInfo) -> dict:
@@ -136,10 +140,10 @@ class TGIRoutes:
         router.add_api_route("/generate", self.generate, methods=["POST"], response_model=GenerateResponse,
                              response_model_exclude_unset=True, responses=ERRORS, summary="Generate tokens")
         router.add_api_route("/generate_stream", self.generate_stream, methods=["POST"],
-                             response_model=StreamResponse, responses=ERRORS,
+                             response_model=StreamResponse, responses=STREAMED,
                              summary="Generate a stream of token events (server-sent events)")
         router.add_api_route("/", self.compat_generate, methods=["POST"], response_model=list[GenerateResponse],
-                             response_model_exclude_unset=True, responses=ERRORS,
+                             response_model_exclude_unset=True, responses=STREAMED,
                              summary="Generate tokens; with `stream: true` a stream of events")
         router.add_api_route("/tokenize", self.tokenize, methods=["POST"], response_model=list[SimpleToken],
                              responses=ERRORS, summary="Tokenize the inputs")
