@@ -6,6 +6,8 @@ the CPU leaves time to act while a request is still generating.
 from __future__ import annotations
 
 import json
+import socket
+import threading
 import time
 
 import httpx
@@ -106,27 +108,42 @@ def test_a_client_that_stops_waiting_for_generate_aborts_its_request(guarded):
     assert "Paris" in r.json()["choices"][0]["message"]["content"]
 
 
-def test_sigterm_lets_running_requests_finish_refuses_new_ones_and_exits_cleanly():
-    server = ServerProcess("--max-batch-total-tokens", "4096", "--max-total-tokens", "512", "--json-output")
+def test_sigterm_under_load_lets_running_requests_finish_refuses_new_ones_and_exits_cleanly():
+    server = ServerProcess("--max-batch-total-tokens", "8192", "--max-total-tokens", "512", "--json-output")
     try:
         server.wait_ready()
-        with httpx.Client(timeout=60) as client:
-            with client.stream("POST", f"{server.url}/generate_stream", json=long_request(50)) as stream:
-                events = []
-                for line in stream.iter_lines():
-                    if line.startswith("data:"):
-                        events.append(json.loads(line[5:]))
-                        if len(events) == 1:
-                            server.terminate()
-                            time.sleep(0.5)
-                            with pytest.raises(httpx.HTTPError):
-                                refused = httpx.post(f"{server.url}/generate", json=long_request(2), timeout=5)
-                                refused.raise_for_status()  # a 503 if the connection got through
-        assert len(events) == 50
-        assert events[-1]["generated_text"].startswith(" 7, 8, 9")
+        started = threading.Barrier(11)
+        results: list[list[dict]] = [[] for _ in range(10)]
+
+        def stream(i: int) -> None:
+            with httpx.Client(timeout=120) as client:
+                with client.stream("POST", f"{server.url}/generate_stream", json=long_request(40)) as response:
+                    for line in response.iter_lines():
+                        if line.startswith("data:"):
+                            results[i].append(json.loads(line[5:]))
+                            if len(results[i]) == 1:
+                                started.wait()
+
+        clients = [threading.Thread(target=stream, args=(i,)) for i in range(10)]
+        for client in clients:
+            client.start()
+        started.wait(timeout=120)  # all ten are streaming
+        server.terminate()
+        time.sleep(0.5)
+        with pytest.raises(httpx.HTTPError):
+            refused = httpx.post(f"{server.url}/generate", json=long_request(2), timeout=5)
+            refused.raise_for_status()  # a 503 if the connection got through
+        for client in clients:
+            client.join(timeout=120)
+        assert [len(events) for events in results] == [40] * 10
+        assert all(events[-1]["generated_text"].startswith(" 7, 8, 9") for events in results)
         assert server.process.wait(timeout=30) == 0
+        with socket.socket() as s:  # nothing listens on the port any more (TIME_WAIT aside)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", server.port))
+            s.listen()
         logged = [json.loads(line) for line in server.lines if line.startswith("{")]
         done = [entry for entry in logged if entry.get("route") == "/generate_stream" and "generated_tokens" in entry]
-        assert done and done[0]["generated_tokens"] == 50 and done[0]["level"] == "INFO"
+        assert len(done) == 10 and all(e["generated_tokens"] == 40 and e["level"] == "INFO" for e in done)
     finally:
         server.stop()
