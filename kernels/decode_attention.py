@@ -15,13 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-LOG2E = 1.4426950408889634
-
-
-def _precision(q) -> str:
-    # float32 inputs are multiplied in full float32 (Triton would use TF32), as the reference does.
-    return "ieee" if q.dtype == torch.float32 else "tf32"
+from kernels.precision import LOG2E, dot_precision
 
 
 @triton.jit
@@ -115,7 +109,7 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: flo
         scale * LOG2E, window or 0, q.stride(0), q.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
-        PAGE=page, BLOCK_N=64 if head_dim <= 128 else 32, NUM_SPLITS=num_splits, PRECISION=_precision(q), num_warps=4, num_stages=2)
+        PAGE=page, BLOCK_N=64 if head_dim <= 128 else 32, NUM_SPLITS=num_splits, PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=2)
     _merge_splits_kernel[(num_seqs, num_heads)](
         part_out, part_lse, out, out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_D=block_d,
         NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits))

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.precision import dot_precision
+
 
 def sort_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     """-> (pair ids in padded expert order [capacity] (num_pairs marks padding),
@@ -102,7 +104,7 @@ def fused_moe(x, w13, w2, topk_weights, topk_ids, block_m: int | None = None):
     num_pairs = num_tokens * top_k
     block_m = block_m or (16 if num_pairs <= 64 else 64)
     pair_ids, block_expert = sort_by_expert(topk_ids, num_experts, block_m)
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    precision = dot_precision(x.dtype)
     inter_out = torch.empty((num_pairs, inter), dtype=x.dtype, device=x.device)
     block_n, block_k = 64, 32
     grid = (block_expert.numel(), triton.cdiv(inter, block_n))

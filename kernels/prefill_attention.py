@@ -14,13 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-LOG2E = 1.4426950408889634
-
-
-def _precision(q) -> str:
-    # float32 inputs are multiplied in full float32 (Triton would use TF32), as the reference does.
-    return "ieee" if q.dtype == torch.float32 else "tf32"
+from kernels.precision import LOG2E, dot_precision
 
 
 @triton.jit
@@ -92,5 +86,5 @@ def prefill_attention(q, k_cache, v_cache, block_tables, cu_query_lens, context_
         scale * LOG2E, window or 0, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        PAGE=page, BLOCK_M=block_m, BLOCK_N=64, PRECISION=_precision(q), num_warps=4, num_stages=2)
+        PAGE=page, BLOCK_M=block_m, BLOCK_N=64, PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=2)
     return out

@@ -33,6 +33,20 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+async def ending_with_done(events: AsyncIterator[str], trace: RequestTrace) -> AsyncIterator[str]:
+    """An OpenAI stream: an error after the stream began is its last event, then `[DONE]`."""
+    try:
+        async for event in events:
+            yield event
+    except Exception as error:
+        trace.failed(error)
+        yield error_event(error)
+    except BaseException as error:  # the client left: its request was aborted on the way out
+        trace.failed(error)
+        raise
+    yield openai_event("[DONE]")
+
+
 def error_event(error: Exception) -> str:
     if not isinstance(error, APIError):
         error = APIError(500, f"Incomplete generation: {client_message(error)}", "incomplete_generation")
@@ -97,28 +111,20 @@ class OpenAIRoutes:
         n = generation.params.n
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None} for i in range(n)])
-        try:
-            async for steps in generation.steps():
-                for step in steps:
-                    logprobs = None
-                    if body.logprobs:
-                        logprobs = {"content": [self.token_logprob(t, top)
-                                                for t, top in zip(step.tokens, step.top_tokens)]}
-                    delta = {"content": step.delta} if step.delta else {}
-                    if delta or logprobs or step.finished:
-                        yield chunk([{"index": step.sequence.index, "delta": delta, "logprobs": logprobs,
-                                      "finish_reason": finish_reason(step.sequence)}])
-            results = generation.results()
-            trace.succeeded(generation, results)
-            if include_usage:
-                yield chunk([], usage=usage(len(generation.token_ids), sum(len(s.tokens) for s in results)))
-        except Exception as error:  # after the stream began, an error is its last event
-            trace.failed(error)
-            yield error_event(error)
-        except BaseException as error:  # the client left: its request was aborted on the way out
-            trace.failed(error)
-            raise
-        yield openai_event("[DONE]")
+        async for steps in generation.steps():
+            for step in steps:
+                logprobs = None
+                if body.logprobs:
+                    logprobs = {"content": [self.token_logprob(t, top)
+                                            for t, top in zip(step.tokens, step.top_tokens)]}
+                delta = {"content": step.delta} if step.delta else {}
+                if delta or logprobs or step.finished:
+                    yield chunk([{"index": step.sequence.index, "delta": delta, "logprobs": logprobs,
+                                  "finish_reason": finish_reason(step.sequence)}])
+        results = generation.results()
+        trace.succeeded(generation, results)
+        if include_usage:
+            yield chunk([], usage=usage(len(generation.token_ids), sum(len(s.tokens) for s in results)))
 
     # -- completions ----------------------------------------------------------------------
     def prepare_completion(self, body: CompletionRequest) -> list[Generation]:
@@ -175,38 +181,30 @@ class OpenAIRoutes:
         base = {"id": f"cmpl-{generations[0].request_id}", "object": "text_completion",
                 "created": int(time.time()), "model": self.state.settings.model_id,
                 "system_fingerprint": self.fingerprint}
-        try:
-            if body.echo:
-                for position, generation in enumerate(generations):
-                    for i in range(generation.params.n):
-                        yield openai_event({**base, "choices": [{
-                            "index": position * generation.params.n + i, "text": self.prompt_text(generation),
-                            "logprobs": None, "finish_reason": None}]})
-            async for position, steps in merge([g.steps() for g in generations]):
-                generation = generations[position]
-                for step in steps:
-                    if not step.delta and not step.finished:
-                        continue
-                    logprobs = None
-                    if body.logprobs is not None:
-                        partial = SequenceResult(step.sequence.index, tokens=step.tokens, top_tokens=step.top_tokens)
-                        logprobs = self.completion_logprobs(partial, 0)
+        if body.echo:
+            for position, generation in enumerate(generations):
+                for i in range(generation.params.n):
                     yield openai_event({**base, "choices": [{
-                        "index": position * generation.params.n + step.sequence.index, "text": step.delta,
-                        "logprobs": logprobs, "finish_reason": finish_reason(step.sequence)}]})
-            results = [r for g in generations for r in g.results()]
-            for generation in generations:
-                trace.succeeded(generation, generation.results())
-            if include_usage:
-                yield openai_event({**base, "choices": [], "usage": usage(
-                    sum(len(g.token_ids) for g in generations), sum(len(s.tokens) for s in results))})
-        except Exception as error:  # after the stream began, an error is its last event
-            trace.failed(error)
-            yield error_event(error)
-        except BaseException as error:  # the client left: its request was aborted on the way out
-            trace.failed(error)
-            raise
-        yield openai_event("[DONE]")
+                        "index": position * generation.params.n + i, "text": self.prompt_text(generation),
+                        "logprobs": None, "finish_reason": None}]})
+        async for position, steps in merge([g.steps() for g in generations]):
+            generation = generations[position]
+            for step in steps:
+                if not step.delta and not step.finished:
+                    continue
+                logprobs = None
+                if body.logprobs is not None:
+                    partial = SequenceResult(step.sequence.index, tokens=step.tokens, top_tokens=step.top_tokens)
+                    logprobs = self.completion_logprobs(partial, 0)
+                yield openai_event({**base, "choices": [{
+                    "index": position * generation.params.n + step.sequence.index, "text": step.delta,
+                    "logprobs": logprobs, "finish_reason": finish_reason(step.sequence)}]})
+        results = [r for g in generations for r in g.results()]
+        for generation in generations:
+            trace.succeeded(generation, generation.results())
+        if include_usage:
+            yield openai_event({**base, "choices": [], "usage": usage(
+                sum(len(g.token_ids) for g in generations), sum(len(s.tokens) for s in results))})
 
     async def run_completions(self, generations: list[Generation]) -> list[list[SequenceResult]]:
         results = []
@@ -236,7 +234,7 @@ class OpenAIRoutes:
             work = prepare()
             trace.validated()
             if streaming:
-                stream = EventStream(events(work, trace), on_close=release)
+                stream = EventStream(ending_with_done(events(work, trace), trace), on_close=release)
                 return stream
             return await complete(work, trace)
         except BaseException as error:
