@@ -49,6 +49,8 @@ FLAGS = [
     ("--json-output", bool, False, "Log one JSON object per line."),
     ("--disable-grammar-support", bool, False, "Refuse `grammar` and `response_format`."),
     ("--payload-limit", int, 2_000_000, "Largest request body in bytes; larger ones get 413."),
+    ("--watermark-gamma", float, 0.5, "Share of the vocabulary in a watermark's green list."),
+    ("--watermark-delta", float, 2.0, "Bias added to green tokens' logits when a request asks for `watermark`."),
     ("--max-client-batch-size", int, 4, "Most prompts in one /v1/completions request."),
     ("--graceful-termination-timeout", int, 90, "Seconds that running requests get to finish after "
      "SIGTERM before they are cut off."),
@@ -92,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.num_shard = torch.cuda.device_count()
         if args.num_shard < 2:
             parser.error("--sharded true needs at least two visible GPUs, or --num-shard")
+    if not 0 < args.watermark_gamma < 1:
+        parser.error("--watermark-gamma must be in (0, 1)")
     if args.dtype and args.quantize:
         parser.error("--dtype cannot be combined with --quantize")
     if args.max_input_tokens is not None and args.max_total_tokens is not None \
@@ -158,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         max_client_batch_size=args.max_client_batch_size, api_key=args.api_key,
         cors_allow_origin=tuple(o.strip() for o in (args.cors_allow_origin or "").split(",") if o.strip()),
         payload_limit=args.payload_limit, disable_grammar_support=args.disable_grammar_support,
+        watermark_gamma=args.watermark_gamma, watermark_delta=args.watermark_delta,
         model_dtype=config.dtype, model_device_type=config.device.split(":")[0])
     app = create_app(engine, settings)
     log.info("serving %s on http://%s:%d (max_input_tokens=%d, max_total_tokens=%d, KV cache %d tokens)",

@@ -35,6 +35,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # added to the logits of these token ids
+    watermark: bool = False  # Kirchenbauer's watermark: favour a green list after each token
+    watermark_gamma: float = 0.5  # the green share of the vocabulary (TGI's default)
+    watermark_delta: float = 2.0  # the bias added to green tokens' logits (TGI's default)
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -93,6 +96,9 @@ class SamplingParams:
                 bad(f"{name} must be non-negative, got {value}")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             bad(f"seed must be in [0, 2**64), got {self.seed}")
+        if not 0 < self.watermark_gamma < 1 or not math.isfinite(self.watermark_delta):
+            bad(f"watermark_gamma must be in (0, 1) and watermark_delta finite, got "
+                f"{self.watermark_gamma} and {self.watermark_delta}")
         for token_id, bias in self.logit_bias.items():
             if not isinstance(token_id, int) or token_id < 0:
                 bad(f"logit_bias keys must be token ids, got {token_id!r}")

@@ -193,3 +193,26 @@ def test_top_k_minus_one_means_disabled_as_in_vllm():
 def test_unknown_model_path_raises_value_error(tmp_path):
     with pytest.raises(ValueError):
         LLM(str(tmp_path / "no-such-model"))
+
+
+def test_a_watermark_makes_most_tokens_green_and_a_plain_text_does_not(llm):
+    import torch
+
+    from server.runtime.random import watermark_greenlist
+
+    prompts = PROMPTS[:4]
+    vocab = llm.engine.config.model.vocab_size
+
+    def green_share(params):
+        shares = []
+        for prompt, output in zip(prompts, llm.generate(prompts, params, use_tqdm=False)):
+            tokens = output.outputs[0].token_ids
+            previous = torch.tensor([prompt[-1]] + tokens[:-1])
+            green = watermark_greenlist(previous, vocab, torch.full((len(tokens),), 0.5))
+            shares.append(green[torch.arange(len(tokens)), torch.tensor(tokens)].float().mean().item())
+        return sum(shares) / len(shares)
+
+    marked = SamplingParams(temperature=1.0, seed=5, max_tokens=64, ignore_eos=True, watermark=True)
+    plain = SamplingParams(temperature=1.0, seed=5, max_tokens=64, ignore_eos=True)
+    assert green_share(marked) > 0.75
+    assert green_share(plain) < 0.65

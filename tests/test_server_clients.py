@@ -236,3 +236,11 @@ def test_info_health_docs_and_openapi(tiny_server, mistral_v03_dir):
     for route in ("/generate", "/generate_stream", "/v1/chat/completions", "/v1/completions", "/v1/models",
                   "/info", "/health", "/metrics", "/tokenize", "/invocations"):
         assert route in paths
+
+
+def test_watermark_is_accepted_and_steers_sampling(tiny_server):
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 8, "do_sample": True, "seed": 4}}
+    plain = httpx.post(f"{tiny_server.url}/generate", json=body).json()["generated_text"]
+    body["parameters"]["watermark"] = True
+    marked = httpx.post(f"{tiny_server.url}/generate", json=body)
+    assert marked.status_code == 200 and marked.json()["generated_text"] != plain

@@ -22,4 +22,6 @@ class ServerSettings:
     model_dtype: str = "float32"
     model_device_type: str = "cpu"
     max_logprobs: int = 20  # OpenAI's bound on `top_logprobs`
+    watermark_gamma: float = 0.5
+    watermark_delta: float = 2.0
     version: str = "0.1.0"

@@ -114,8 +114,6 @@ def validate_generate(p: GenerateParameters, inputs: str, tokenizer: Tokenizer,
                                f"Given: {top_n}")
     if p.grammar is not None:
         raise validation_error("grammar is not supported")
-    if p.watermark:
-        raise validation_error("`watermark` is not supported by this server")
     if p.adapter_id is not None and p.adapter_id != settings.model_id:
         raise validation_error(f"adapter `{p.adapter_id}` is not loaded: this server serves no LoRA adapters")
     token_ids = encode_inputs(tokenizer, inputs, p.truncate, settings)
@@ -126,7 +124,9 @@ def validate_generate(p: GenerateParameters, inputs: str, tokenizer: Tokenizer,
         repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
         seed=p.seed, stop=stop, include_stop_str_in_output=True,  # TGI keeps the stop text
         max_tokens=max_new_tokens, logprobs=top_n,
-        prompt_logprobs=0 if p.decoder_input_details else None, skip_special_tokens=True)
+        prompt_logprobs=0 if p.decoder_input_details else None, skip_special_tokens=True,
+        watermark=bool(p.watermark), watermark_gamma=settings.watermark_gamma,
+        watermark_delta=settings.watermark_delta)
     return GenerateInputs(token_ids, params, top_n, bool(p.details or p.decoder_input_details),
                           bool(p.decoder_input_details), bool(p.return_full_text))
 

@@ -247,8 +247,10 @@ class LLMEngine:
                 repetition_penalty=params.repetition_penalty,
                 frequency_penalty=params.frequency_penalty,
                 presence_penalty=params.presence_penalty,
-                num_logprobs=params.logprobs or 0, logit_bias=params.logit_bias)
+                num_logprobs=params.logprobs or 0, logit_bias=params.logit_bias,
+                watermark=(params.watermark_gamma, params.watermark_delta) if params.watermark else None)
         options.key = row_key(seq.seed, seq.num_output_tokens) if params.temperature > 0 else 0
+        options.previous_token = seq.token_ids[-1]
         if params.repetition_penalty != 1.0:
             options.all_token_ids = seq.token_ids
         if params.frequency_penalty or params.presence_penalty:

@@ -48,3 +48,17 @@ def exponential_noise(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
     bits = mix32(mix32(keys[:, None] ^ ids[None, :]) ^ keys[:, None])
     uniform = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
     return -torch.log(uniform)
+
+
+WATERMARK_SALT = 0x5EED_CAFE
+
+
+def watermark_greenlist(previous_tokens: torch.Tensor, vocab_size: int, gammas: torch.Tensor) -> torch.Tensor:
+    """[rows, vocab] bool: the "green" share `gammas[row]` of the vocabulary after each row's previous
+    token (Kirchenbauer et al. 2023), a pure function of (previous token, token id) so that a
+    detector with the same hash can count green tokens in a text."""
+    ids = torch.arange(vocab_size, device=previous_tokens.device, dtype=torch.int64)
+    keys = mix32(previous_tokens.to(torch.int64) ^ WATERMARK_SALT)
+    bits = mix32(keys[:, None] ^ ids[None, :])
+    thresholds = (gammas.to(torch.float64) * 2**32).to(torch.int64)
+    return bits < thresholds[:, None]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.runtime.random import exponential_noise
+from server.runtime.random import exponential_noise, watermark_greenlist
 
 
 @dataclass
@@ -33,6 +33,8 @@ class SamplingOptions:
     output_token_ids: list[int] = field(default_factory=list)  # for frequency / presence
     banned_token_ids: list[int] = field(default_factory=list)  # EOS etc. before min_tokens
     logit_bias: dict[int, float] = field(default_factory=dict)  # OpenAI's additive bias
+    watermark: tuple[float, float] | None = None  # (gamma, delta): bias the green list by delta
+    previous_token: int = 0  # the last token so far, which picks the watermark's green list
 
     @property
     def has_penalties(self) -> bool:
@@ -78,6 +80,18 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingOptions]) -> torch.
     counts = _counts([r.output_token_ids for r in rows], vocab, device)
     logits = logits - _column(rows, "frequency_penalty", device)[:, None] * counts
     return logits - _column(rows, "presence_penalty", device)[:, None] * (counts > 0)
+
+
+def apply_watermark(logits: torch.Tensor, rows: list[SamplingOptions]) -> torch.Tensor:
+    marked = [i for i, r in enumerate(rows) if r.watermark]
+    index = torch.tensor(marked, device=logits.device)
+    previous = torch.tensor([rows[i].previous_token for i in marked], device=logits.device)
+    gammas = torch.tensor([rows[i].watermark[0] for i in marked], device=logits.device, dtype=torch.float64)
+    delta = torch.tensor([rows[i].watermark[1] for i in marked], device=logits.device)[:, None]
+    green = watermark_greenlist(previous, logits.shape[1], gammas)
+    logits = logits.clone()
+    logits[index] = logits[index] + delta * green
+    return logits
 
 
 def _top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
@@ -142,6 +156,8 @@ def sample_on_device(logits: torch.Tensor, rows: list[SamplingOptions]) -> Devic
                 ids = torch.tensor(list(r.logit_bias), device=device)
                 bias[i, ids] = torch.tensor(list(r.logit_bias.values()), device=device, dtype=bias.dtype)
         logits = logits + bias
+    if any(r.watermark for r in rows):
+        logits = apply_watermark(logits, rows)
     if any(r.has_penalties for r in rows):
         logits = apply_penalties(logits, rows)
     next_ids = logits.argmax(dim=-1)
