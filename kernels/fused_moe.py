@@ -3,7 +3,7 @@
 Each (token, choice) pair goes to one expert. Pairs are sorted by expert and each expert's
 run is padded to a multiple of BLOCK_M, so that a block of BLOCK_M rows belongs to a single
 expert (`block_expert`, -1 past the end). Then, per block:
-    inter[pair] = silu(x[token] @ W1[e]^T) * (x[token] @ W3[e]^T)     (gate and up in one pass)
+    inter[pair] = silu(x[token] @ W1[e]^T) * (x[token] @ W3[e]^T)     (gate and up from the same rows)
     out[pair]   = weight[pair] * inter[pair] @ W2[e]^T
 and the k outputs of each token are summed back into token order. Weights are stacked
 `w13 [experts, 2 * inter, hidden]` (W1 above W3) and `w2 [experts, hidden, inter]`. The sort
@@ -42,29 +42,34 @@ def sort_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
 
 
 @triton.jit
+def _expert_matmul(a_ptr, rows, valid, w_ptr, cols, cmask, K: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] float32 = A[rows, :K] @ W[cols, :K]^T (both row-major, K columns)."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < K
+        a = tl.load(a_ptr + rows[:, None] * K + ks[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[None, :] * K + ks[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, w13_ptr, inter_ptr, pair_ids_ptr, block_expert_ptr, num_pairs,
                     TOP_K: tl.constexpr, HIDDEN: tl.constexpr, INTER: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    block = tl.program_id(0)
-    expert = tl.load(block_expert_ptr + block)
+    expert = tl.load(block_expert_ptr + tl.program_id(0))
     if expert >= 0:
-        pairs = tl.load(pair_ids_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
+        pairs = tl.load(pair_ids_ptr + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M))
         valid = pairs < num_pairs
-        tokens = pairs // TOP_K
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < INTER
-        w_base = w13_ptr + expert.to(tl.int64) * (2 * INTER * HIDDEN)
-        gate = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, HIDDEN, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            kmask = ks < HIDDEN
-            a = tl.load(x_ptr + tokens[:, None] * HIDDEN + ks[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
-            wg = tl.load(w_base + cols[None, :] * HIDDEN + ks[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
-            wu = tl.load(w_base + (INTER + cols[None, :]) * HIDDEN + ks[:, None],
-                         mask=kmask[:, None] & cmask[None, :], other=0.0)
-            gate = tl.dot(a, wg, gate, input_precision=PRECISION)
-            up = tl.dot(a, wu, up, input_precision=PRECISION)
+        w_gate = w13_ptr + expert.to(tl.int64) * (2 * INTER * HIDDEN)
+        gate = _expert_matmul(x_ptr, pairs // TOP_K, valid, w_gate, cols, cmask, HIDDEN,
+                              BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        up = _expert_matmul(x_ptr, pairs // TOP_K, valid, w_gate + INTER * HIDDEN, cols, cmask, HIDDEN,
+                            BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
         out = gate / (1.0 + tl.exp(-gate)) * up
         tl.store(inter_ptr + pairs[:, None] * INTER + cols[None, :], out.to(inter_ptr.dtype.element_ty),
                  mask=valid[:, None] & cmask[None, :])
@@ -74,23 +79,15 @@ def _gate_up_kernel(x_ptr, w13_ptr, inter_ptr, pair_ids_ptr, block_expert_ptr, n
 def _down_kernel(inter_ptr, w2_ptr, out_ptr, weights_ptr, pair_ids_ptr, block_expert_ptr, num_pairs,
                  HIDDEN: tl.constexpr, INTER: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    block = tl.program_id(0)
-    expert = tl.load(block_expert_ptr + block)
+    expert = tl.load(block_expert_ptr + tl.program_id(0))
     if expert >= 0:
-        pairs = tl.load(pair_ids_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
+        pairs = tl.load(pair_ids_ptr + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M))
         valid = pairs < num_pairs
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < HIDDEN
-        w_base = w2_ptr + expert.to(tl.int64) * (HIDDEN * INTER)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, INTER, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            kmask = ks < INTER
-            a = tl.load(inter_ptr + pairs[:, None] * INTER + ks[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
-            w = tl.load(w_base + cols[None, :] * INTER + ks[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
-            acc = tl.dot(a, w, acc, input_precision=PRECISION)
-        weight = tl.load(weights_ptr + pairs, mask=valid, other=0.0)
-        acc = acc * weight[:, None]
+        acc = _expert_matmul(inter_ptr, pairs, valid, w2_ptr + expert.to(tl.int64) * (HIDDEN * INTER), cols, cmask,
+                             INTER, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        acc = acc * tl.load(weights_ptr + pairs, mask=valid, other=0.0)[:, None]
         tl.store(out_ptr + pairs[:, None] * HIDDEN + cols[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=valid[:, None] & cmask[None, :])
 

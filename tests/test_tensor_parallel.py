@@ -47,16 +47,27 @@ def test_ranks_give_the_tokens_of_one_rank(fixture, tp, request):
     assert shard < whole / tp * 1.35
 
 
-def test_the_server_shards_over_two_ranks_and_dies_with_a_rank(mistral_v03_dir, tiny_llm):
-    server = ServerProcess("--model-id", mistral_v03_dir, "--num-shard", "2", "--max-batch-total-tokens", "2048",
-                           "--max-total-tokens", "256")
+def sharded_server(model_dir, *args, launcher=()) -> ServerProcess:
+    server = ServerProcess("--model-id", model_dir, "--max-batch-total-tokens", "2048", "--max-total-tokens", "256",
+                           *args, launcher=launcher)
     try:
-        server.wait_ready()
-        expected = tiny_llm.generate("The quick brown fox", SamplingParams(temperature=0, max_tokens=6),
-                                     use_tqdm=False)[0].outputs[0].text
-        r = httpx.post(f"{server.url}/generate", json={"inputs": "The quick brown fox",
-                                                      "parameters": {"max_new_tokens": 6}}, timeout=60)
-        assert r.json()["generated_text"] == expected
+        return server.wait_ready()
+    except BaseException:
+        server.stop()
+        raise
+
+
+def assert_serves_the_engines_text(server, llm, prompt: str) -> None:
+    expected = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)[0].outputs[0].text
+    r = httpx.post(f"{server.url}/generate", json={"inputs": prompt, "parameters": {"max_new_tokens": 6}},
+                   timeout=60)
+    assert r.json()["generated_text"] == expected
+
+
+def test_the_server_shards_over_two_ranks_and_dies_with_a_rank(mistral_v03_dir, tiny_llm):
+    server = sharded_server(mistral_v03_dir, "--num-shard", "2")
+    try:
+        assert_serves_the_engines_text(server, tiny_llm, "The quick brown fox")
         worker = int(re.search(r"rank 1 started \(pid (\d+)\)", server.log).group(1))
         os.kill(worker, signal.SIGKILL)
         start = time.monotonic()
@@ -72,15 +83,9 @@ def test_ranks_started_by_torchrun_serve_together(mistral_v03_dir, tiny_llm):
     from server_process import free_port
 
     launcher = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
-    server = ServerProcess("--model-id", mistral_v03_dir, "--max-batch-total-tokens", "2048",
-                           "--max-total-tokens", "256", launcher=launcher)
+    server = sharded_server(mistral_v03_dir, launcher=launcher)
     try:
-        server.wait_ready()
-        expected = tiny_llm.generate("Once upon a time", SamplingParams(temperature=0, max_tokens=6),
-                                     use_tqdm=False)[0].outputs[0].text
-        r = httpx.post(f"{server.url}/generate", json={"inputs": "Once upon a time",
-                                                      "parameters": {"max_new_tokens": 6}}, timeout=60)
-        assert r.json()["generated_text"] == expected
+        assert_serves_the_engines_text(server, tiny_llm, "Once upon a time")
         assert "rank 1 of 2" in server.log
         server.terminate()  # torchrun passes SIGTERM to every rank, and all of them end
         server.process.wait(timeout=30)

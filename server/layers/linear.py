@@ -26,10 +26,6 @@ class MergedColumnParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.offsets[-1], in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(self.offsets[-1]), requires_grad=False) if bias else None
 
-    @property
-    def sizes(self) -> list[int]:
-        return [length for _, length in self.shares]
-
     def load_piece(self, index: int, loaded, bias: bool = False) -> None:
         target = self.bias if bias else self.weight
         start, length = self.shares[index]

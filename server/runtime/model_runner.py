@@ -56,7 +56,6 @@ class ModelRunner:
         self.device = torch.device(device)
         self.dtype = _DTYPES[dtype]
         self.block_size = 0  # set with the KV cache
-        self.max_blocks_per_seq = 0
         self.graphs: DecodeGraphs | None = None
         self._staging = torch.empty(0, dtype=torch.int64)
         attention_backend = resolve_backend(attention_backend, self.device)
@@ -138,8 +137,8 @@ class ModelRunner:
         if self.device.type != "cuda" or self.attention_backend != "triton":
             return
         sizes = [s for s in DEFAULT_SIZES if s <= max_batch_size] or [1]
-        self.max_blocks_per_seq = -(-max_model_len // self.block_size)
-        self.graphs = DecodeGraphs(self.model, sizes, self.max_blocks_per_seq, self._num_splits, self.device)
+        max_blocks = -(-max_model_len // self.block_size)
+        self.graphs = DecodeGraphs(self.model, sizes, max_blocks, self._num_splits, self.device)
 
     def _num_splits(self, num_seqs: int) -> int:
         """Context splits of the decode kernel: enough programs for about two per SM (at most
