@@ -6,6 +6,7 @@ Nothing can be downloaded on the GPU machine, and shapes, not values, decide spe
     python benchmarks/make_checkpoint.py /tmp/mistral-7b              # 32 layers, 14.5 GB bf16
     python benchmarks/make_checkpoint.py /tmp/mistral-2l --num-layers 2
     python benchmarks/make_checkpoint.py /tmp/mixtral-4l --mixtral --num-layers 4
+    python benchmarks/make_checkpoint.py /tmp/mixtral --mixtral --no-weights   # --load-format dummy
 
 Weights are drawn on the GPU when there is one (std 0.02, norms at 1), saved as bf16
 safetensors shards with an index, beside the real v3 tokenizer from mistral-common.
@@ -44,8 +45,9 @@ def layer_shapes(i: int, c: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def make(path: Path, num_layers: int, seed: int = 0, mixtral: bool = False, router_std: float = 0.02) -> Path:
-    """`router_std`: a larger spread makes the experts' routing decisive, so that two
+def make(path: Path, num_layers: int, seed: int = 0, mixtral: bool = False, router_std: float = 0.02,
+         weights: bool = True) -> Path:
+    """`weights=False` writes the config and tokenizer only, for `load_format="dummy"`. `router_std`: a larger spread makes the experts' routing decisive, so that two
     implementations' rounding never flips which experts a token goes to (for parity tests)."""
     path.mkdir(parents=True, exist_ok=True)
     kind = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 32000,
@@ -63,6 +65,8 @@ def make(path: Path, num_layers: int, seed: int = 0, mixtral: bool = False, rout
         shutil.copy(data / "tokenizer.model.v1", path / "tokenizer.model.v1")
     else:
         shutil.copy(data / "mistral_instruct_tokenizer_240323.model.v3", path / "tokenizer.model.v3")
+    if not weights:
+        return path
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     generator = torch.Generator(device).manual_seed(seed)
@@ -97,8 +101,10 @@ def main() -> None:
     parser.add_argument("--num-layers", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mixtral", action="store_true", help="Mixtral-8x7B's shapes (8 experts, top-2)")
+    parser.add_argument("--no-weights", action="store_true",
+                        help="config and tokenizer only, for --load-format dummy (no disk, no wait)")
     args = parser.parse_args()
-    print(make(args.path, args.num_layers, args.seed, args.mixtral))
+    print(make(args.path, args.num_layers, args.seed, args.mixtral, weights=not args.no_weights))
 
 
 if __name__ == "__main__":

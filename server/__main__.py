@@ -52,9 +52,14 @@ FLAGS = [
     ("--watermark-gamma", float, 0.5, "Share of the vocabulary in a watermark's green list."),
     ("--watermark-delta", float, 2.0, "Bias added to green tokens' logits when a request asks for `watermark`."),
     ("--max-client-batch-size", int, 4, "Most prompts in one /v1/completions request."),
+    ("--load-format", str, "auto", "auto: the checkpoint's weights; dummy: random weights of the "
+     "checkpoint's shapes, reading only its config and tokenizer (benchmarks, as vLLM's flag)."),
     ("--graceful-termination-timeout", int, 90, "Seconds that running requests get to finish after "
      "SIGTERM before they are cut off."),
 ]
+
+
+CHOICES = {"--quantize": QUANTIZE, "--load-format": ("auto", "dummy")}
 
 
 def _env_value(flag: str, kind):
@@ -80,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if kind is bool:
             parser.add_argument(flag, action="store_true", default=value, help=help_text)
         else:
-            extra = {"choices": QUANTIZE} if flag == "--quantize" else {}
+            extra = {"choices": CHOICES[flag]} if flag in CHOICES else {}
             parser.add_argument(flag, type=kind, default=value, help=help_text, **extra)
     parser.add_argument("-p", dest="port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -133,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         dtype=args.dtype or "auto", tensor_parallel_size=args.num_shard or 1,
         max_batch_total_tokens=args.max_batch_total_tokens,
         max_batch_prefill_tokens=args.max_batch_prefill_tokens, max_model_len=args.max_total_tokens,
-        cuda_memory_fraction=args.cuda_memory_fraction, quantize=args.quantize)
+        cuda_memory_fraction=args.cuda_memory_fraction, quantize=args.quantize,
+        load_format=args.load_format)
     if rank:
         log.info("rank %d of %d: running the steps rank 0 sends", rank, engine_args.tensor_parallel_size)
         start_runner(engine_args, rank).runner.serve_steps()

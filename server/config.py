@@ -114,3 +114,4 @@ class EngineArgs:
     quantize: str | None = None
     attention_backend: str = "auto"  # triton on CUDA, torch on the CPU
     enforce_eager: bool = False  # no CUDA graphs
+    load_format: str = "auto"  # "dummy": random weights of the checkpoint's shapes (benchmarks)

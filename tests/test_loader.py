@@ -276,3 +276,26 @@ def test_default_model_weights_equal_transformers_dequantized_weights(smollm2_tr
 
 def test_default_model_generation_config_has_its_special_tokens():
     assert load_generation_config(resolve_model(None)) == {"bos_token_id": 1, "eos_token_id": 2}
+
+
+def test_dummy_load_format_needs_only_config_and_tokenizer_and_draws_random_weights(mistral_v03_dir, tmp_path):
+    from server.config import EngineArgs
+    from server.engine.llm_engine import LLMEngine
+    from server.sampling_params import SamplingParams
+
+    for file in Path(mistral_v03_dir).iterdir():
+        if not file.name.endswith(".safetensors") and file.name != "model.safetensors.index.json":
+            shutil.copy(file, tmp_path / file.name)
+    with pytest.raises(ValueError, match="no safetensors weights"):
+        resolve_model(str(tmp_path))
+    engine = LLMEngine(EngineArgs(model=str(tmp_path), device="cpu", load_format="dummy"))
+    params = dict(engine.runner.model.named_parameters())
+    assert all(torch.equal(p, torch.ones_like(p)) for n, p in params.items() if n.endswith("norm.weight"))
+    embedding = params["embed_tokens.weight"]
+    assert abs(embedding.std().item() - 0.02) < 0.002 and abs(embedding.mean().item()) < 0.002
+    engine.add_request([1, 5, 9], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        finished = [o for o in engine.step() if o.finished]
+    assert len(finished[0].outputs[0].token_ids) == 4
+    with pytest.raises(ValueError, match="load_format 'npz' is not supported"):
+        LLMEngine(EngineArgs(model=str(tmp_path), device="cpu", load_format="npz"))

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
@@ -54,14 +55,16 @@ class ModelSource:
 
 
 def resolve_model(
-    model: str | None, revision: str | None = None, download_dir: str | None = None
+    model: str | None, revision: str | None = None, download_dir: str | None = None,
+    weights: bool = True,
 ) -> ModelSource:
-    """Locate `model` on disk, downloading it from the hub when it is a hub id."""
+    """Locate `model` on disk, downloading it from the hub when it is a hub id. With
+    `weights=False` a local directory needs only its config and tokenizer (random weights)."""
     if model is None:
         return _default_model()
     local = Path(model).expanduser()
     if local.is_dir():
-        return _checkpoint_directory(local, model)
+        return _checkpoint_directory(local, model, weights)
     if local.is_file():
         if local.suffix != ".gguf":
             raise ValueError(f"model file {model!r} is not a .gguf file; pass a .gguf file or a directory")
@@ -116,7 +119,7 @@ def _default_model() -> ModelSource:
     return ModelSource(str(gguf_file.parent), str(gguf_file), DEFAULT_MODEL_ID)
 
 
-def _checkpoint_directory(directory: Path, model_id: str) -> ModelSource:
+def _checkpoint_directory(directory: Path, model_id: str, weights: bool = True) -> ModelSource:
     directory = directory.resolve()
     if not (directory / "config.json").is_file():
         gguf_files = sorted(directory.glob("*.gguf"))
@@ -126,7 +129,7 @@ def _checkpoint_directory(directory: Path, model_id: str) -> ModelSource:
                 "it needs a config.json with safetensors weights, or exactly one .gguf file"
             )
         return ModelSource(str(directory), str(gguf_files[0]), model_id)
-    if not _safetensors_files(directory):
+    if weights and not _safetensors_files(directory):
         raise ValueError(f"no safetensors weights in {directory}; only safetensors are supported")
     return ModelSource(str(directory), None, model_id)
 
@@ -191,3 +194,15 @@ def _normalise_config(config: dict) -> dict:
         "rope_theta": config.get("rope_theta") or rope_parameters.get("rope_theta", 10000.0),
         "rope_scaling": rope_scaling,
     }
+
+
+def fill_random_weights(model: torch.nn.Module, seed: int) -> None:
+    """Random weights in place of a checkpoint's, for benchmarks, where shapes and not values
+    decide speed: normal with std 0.02 (as models initialise), norms at 1. Each rank draws
+    its own shard, so the ranks together are not one coherent model."""
+    generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.data.fill_(1.0)
+        else:
+            param.data.normal_(0.0, 0.02, generator=generator)

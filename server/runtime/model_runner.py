@@ -14,7 +14,7 @@ import torch.distributed as dist
 from server.config import CacheConfig, ModelConfig
 from server.layers.attention import Attention, AttentionMetadata, resolve_backend
 from server.layers.parallel import TensorParallel
-from server.models.loader import ModelSource, iter_weights
+from server.models.loader import ModelSource, fill_random_weights, iter_weights
 from server.models.registry import model_class
 from server.runtime.cuda_graphs import DEFAULT_SIZES, DecodeGraphs
 from server.runtime.sampler import (DeviceSample, SampledToken, SamplingOptions, prompt_logprobs,
@@ -45,9 +45,10 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 class ModelRunner:
     """With tensor parallelism, every rank has a runner over its shard; rank 0's (the driver)
-    sends each step's chunks to the others before running it, and alone samples."""
+    sends each step's chunks to the others before running it, and alone samples. Without a
+    `source` the weights are random (benchmarks)."""
 
-    def __init__(self, model_config: ModelConfig, source: ModelSource, device: str,
+    def __init__(self, model_config: ModelConfig, source: ModelSource | None, device: str,
                  dtype: str, attention_backend: str = "auto", tp: TensorParallel = TensorParallel()):
         self.model_config = model_config
         self.tp = tp
@@ -70,7 +71,10 @@ class ModelRunner:
         finally:
             torch.set_default_dtype(default_dtype)
         with torch.no_grad():
-            self.model.load_weights(iter_weights(source))
+            if source is None:  # random weights (benchmarks)
+                fill_random_weights(self.model, seed=tp.rank)
+            else:
+                self.model.load_weights(iter_weights(source))
         self.model.eval()
 
     def kv_bytes_per_token(self) -> int:

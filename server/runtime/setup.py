@@ -86,10 +86,13 @@ def leave_group() -> None:
 def start_runner(args: EngineArgs, rank: int = 0, port: int = 0) -> StartedRunner:
     tp = join_group(args, rank, port)
     set_tensor_parallel(tp)
-    source = resolve_model(args.model, args.revision, args.download_dir)
+    if args.load_format not in ("auto", "dummy"):
+        raise ValueError(f"load_format {args.load_format!r} is not supported: auto, dummy")
+    dummy = args.load_format == "dummy"
+    source = resolve_model(args.model, args.revision, args.download_dir, weights=not dummy)
     model = ModelConfig.from_hf(load_config(source), load_generation_config(source))
     device, dtype = device_and_dtype(args, model, rank)
-    runner = ModelRunner(model, source, device, dtype, args.attention_backend, tp)
+    runner = ModelRunner(model, None if dummy else source, device, dtype, args.attention_backend, tp)
     model_len = min(args.max_model_len or model.max_position_embeddings, model.max_position_embeddings)
     kv_tokens = args.max_batch_total_tokens or runner.kv_tokens_that_fit(
         args.cpu_kv_cache_bytes, args.max_batch_prefill_tokens, args.cuda_memory_fraction,
