@@ -247,6 +247,7 @@ def _allreduce_rank(rank: int, size: int, port: int, hidden: int, layers: int, o
     if rank == 0:
         with open(out, "w") as f:
             json.dump(figures, f)
+    del graph  # NCCL's teardown hangs while a graph holding its collectives exists
     dist.destroy_process_group()
 
 

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     from server.config import EngineArgs
     from server.engine.async_engine import AsyncEngine
 
-    from server.runtime.setup import launched_rank, start_runner
+    from server.runtime.setup import launched_rank, leave_group, start_runner
 
     rank = launched_rank()
     if rank is not None:  # started by torchrun: every process is a rank, rank 0 serves HTTP
@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if rank:
         log.info("rank %d of %d: running the steps rank 0 sends", rank, engine_args.tensor_parallel_size)
         start_runner(engine_args, rank).runner.serve_steps()
+        leave_group()
         return 0
     try:
         engine = AsyncEngine(engine_args)

@@ -133,6 +133,7 @@ class LLMEngine:
             if self.workers is not None:
                 self.workers.stop()
                 self.workers = None
+            self.runner.drop_graphs()
             leave_group()
 
     def has_unfinished_requests(self) -> bool:

@@ -243,8 +243,16 @@ class ModelRunner:
             message = [None]
             dist.broadcast_object_list(message, src=0, group=self.tp.control)
             if message[0] is None:
+                self.drop_graphs()
                 return
             self.launch(message[0])
+
+    def drop_graphs(self) -> None:
+        """Free the captured graphs. Before the ranks' process group is destroyed: NCCL's
+        teardown hangs while a graph holding its collectives exists."""
+        self.graphs = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def stop_serving(self) -> None:
         """Rank 0: tell the other ranks that no step follows."""

@@ -13,7 +13,7 @@ import time
 import torch
 
 from server.config import EngineArgs
-from server.runtime.setup import start_runner
+from server.runtime.setup import leave_group, start_runner
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ def _worker_main(args: EngineArgs, rank: int, port: int, parent_pid: int) -> Non
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
     torch.set_num_threads(max(1, torch.get_num_threads() // args.tensor_parallel_size))
     start_runner(args, rank, port).runner.serve_steps()
+    leave_group()
 
 
 class Workers:
