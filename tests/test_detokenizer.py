@@ -86,8 +86,10 @@ class RecordingTokenizer:
     def __init__(self, tokenizer: Tokenizer):
         self._tokenizer = tokenizer
         self.longest_decode = 0
+        self.decodes = 0
 
     def decode(self, token_ids, skip_special_tokens=True):
+        self.decodes += 1
         self.longest_decode = max(self.longest_decode, len(token_ids))
         return self._tokenizer.decode(token_ids, skip_special_tokens)
 
@@ -102,3 +104,14 @@ def test_each_step_decodes_a_short_window_not_the_whole_output(hf_v1):
     deltas, flushed = stream(recording, prompt, output)
     assert "".join(deltas) + flushed == text_after(hf_v1, prompt, output)
     assert recording.longest_decode < 20
+
+
+def test_whole_word_tokens_after_final_text_need_no_decoding(any_tokenizer):
+    recording = RecordingTokenizer(any_tokenizer)
+    prompt = any_tokenizer.encode("Once upon a time")
+    output = any_tokenizer.encode(" there was a king who lived in a castle", add_special_tokens=False)
+    deltas, flushed = stream(recording, prompt, output)
+    assert "".join(deltas) + flushed == text_after(any_tokenizer, prompt, output)
+    # Each token's own text is looked up once per tokenizer (not through the detokenizer), so
+    # the stream itself decodes nothing but the final flush's window.
+    assert recording.decodes <= 2

@@ -4,7 +4,8 @@ The text of a token depends on its neighbours: SentencePiece drops the leading s
 first word of a string, and a character may be spread over several byte tokens. So each step
 decodes a short window twice, with and without the newest tokens, and gives out the difference,
 once that difference is final: it must not end in U+FFFD (a character still missing bytes) nor
-in a byte run that the decoder could still rewrite.
+in a byte run that the decoder could still rewrite. Most tokens skip the decoding: a whole-word
+token after final text adds the text it adds anywhere (`Tokenizer.plain_text`).
 """
 
 from server.engine.tokenizer import Tokenizer
@@ -26,6 +27,12 @@ class IncrementalDetokenizer:
         """Take the next generated token; return the text that became final with it."""
         if self._skipped(token_id):
             return ""
+        if self._read_offset == len(self._ids) > 0:  # nothing held back: usually one lookup
+            text = self._tokenizer.plain_text(token_id)
+            if text is not None:
+                self._ids = [token_id]
+                self._read_offset = 1
+                return self._give_out(text)
         self._ids.append(token_id)
         if self._tokenizer.extends_byte_run(token_id):
             return ""

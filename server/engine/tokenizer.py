@@ -94,6 +94,24 @@ class Tokenizer(ABC):
         anchor, anchor_text = self._anchor
         return self.decode(anchor + [token_id], skip_special_tokens=False)[len(anchor_text) :]
 
+    def plain_text(self, token_id: int) -> str | None:
+        """The text this token adds after any complete, non-empty text, or None where that
+        depends on its neighbours (special and byte tokens, pieces of a character).
+        Remembered per token: the detokenizer asks for every generated token."""
+        texts = self._plain_texts
+        if token_id not in texts:
+            text = None
+            if not self.is_special(token_id) and not self.extends_byte_run(token_id):
+                text = self.token_text(token_id)
+                if not text or "\ufffd" in text:
+                    text = None
+            texts[token_id] = text
+        return texts[token_id]
+
+    @cached_property
+    def _plain_texts(self) -> dict[int, str | None]:
+        return {}
+
     @cached_property
     def _anchor(self) -> tuple[list[int], str]:
         anchor = self.encode("a", add_special_tokens=False)[-1:]
