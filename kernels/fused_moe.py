@@ -11,6 +11,8 @@ is done with device ops only (no host round trip), so the whole layer can be gra
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -92,25 +94,38 @@ def _down_kernel(inter_ptr, w2_ptr, out_ptr, weights_ptr, pair_ids_ptr, block_ex
                  mask=valid[:, None] & cmask[None, :])
 
 
-def fused_moe(x, w13, w2, topk_weights, topk_ids, block_m: int | None = None):
+@dataclass(frozen=True)
+class MoEConfig:
+    """Tiles and launch shape of both kernels (the same for the two)."""
+
+    block_m: int
+    block_n: int = 64
+    block_k: int = 32
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def default_config(num_pairs: int) -> MoEConfig:
+    return MoEConfig(block_m=16 if num_pairs <= 64 else 64)
+
+
+def fused_moe(x, w13, w2, topk_weights, topk_ids, config: MoEConfig | None = None):
     """x [tokens, hidden] -> [tokens, hidden]; the same math as `fused_moe_reference`."""
     num_tokens, hidden = x.shape
     num_experts, double_inter, _ = w13.shape
     inter = double_inter // 2
     top_k = topk_ids.shape[1]
     num_pairs = num_tokens * top_k
-    block_m = block_m or (16 if num_pairs <= 64 else 64)
-    pair_ids, block_expert = sort_by_expert(topk_ids, num_experts, block_m)
-    precision = dot_precision(x.dtype)
+    c = config or default_config(num_pairs)
+    pair_ids, block_expert = sort_by_expert(topk_ids, num_experts, c.block_m)
+    tiles = dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, PRECISION=dot_precision(x.dtype),
+                 num_warps=c.num_warps, num_stages=c.num_stages)
     inter_out = torch.empty((num_pairs, inter), dtype=x.dtype, device=x.device)
-    block_n, block_k = 64, 32
-    grid = (block_expert.numel(), triton.cdiv(inter, block_n))
+    grid = (block_expert.numel(), triton.cdiv(inter, c.block_n))
     _gate_up_kernel[grid](x.contiguous(), w13, inter_out, pair_ids, block_expert, num_pairs, TOP_K=top_k,
-                          HIDDEN=hidden, INTER=inter, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                          PRECISION=precision)
+                          HIDDEN=hidden, INTER=inter, **tiles)
     pair_out = torch.empty((num_pairs, hidden), dtype=x.dtype, device=x.device)
-    grid = (block_expert.numel(), triton.cdiv(hidden, block_n))
+    grid = (block_expert.numel(), triton.cdiv(hidden, c.block_n))
     _down_kernel[grid](inter_out, w2, pair_out, topk_weights.flatten().float().contiguous(), pair_ids, block_expert,
-                       num_pairs, HIDDEN=hidden, INTER=inter, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                       PRECISION=precision)
+                       num_pairs, HIDDEN=hidden, INTER=inter, **tiles)
     return pair_out.view(num_tokens, top_k, hidden).sum(dim=1)

@@ -167,7 +167,7 @@ MOE_CASES = [(1, 4, 2, 64, 48), (7, 4, 2, 32, 40), (40, 8, 2, 64, 96)] + [
 @pytest.mark.parametrize("tokens, experts, top_k, hidden, inter", MOE_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_moe_matches_reference(tokens, experts, top_k, hidden, inter, dtype):
-    from kernels.fused_moe import fused_moe
+    from kernels.fused_moe import MoEConfig, fused_moe
     from kernels.reference import fused_moe_reference
 
     g = torch.Generator().manual_seed(tokens)
@@ -177,6 +177,7 @@ def test_fused_moe_matches_reference(tokens, experts, top_k, hidden, inter, dtyp
     probs = torch.randn(tokens, experts, generator=g).softmax(-1)
     weights, ids = probs.topk(top_k, dim=-1)
     weights, ids = (weights / weights.sum(-1, keepdim=True)).to(DEVICE), ids.to(DEVICE)
-    out = fused_moe(x, w13, w2, weights, ids)
     ref = fused_moe_reference(x.float(), w13.float(), w2.float(), weights, ids)
-    torch.testing.assert_close(out.float(), ref, **tol(dtype))
+    for config in (None, MoEConfig(block_m=32, block_n=16, block_k=16, num_warps=2, num_stages=2)):
+        out = fused_moe(x, w13, w2, weights, ids, config)
+        torch.testing.assert_close(out.float(), ref, **tol(dtype))

@@ -1,0 +1,100 @@
+"""The fused MoE kernel on Mixtral-8x7B's layer shapes, against the copy-bandwidth roofline.
+
+For each token count: the time of one MoE layer (gate+up, SiLU-and-multiply, down, the weighted
+sum), the bytes it must read (the experts its tokens picked, once each), and the fraction of
+the copy roofline; with `--sweep`, every tile configuration of the grid below, each checked
+against the default's output before it is timed, and the fastest per token count.
+
+    python benchmarks/moe_kernel.py --sweep [--tp 2]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.roofline import copy_bandwidth  # noqa: E402
+from kernels.fused_moe import MoEConfig, default_config, fused_moe  # noqa: E402
+
+HIDDEN, INTER, EXPERTS, TOP_K = 4096, 14336, 8, 2
+
+
+def layer_inputs(tokens: int, inter: int, seed: int = 0):
+    g = torch.Generator("cuda").manual_seed(seed)
+    x = torch.randn(tokens, HIDDEN, generator=g, device="cuda", dtype=torch.bfloat16)
+    w13 = torch.randn(EXPERTS, 2 * inter, HIDDEN, generator=g, device="cuda", dtype=torch.bfloat16) * 0.02
+    w2 = torch.randn(EXPERTS, HIDDEN, inter, generator=g, device="cuda", dtype=torch.bfloat16) * 0.02
+    probs = torch.randn(tokens, EXPERTS, generator=g, device="cuda").softmax(-1)
+    weights, ids = probs.topk(TOP_K, dim=-1)
+    return x, w13, w2, weights / weights.sum(-1, keepdim=True), ids
+
+
+def timed_ms(fn, repeats: int = 20) -> float:
+    """Mean time of a call replayed from a CUDA graph (as decode steps run)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def sweep_configs(num_pairs: int) -> list[MoEConfig]:
+    block_ms = [16] if num_pairs <= 64 else [64, 128]
+    return [MoEConfig(m, n, k, w, s) for m, n, k, w, s in itertools.product(
+        block_ms, [32, 64, 128], [64, 128], [4, 8], [3, 4])]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", default="1,4,16,64,256,1024,4096")
+    parser.add_argument("--tp", type=int, default=1, help="ranks the experts' intermediate dimension is split over")
+    parser.add_argument("--sweep", action="store_true")
+    args = parser.parse_args()
+    inter = INTER // args.tp
+    bandwidth = copy_bandwidth()
+    rows = []
+    for tokens in map(int, args.tokens.split(",")):
+        x, w13, w2, weights, ids = layer_inputs(tokens, inter)
+        experts_hit = ids.unique().numel()
+        weight_bytes = experts_hit * 3 * inter * HIDDEN * 2
+        roofline_ms = weight_bytes / bandwidth * 1000
+        expected = fused_moe(x, w13, w2, weights, ids)
+        row = {"tokens": tokens, "experts_read": experts_hit, "roofline_ms": roofline_ms,
+               "default": {"config": default_config(tokens * TOP_K).__dict__,
+                           "ms": timed_ms(lambda: fused_moe(x, w13, w2, weights, ids))}}
+        row["default"]["fraction_of_roofline"] = roofline_ms / row["default"]["ms"]
+        if args.sweep:
+            best = None
+            for config in sweep_configs(tokens * TOP_K):
+                try:
+                    got = fused_moe(x, w13, w2, weights, ids, config)
+                except Exception as error:  # a tile too large for shared memory
+                    print(f"skip {config}: {type(error).__name__}", file=sys.stderr)
+                    continue
+                torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+                ms = timed_ms(lambda: fused_moe(x, w13, w2, weights, ids, config))
+                if best is None or ms < best["ms"]:
+                    best = {"config": config.__dict__, "ms": ms, "fraction_of_roofline": roofline_ms / ms}
+            row["best"] = best
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+    print(json.dumps({"benchmark": "fused_moe", "device": torch.cuda.get_device_name(), "tp": args.tp,
+                      "copy_bandwidth_bytes_per_s": bandwidth, "by_tokens": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
