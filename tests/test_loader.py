@@ -13,7 +13,6 @@ import torch
 import transformers
 
 from server.models import loader
-from server.models.gguf_checkpoint import unpermute_rotary_rows
 from server.models.loader import (
     ModelSource,
     iter_weights,
@@ -21,6 +20,7 @@ from server.models.loader import (
     load_generation_config,
     resolve_model,
 )
+from server.models.rotary_rows import unpermute_rotary_rows
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

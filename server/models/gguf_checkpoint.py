@@ -16,6 +16,8 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 from tqdm import tqdm
 
+from server.models.rotary_rows import unpermute_rotary_rows
+
 _LAYER_TENSORS = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
@@ -100,21 +102,6 @@ def hf_tensor_name(gguf_name: str) -> str:
         raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face llama counterpart")
     layer, kind = match.groups()
     return f"model.layers.{layer}.{_LAYER_TENSORS[kind]}.weight"
-
-
-def unpermute_rotary_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's reordering of q_proj/k_proj rows.
-
-    HF rotates the two halves of each head (`rotate_half`); llama.cpp rotates adjacent
-    pairs, so its converter regroups each head's rows from [2, head_dim/2] to
-    [head_dim/2, 2]. Swapping those axes back restores HF's row order.
-    """
-    rows = weight.shape[0]
-    return (
-        weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:])
-        .transpose(1, 2)
-        .reshape(weight.shape)
-    )
 
 
 def iter_gguf_weights(reader: GGUFReader, config: dict) -> Iterator[tuple[str, torch.Tensor]]:

