@@ -129,4 +129,6 @@ def test_metrics_count_what_happened(tiny_server):
                  "tgi_batch_current_size", "tgi_batch_max_total_tokens"):
         assert f"\n{name}" in after
     assert metric(after, "tgi_batch_current_size") == 0 and metric(after, "tgi_batch_current_max_tokens") == 0
+    assert metric(after, "tgi_kv_cache_blocks_in_use") == 0
+    assert metric(after, "tgi_kv_cache_blocks_total") == 8192 // 16  # --max-batch-total-tokens / block size
     assert "# TYPE tgi_request_count counter" in after

@@ -68,6 +68,9 @@ class Metrics:
         "tgi_batch_current_size": ("gauge", "Sequences in the running batch"),
         "tgi_batch_current_max_tokens": ("gauge", "KV cache tokens in use"),
         "tgi_batch_max_total_tokens": ("gauge", "KV cache capacity in tokens"),
+        # Not TGI's (its KV cache is not paged in blocks it reports); what a leak check counts.
+        "tgi_kv_cache_blocks_in_use": ("gauge", "KV cache blocks held by sequences"),
+        "tgi_kv_cache_blocks_total": ("gauge", "KV cache blocks in all"),
     }
 
     def __init__(self):

@@ -60,10 +60,13 @@ class ServerState:
     def refresh_gauges(self) -> None:
         stats = self.engine.stats()
         block_size = self.engine.engine.config.cache.block_size
+        in_use = stats.num_blocks - stats.num_free_blocks  # cached blocks that no sequence holds are free
         self.metrics.set("tgi_queue_size", stats.num_waiting)
         self.metrics.set("tgi_batch_current_size", stats.num_running)
-        self.metrics.set("tgi_batch_current_max_tokens", (stats.num_blocks - stats.num_free_blocks) * block_size)
+        self.metrics.set("tgi_batch_current_max_tokens", in_use * block_size)
         self.metrics.set("tgi_batch_max_total_tokens", stats.num_blocks * block_size)
+        self.metrics.set("tgi_kv_cache_blocks_in_use", in_use)
+        self.metrics.set("tgi_kv_cache_blocks_total", stats.num_blocks)
 
 
 class RequestTrace:
