@@ -3,17 +3,20 @@
 Cache layout per layer: `[num_blocks, block_size, num_kv_heads, head_dim]`, so a slot
 (`block * block_size + offset`) holds `num_kv_heads * head_dim` contiguous values. A slot of
 -1 marks a padding token (a CUDA-graph batch filled up to its captured size): nothing is written.
+An fp8 (e4m3) cache stores clamp(k * (1 / k_scale), -448, 448) and v likewise, with one scale
+per layer (the reciprocal rounded to float32 once, as the torch reference rounds it).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
+from kernels.quant_reference import FP8, FP8_MAX
 
 
 @triton.jit
-def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_k, stride_v,
-                     WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_k, stride_v, k_inv_scale, v_inv_scale,
+                     WIDTH: tl.constexpr, BLOCK: tl.constexpr, QUANTIZE: tl.constexpr, FP8_MAX: tl.constexpr):
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token)
     if slot >= 0:
@@ -21,14 +24,18 @@ def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_k,
         mask = offs < WIDTH
         k = tl.load(k_ptr + token * stride_k + offs, mask=mask)
         v = tl.load(v_ptr + token * stride_v + offs, mask=mask)
-        tl.store(k_cache_ptr + slot * WIDTH + offs, k, mask=mask)
-        tl.store(v_cache_ptr + slot * WIDTH + offs, v, mask=mask)
+        if QUANTIZE:
+            k = tl.minimum(tl.maximum(k.to(tl.float32) * k_inv_scale, -FP8_MAX), FP8_MAX)
+            v = tl.minimum(tl.maximum(v.to(tl.float32) * v_inv_scale, -FP8_MAX), FP8_MAX)
+        tl.store(k_cache_ptr + slot * WIDTH + offs, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_cache_ptr + slot * WIDTH + offs, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
-def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+def store_kv(k, v, k_cache, v_cache, slot_mapping, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """k, v may be strided views (of a fused QKV output) with contiguous heads."""
     num_tokens, kv_heads, head_dim = k.shape
     assert k.stride(2) == 1 and k.stride(1) == head_dim and v.stride(1) == head_dim
     width = kv_heads * head_dim
     _store_kv_kernel[(num_tokens,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
-                                    WIDTH=width, BLOCK=triton.next_power_of_2(width))
+                                    1.0 / k_scale, 1.0 / v_scale, WIDTH=width, BLOCK=triton.next_power_of_2(width),
+                                    QUANTIZE=k_cache.dtype == FP8, FP8_MAX=FP8_MAX)

@@ -7,7 +7,8 @@ the weighted sum of V). A second kernel merges the splits by their log-sum-exps:
     out = sum_s exp(lse_s - max lse) * out_s / sum_s exp(lse_s - max lse)
 The number of splits depends only on the batch shape, never on the contexts, so a decode step
 can be captured in a CUDA graph and replayed with other contexts. A sequence with context 0
-(a padding row of a captured batch) gets zeros.
+(a padding row of a captured batch) gets zeros. An fp8 cache is read as k_cache * k_scale
+(and v likewise), rounded to q's dtype, before it is multiplied.
 """
 from __future__ import annotations
 
@@ -16,14 +17,16 @@ import triton
 import triton.language as tl
 
 from kernels.precision import LOG2E, dot_precision
+from kernels.quant_reference import FP8
 
 
 @triton.jit
 def _decode_split_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, part_out_ptr, part_lse_ptr,
-        scale_log2, window, stride_qt, stride_qh, stride_bt, stride_cb, stride_cs, stride_ch,
+        scale_log2, window, k_scale, v_scale, stride_qt, stride_qh, stride_bt, stride_cb, stride_cs, stride_ch,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-        PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr):
+        PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+        FP8_CACHE: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -53,12 +56,16 @@ def _decode_split_kernel(
         slot = block.to(tl.int64) * stride_cb + (pos % PAGE) * stride_cs + kv_head * stride_ch
         kv_mask = pmask[:, None] & dmask[None, :]
         k = tl.load(k_cache_ptr + slot[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        if FP8_CACHE:
+            k = (k.to(tl.float32) * k_scale).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_G, BLOCK_N], in log2 units
         s = tl.where(pmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m - m_new)
         v = tl.load(v_cache_ptr + slot[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        if FP8_CACHE:
+            v = (v.to(tl.float32) * v_scale).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         l = l * alpha + tl.sum(p, axis=1)
         m = m_new
@@ -93,7 +100,7 @@ def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_
 
 
 def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float,
-                     window: int | None, num_splits: int, out=None):
+                     window: int | None, num_splits: int, out=None, k_scale: float = 1.0, v_scale: float = 1.0):
     """q [num_seqs, heads, head_dim] -> [num_seqs, heads, head_dim]; block_tables [num_seqs,
     max_blocks] and context_lens [num_seqs] are integer tensors on the device."""
     num_seqs, num_heads, head_dim = q.shape
@@ -106,10 +113,11 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: flo
     block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse,
-        scale * LOG2E, window or 0, q.stride(0), q.stride(1), block_tables.stride(0),
+        scale * LOG2E, window or 0, k_scale, v_scale, q.stride(0), q.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
-        PAGE=page, BLOCK_N=64 if head_dim <= 128 else 32, NUM_SPLITS=num_splits, PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=2)
+        PAGE=page, BLOCK_N=64 if head_dim <= 128 else 32, NUM_SPLITS=num_splits, PRECISION=dot_precision(q.dtype),
+        FP8_CACHE=k_cache.dtype == FP8, num_warps=4, num_stages=2)
     _merge_splits_kernel[(num_seqs, num_heads)](
         part_out, part_lse, out, out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_D=block_d,
         NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits))

@@ -6,7 +6,8 @@ Program (seq, head, m_block) takes BLOCK_M query rows of one sequence; query row
 position ctx - q_len + r. It walks the keys from the window's start to its last row's
 position in BLOCK_N tiles, gathering each key's slot through the block table, with an online
 softmax (exp2 in log2 units). Rows that see no key yet in a tile keep their running state:
-the max is read as 0 there, so no -inf minus -inf appears.
+the max is read as 0 there, so no -inf minus -inf appears. An fp8 cache is read as
+k_cache * k_scale (and v likewise), rounded to q's dtype.
 """
 from __future__ import annotations
 
@@ -15,15 +16,16 @@ import triton
 import triton.language as tl
 
 from kernels.precision import LOG2E, dot_precision
+from kernels.quant_reference import FP8
 
 
 @triton.jit
 def _prefill_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_query_lens_ptr, context_lens_ptr, out_ptr,
-        scale_log2, window, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+        scale_log2, window, k_scale, v_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
         stride_cb, stride_cs, stride_ch,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, FP8_CACHE: tl.constexpr):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     m_block = tl.program_id(2)
@@ -54,6 +56,8 @@ def _prefill_kernel(
             slot = block.to(tl.int64) * stride_cb + (k_pos % PAGE) * stride_cs + kv_head * stride_ch
             kv_mask = kmask[:, None] & dmask[None, :]
             k = tl.load(k_cache_ptr + slot[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            if FP8_CACHE:
+                k = (k.to(tl.float32) * k_scale).to(q.dtype)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
             allowed = kmask[None, :] & (k_pos[None, :] <= q_pos[:, None])
             if window > 0:
@@ -64,6 +68,8 @@ def _prefill_kernel(
             p = tl.exp2(s - m_safe[:, None])
             alpha = tl.exp2(m - m_safe)
             v = tl.load(v_cache_ptr + slot[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            if FP8_CACHE:
+                v = (v.to(tl.float32) * v_scale).to(q.dtype)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             l = l * alpha + tl.sum(p, axis=1)
             m = m_new
@@ -73,7 +79,7 @@ def _prefill_kernel(
 
 
 def prefill_attention(q, k_cache, v_cache, block_tables, cu_query_lens, context_lens, max_query_len: int,
-                      scale: float, window: int | None, out=None):
+                      scale: float, window: int | None, out=None, k_scale: float = 1.0, v_scale: float = 1.0):
     """q [num_tokens, heads, head_dim] (sequence i owns rows cu_query_lens[i]:cu_query_lens[i+1])."""
     num_tokens, num_heads, head_dim = q.shape
     num_seqs = context_lens.shape[0]
@@ -83,8 +89,9 @@ def prefill_attention(q, k_cache, v_cache, block_tables, cu_query_lens, context_
     block_m = 64 if max_query_len > 32 else 16
     _prefill_kernel[(num_seqs, num_heads, triton.cdiv(max_query_len, block_m))](
         q, k_cache, v_cache, block_tables, cu_query_lens, context_lens, out,
-        scale * LOG2E, window or 0, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        scale * LOG2E, window or 0, k_scale, v_scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        PAGE=page, BLOCK_M=block_m, BLOCK_N=64, PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=2)
+        PAGE=page, BLOCK_M=block_m, BLOCK_N=64, PRECISION=dot_precision(q.dtype),
+        FP8_CACHE=k_cache.dtype == FP8, num_warps=4, num_stages=2)
     return out

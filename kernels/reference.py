@@ -6,15 +6,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.quant_reference import FP8, FP8_MAX
 
-def store_kv_reference(k, v, k_cache, v_cache, slot_mapping) -> None:
-    """k, v [num_tokens, kv_heads, head_dim] into their slots; slot -1 (padding) is skipped."""
+
+def store_kv_reference(k, v, k_cache, v_cache, slot_mapping, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """k, v [num_tokens, kv_heads, head_dim] into their slots; slot -1 (padding) is skipped.
+    An fp8 cache gets clamp(k * (1 / k_scale), -448, 448) (and v likewise)."""
     keep = slot_mapping >= 0
     num_blocks, block_size, kv_heads, head_dim = k_cache.shape
     if not bool(keep.all()):
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
-    k_cache.view(num_blocks * block_size, kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    v_cache.view(num_blocks * block_size, kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    for values, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+        if cache.dtype == FP8:  # index_copy_ has no fp8 kernel: copy the bytes
+            values = (values.float() * (1.0 / scale)).clamp(-FP8_MAX, FP8_MAX).to(FP8).view(torch.uint8)
+            cache = cache.view(torch.uint8)
+        cache.view(num_blocks * block_size, kv_heads, head_dim).index_copy_(0, slot_mapping, values)
 
 
 def rmsnorm_reference(x, weight, eps, residual=None):
