@@ -7,9 +7,13 @@ Nothing can be downloaded on the GPU machine, and shapes, not values, decide spe
     python benchmarks/make_checkpoint.py /tmp/mistral-2l --num-layers 2
     python benchmarks/make_checkpoint.py /tmp/mixtral-4l --mixtral --num-layers 4
     python benchmarks/make_checkpoint.py /tmp/mixtral --mixtral --no-weights   # --load-format dummy
+    python benchmarks/make_checkpoint.py /tmp/mistral-7b-gptq --quantize gptq   # 4-bit, 4.2 GB
 
 Weights are drawn on the GPU when there is one (std 0.02, norms at 1), saved as bf16
-safetensors shards with an index, beside the real v3 tokenizer from mistral-common.
+safetensors shards with an index, beside the real v3 tokenizer from mistral-common. With
+`--quantize gptq` or `awq` the decoder's linear layers are written as those 4-bit formats
+(group size 128, symmetric: random 4-bit values, zero points 8, scales giving std ~0.02)
+with their quantization_config, drawn directly in the packed layout, which takes seconds.
 """
 from __future__ import annotations
 
@@ -45,10 +49,41 @@ def layer_shapes(i: int, c: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+GROUP_SIZE = 128
+_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def quantization_config(quantize: str) -> dict:
+    if quantize == "gptq":
+        return {"quant_method": "gptq", "bits": 4, "group_size": GROUP_SIZE, "desc_act": False, "sym": True,
+                "checkpoint_format": "gptq"}
+    return {"quant_method": "awq", "bits": 4, "group_size": GROUP_SIZE, "zero_point": True, "version": "gemm"}
+
+
+def int4_tensors(name: str, shape: tuple[int, int], quantize: str, generator, device) -> dict[str, torch.Tensor]:
+    """One linear layer's 4-bit tensors: words of random nibbles, zero points 8 (GPTQ stores 7),
+    scales 0.02 / 4.6 (the std of a uniform nibble less 8)."""
+    out_features, in_features = shape
+    layer = name.removesuffix(".weight")
+    groups = in_features // GROUP_SIZE
+    words = (in_features, out_features // 8) if quantize == "awq" else (in_features // 8, out_features)
+    zero_word = 0x77777777 if quantize == "gptq" else 0x88888888 - 2**32  # eight nibbles, as an int32
+    tensors = {
+        f"{layer}.qweight": torch.randint(-2**31, 2**31, words, generator=generator, device=device,
+                                          dtype=torch.int64).to(torch.int32).cpu(),
+        f"{layer}.qzeros": torch.full((groups, out_features // 8), zero_word, dtype=torch.int32),
+        f"{layer}.scales": torch.full((groups, out_features), 0.02 / 4.6, dtype=torch.bfloat16),
+    }
+    if quantize == "gptq":
+        tensors[f"{layer}.g_idx"] = (torch.arange(in_features) // GROUP_SIZE).to(torch.int32)
+    return tensors
+
+
 def make(path: Path, num_layers: int, seed: int = 0, mixtral: bool = False, router_std: float = 0.02,
-         weights: bool = True) -> Path:
+         weights: bool = True, quantize: str | None = None) -> Path:
     """`weights=False` writes the config and tokenizer only, for `load_format="dummy"`. `router_std`: a larger spread makes the experts' routing decisive, so that two
-    implementations' rounding never flips which experts a token goes to (for parity tests)."""
+    implementations' rounding never flips which experts a token goes to (for parity tests).
+    `quantize`: "gptq" or "awq" writes the decoder's linear layers in that 4-bit format."""
     path.mkdir(parents=True, exist_ok=True)
     kind = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 32000,
             "num_local_experts": 8, "num_experts_per_tok": 2} if mixtral else \
@@ -58,6 +93,8 @@ def make(path: Path, num_layers: int, seed: int = 0, mixtral: bool = False, rout
               "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False,
               "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16", "attention_dropout": 0.0,
               "initializer_range": 0.02, "use_cache": True}
+    if quantize:
+        config["quantization_config"] = quantization_config(quantize)
     (path / "config.json").write_text(json.dumps(config, indent=2))
     (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     data = Path(importlib.util.find_spec("mistral_common").submodule_search_locations[0]) / "data"
@@ -71,11 +108,13 @@ def make(path: Path, num_layers: int, seed: int = 0, mixtral: bool = False, rout
     device = "cuda" if torch.cuda.is_available() else "cpu"
     generator = torch.Generator(device).manual_seed(seed)
 
-    def tensor(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def tensors(name: str, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
         if name.endswith("norm.weight"):
-            return torch.ones(shape, dtype=torch.bfloat16)
+            return {name: torch.ones(shape, dtype=torch.bfloat16)}
+        if quantize and name.split(".")[-2] in _LINEARS:
+            return int4_tensors(name, shape, quantize, generator, device)
         std = router_std if name.endswith("block_sparse_moe.gate.weight") else 0.02
-        return (torch.randn(shape, generator=generator, device=device) * std).to(torch.bfloat16).cpu()
+        return {name: (torch.randn(shape, generator=generator, device=device) * std).to(torch.bfloat16).cpu()}
 
     c = config
     groups = [{"model.embed_tokens.weight": (c["vocab_size"], c["hidden_size"])}]
@@ -89,8 +128,9 @@ def make(path: Path, num_layers: int, seed: int = 0, mixtral: bool = False, rout
     weight_map = {}
     for index, shard in enumerate(shards, start=1):
         name = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-        save_file({n: tensor(n, s) for n, s in shard.items()}, str(path / name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, name))
+        written = {n: t for checkpoint_name, shape in shard.items() for n, t in tensors(checkpoint_name, shape).items()}
+        save_file(written, str(path / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(written, name))
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return path
 
@@ -103,8 +143,10 @@ def main() -> None:
     parser.add_argument("--mixtral", action="store_true", help="Mixtral-8x7B's shapes (8 experts, top-2)")
     parser.add_argument("--no-weights", action="store_true",
                         help="config and tokenizer only, for --load-format dummy (no disk, no wait)")
+    parser.add_argument("--quantize", choices=["gptq", "awq"], help="write the linear layers in this 4-bit format")
     args = parser.parse_args()
-    print(make(args.path, args.num_layers, args.seed, args.mixtral, weights=not args.no_weights))
+    print(make(args.path, args.num_layers, args.seed, args.mixtral, weights=not args.no_weights,
+               quantize=args.quantize))
 
 
 if __name__ == "__main__":

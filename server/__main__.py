@@ -8,6 +8,7 @@ import sys
 
 QUANTIZE = ["awq", "compressed-tensors", "eetq", "exl2", "gptq", "marlin", "bitsandbytes",
             "bitsandbytes-nf4", "bitsandbytes-fp4", "fp8"]
+KV_CACHE_DTYPES = ["auto", "fp8", "fp8_e4m3fn", "fp8_e5m2"]
 
 # flag, type, default, help. Each flag's environment twin is its name in UPPER_SNAKE case.
 FLAGS = [
@@ -20,7 +21,12 @@ FLAGS = [
      "gloo), each holding 1/N of the weights. Default: 1, or every visible GPU with --sharded true."),
     ("--sharded", str, None, "true or false: whether to shard the model (TGI's flag); true with no "
      "--num-shard uses every visible GPU."),
-    ("--quantize", str, None, f"Weight quantization: {', '.join(QUANTIZE)}."),
+    ("--quantize", str, None, "Weight quantization (TGI's values; these run here): fp8 (e4m3 weights with "
+     "per-channel scales, quantized at load or read from an fp8 checkpoint; needs a GPU of compute capability "
+     "8.9+ or the CPU), awq and gptq (4-bit checkpoints), compressed-tensors (its fp8 checkpoints). Default: "
+     "what the checkpoint's quantization_config says."),
+    ("--kv-cache-dtype", str, "auto", "auto (the model dtype) or fp8 / fp8_e4m3fn: e4m3 with a scale per layer "
+     "(the checkpoint's k_scale/v_scale, else 1.0), which holds twice the tokens."),
     ("--max-concurrent-requests", int, 128, "Requests in flight (running and queued) beyond which "
      "new ones are refused with 429 at once, rather than left waiting."),
     ("--max-best-of", int, 2, "Largest `best_of` (and OpenAI `n`) a request may ask for."),
@@ -59,7 +65,7 @@ FLAGS = [
 ]
 
 
-CHOICES = {"--quantize": QUANTIZE, "--load-format": ("auto", "dummy")}
+CHOICES = {"--quantize": QUANTIZE, "--kv-cache-dtype": KV_CACHE_DTYPES, "--load-format": ("auto", "dummy")}
 
 
 def _env_value(flag: str, kind):
@@ -139,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         max_batch_total_tokens=args.max_batch_total_tokens,
         max_batch_prefill_tokens=args.max_batch_prefill_tokens, max_model_len=args.max_total_tokens,
         cuda_memory_fraction=args.cuda_memory_fraction, quantize=args.quantize,
-        load_format=args.load_format)
+        load_format=args.load_format, kv_cache_dtype=args.kv_cache_dtype)
     if rank:
         log.info("rank %d of %d: running the steps rank 0 sends", rank, engine_args.tensor_parallel_size)
         start_runner(engine_args, rank).runner.serve_steps()

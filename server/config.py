@@ -5,6 +5,17 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class QuantConfig:
+    """How the linear layers of the decoder hold their weights (resolved from `--quantize` and
+    the checkpoint's `quantization_config`; the embedding and LM head stay in the model dtype)."""
+
+    method: str  # "fp8" (e4m3, per-channel scales), "awq" or "gptq" (4-bit)
+    group_size: int = 128  # 4-bit: inputs sharing a scale and zero point (-1: all of them)
+    desc_act: bool = False  # GPTQ's act-order: g_idx spreads each group over the inputs
+    zero_offset: int = 0  # added to stored zero points (1 for the original GPTQ format)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Architecture facts read from a checkpoint's config.json (or GGUF metadata)."""
 
@@ -27,6 +38,7 @@ class ModelConfig:
     torch_dtype: str | None
     num_experts: int = 0  # mixture of experts (Mixtral): experts per layer, 0 for a dense MLP
     num_experts_per_tok: int = 0
+    quantization: QuantConfig | None = None  # None: every weight in the model dtype
 
     @classmethod
     def from_hf(cls, hf: dict, generation: dict | None = None) -> "ModelConfig":
@@ -111,7 +123,8 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     cpu_kv_cache_bytes: int = 2 << 30
     cuda_memory_fraction: float = 1.0  # share of the GPU's memory this process may use
-    quantize: str | None = None
+    quantize: str | None = None  # TGI's --quantize: fp8, awq, gptq, compressed-tensors (None: as stored)
+    kv_cache_dtype: str = "auto"  # "auto" (the model dtype) or "fp8" (e4m3, half the bytes)
     attention_backend: str = "auto"  # triton on CUDA, torch on the CPU
     enforce_eager: bool = False  # no CUDA graphs
     load_format: str = "auto"  # "dummy": random weights of the checkpoint's shapes (benchmarks)

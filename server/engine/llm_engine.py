@@ -29,8 +29,6 @@ class LLMEngine:
     def __init__(self, args: EngineArgs):
         if args.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be positive, got {args.tensor_parallel_size}")
-        if args.quantize is not None:
-            raise ValueError(f"quantize={args.quantize!r} is not supported yet")
         if not 0 < args.cuda_memory_fraction <= 1:
             raise ValueError(f"cuda_memory_fraction must be in (0, 1], got {args.cuda_memory_fraction}")
         if args.block_size < 1 or args.max_batch_prefill_tokens < 1 or args.max_num_seqs < 1:

@@ -6,7 +6,9 @@ position p of a sequence lives in slot `block_table[p // block_size] * block_siz
 
 Backends: `triton` (our kernels, the default on CUDA) and `torch` (the reference, and the CPU
 path). Each step stores the new K/V first, then attends over the cache, so a prefill chunk
-sees its cached prefix and itself the same way.
+sees its cached prefix and itself the same way. An fp8 (e4m3) cache stores K / k_scale and
+V / v_scale, one scale per layer: the checkpoint's `k_scale`/`v_scale` when it has them, 1.0
+otherwise (K and V of the usual models stay well inside e4m3's range of +-448).
 """
 from __future__ import annotations
 
@@ -69,6 +71,7 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.scale = head_dim ** -0.5
         self.sliding_window = sliding_window
+        self.k_scale = self.v_scale = 1.0  # of an fp8 cache
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
@@ -82,18 +85,20 @@ class Attention(nn.Module):
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
     def _triton(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
-        store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        scales = dict(k_scale=self.k_scale, v_scale=self.v_scale)
+        store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, **scales)
         if meta.decode_only:
             return decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
-                                    self.scale, self.sliding_window, meta.num_splits)
+                                    self.scale, self.sliding_window, meta.num_splits, **scales)
         return prefill_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.cu_query_lens,
-                                 meta.context_lens, meta.max_query_len, self.scale, self.sliding_window)
+                                 meta.context_lens, meta.max_query_len, self.scale, self.sliding_window, **scales)
 
     def _torch(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
-        store_kv_reference(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        scales = dict(k_scale=self.k_scale, v_scale=self.v_scale)
+        store_kv_reference(k, v, self.k_cache, self.v_cache, meta.slot_mapping, **scales)
         tables = meta.block_tables.long()
         if meta.decode_only:
             return decode_attention_reference(q, self.k_cache, self.v_cache, tables,
-                                              meta.context_lens.long(), self.scale, self.sliding_window)
+                                              meta.context_lens.long(), self.scale, self.sliding_window, **scales)
         return prefill_attention_reference(q, self.k_cache, self.v_cache, tables, meta.query_lens,
-                                           meta.context_lens_list, self.scale, self.sliding_window)
+                                           meta.context_lens_list, self.scale, self.sliding_window, **scales)

@@ -20,7 +20,9 @@ class Embedding(nn.Module):
         self.weight = nn.Parameter(torch.zeros(per_rank, hidden_size), requires_grad=False)
         self.sharded = tp.size > 1
 
-    def load(self, loaded, bias: bool = False) -> None:
+    def load(self, loaded, name: str = "weight") -> None:
+        if name != "weight":
+            raise ValueError(f"unexpected tensor {name!r} in an embedding")
         rows = max(0, min(self.weight.shape[0], self.vocab_size - self.start))
         self.weight.data[:rows].copy_(loaded[self.start:self.start + rows])
 
@@ -44,8 +46,8 @@ class LMHead(nn.Module):
             self.embedding = None
             self.weight = tied_to.weight
 
-    def load(self, loaded, bias: bool = False) -> None:
-        self.embedding.load(loaded)
+    def load(self, loaded, name: str = "weight") -> None:
+        self.embedding.load(loaded, name)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = all_gather_last_dim(F.linear(hidden, self.weight))

@@ -6,6 +6,13 @@ all; `RowParallelLinear` splits the input columns and sums the partial products 
 all-reduce. Each piece of a merged matrix is cut into its own number of parts (k and v into as many as there are KV heads, when there are fewer than ranks, so those
 heads are replicated). Checkpoint tensors arrive as anything sliceable (a tensor, or a lazy
 safetensors slice that reads only the rows asked for).
+
+How a layer holds and multiplies its weight is its scheme, chosen by the quantization config:
+`DenseWeight` (the model dtype), `Fp8Weight` or `Int4Weight` (AWQ and GPTQ). A scheme
+registers its tensors on the layer under their checkpoint names, reads a rank's slice of each
+(`out_cut`: the outputs of a column-parallel piece, `in_cut`: the inputs of a row-parallel
+rank, both in units of weight rows and columns; `rows`: where the piece's outputs go in the
+layer), turns them into what it multiplies with once all are read (`finish`), and applies them.
 """
 from __future__ import annotations
 
@@ -13,41 +20,82 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.layers.parallel import all_reduce, tensor_parallel
+from server.config import QuantConfig
+from server.layers.fp8_linear import Fp8Weight
+from server.layers.int4_linear import Int4Weight
+from server.layers.parallel import all_reduce, read_shard, tensor_parallel
+
+
+class DenseWeight:
+    """weight [out, in] in the model dtype."""
+
+    def create(self, layer: nn.Module, in_features: int, out_features: int, full_in_features: int) -> None:
+        layer.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+
+    def load(self, layer: nn.Module, name: str, loaded, out_cut, in_cut, rows: tuple[int, int]) -> None:
+        if name != "weight":
+            raise ValueError(f"unexpected tensor {name!r}: the model is not quantized")
+        layer.weight.data[rows[0]:rows[1]].copy_(read_shard(loaded, {0: out_cut, 1: in_cut}))
+
+    def finish(self, layer: nn.Module) -> None:
+        pass
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, layer.weight, bias)
+
+
+def weight_scheme(quant: QuantConfig | None):
+    if quant is None:
+        return DenseWeight()
+    return Fp8Weight() if quant.method == "fp8" else Int4Weight(quant)
 
 
 class MergedColumnParallelLinear(nn.Module):
-    def __init__(self, in_features: int, pieces: list[tuple[int, int]], bias: bool = False):
+    def __init__(self, in_features: int, pieces: list[tuple[int, int]], bias: bool = False,
+                 quant: QuantConfig | None = None):
         """`pieces`: (rows in the checkpoint, parts it is cut into) for each stacked matrix."""
         super().__init__()
         tp = tensor_parallel()
         self.shares = [tp.part(rows, parts) for rows, parts in pieces]  # (start, length) each
         self.offsets = [sum(length for _, length in self.shares[:i]) for i in range(len(pieces) + 1)]
-        self.weight = nn.Parameter(torch.empty(self.offsets[-1], in_features), requires_grad=False)
+        self.scheme = weight_scheme(quant)
+        self.scheme.create(self, in_features, self.offsets[-1], in_features)
         self.bias = nn.Parameter(torch.empty(self.offsets[-1]), requires_grad=False) if bias else None
 
-    def load_piece(self, index: int, loaded, bias: bool = False) -> None:
-        target = self.bias if bias else self.weight
+    def load_piece(self, index: int, loaded, name: str = "weight") -> None:
         start, length = self.shares[index]
-        target.data[self.offsets[index]:self.offsets[index + 1]].copy_(loaded[start:start + length])
+        rows = (self.offsets[index], self.offsets[index + 1])
+        if name == "bias":
+            self.bias.data[rows[0]:rows[1]].copy_(loaded[start:start + length])
+        else:
+            self.scheme.load(self, name, loaded, (start, length), None, rows)
+
+    def finish_loading(self) -> None:
+        self.scheme.finish(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.scheme.apply(self, x, self.bias)
 
 
 class RowParallelLinear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 quant: QuantConfig | None = None):
         super().__init__()
-        self.start, local = tensor_parallel().part(in_features)
-        self.weight = nn.Parameter(torch.empty(out_features, local), requires_grad=False)
+        self.in_share = tensor_parallel().part(in_features)  # (start, length)
+        self.out_features = out_features
+        self.scheme = weight_scheme(quant)
+        self.scheme.create(self, self.in_share[1], out_features, in_features)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
-    def load(self, loaded, bias: bool = False) -> None:
-        if bias:
+    def load(self, loaded, name: str = "weight") -> None:
+        if name == "bias":
             self.bias.data.copy_(loaded[:])
         else:
-            self.weight.data.copy_(loaded[:, self.start:self.start + self.weight.shape[1]])
+            self.scheme.load(self, name, loaded, None, self.in_share, (0, self.out_features))
+
+    def finish_loading(self) -> None:
+        self.scheme.finish(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = all_reduce(F.linear(x, self.weight))
+        out = all_reduce(self.scheme.apply(self, x, None))
         return out + self.bias if self.bias is not None else out

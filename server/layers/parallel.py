@@ -1,4 +1,5 @@
-"""The tensor-parallel group this process belongs to, and its two collectives.
+"""The tensor-parallel group this process belongs to, its two collectives, and reading a
+rank's slice of a checkpoint tensor.
 
 Set once per process by the runtime (`set_tensor_parallel`) before the model is built; the
 layers read it to know which slice of each weight is theirs. With one rank (the default)
@@ -30,6 +31,19 @@ class TensorParallel:
 
 
 _current = TensorParallel()
+
+
+def read_shard(loaded, cuts: dict[int, tuple[int, int] | None]) -> torch.Tensor:
+    """`loaded` (a tensor, or a lazy safetensors slice that reads only what is asked for)
+    cut to `length` entries from `start` along each dimension of `cuts` that has a
+    (start, length); the other dimensions whole."""
+    cuts = {dim: cut for dim, cut in cuts.items() if cut is not None}
+    if not cuts:
+        return loaded[...]
+    index = [slice(None)] * (max(cuts) + 1)
+    for dim, (start, length) in cuts.items():
+        index[dim] = slice(start, start + length)
+    return loaded[tuple(index)]
 
 
 def set_tensor_parallel(group: TensorParallel) -> None:

@@ -29,9 +29,10 @@ class LlamaAttention(nn.Module):
         self.head_dim = config.head_dim
         q_size, kv_size = config.num_heads * self.head_dim, config.num_kv_heads * self.head_dim
         kv_parts = min(config.num_kv_heads, tp.size)
+        quant = config.quantization
         self.qkv_proj = MergedColumnParallelLinear(
-            config.hidden_size, [(q_size, tp.size), (kv_size, kv_parts), (kv_size, kv_parts)])
-        self.o_proj = RowParallelLinear(q_size, config.hidden_size)
+            config.hidden_size, [(q_size, tp.size), (kv_size, kv_parts), (kv_size, kv_parts)], quant=quant)
+        self.o_proj = RowParallelLinear(q_size, config.hidden_size, quant=quant)
         self.rotary = rotary
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim,
                               config.sliding_window, backend)
@@ -47,13 +48,25 @@ class LlamaAttention(nn.Module):
         q, k = self.rotary(positions, q, k)
         return self.o_proj(self.attn(q, k, v, meta))
 
+    def load(self, loaded, name: str) -> None:
+        """The scales of an fp8 KV cache (`k_scale`, `v_scale`, or one `kv_scale` for both)."""
+        if name not in ("k_scale", "v_scale", "kv_scale"):
+            raise ValueError(f"unexpected tensor {name!r} in an attention layer")
+        scale = float(loaded[...])
+        if name != "v_scale":
+            self.attn.k_scale = scale
+        if name != "k_scale":
+            self.attn.v_scale = scale
+
 
 class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         parts = tensor_parallel().size
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [(config.intermediate_size, parts)] * 2)
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size)
+        quant = config.quantization
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [(config.intermediate_size, parts)] * 2,
+                                                       quant=quant)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, quant=quant)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,30 +130,46 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, object]], already_loaded: set[str] = frozenset()) -> None:
         """Copy checkpoint tensors (Hugging Face names) into the parameters, each rank taking
         its own slice; every parameter must be set (`already_loaded`: by a subclass). A weight
-        may be any sliceable tensor."""
+        may be any sliceable tensor. Then the layers turn what they read into what they run
+        with (quantized layers repack their weights)."""
         params = dict(self.named_parameters())
         missing = set(params) - set(already_loaded)
         for name, loaded in weights:
             name = name.removeprefix("model.")
             if "rotary_emb" in name or (name == "lm_head.weight" and self.config.tie_word_embeddings):
                 continue
-            is_bias = name.endswith(".bias")
-            for checkpoint_name, (ours, index) in self.merged_pieces.items():
-                if f".{checkpoint_name}." in name:
-                    target = name.replace(checkpoint_name, ours)
-                    self.get_submodule(target.rsplit(".", 1)[0]).load_piece(index, loaded, bias=is_bias)
-                    missing.discard(target)
-                    break
-            else:
-                if name not in params:
-                    raise ValueError(f"unexpected weight {name!r} in the checkpoint")
-                module = self.get_submodule(name.rsplit(".", 1)[0])
-                if hasattr(module, "load"):
-                    module.load(loaded, bias=is_bias)
-                else:  # replicated on every rank (norms)
-                    params[name].data.copy_(loaded[:])
-                missing.discard(name)
+            try:
+                missing.discard(self._load_one(name, loaded, params))
+            except ValueError as error:
+                raise ValueError(f"checkpoint tensor {name!r}: {error}") from error
         if self.config.tie_word_embeddings:
             missing.discard("lm_head.weight")
         if missing:
             raise ValueError(f"weights missing from the checkpoint: {sorted(missing)[:5]}")
+        for name, module in self.named_modules():
+            if hasattr(module, "finish_loading"):
+                try:
+                    module.finish_loading()
+                except ValueError as error:
+                    raise ValueError(f"{name}: {error}") from error
+
+    def _load_one(self, name: str, loaded, params: dict) -> str:
+        """Load one checkpoint tensor; -> the name of the parameter it set."""
+        for checkpoint_name, (ours, index) in self.merged_pieces.items():
+            if f".{checkpoint_name}." in name:
+                target = name.replace(checkpoint_name, ours)
+                module_name, tensor = target.rsplit(".", 1)
+                self.get_submodule(module_name).load_piece(index, loaded, tensor)
+                return target
+        module_name, tensor = name.rsplit(".", 1)
+        try:
+            module = self.get_submodule(module_name)
+        except AttributeError:
+            raise ValueError("unexpected weight in the checkpoint") from None
+        if hasattr(module, "load"):
+            module.load(loaded, tensor)
+        elif name in params:  # replicated on every rank (norms)
+            params[name].data.copy_(loaded[:])
+        else:
+            raise ValueError("unexpected weight in the checkpoint")
+        return name

@@ -11,6 +11,7 @@ from server.layers.moe import SparseMoE
 from server.models.llama import LlamaForCausalLM
 
 _EXPERT = re.compile(r"layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
+_QUANTIZED_EXPERT = re.compile(r"block_sparse_moe\.experts\.\d+\.w\d\.(?!weight$)")
 
 
 class MixtralForCausalLM(LlamaForCausalLM):
@@ -27,6 +28,9 @@ class MixtralForCausalLM(LlamaForCausalLM):
 
         def the_rest():
             for name, loaded in weights:
+                if _QUANTIZED_EXPERT.search(name):
+                    raise ValueError(f"checkpoint tensor {name!r}: quantized Mixtral experts are not supported "
+                                     "(with --quantize fp8 on a bf16 checkpoint the experts stay in bf16)")
                 match = _EXPERT.search(name)
                 if match:
                     layer, expert, which = int(match[1]), int(match[2]), match[3]

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from kernels.quant_reference import FP8
 from server.config import CacheConfig, ModelConfig
 from server.layers.attention import Attention, AttentionMetadata, resolve_backend
 from server.layers.parallel import TensorParallel
@@ -49,13 +50,15 @@ class ModelRunner:
     `source` the weights are random (benchmarks)."""
 
     def __init__(self, model_config: ModelConfig, source: ModelSource | None, device: str,
-                 dtype: str, attention_backend: str = "auto", tp: TensorParallel = TensorParallel()):
+                 dtype: str, attention_backend: str = "auto", tp: TensorParallel = TensorParallel(),
+                 kv_cache_dtype: str = "auto"):
         self.model_config = model_config
         self.tp = tp
         self.num_kv_heads = max(1, model_config.num_kv_heads // tp.size)  # on this rank
         self.sends_steps = False  # the driver, once the other ranks wait for steps
         self.device = torch.device(device)
         self.dtype = _DTYPES[dtype]
+        self.kv_dtype = FP8 if kv_cache_dtype == "fp8" else self.dtype
         self.block_size = 0  # set with the KV cache
         self.graphs: DecodeGraphs | None = None
         self._staging = torch.empty(0, dtype=torch.int64)
@@ -79,7 +82,7 @@ class ModelRunner:
 
     def kv_bytes_per_token(self) -> int:
         m = self.model_config
-        return 2 * m.num_layers * self.num_kv_heads * m.head_dim * self.dtype.itemsize
+        return 2 * m.num_layers * self.num_kv_heads * m.head_dim * self.kv_dtype.itemsize
 
     def kv_tokens_that_fit(self, cpu_budget_bytes: int, max_batch_prefill_tokens: int,
                            memory_fraction: float, max_model_len: int, block_size: int) -> int:
@@ -125,8 +128,8 @@ class ModelRunner:
         shape = (cache.num_blocks, cache.block_size, self.num_kv_heads, m.head_dim)
         for module in self.model.modules():
             if isinstance(module, Attention):
-                module.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-                module.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                module.k_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+                module.v_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
 
     def free_kv_cache(self) -> None:
         for module in self.model.modules():

@@ -1,10 +1,11 @@
 """Starting a model runner: what every tensor-parallel rank does at start, in the same order
-(their collectives must match): choose device and dtype, build and load the model shard,
-size the KV cache (the smallest that fits on every rank), allocate it, capture graphs."""
+(their collectives must match): choose device, dtype and quantization, build and load the
+model shard, size the KV cache (the smallest that fits on every rank), allocate it, capture
+graphs."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import torch
@@ -13,8 +14,10 @@ import torch.distributed as dist
 from server.config import CacheConfig, EngineArgs, ModelConfig
 from server.layers.parallel import TensorParallel, set_tensor_parallel
 from server.models.loader import ModelSource, load_config, load_generation_config, resolve_model
+from server.models.quantization import resolve_quantization
 from server.runtime.model_runner import ModelRunner
 
+_KV_CACHE_DTYPES = {"auto": "auto", "fp8": "fp8", "fp8_e4m3fn": "fp8"}  # TGI's name for e4m3, and ours
 _DTYPE_NAMES = {"float32": "float32", "float": "float32", "float16": "float16", "half": "float16",
                 "bfloat16": "bfloat16", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -46,6 +49,22 @@ def device_and_dtype(args: EngineArgs, model: ModelConfig, rank: int) -> tuple[s
     else:
         raise ValueError(f"dtype {args.dtype!r} is not supported: auto, float32, float16, bfloat16")
     return device, dtype
+
+
+def kv_cache_dtype(name: str) -> str:
+    if name not in _KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype {name!r} is not supported: auto (the model dtype), fp8 or fp8_e4m3fn "
+                         "(e4m3 with a scale per layer)")
+    return _KV_CACHE_DTYPES[name]
+
+
+def check_fp8(device: str, what: str) -> None:
+    """fp8 matmuls and conversions need compute capability 8.9 (Ada, Hopper and newer)."""
+    if device.startswith("cuda"):
+        capability = torch.cuda.get_device_capability(device)
+        if capability < (8, 9):
+            raise ValueError(f"{what} needs a GPU with fp8 (compute capability 8.9 or newer); "
+                             f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}")
 
 
 def launched_rank() -> int | None:
@@ -90,9 +109,18 @@ def start_runner(args: EngineArgs, rank: int = 0, port: int = 0) -> StartedRunne
         raise ValueError(f"load_format {args.load_format!r} is not supported: auto, dummy")
     dummy = args.load_format == "dummy"
     source = resolve_model(args.model, args.revision, args.download_dir, weights=not dummy)
-    model = ModelConfig.from_hf(load_config(source), load_generation_config(source))
+    hf_config = load_config(source)
+    quantization = resolve_quantization(hf_config, args.quantize)
+    if dummy and quantization is not None:
+        raise ValueError("load_format dummy draws dense random weights; it cannot be combined with quantization")
+    model = replace(ModelConfig.from_hf(hf_config, load_generation_config(source)), quantization=quantization)
     device, dtype = device_and_dtype(args, model, rank)
-    runner = ModelRunner(model, None if dummy else source, device, dtype, args.attention_backend, tp)
+    kv_dtype = kv_cache_dtype(args.kv_cache_dtype)
+    if quantization is not None and quantization.method == "fp8":
+        check_fp8(device, "fp8 quantization")
+    if kv_dtype == "fp8":
+        check_fp8(device, "an fp8 KV cache")
+    runner = ModelRunner(model, None if dummy else source, device, dtype, args.attention_backend, tp, kv_dtype)
     model_len = min(args.max_model_len or model.max_position_embeddings, model.max_position_embeddings)
     kv_tokens = args.max_batch_total_tokens or runner.kv_tokens_that_fit(
         args.cpu_kv_cache_bytes, args.max_batch_prefill_tokens, args.cuda_memory_fraction,
