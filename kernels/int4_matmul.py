@@ -11,8 +11,10 @@ dequantizes in float32 (exact, as in the reference), rounds to x's dtype and mul
 tensor cores. With consecutive groups and BLOCK_K dividing group_size, a tile lies in one group
 and reads one row of scales and zeros. Decode reads every weight once for few rows of x, so
 it is bound by memory: K is split until there are a few programs per SM, and the splits'
-float32 partial sums are added at the end. The m blocks of one n block are neighbours in the
-launch order, so they share its words through the L2 cache.
+float32 partial sums are added at the end (the number of splits is an argument, not a
+compile-time constant, so that the batch sizes of the CUDA graphs share a few compilations).
+The m blocks of one n block are neighbours in the launch order, so they share its words
+through the L2 cache.
 
 `int4_dequantize` writes the dense [K, N] matrix in x's dtype, for batches so large that one
 dequantization is cheap next to the matmul (prefill).
@@ -48,10 +50,9 @@ def _dequantized_tile(qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, k0, cols, c
 
 
 @triton.jit
-def _int4_matmul_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, out_ptr, M, N, K, stride_xm,
+def _int4_matmul_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, out_ptr, M, N, K, stride_xm, split_k,
                         GROUP_SIZE: tl.constexpr, HAS_G_IDX: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                        PRECISION: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     split = tl.program_id(2)
@@ -59,7 +60,7 @@ def _int4_matmul_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, ou
     rmask = rows < M
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
-    per_split = tl.cdiv(K // BLOCK_K, SPLIT_K) * BLOCK_K
+    per_split = tl.cdiv(K // BLOCK_K, split_k) * BLOCK_K
     lo = split * per_split
     hi = tl.minimum(lo + per_split, K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -108,9 +109,9 @@ def int4_matmul(x, qweight, zeros, scales, g_idx, group_size: int, num_sms: int 
     split_k = max(1, min(K // block_k, triton.cdiv(4 * num_sms, grid_mn)))
     out = torch.empty((split_k, M, N), dtype=torch.float32 if split_k > 1 else x.dtype, device=x.device)
     _int4_matmul_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n), split_k)](
-        x, qweight, zeros, scales, g_idx if g_idx is not None else qweight, out, M, N, K, x.stride(0),
+        x, qweight, zeros, scales, g_idx if g_idx is not None else qweight, out, M, N, K, x.stride(0), split_k,
         GROUP_SIZE=group_size, HAS_G_IDX=g_idx is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, SPLIT_K=split_k, PRECISION=dot_precision(x.dtype),
+        BLOCK_K=block_k, PRECISION=dot_precision(x.dtype),
         num_warps=4 if block_m * block_n <= 2048 else 8, num_stages=3)
     return out[0] if split_k == 1 else out.sum(0).to(x.dtype)
 

@@ -16,6 +16,8 @@ from kernels.quant_reference import (FP8, dequantize_int4, fp8_matmul_reference,
 from kernels.reference import store_kv_reference
 from test_kernels import CUDA, DEVICE, DTYPES, gpu_only, paged_cache, tol
 
+on_gpu = [gpu_only, pytest.mark.gpu]  # Mistral-7B's shapes: selected by `-m gpu` on the device
+
 
 def int4_weights(K: int, N: int, group_size: int, act_order: bool, dtype: torch.dtype, seed: int = 0):
     """Random 4-bit weights in our layout, scales in `dtype` -> (qweight, zeros, scales, g_idx
@@ -33,7 +35,7 @@ def int4_weights(K: int, N: int, group_size: int, act_order: bool, dtype: torch.
 
 
 INT4_CASES = [(1, 256, 48, 64, False), (5, 128, 64, 32, True), (40, 256, 32, 128, False), (17, 64, 16, 32, True)] + [
-    pytest.param(*case, marks=gpu_only) for case in [
+    pytest.param(*case, marks=on_gpu) for case in [
         (1, 4096, 6144, 128, False), (1, 4096, 28672, 128, False), (1, 14336, 4096, 128, True),
         (16, 4096, 4096, 128, False), (64, 4096, 28672, 128, True), (256, 14336, 4096, 128, False),
         (200, 3584, 4096, 128, True)]]  # the last: a row-parallel rank's inputs under act-order
@@ -52,7 +54,7 @@ def test_int4_matmul_matches_the_dequantized_weight(M, K, N, group_size, act_ord
 
 
 @pytest.mark.parametrize("K, N, group_size, act_order", [(256, 48, 64, True), (128, 64, 128, False)] + [
-    pytest.param(4096, 14336, 128, True, marks=gpu_only)])
+    pytest.param(4096, 14336, 128, True, marks=on_gpu)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_int4_dequantize_gives_the_reference_weight_exactly(K, N, group_size, act_order, dtype):
     from kernels.int4_matmul import int4_dequantize
@@ -79,7 +81,7 @@ def exactly_representable(rows: int, width: int) -> torch.Tensor:
     return x * 2.0 ** torch.randint(-8, 8, (rows, 1), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("rows, width", [(3, 100), (1, 64)] + [pytest.param(256, 14336, marks=gpu_only)])
+@pytest.mark.parametrize("rows, width", [(3, 100), (1, 64)] + [pytest.param(256, 14336, marks=on_gpu)])
 def test_per_token_fp8_quantization_gives_the_references_bits(rows, width):
     from kernels.fp8_quant import quantize_fp8_per_token
 
@@ -91,10 +93,10 @@ def test_per_token_fp8_quantization_gives_the_references_bits(rows, width):
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
 
 
-@gpu_only
-@pytest.mark.gpu
 @pytest.mark.parametrize("M, K, N", [(1, 4096, 6144), (1, 14336, 4096), (7, 4096, 28672), (256, 4096, 4096),
                                      (4096, 4096, 6144)])
+@gpu_only
+@pytest.mark.gpu
 def test_scaled_mm_with_row_scales_matches_its_emulation(M, K, N):
     """The fp8 layers' GPU path: per-token fp8 activations times per-channel fp8 weights."""
     from kernels.fp8_quant import quantize_fp8_per_token
@@ -128,7 +130,7 @@ def fp8_cache(context_lens, page, kv_heads, head_dim, seed=0):
 
 @pytest.mark.parametrize("context_lens, page, heads, kv_heads, head_dim, window, splits", [
     ([5, 17, 33], 16, 4, 2, 16, None, 2), ([40, 3], 16, 4, 1, 32, 8, 1)] + [
-    pytest.param([1, 300, 4097], 16, 32, 8, 128, None, 8, marks=gpu_only)])
+    pytest.param([1, 300, 4097], 16, 32, 8, 128, None, 8, marks=on_gpu)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_attention_reads_an_fp8_cache_like_the_reference(context_lens, page, heads, kv_heads, head_dim,
                                                                   window, splits, dtype):
@@ -146,7 +148,7 @@ def test_decode_attention_reads_an_fp8_cache_like_the_reference(context_lens, pa
 
 @pytest.mark.parametrize("lens, page, heads, kv_heads, head_dim, window", [
     ([(5, 5), (3, 20), (17, 17)], 16, 4, 2, 16, None)] + [
-    pytest.param([(128, 128), (37, 600), (1, 4097)], 16, 32, 8, 128, 256, marks=gpu_only)])
+    pytest.param([(128, 128), (37, 600), (1, 4097)], 16, 32, 8, 128, 256, marks=on_gpu)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_prefill_attention_reads_an_fp8_cache_like_the_reference(lens, page, heads, kv_heads, head_dim, window,
                                                                    dtype):
