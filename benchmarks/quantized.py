@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.latency import random_prompt, run_alone  # noqa: E402
 from benchmarks.make_checkpoint import int4_tensors  # noqa: E402
+from benchmarks.moe_kernel import timed_ms  # noqa: E402
 from benchmarks.roofline import copy_bandwidth  # noqa: E402
 from benchmarks.throughput import make_prompts, output_lens, run_engine  # noqa: E402
 from server import LLM  # noqa: E402
@@ -70,19 +71,7 @@ def layer_matmuls(quant: QuantConfig | None, rows: int) -> dict:
         for layer, x in layers:
             layer(x)
 
-    step()  # compile the kernels outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    graph.replay()
-    start.record()
-    for _ in range(20):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    seconds = start.elapsed_time(end) / 1000 / 20
+    seconds = timed_ms(step) / 1000  # replayed from a CUDA graph, as decode steps run
     weight_bytes = sum(tensor_bytes(layer) for layer, _ in layers)
     return {"microseconds": seconds * 1e6, "weight_bytes": weight_bytes, "bytes_per_s": weight_bytes / seconds}
 

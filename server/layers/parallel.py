@@ -43,7 +43,8 @@ def read_shard(loaded, cuts: dict[int, tuple[int, int] | None]) -> torch.Tensor:
     index = [slice(None)] * (max(cuts) + 1)
     for dim, (start, length) in cuts.items():
         index[dim] = slice(start, start + length)
-    return loaded[tuple(index)]
+    # Rows alone are asked for with a plain slice, which row-regrouping views also take.
+    return loaded[index[0]] if len(index) == 1 else loaded[tuple(index)]
 
 
 def set_tensor_parallel(group: TensorParallel) -> None:
