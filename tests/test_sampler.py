@@ -86,3 +86,13 @@ def test_logprobs_are_of_the_raw_distribution():
     raw = LOGITS[0].log_softmax(-1)
     assert token.logprob == pytest.approx(raw[token.token_id].item(), abs=1e-6)
     assert list(token.top_logprobs) == raw.topk(2).indices.tolist()
+
+
+def test_a_token_of_probability_zero_is_never_drawn():
+    # This key hashes token 1 to the largest uniform value, where an Exp(1) draw of 0 would
+    # make 0 / 0 = NaN win the argmax; top_k=1 leaves token 1 no probability at all.
+    key = 284183
+    assert exponential_noise(torch.tensor([key]), 16)[0, 1] > 0
+    logits = torch.zeros(1, 16)
+    logits[0, 0] = 5.0
+    assert sample(logits, [SamplingOptions(temperature=1.0, top_k=1, key=key)])[0].token_id == 0
