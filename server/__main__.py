@@ -53,7 +53,8 @@ FLAGS = [
     ("--cors-allow-origin", str, None, "Comma-separated origins allowed by CORS. Default: none "
      "(no CORS headers, so browsers on other origins are refused)."),
     ("--json-output", bool, False, "Log one JSON object per line."),
-    ("--disable-grammar-support", bool, False, "Refuse `grammar` and `response_format`."),
+    ("--disable-grammar-support", bool, False, "Refuse guided generation with 422 \"grammar is not supported\": "
+     "`grammar` on /generate, `response_format` and `tools` on /v1/chat/completions."),
     ("--payload-limit", int, 2_000_000, "Largest request body in bytes; larger ones get 413."),
     ("--watermark-gamma", float, 0.5, "Share of the vocabulary in a watermark's green list."),
     ("--watermark-delta", float, 2.0, "Bias added to green tokens' logits when a request asks for `watermark`."),

@@ -1,6 +1,7 @@
 """Per-request sampling settings, with vLLM's field names, validated where they enter."""
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -11,7 +12,9 @@ class SamplingParams:
 
     `temperature == 0` means greedy. `seed` makes sampling reproducible whatever else shares the
     batch. `n` sequences are returned out of `best_of` sampled (ranked by cumulative logprob).
-    Stop strings are cut from the text unless `include_stop_str_in_output`.
+    Stop strings are cut from the text unless `include_stop_str_in_output`. `guided_json` (a
+    JSON schema, as a dict or its JSON text) or `guided_regex` constrain the output token by
+    token: it parses and validates, or matches, unless `max_tokens` cuts it short first.
     """
 
     n: int = 1
@@ -38,6 +41,8 @@ class SamplingParams:
     watermark: bool = False  # Kirchenbauer's watermark: favour a green list after each token
     watermark_gamma: float = 0.5  # the green share of the vocabulary (TGI's default)
     watermark_delta: float = 2.0  # the bias added to green tokens' logits (TGI's default)
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -51,6 +56,11 @@ class SamplingParams:
             self.stop_strings = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self.logit_bias = dict(self.logit_bias or {})
+        if isinstance(self.guided_json, str):
+            try:
+                self.guided_json = json.loads(self.guided_json)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"guided_json is not valid JSON: {error}") from None
         self._validate()
 
     def _validate(self) -> None:
@@ -106,7 +116,19 @@ class SamplingParams:
                 bad(f"logit_bias values must be in [-100, 100], got {bias!r}")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             bad("stop strings must be non-empty strings")
+        if self.guided_json is not None and not isinstance(self.guided_json, dict):
+            bad(f"guided_json must be a JSON schema object, got {self.guided_json!r}")
+        if self.guided_regex is not None and (not isinstance(self.guided_regex, str) or not self.guided_regex):
+            bad(f"guided_regex must be a non-empty string, got {self.guided_regex!r}")
+        if self.guided_json is not None and self.guided_regex is not None:
+            bad("guided_json and guided_regex cannot be combined")
+        if self.guided and self.min_tokens:
+            bad("min_tokens cannot be combined with guided decoding: the grammar decides where the output ends")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def guided(self) -> bool:
+        return self.guided_json is not None or self.guided_regex is not None

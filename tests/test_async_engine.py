@@ -82,11 +82,11 @@ def test_a_failing_step_fails_its_requests_and_the_engine_recovers(engine, monke
     original = runner.launch
     calls = {"n": 0}
 
-    def flaky(chunks):
+    def flaky(chunks, allowed_tokens=None):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("injected fault")
-        return original(chunks)
+        return original(chunks, allowed_tokens)
 
     monkeypatch.setattr(runner, "launch", flaky)
 

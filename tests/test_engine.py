@@ -48,11 +48,11 @@ def test_a_step_out_of_device_memory_preempts_and_retries_with_the_same_tokens(m
     runner = fresh.engine.runner
     execute, calls = runner.launch, []
 
-    def out_of_memory_twice(chunks):
+    def out_of_memory_twice(chunks, allowed_tokens=None):
         calls.append(len(chunks))
         if len(calls) in (1, 4):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-        return execute(chunks)
+        return execute(chunks, allowed_tokens)
 
     runner.launch = out_of_memory_twice
     assert tokens(fresh.generate(PROMPTS, params, use_tqdm=False)) == expected

@@ -1,6 +1,7 @@
 """The sampler against Hugging Face's logits processors, and the draw against its distribution."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from transformers.generation.logits_process import (MinPLogitsWarper,
@@ -86,3 +87,26 @@ def test_logprobs_are_of_the_raw_distribution():
     raw = LOGITS[0].log_softmax(-1)
     assert token.logprob == pytest.approx(raw[token.token_id].item(), abs=1e-6)
     assert list(token.top_logprobs) == raw.topk(2).indices.tolist()
+
+
+def test_a_token_of_probability_zero_is_never_drawn():
+    # This key hashes token 1 to the largest uniform value, where an Exp(1) draw of 0 would
+    # make 0 / 0 = NaN win the argmax; top_k=1 leaves token 1 no probability at all.
+    key = 284183
+    assert exponential_noise(torch.tensor([key]), 16)[0, 1] > 0
+    logits = torch.zeros(1, 16)
+    logits[0, 0] = 5.0
+    assert sample(logits, [SamplingOptions(temperature=1.0, top_k=1, key=key)])[0].token_id == 0
+
+
+def test_allowed_tokens_restrict_their_rows_and_no_other():
+    logits = torch.randn(3, 70)
+    allowed = {0: [5, 63], 2: [69]}  # 63 is the sign bit of its 32-bit word
+    words = np.zeros((2, 3), dtype=np.uint32)
+    for i, ids in enumerate(allowed.values()):
+        for token in ids:
+            words[i, token // 32] |= np.uint32(1 << (token % 32))
+    mask = sampler.AllowedTokens(list(allowed), torch.from_numpy(words.view(np.int32)))
+    rows = [SamplingOptions(), SamplingOptions(), SamplingOptions(temperature=1.0, key=3)]
+    picks = [p.token_id for p in sample(logits, rows, mask)]
+    assert picks == [max(allowed[0], key=lambda t: logits[0, t]), logits[1].argmax().item(), 69]

@@ -36,7 +36,9 @@ def params(**kwargs):
     (params(truncate=201), "`truncate` must be strictly positive and less than 200. Given: 201"),
     ({"inputs": "", "parameters": {"max_new_tokens": 2}}, "`inputs` cannot be empty"),
     ({"inputs": "fox " * 300, "parameters": {"max_new_tokens": 2}}, "`inputs` must have less than 200 tokens. Given: 602"),
-    (params(grammar={"type": "regex", "value": "a+"}), "grammar is not supported"),
+    (params(grammar={"type": "regex", "value": "(?<=a)b"}),
+     'grammar is not valid: invalid regex "(?<=a)b" (in regex): regex parse error (look-around, including '
+     'look-ahead and look-behind, is not supported)'),
 ])
 def test_out_of_range_parameters_get_422_with_tgi_message(tiny_server, body, message):
     r = post(tiny_server, body)

@@ -38,11 +38,11 @@ def failing_once(engine, monkeypatch):
     runner = engine.engine.runner
     launch, calls = runner.launch, []
 
-    def flaky(chunks):
+    def flaky(chunks, allowed_tokens=None):
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("injected fault at 0x7f00deadbeef")
-        return launch(chunks)
+        return launch(chunks, allowed_tokens)
 
     monkeypatch.setattr(runner, "launch", flaky)
 

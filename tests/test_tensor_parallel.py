@@ -64,6 +64,15 @@ def test_two_gpus_over_nccl_give_the_tokens_of_one(mistral_v03_dir):
                     assert all(abs(a[t] - b[t]) < 1e-3 for t in a)
 
 
+def test_guided_decoding_over_two_ranks_gives_the_tokens_of_one_rank(mistral_v03_dir, tiny_llm):
+    from benchmarks.json_schemas import WEATHER
+
+    params = SamplingParams(temperature=0.9, seed=4, max_tokens=40, guided_json=WEATHER)
+    expected = [o.outputs[0].token_ids for o in tiny_llm.generate(PROMPTS, params, use_tqdm=False)]
+    got, _ = run(mistral_v03_dir, 2, params)
+    assert [o.outputs[0].token_ids for o in got] == expected
+
+
 def sharded_server(model_dir, *args, launcher=()) -> ServerProcess:
     server = ServerProcess("--model-id", model_dir, "--max-batch-total-tokens", "2048", "--max-total-tokens", "256",
                            *args, launcher=launcher)

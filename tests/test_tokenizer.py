@@ -154,3 +154,12 @@ def test_template_helpers_work_as_in_transformers():
     assert render_template("{{ tools | tojson }}", tools=[{"name": "météo<"}]) == '[{"name": "météo<"}]'
     loop_with_break = "{% for i in range(5) %}{% if i == 2 %}{% break %}{% endif %}{{ i }}{% endfor %}"
     assert render_template(loop_with_break) == "01"
+
+
+def test_token_bytes_spell_the_text_each_token_stands_for(any_tokenizer):
+    text = 'Hello {"a": [1, 2.5e3]} héllo 梦 🦊\n\ttab'
+    spelled_by = any_tokenizer.token_bytes()
+    spelled = b"".join(spelled_by[t] for t in any_tokenizer.encode(text, add_special_tokens=False)).decode()
+    assert spelled in (text, " " + text)  # SentencePiece's leading space
+    assert all(spelled_by[t] is None for t in any_tokenizer.eos_token_ids)
+    assert len(spelled_by) == any_tokenizer.vocab_size

@@ -6,13 +6,16 @@ from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
 
+from server.api import tool_calls
 from server.api.errors import APIError, client_message, validation_error
 from server.api.generation import Generation, SequenceResult, TokenInfo
+from server.api.guided import check_grammar, guided_json, response_format
 from server.api.openai_schemas import (ChatCompletion, ChatRequest, Completion, CompletionRequest,
                                        ModelList)
 from server.api.state import RequestTrace, ServerState
 from server.api.streaming import EventStream, merge, openai_event, until_disconnected
 from server.api.tgi_schemas import ErrorResponse
+from server.api.tools import ToolUse, tool_error, tool_use, with_tool_prompt
 from server.api.validation import openai_params
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 413, 422, 424, 429)}
@@ -61,19 +64,25 @@ class OpenAIRoutes:
         self.fingerprint = f"{state.settings.version}-native"
 
     # -- chat ---------------------------------------------------------------------------
-    def prepare_chat(self, body: ChatRequest) -> Generation:
-        if body.response_format and body.response_format.get("type") not in (None, "text"):
-            raise validation_error("grammar is not supported")
+    def prepare_chat(self, body: ChatRequest) -> tuple[Generation, ToolUse | None]:
+        settings = self.state.settings
+        if body.tools and (body.response_format or {}).get("type", "text") != "text":
+            raise tool_error("Grammar and tools are mutually exclusive")
+        guided = response_format(body.response_format, settings)
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+        use = tool_use(body.tools, body.tool_choice)
+        if use is not None:
+            guided = guided_json(use.schema, settings)
+            messages = with_tool_prompt(messages, use, body.tool_prompt, self.tokenizer.takes_tools)
         try:
-            token_ids = self.tokenizer.apply_chat_template(messages, tools=tools)
+            token_ids = self.tokenizer.apply_chat_template(messages, tools=use.tools if use else None)
         except ValueError as error:
             raise APIError(422, client_message(error), "template_error") from error
         top = (body.top_logprobs or 0) if body.logprobs else 0
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        params = openai_params(body, len(token_ids), self.state.settings, max_tokens, top)
-        return Generation(self.state.engine, token_ids, params, top)
+        params = openai_params(body, len(token_ids), settings, max_tokens, top, guided=guided)
+        check_grammar(self.state.engine, params)
+        return Generation(self.state.engine, token_ids, params, top), use
 
     def token_logprob(self, token: TokenInfo, top: list[TokenInfo]) -> dict:
         text = self.tokenizer.token_text(token.id)
@@ -81,21 +90,24 @@ class OpenAIRoutes:
                 "top_logprobs": [{"token": t.text, "logprob": t.logprob, "bytes": list(t.text.encode())}
                                  for t in top]}
 
-    def chat_response(self, body: ChatRequest, generation: Generation,
+    def chat_choice(self, body: ChatRequest, use: ToolUse | None, seq: SequenceResult) -> dict:
+        message, reason = {"role": "assistant", "content": seq.text}, finish_reason(seq)
+        if use is not None:
+            message, reader = tool_calls.reply_message(seq.text)
+            reason = tool_calls.finish_reason(reader, reason)
+        logprobs = {"content": [self.token_logprob(t, top) for t, top in zip(seq.tokens, seq.top_tokens)]} \
+            if body.logprobs else None
+        return {"index": seq.index, "message": message, "logprobs": logprobs, "finish_reason": reason}
+
+    def chat_response(self, body: ChatRequest, generation: Generation, use: ToolUse | None,
                       results: list[SequenceResult]) -> dict:
-        choices = [{
-            "index": seq.index,
-            "message": {"role": "assistant", "content": seq.text},
-            "logprobs": {"content": [self.token_logprob(t, top) for t, top in zip(seq.tokens, seq.top_tokens)]}
-            if body.logprobs else None,
-            "finish_reason": finish_reason(seq),
-        } for seq in results]
+        choices = [self.chat_choice(body, use, seq) for seq in results]
         return {"id": f"chatcmpl-{generation.request_id}", "object": "chat.completion",
                 "created": int(time.time()), "model": self.state.settings.model_id,
                 "system_fingerprint": self.fingerprint, "choices": choices,
                 "usage": usage(len(generation.token_ids), sum(len(s.tokens) for s in results))}
 
-    async def chat_events(self, body: ChatRequest, generation: Generation,
+    async def chat_events(self, body: ChatRequest, generation: Generation, use: ToolUse | None,
                           trace: RequestTrace) -> AsyncIterator[str]:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         base = {"id": f"chatcmpl-{generation.request_id}", "object": "chat.completion.chunk",
@@ -111,16 +123,22 @@ class OpenAIRoutes:
         n = generation.params.n
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None} for i in range(n)])
+        readers = {i: tool_calls.ToolCallReader() for i in range(n)} if use is not None else {}
         async for steps in generation.steps():
             for step in steps:
+                seq = step.sequence
                 logprobs = None
                 if body.logprobs:
                     logprobs = {"content": [self.token_logprob(t, top)
                                             for t, top in zip(step.tokens, step.top_tokens)]}
-                delta = {"content": step.delta} if step.delta else {}
+                delta, reason = ({"content": step.delta} if step.delta else {}), finish_reason(seq)
+                if use is not None:
+                    reader = readers[seq.index]
+                    delta = tool_calls.stream_delta(reader, seq.text, step.finished)
+                    reason = tool_calls.finish_reason(reader, reason)
                 if delta or logprobs or step.finished:
-                    yield chunk([{"index": step.sequence.index, "delta": delta, "logprobs": logprobs,
-                                  "finish_reason": finish_reason(step.sequence)}])
+                    yield chunk([{"index": seq.index, "delta": delta, "logprobs": logprobs,
+                                  "finish_reason": reason}])
         results = generation.results()
         trace.succeeded(generation, results)
         if include_usage:
@@ -245,13 +263,14 @@ class OpenAIRoutes:
                 release()
 
     async def chat(self, body: ChatRequest, request: Request):
-        async def complete(generation: Generation, trace: RequestTrace) -> dict:
+        async def complete(work: tuple[Generation, ToolUse | None], trace: RequestTrace) -> dict:
+            generation, use = work
             results = await until_disconnected(request, generation.run())
             trace.succeeded(generation, results)
-            return self.chat_response(body, generation, results)
+            return self.chat_response(body, generation, use, results)
 
         return await self._serve("/v1/chat/completions", body.stream, lambda: self.prepare_chat(body),
-                                 lambda g, trace: self.chat_events(body, g, trace), complete)
+                                 lambda work, trace: self.chat_events(body, *work, trace), complete)
 
     async def completions(self, body: CompletionRequest, request: Request):
         async def complete(generations: list[Generation], trace: RequestTrace) -> dict:

@@ -57,8 +57,12 @@ class ChatRequest(SamplingFields):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0)
     tools: list[Tool] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    tool_choice: Any = Field(None, description='"auto" (the default with tools), "none", "required", or the '
+                             'function to call: {"type": "function", "function": {"name": ...}} or its name.')
+    tool_prompt: str | None = Field(None, description="Written after the last message when tools are offered "
+                                    "(TGI's); by default, TGI's own.")
+    response_format: dict[str, Any] | None = Field(None, description='{"type": "text" | "json_object"}, or '
+                                                   '{"type": "json_schema", "json_schema": {"name", "schema"}}.')
 
 
 class CompletionRequest(SamplingFields):
@@ -90,9 +94,21 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob] | None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object's text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     role: str
     content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Request, Response
 
 from server.api.errors import APIError, client_message
 from server.api.generation import Generation, SequenceResult, TokenInfo
+from server.api.guided import check_grammar
 from server.api.state import RequestTrace, ServerState
 from server.api.streaming import EventStream, tgi_event, until_disconnected
 from server.api.tgi_schemas import (ErrorResponse, GenerateRequest, GenerateResponse, SimpleToken,
@@ -61,6 +62,7 @@ class TGIRoutes:
 
     def prepare(self, body: GenerateRequest, trace: RequestTrace, stream: bool):
         inputs = validate_generate(body.parameters, body.inputs, self.tokenizer, self.state.settings, stream)
+        check_grammar(self.state.engine, inputs.params)
         trace.validated()
         generation = Generation(self.state.engine, inputs.token_ids, inputs.params, inputs.top_n_tokens)
         prefix = body.inputs if inputs.return_full_text else ""

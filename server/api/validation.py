@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 
 from server.api.errors import validation_error
+from server.api.guided import tgi_grammar
 from server.api.openai_schemas import ChatRequest, CompletionRequest
 from server.api.settings import ServerSettings
 from server.api.tgi_schemas import GenerateParameters
@@ -112,8 +113,7 @@ def validate_generate(p: GenerateParameters, inputs: str, tokenizer: Tokenizer,
     if top_n > settings.max_top_n_tokens:
         raise validation_error(f"`top_n_tokens` must be >= 0 and <= {settings.max_top_n_tokens}. "
                                f"Given: {top_n}")
-    if p.grammar is not None:
-        raise validation_error("grammar is not supported")
+    guided = tgi_grammar(p.grammar, settings)
     if p.adapter_id is not None and p.adapter_id != settings.model_id:
         raise validation_error(f"adapter `{p.adapter_id}` is not loaded: this server serves no LoRA adapters")
     token_ids = encode_inputs(tokenizer, inputs, p.truncate, settings)
@@ -126,13 +126,14 @@ def validate_generate(p: GenerateParameters, inputs: str, tokenizer: Tokenizer,
         max_tokens=max_new_tokens, logprobs=top_n,
         prompt_logprobs=0 if p.decoder_input_details else None, skip_special_tokens=True,
         watermark=bool(p.watermark), watermark_gamma=settings.watermark_gamma,
-        watermark_delta=settings.watermark_delta)
+        watermark_delta=settings.watermark_delta, **guided)
     return GenerateInputs(token_ids, params, top_n, bool(p.details or p.decoder_input_details),
                           bool(p.decoder_input_details), bool(p.return_full_text))
 
 
 def openai_params(body: ChatRequest | CompletionRequest, num_input: int, settings: ServerSettings,
-                  max_tokens: int | None, num_logprobs: int, best_of: int | None = None) -> SamplingParams:
+                  max_tokens: int | None, num_logprobs: int, best_of: int | None = None,
+                  guided: dict | None = None) -> SamplingParams:
     """OpenAI's fields -> SamplingParams; `temperature: 0` means greedy, as in OpenAI."""
     for name in ("temperature", "top_p", "frequency_penalty", "presence_penalty"):
         _finite(name, getattr(body, name))
@@ -175,4 +176,4 @@ def openai_params(body: ChatRequest | CompletionRequest, num_input: int, setting
         n=n, best_of=best_of, temperature=temperature, top_p=top_p,
         frequency_penalty=body.frequency_penalty or 0.0, presence_penalty=body.presence_penalty or 0.0,
         seed=body.seed, stop=stop, max_tokens=max_new_tokens, logprobs=num_logprobs,
-        logit_bias=logit_bias)
+        logit_bias=logit_bias, **(guided or {}))

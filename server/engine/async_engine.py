@@ -81,6 +81,10 @@ class AsyncEngine:
         return self.engine.tokenizer
 
     @property
+    def guidance(self):
+        return self.engine.guidance
+
+    @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 

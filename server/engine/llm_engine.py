@@ -12,6 +12,7 @@ import torch
 from server.config import EngineArgs, EngineConfig, SchedulerConfig
 from server.engine.block_manager import BlockManager
 from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.guidance import Guidance
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Request, Sequence, SequenceStatus
 from server.engine.stop import check_text_stop, check_token_stop, stable_text_len
@@ -52,6 +53,8 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.config.scheduler, self.block_manager)
         self.eos_token_ids = set(model.eos_token_ids) | self.tokenizer.eos_token_ids
+        self.guidance = Guidance(self.tokenizer, model.vocab_size, self.eos_token_ids,
+                                 pin_memory=started.device.startswith("cuda"))
         self.requests: dict[str, Request] = {}
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
         self._unfinished_outputs: list[Sequence] = []  # sampled last step, text not yet made
@@ -78,6 +81,7 @@ class LLMEngine:
         vocab = self.config.model.vocab_size
         if any(t >= vocab for t in params.logit_bias):
             raise ValueError(f"logit_bias keys must be token ids below the vocabulary size {vocab}")
+        grammar = self.guidance.grammar(params)
         request = Request(request_id, text, token_ids, params)
         seed = params.seed if params.seed is not None else secrets.randbits(64)
         request.seed = seed
@@ -86,6 +90,8 @@ class LLMEngine:
         for index in range(params.best_of):
             seq_seed = (seed + index * 0x9E3779B97F4A7C15) % 2**64
             seq = Sequence(next(self._seq_ids), request, index, seq_seed)
+            if grammar is not None:
+                seq.matcher = self.guidance.matcher(grammar)
             request.sequences.append(seq)
             self.detokenizers[seq.seq_id] = IncrementalDetokenizer(
                 self.tokenizer, token_ids, skip_special_tokens=params.skip_special_tokens)
@@ -155,7 +161,8 @@ class LLMEngine:
         launched = None
         if batch:
             chunks = [self._chunk(seq, n) for seq, n in zip(batch.seqs, batch.num_new_tokens)]
-            launched = self._within_memory(batch, lambda: self.runner.launch(chunks))
+            allowed = self._allowed_tokens(batch.seqs, chunks)
+            launched = self._within_memory(batch, lambda: self.runner.launch(chunks, allowed))
         outputs = self._finish_outputs()
         if launched is not None:
             results = self._within_memory(batch, lambda: self.runner.collect(launched))
@@ -163,6 +170,16 @@ class LLMEngine:
                 self.scheduler.step_succeeded()
                 self._advance(batch, results)
         return outputs
+
+    def _allowed_tokens(self, seqs: list[Sequence], chunks: list[SequenceChunk]):
+        """For the runner, the grammar masks of the guided sequences that sample this step
+        (rows numbered among the sampling chunks); None when there are none."""
+        sampling = [seq for seq, chunk in zip(seqs, chunks) if chunk.sampling is not None]
+        guided = [(row, seq.matcher) for row, seq in enumerate(sampling) if seq.matcher is not None]
+        if not guided:
+            return None
+        rows, matchers = (list(column) for column in zip(*guided))
+        return lambda: self.guidance.allowed_tokens(rows, matchers)
 
     def _within_memory(self, batch, work):
         """`work()`, or None after making room if the device ran out of memory doing it."""
@@ -200,6 +217,8 @@ class LLMEngine:
 
     def _append(self, seq: Sequence, sampled) -> None:
         seq.token_ids.append(sampled.token_id)
+        if seq.matcher is not None:
+            seq.matcher.consume_token(sampled.token_id)  # its mask allowed it, so it is accepted
         seq.cumulative_logprob += sampled.logprob
         if seq.params.logprobs is not None:
             seq.output_logprobs.append({sampled.token_id: sampled.logprob, **sampled.top_logprobs})

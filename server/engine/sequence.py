@@ -41,6 +41,7 @@ class Sequence:
         self.text = ""  # detokenized output, stop strings already cut
         self.emitted_text_len = 0  # how much of `text` has been streamed
         self.sampling_options = None  # the runtime's SamplingOptions, made at the first sample
+        self.matcher = None  # a guided sequence's grammar matcher, advanced with every token
 
     @property
     def params(self) -> SamplingParams:

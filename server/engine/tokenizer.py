@@ -18,12 +18,15 @@ from itertools import groupby
 from pathlib import Path
 
 import jinja2
+from jinja2 import meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from mistral_common.exceptions import MistralCommonException
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 from transformers import AutoTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 MAX_TEMPLATE_OUTPUT_CHARS = 1_000_000
 MAX_TEMPLATE_SECONDS = 1.0
@@ -34,6 +37,7 @@ class Tokenizer(ABC):
     bos_token_id: int | None
     eos_token_ids: set[int]
     has_chat_template: bool
+    takes_tools: bool  # whether the chat format shows the model the `tools` it is given
 
     @classmethod
     def load(cls, path: str, gguf_file: str | None = None) -> "Tokenizer":
@@ -72,6 +76,11 @@ class Tokenizer(ABC):
             out.append((token_id, position, stop))
             position = stop
         return out
+
+    @abstractmethod
+    def token_bytes(self) -> list[bytes | None]:
+        """The bytes each token id adds inside a text, by id (what grammars are matched
+        against); None for a special token, which no text spells."""
 
     def extends_byte_run(self, token_id: int) -> bool:
         """Whether decode joins this token with its neighbouring byte tokens into one run
@@ -133,6 +142,8 @@ class HuggingFaceTokenizer(Tokenizer):
         self._byte_run_ids = self._byte_fallback_ids()
         self._template = _pick_template(self._tok.chat_template)
         self.has_chat_template = self._template is not None
+        self.takes_tools = self.has_chat_template and "tools" in meta.find_undeclared_variables(
+            _compile_env().parse(self._template))
 
     def _byte_fallback_ids(self) -> set[int]:
         # Hugging Face's ByteFallback decoder turns a whole run of <0xNN> tokens into U+FFFD
@@ -162,6 +173,19 @@ class HuggingFaceTokenizer(Tokenizer):
     def extends_byte_run(self, token_id: int) -> bool:
         return token_id in self._byte_run_ids
 
+    def token_bytes(self) -> list[bytes | None]:
+        backend = self._tok.backend_tokenizer
+        byte_level = "ByteLevel" in json.dumps(json.loads(backend.to_str()).get("decoder"))
+        piece_bytes = _byte_level_bytes if byte_level else _sentencepiece_bytes
+        added = backend.get_added_tokens_decoder()
+        out = []
+        for token_id, piece in enumerate(self._tok.convert_ids_to_tokens(list(range(self.vocab_size)))):
+            if token_id in self._special_ids or piece is None:
+                out.append(None)
+            else:  # added tokens are stored as their text, the others in the model's alphabet
+                out.append(piece.encode() if token_id in added else piece_bytes(piece))
+        return out
+
     def apply_chat_template(self, messages, add_generation_prompt=True, tools=None) -> list[int]:
         text = self.render_chat(messages, add_generation_prompt, tools)
         # The template writes BOS itself.
@@ -188,6 +212,7 @@ class MistralCommonTokenizer(Tokenizer):
         self.bos_token_id = self._tok.bos_id
         self.eos_token_ids = {self._tok.eos_id}
         self.has_chat_template = True
+        self.takes_tools = True  # mistral-common writes them in the model's own format
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, bos=add_special_tokens, eos=False)
@@ -213,6 +238,13 @@ class MistralCommonTokenizer(Tokenizer):
     def is_special(self, token_id: int) -> bool:
         return self._tok.is_special(token_id)
 
+    def token_bytes(self) -> list[bytes | None]:
+        tok = self._tok
+        if isinstance(tok, Tekkenizer):
+            return [None if tok.is_special(i) else tok.id_to_byte_piece(i) for i in range(self.vocab_size)]
+        return [None if tok.is_special(i) or i == tok.unk_id else _sentencepiece_bytes(tok.id_to_piece(i))
+                for i in range(self.vocab_size)]
+
     def apply_chat_template(self, messages, add_generation_prompt=True, tools=None) -> list[int]:
         # Mistral's format has no generation prompt: a conversation ending in a user turn is
         # always ready for the assistant's answer.
@@ -227,6 +259,21 @@ class MistralCommonTokenizer(Tokenizer):
     def render_chat(self, messages, add_generation_prompt=True, tools=None) -> str:
         ids = self.apply_chat_template(messages, add_generation_prompt, tools)
         return self.decode(ids, skip_special_tokens=False)
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+_BYTE_LEVEL = {char: byte for byte, char in bytes_to_unicode().items()}
+
+
+def _sentencepiece_bytes(piece: str) -> bytes:
+    """A SentencePiece piece: "▁" is a space, "<0xNN>" the byte it names (byte fallback)."""
+    byte = _BYTE_PIECE.fullmatch(piece)
+    return bytes([int(byte.group(1), 16)]) if byte else piece.replace("▁", " ").encode()
+
+
+def _byte_level_bytes(piece: str) -> bytes:
+    """A byte-level BPE piece (GPT-2's alphabet: one printable character per byte)."""
+    return bytes(_BYTE_LEVEL[char] for char in piece)
 
 
 def render_template(template: str, **variables) -> str:
@@ -266,13 +313,18 @@ def _time_limit(deadline: float):
 
 @lru_cache(maxsize=16)
 def _compile(template: str) -> jinja2.Template:
+    return _compile_env().from_string(template)
+
+
+@lru_cache(maxsize=1)
+def _compile_env() -> ImmutableSandboxedEnvironment:
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
     )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(template)
+    return env
 
 
 def _raise_exception(message: str):

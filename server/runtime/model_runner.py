@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -18,8 +19,8 @@ from server.layers.parallel import TensorParallel
 from server.models.loader import ModelSource, fill_random_weights, iter_weights
 from server.models.registry import model_class
 from server.runtime.cuda_graphs import DEFAULT_SIZES, DecodeGraphs
-from server.runtime.sampler import (DeviceSample, SampledToken, SamplingOptions, prompt_logprobs,
-                                   sample_on_device, sampled_tokens)
+from server.runtime.sampler import (AllowedTokens, DeviceSample, SampledToken, SamplingOptions,
+                                   prompt_logprobs, sample_on_device, sampled_tokens)
 
 
 @dataclass
@@ -215,9 +216,14 @@ class ModelRunner:
         return self.collect(self.launch(chunks))
 
     @torch.inference_mode()
-    def launch(self, chunks: list[SequenceChunk]) -> "LaunchedStep":
+    def launch(self, chunks: list[SequenceChunk],
+               allowed_tokens: Callable[[], AllowedTokens] | None = None) -> "LaunchedStep":
         """Queue one step's work on the device and return without waiting for it (on CUDA),
-        so that the host can do other work while the GPU computes."""
+        so that the host can do other work while the GPU computes.
+
+        `allowed_tokens` gives the grammar masks of the sampled rows (numbered in the order of
+        the chunks that sample); it is called once the forward pass is queued, so that the
+        host fills the masks while the device computes the logits they apply to."""
         if self.sends_steps:
             dist.broadcast_object_list([chunks], src=0, group=self.tp.control)
         hidden, sample_rows = self._forward(chunks)  # [num_tokens, hidden]
@@ -237,7 +243,8 @@ class ModelRunner:
         if row_chunks:
             logits = self.model.compute_logits(hidden[sample_rows])  # a collective: every rank
             if self.tp.rank == 0:
-                picked = sample_on_device(logits, [chunks[i].sampling for i in row_chunks])
+                allowed = allowed_tokens() if allowed_tokens is not None else None
+                picked = sample_on_device(logits, [chunks[i].sampling for i in row_chunks], allowed)
         return LaunchedStep(chunks, results, row_chunks, picked)
 
     def serve_steps(self) -> None:

@@ -46,7 +46,9 @@ def exponential_noise(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Exp(1) draws [rows, vocab] from per-row keys [rows] (int64)."""
     ids = torch.arange(vocab_size, device=keys.device, dtype=torch.int64)
     bits = mix32(mix32(keys[:, None] ^ ids[None, :]) ^ keys[:, None])
-    uniform = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
+    # 23 bits, so that the largest uniform stays below 1 in float32 (with 24 it rounds to 1:
+    # a draw of 0, and then p / 0 = NaN wins the argmax even for a token of probability 0).
+    uniform = ((bits >> 9).float() + 0.5) * (1.0 / (1 << 23))  # in (0, 1)
     return -torch.log(uniform)
 
 

@@ -1,7 +1,8 @@
 """Sampling on the model's device, vectorised over the batch.
 
 Order of work per row, as in Hugging Face's processors: min-tokens ban, repetition /
-frequency / presence penalties, temperature, top-k, top-p, typical-p, min-p, then a draw.
+frequency / presence penalties, a grammar's allowed tokens, temperature, top-k, top-p,
+typical-p, min-p, then a draw.
 The draw is the exponential race: argmax(p / E) with E ~ Exp(1) picks token i with
 probability p_i, and E comes from a counter-based hash of (seed, step), so a seeded row gives
 the same token wherever it sits in the batch. Logprobs are those of the raw model output.
@@ -40,6 +41,15 @@ class SamplingOptions:
     def has_penalties(self) -> bool:
         return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
                 or self.presence_penalty != 0.0)
+
+
+@dataclass
+class AllowedTokens:
+    """The tokens a grammar allows in some of the rows: bit j % 32 of word j // 32 of
+    `bitmask[i]` allows token j in row `rows[i]` (the layout grammar engines fill)."""
+
+    rows: list[int]
+    bitmask: torch.Tensor  # [len(rows), ceil(vocab / 32)] int32, on the host
 
 
 @dataclass
@@ -94,6 +104,15 @@ def apply_watermark(logits: torch.Tensor, rows: list[SamplingOptions]) -> torch.
     return logits
 
 
+def apply_allowed(logits: torch.Tensor, allowed: AllowedTokens) -> torch.Tensor:
+    device = logits.device
+    words = allowed.bitmask.to(device, non_blocking=True)  # [guided rows, words]
+    shifts = torch.arange(32, device=device, dtype=torch.int32)
+    forbidden = torch.zeros(logits.shape[0], words.shape[1] * 32, dtype=torch.bool, device=device)
+    forbidden[torch.tensor(allowed.rows, device=device)] = ((words[:, :, None] >> shifts) & 1).flatten(1) == 0
+    return logits.masked_fill(forbidden[:, :logits.shape[1]], float("-inf"))
+
+
 def _top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
     k = torch.where(top_k > 0, top_k, logits.shape[1]).clamp(max=logits.shape[1])
     kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
@@ -135,12 +154,14 @@ class DeviceSample:
     top: tuple[torch.Tensor, torch.Tensor] | None  # values, indices [rows, max top-n]
 
 
-def sample(logits: torch.Tensor, rows: list[SamplingOptions]) -> list[SampledToken]:
+def sample(logits: torch.Tensor, rows: list[SamplingOptions],
+           allowed: AllowedTokens | None = None) -> list[SampledToken]:
     """Pick one token per row of logits [rows, vocab] (float32)."""
-    return sampled_tokens(sample_on_device(logits, rows), rows)
+    return sampled_tokens(sample_on_device(logits, rows, allowed), rows)
 
 
-def sample_on_device(logits: torch.Tensor, rows: list[SamplingOptions]) -> DeviceSample:
+def sample_on_device(logits: torch.Tensor, rows: list[SamplingOptions],
+                     allowed: AllowedTokens | None = None) -> DeviceSample:
     """Queue the sampling work of `sample` without waiting for it."""
     device = logits.device
     raw_logprobs = logits.log_softmax(dim=-1)
@@ -160,6 +181,8 @@ def sample_on_device(logits: torch.Tensor, rows: list[SamplingOptions]) -> Devic
         logits = apply_watermark(logits, rows)
     if any(r.has_penalties for r in rows):
         logits = apply_penalties(logits, rows)
+    if allowed is not None:
+        logits = apply_allowed(logits, allowed)
     next_ids = logits.argmax(dim=-1)
     random_rows = [i for i, r in enumerate(rows) if r.temperature > 0]
     if random_rows:

@@ -1,0 +1,115 @@
+"""Constrained decoding with llguidance: a request's grammar, a matcher per sequence, and each
+step's masks of the tokens the matchers allow.
+
+A grammar is compiled and checked where the request enters. Each sequence then carries a
+matcher that advances with every token it accepts. Once a step's forward pass is queued, the
+masks of all its guided rows are filled on the host at once (by llguidance's threads) and
+applied on the device before sampling; unguided rows, and batches without a guided row, pay
+nothing. A grammar always allows an end-of-sequence token once it is complete (or cannot go
+on), so a masked row is never left without a token to pick.
+"""
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+
+import llguidance
+import llguidance.torch
+import torch
+
+from server.engine.tokenizer import Tokenizer
+from server.runtime.sampler import AllowedTokens
+from server.sampling_params import SamplingParams
+
+# How JSON is written under a schema: on one line with json.dumps's separators, so that a model
+# can neither pad it with whitespace forever nor format it two ways. oneOf is read as anyOf.
+JSON_FORMAT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ",
+               "coerce_one_of": True}
+
+
+class Guidance:
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: set[int], pin_memory: bool):
+        # The model's vocabulary may be padded past the tokenizer's: those ids spell nothing.
+        tokens = (tokenizer.token_bytes() + [None] * vocab_size)[:vocab_size]
+        vocabulary = Vocabulary(tokens, min(eos_token_ids))
+        self.tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(vocabulary),
+                                                eos_token=sorted(eos_token_ids))
+        self.words = (vocab_size + 31) // 32
+        self.pin_memory = pin_memory  # so that the masks' copy to the GPU does not wait
+        self.executor = llguidance.LLExecutor()
+        self._compile = lru_cache(maxsize=256)(self._compile_uncached)
+
+    def grammar(self, params: SamplingParams) -> str | None:
+        """The request's grammar, checked; None when it has none. A schema or regex that
+        cannot be enforced raises ValueError saying why."""
+        if params.guided_json is not None:
+            return self._compile("json", json.dumps(_declared_properties_only(params.guided_json)))
+        if params.guided_regex is not None:
+            return self._compile("regex", params.guided_regex)
+        return None
+
+    def _compile_uncached(self, kind: str, source: str) -> str:
+        if kind == "json":
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(source, overrides=JSON_FORMAT)
+        else:
+            grammar = llguidance.LLMatcher.grammar_from_regex(source)
+        error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
+        if error:
+            raise ValueError(f"grammar is not valid: {_first_reason(error)}")
+        return grammar
+
+    def matcher(self, grammar: str) -> llguidance.LLMatcher:
+        return llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+
+    def allowed_tokens(self, rows: list[int], matchers: list[llguidance.LLMatcher]) -> AllowedTokens:
+        """The masks of the matchers' next tokens, for the sampled rows `rows`."""
+        bitmask = torch.empty(len(matchers), self.words, dtype=torch.int32, pin_memory=self.pin_memory)
+        llguidance.torch.fill_next_token_bitmask_par(
+            self.executor, [(matcher, i) for i, matcher in enumerate(matchers)], bitmask)
+        return AllowedTokens(rows, bitmask)
+
+
+class Vocabulary:
+    """What llguidance reads of a tokenizer: each token's bytes (a leading 0xff byte marks
+    one that no text spells), and a tokenization of bytes (greedy: longest token first)."""
+
+    def __init__(self, tokens: list[bytes | None], eos_token_id: int):
+        self.tokens = [t if t is not None else b"\xff<special_%d>" % i for i, t in enumerate(tokens)]
+        self.special_token_ids = [i for i, t in enumerate(tokens) if t is None]
+        self.eos_token_id, self.bos_token_id = eos_token_id, None
+        self._ids = {t: i for i, t in enumerate(tokens) if t}
+        self._longest = max(map(len, self._ids))
+
+    def __call__(self, text: bytes) -> list[int]:
+        out = []
+        while text:
+            size = next(n for n in range(min(self._longest, len(text)), 0, -1) if text[:n] in self._ids)
+            out.append(self._ids[text[:size]])
+            text = text[size:]
+        return out
+
+
+def _declared_properties_only(schema):
+    """The schema as TGI (outlines) reads it: an object that lists `properties` has those
+    alone unless it says otherwise (JSON Schema itself would allow any other key)."""
+    if isinstance(schema, list):
+        return [_declared_properties_only(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: value if key in _VALUES else _declared_properties_only(value) for key, value in schema.items()}
+    if isinstance(out.get("properties"), dict) and not {"additionalProperties", "patternProperties"} & out.keys():
+        out["additionalProperties"] = False
+    return out
+
+
+_VALUES = {"const", "enum", "default", "examples"}  # JSON values inside a schema, not schemas
+
+
+def _first_reason(error: str) -> str:
+    """llguidance's message on one line: for a regex, its reason without the grammar
+    position or the echo of the regex that follow it."""
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
+    first = re.sub(r"^at \d+\(\d+\): ", "", lines[0]).rstrip(":")
+    reason = next((line for line in lines if line.startswith("error: ")), None)
+    return f"{first} ({reason[len('error: '):]})" if reason else first
