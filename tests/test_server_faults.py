@@ -13,7 +13,7 @@ from server import AsyncEngine
 from server.api.app import create_app
 from server.api.settings import ServerSettings
 from server.config import EngineArgs
-from server.engine.tokenizer import render_template
+from server.engine.chat_template import render_template
 
 BODY = {"inputs": "The quick brown fox", "parameters": {"max_new_tokens": 4}}
 

@@ -5,7 +5,8 @@ import shutil
 import pytest
 
 from conftest import MISTRAL_DATA, save_sentencepiece_as_hf
-from server.engine.tokenizer import HuggingFaceTokenizer, MistralCommonTokenizer, Tokenizer, render_template
+from server.engine.chat_template import render_template
+from server.engine.tokenizer import HuggingFaceTokenizer, MistralCommonTokenizer, Tokenizer
 
 CONVERSATION = [
     {"role": "system", "content": "You answer in one word."},

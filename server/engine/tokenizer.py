@@ -9,17 +9,11 @@ in a sandbox, since the template is code that came with the weights.
 
 import json
 import re
-import sys
-import time
 from abc import ABC, abstractmethod
-from datetime import datetime
-from functools import cached_property, lru_cache
+from functools import cached_property
 from itertools import groupby
 from pathlib import Path
 
-import jinja2
-from jinja2 import meta
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from mistral_common.exceptions import MistralCommonException
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
@@ -28,8 +22,7 @@ from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 from transformers import AutoTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-MAX_TEMPLATE_OUTPUT_CHARS = 1_000_000
-MAX_TEMPLATE_SECONDS = 1.0
+from server.engine.chat_template import flatten_content, pick_template, render_template, template_variables
 
 
 class Tokenizer(ABC):
@@ -140,10 +133,9 @@ class HuggingFaceTokenizer(Tokenizer):
         added = self._tok.backend_tokenizer.get_added_tokens_decoder()
         self._special_ids = {i for i, t in added.items() if t.special}
         self._byte_run_ids = self._byte_fallback_ids()
-        self._template = _pick_template(self._tok.chat_template)
+        self._template = pick_template(self._tok.chat_template)
         self.has_chat_template = self._template is not None
-        self.takes_tools = self.has_chat_template and "tools" in meta.find_undeclared_variables(
-            _compile_env().parse(self._template))
+        self.takes_tools = self.has_chat_template and "tools" in template_variables(self._template)
 
     def _byte_fallback_ids(self) -> set[int]:
         # Hugging Face's ByteFallback decoder turns a whole run of <0xNN> tokens into U+FFFD
@@ -196,7 +188,7 @@ class HuggingFaceTokenizer(Tokenizer):
             raise ValueError("Template error: template not found")
         return render_template(
             self._template,
-            messages=_flatten_content(messages),
+            messages=flatten_content(messages),
             tools=tools,
             add_generation_prompt=add_generation_prompt,
             bos_token=self._tok.bos_token or "",
@@ -249,7 +241,7 @@ class MistralCommonTokenizer(Tokenizer):
         # Mistral's format has no generation prompt: a conversation ending in a user turn is
         # always ready for the assistant's answer.
         try:
-            request = ChatCompletionRequest.from_openai(_flatten_content(messages), tools=tools)
+            request = ChatCompletionRequest.from_openai(flatten_content(messages), tools=tools)
             return self._mistral.encode_chat_completion(request).tokens
         # mistral-common's own checks raise several kinds of errors (a message without content
         # is a TypeError deep inside it): any of them is the conversation's fault.
@@ -274,84 +266,3 @@ def _sentencepiece_bytes(piece: str) -> bytes:
 def _byte_level_bytes(piece: str) -> bytes:
     """A byte-level BPE piece (GPT-2's alphabet: one printable character per byte)."""
     return bytes(_BYTE_LEVEL[char] for char in piece)
-
-
-def render_template(template: str, **variables) -> str:
-    """Render a chat template in jinja2's sandbox, with the helpers chat templates expect and
-    bounds on the output size and the time taken. Any failure is a ValueError starting
-    "Template error:"."""
-    previous = sys.gettrace()
-    sys.settrace(_time_limit(time.monotonic() + MAX_TEMPLATE_SECONDS))
-    try:
-        chunks, size = [], 0
-        for chunk in _compile(template).generate(**variables):
-            size += len(chunk)
-            if size > MAX_TEMPLATE_OUTPUT_CHARS:
-                raise ValueError(f"output exceeds {MAX_TEMPLATE_OUTPUT_CHARS} characters")
-            chunks.append(chunk)
-        return "".join(chunks)
-    # The template is foreign code: whatever goes wrong inside it is the template's error.
-    except Exception as e:
-        raise ValueError(f"Template error: {e}") from e
-    finally:
-        sys.settrace(previous)
-
-
-def _time_limit(deadline: float):
-    """A trace function that stops a template's compiled code (and nothing else) past the
-    deadline: jinja2's sandbox bounds what a template may touch, not how long it loops."""
-    def line(frame, event, arg):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"rendering took longer than {MAX_TEMPLATE_SECONDS} s")
-        return line
-
-    def call(frame, event, arg):
-        return line if frame.f_code.co_filename == "<template>" else None
-
-    return call
-
-
-@lru_cache(maxsize=16)
-def _compile(template: str) -> jinja2.Template:
-    return _compile_env().from_string(template)
-
-
-@lru_cache(maxsize=1)
-def _compile_env() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env
-
-
-def _raise_exception(message: str):
-    raise jinja2.TemplateError(message)
-
-
-def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-    # jinja2's own tojson escapes HTML characters, which would put "\u003c" in prompts.
-    return json.dumps(
-        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-    )
-
-
-def _pick_template(chat_template: str | dict | None) -> str | None:
-    # A tokenizer may carry several named templates; the unnamed use is "default", as in TGI.
-    if isinstance(chat_template, dict):
-        return chat_template.get("default")
-    return chat_template
-
-
-def _flatten_content(messages: list[dict]) -> list[dict]:
-    """OpenAI content given as a list of parts becomes the plain string templates expect."""
-    flat = []
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, list):
-            text = "".join(part.get("text", "") for part in content if part.get("type") == "text")
-            message = {**message, "content": text}
-        flat.append(message)
-    return flat

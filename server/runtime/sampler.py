@@ -109,7 +109,8 @@ def apply_allowed(logits: torch.Tensor, allowed: AllowedTokens) -> torch.Tensor:
     words = allowed.bitmask.to(device, non_blocking=True)  # [guided rows, words]
     shifts = torch.arange(32, device=device, dtype=torch.int32)
     forbidden = torch.zeros(logits.shape[0], words.shape[1] * 32, dtype=torch.bool, device=device)
-    forbidden[torch.tensor(allowed.rows, device=device)] = ((words[:, :, None] >> shifts) & 1).flatten(1) == 0
+    rows = torch.tensor(allowed.rows).to(device, non_blocking=True)  # no wait for the forward pass
+    forbidden[rows] = ((words[:, :, None] >> shifts) & 1).flatten(1) == 0
     return logits.masked_fill(forbidden[:, :logits.shape[1]], float("-inf"))
 
 
