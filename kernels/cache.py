@@ -39,3 +39,13 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping, k_scale: float = 1.0, v_scale
     _store_kv_kernel[(num_tokens,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
                                     1.0 / k_scale, 1.0 / v_scale, WIDTH=width, BLOCK=triton.next_power_of_2(width),
                                     QUANTIZE=k_cache.dtype == FP8, FP8_MAX=FP8_MAX)
+
+
+@triton.jit
+def load_cached(cache_ptr, offsets, mask, scale, like, FP8_CACHE: tl.constexpr):
+    """A tile of K or V read from the paged cache, as `like`'s dtype: an fp8 cache's values
+    times its layer's scale."""
+    x = tl.load(cache_ptr + offsets, mask=mask, other=0.0)
+    if FP8_CACHE:
+        x = (x.to(tl.float32) * scale).to(like.dtype)
+    return x

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.cache import load_cached
 from kernels.precision import LOG2E, dot_precision
 from kernels.quant_reference import FP8
 
@@ -55,17 +56,13 @@ def _decode_split_kernel(
         block = tl.load(block_tables_ptr + seq * stride_bt + pos // PAGE, mask=pmask, other=0)
         slot = block.to(tl.int64) * stride_cb + (pos % PAGE) * stride_cs + kv_head * stride_ch
         kv_mask = pmask[:, None] & dmask[None, :]
-        k = tl.load(k_cache_ptr + slot[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        if FP8_CACHE:
-            k = (k.to(tl.float32) * k_scale).to(q.dtype)
+        k = load_cached(k_cache_ptr, slot[:, None] + d[None, :], kv_mask, k_scale, q, FP8_CACHE)  # [BLOCK_N, BLOCK_D]
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_G, BLOCK_N], in log2 units
         s = tl.where(pmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m - m_new)
-        v = tl.load(v_cache_ptr + slot[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        if FP8_CACHE:
-            v = (v.to(tl.float32) * v_scale).to(q.dtype)
+        v = load_cached(v_cache_ptr, slot[:, None] + d[None, :], kv_mask, v_scale, q, FP8_CACHE)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         l = l * alpha + tl.sum(p, axis=1)
         m = m_new

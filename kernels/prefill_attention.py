@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.cache import load_cached
 from kernels.precision import LOG2E, dot_precision
 from kernels.quant_reference import FP8
 
@@ -55,9 +56,7 @@ def _prefill_kernel(
             block = tl.load(block_tables_ptr + seq * stride_bt + k_pos // PAGE, mask=kmask, other=0)
             slot = block.to(tl.int64) * stride_cb + (k_pos % PAGE) * stride_cs + kv_head * stride_ch
             kv_mask = kmask[:, None] & dmask[None, :]
-            k = tl.load(k_cache_ptr + slot[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            if FP8_CACHE:
-                k = (k.to(tl.float32) * k_scale).to(q.dtype)
+            k = load_cached(k_cache_ptr, slot[:, None] + d[None, :], kv_mask, k_scale, q, FP8_CACHE)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
             allowed = kmask[None, :] & (k_pos[None, :] <= q_pos[:, None])
             if window > 0:
@@ -67,9 +66,7 @@ def _prefill_kernel(
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(s - m_safe[:, None])
             alpha = tl.exp2(m - m_safe)
-            v = tl.load(v_cache_ptr + slot[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            if FP8_CACHE:
-                v = (v.to(tl.float32) * v_scale).to(q.dtype)
+            v = load_cached(v_cache_ptr, slot[:, None] + d[None, :], kv_mask, v_scale, q, FP8_CACHE)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             l = l * alpha + tl.sum(p, axis=1)
             m = m_new
