@@ -40,7 +40,7 @@ class LLGuidance:
         import llguidance.torch
 
         self.fill_mask = llguidance.torch.fill_next_token_bitmask
-        self.guidance = Guidance(tokenizer, len(tokens), {eos}, pin_memory=False)
+        self.guidance = Guidance(tokenizer, len(tokens), {eos}, on_gpu=False)
 
     def compile(self, kind: str, source) -> str:
         field = "guided_json" if kind == "json" else "guided_regex"

@@ -7,6 +7,7 @@ import re
 
 import jsonschema
 import pytest
+import torch
 
 from benchmarks.json_schemas import REGEXES, SCHEMAS, WEATHER
 from server import LLM, SamplingParams
@@ -55,6 +56,35 @@ def test_guided_rows_leave_the_other_rows_of_their_batch_unchanged(tiny_llm):
     guided = [SamplingParams(temperature=0.8, seed=seed, max_tokens=12, guided_json=WEATHER) for seed in range(3)]
     mixed = completions(tiny_llm, PROMPTS + PROMPTS, plain + guided)
     assert [o.token_ids for o in mixed[:3]] == alone
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Filling masks ahead is for GPUs; on the CPU, OpenMP's spinning threads would starve
+    the worker thread that fills them, unless torch keeps to one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_masks_filled_ahead_equal_masks_filled_at_launch(tiny_llm, monkeypatch, one_torch_thread):
+    params = [SamplingParams(max_tokens=60, guided_json=schema, temperature=1.0, seed=3)
+              for schema, _, _ in SCHEMAS.values()]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(params))]
+    guidance = tiny_llm.engine.guidance
+    fill, ready = guidance.allowed_tokens, []
+
+    def taking(rows, matchers):
+        ready.append(guidance._prefetched is not None)
+        return fill(rows, matchers)
+
+    monkeypatch.setattr(guidance, "allowed_tokens", taking)
+    monkeypatch.setattr(guidance, "prefetching", True)
+    ahead = [o.token_ids for o in completions(tiny_llm, prompts, params)]
+    assert sum(ready) > len(ready) / 2  # most steps found their masks filled
+    monkeypatch.setattr(guidance, "prefetching", False)
+    assert [o.token_ids for o in completions(tiny_llm, prompts, params)] == ahead
 
 
 def test_a_guided_sequence_gives_the_same_tokens_after_preemption(mistral_v03_dir, tiny_llm):

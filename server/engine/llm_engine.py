@@ -54,7 +54,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.config.scheduler, self.block_manager)
         self.eos_token_ids = set(model.eos_token_ids) | self.tokenizer.eos_token_ids
         self.guidance = Guidance(self.tokenizer, model.vocab_size, self.eos_token_ids,
-                                 pin_memory=started.device.startswith("cuda"))
+                                 on_gpu=started.device.startswith("cuda"))
         self.requests: dict[str, Request] = {}
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
         self._unfinished_outputs: list[Sequence] = []  # sampled last step, text not yet made
@@ -169,6 +169,9 @@ class LLMEngine:
             if results is not None:
                 self.scheduler.step_succeeded()
                 self._advance(batch, results)
+                guided = [seq.matcher for seq in batch.seqs if seq.matcher is not None and not seq.is_finished]
+                if guided:
+                    self.guidance.prefetch(guided)
         return outputs
 
     def _allowed_tokens(self, seqs: list[Sequence], chunks: list[SequenceChunk]):
