@@ -58,15 +58,20 @@ def _expert_matmul(a_ptr, rows, valid, w_ptr, cols, cmask, K: tl.constexpr,
 
 
 @triton.jit
+def _block_pairs_and_cols(pair_ids_ptr, num_pairs, N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's BLOCK_M pairs (and which are real) and BLOCK_N output columns (of N)."""
+    pairs = tl.load(pair_ids_ptr + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M))
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pairs, pairs < num_pairs, cols, cols < N
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, w13_ptr, inter_ptr, pair_ids_ptr, block_expert_ptr, num_pairs,
                     TOP_K: tl.constexpr, HIDDEN: tl.constexpr, INTER: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     expert = tl.load(block_expert_ptr + tl.program_id(0))
     if expert >= 0:
-        pairs = tl.load(pair_ids_ptr + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M))
-        valid = pairs < num_pairs
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        cmask = cols < INTER
+        pairs, valid, cols, cmask = _block_pairs_and_cols(pair_ids_ptr, num_pairs, INTER, BLOCK_M, BLOCK_N)
         w_gate = w13_ptr + expert.to(tl.int64) * (2 * INTER * HIDDEN)
         gate = _expert_matmul(x_ptr, pairs // TOP_K, valid, w_gate, cols, cmask, HIDDEN,
                               BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
@@ -83,10 +88,7 @@ def _down_kernel(inter_ptr, w2_ptr, out_ptr, weights_ptr, pair_ids_ptr, block_ex
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     expert = tl.load(block_expert_ptr + tl.program_id(0))
     if expert >= 0:
-        pairs = tl.load(pair_ids_ptr + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M))
-        valid = pairs < num_pairs
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        cmask = cols < HIDDEN
+        pairs, valid, cols, cmask = _block_pairs_and_cols(pair_ids_ptr, num_pairs, HIDDEN, BLOCK_M, BLOCK_N)
         acc = _expert_matmul(inter_ptr, pairs, valid, w2_ptr + expert.to(tl.int64) * (HIDDEN * INTER), cols, cmask,
                              INTER, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
         acc = acc * tl.load(weights_ptr + pairs, mask=valid, other=0.0)[:, None]
