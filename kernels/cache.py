@@ -49,3 +49,12 @@ def load_cached(cache_ptr, offsets, mask, scale, like, FP8_CACHE: tl.constexpr):
     if FP8_CACHE:
         x = (x.to(tl.float32) * scale).to(like.dtype)
     return x
+
+
+@triton.jit
+def paged_offsets(block_tables_ptr, stride_bt, seq, pos, mask, PAGE: tl.constexpr, stride_cb, stride_cs,
+                  kv_head, stride_ch):
+    """Offsets into the paged cache of sequence `seq`'s positions `pos` (one KV head), through
+    its block table."""
+    block = tl.load(block_tables_ptr + seq * stride_bt + pos // PAGE, mask=mask, other=0)
+    return block.to(tl.int64) * stride_cb + (pos % PAGE) * stride_cs + kv_head * stride_ch

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.cache import load_cached
+from kernels.cache import load_cached, paged_offsets
 from kernels.precision import LOG2E, dot_precision
 from kernels.quant_reference import FP8
 
@@ -53,8 +53,8 @@ def _prefill_kernel(
         for n0 in range(lo, hi, BLOCK_N):
             k_pos = n0 + tl.arange(0, BLOCK_N)
             kmask = k_pos < hi
-            block = tl.load(block_tables_ptr + seq * stride_bt + k_pos // PAGE, mask=kmask, other=0)
-            slot = block.to(tl.int64) * stride_cb + (k_pos % PAGE) * stride_cs + kv_head * stride_ch
+            slot = paged_offsets(block_tables_ptr, stride_bt, seq, k_pos, kmask, PAGE, stride_cb, stride_cs,
+                                 kv_head, stride_ch)
             kv_mask = kmask[:, None] & dmask[None, :]
             k = load_cached(k_cache_ptr, slot[:, None] + d[None, :], kv_mask, k_scale, q, FP8_CACHE)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
