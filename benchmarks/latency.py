@@ -51,6 +51,11 @@ def engine_figures(args, prompts: dict[int, list[int]]) -> dict:
         run_alone(engine, prompts[length], 1)
         ttft[length] = min(run_alone(engine, prompts[length], 1)[0] for _ in range(3))
     _, decode = run_alone(engine, prompts[args.decode_context], args.decode_tokens + 1)
+    one_at_a_time = None
+    if args.sync_too:  # the same engine, each step read back before the next is scheduled
+        engine.async_scheduling = False
+        _, one_at_a_time = run_alone(engine, prompts[args.decode_context], args.decode_tokens + 1)
+        engine.async_scheduling = True
     params = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
     kv_bytes = engine.runner.kv_bytes_per_token() * (args.decode_context + args.decode_tokens / 2)
     figures = {"ttft_ms": {str(k): v * 1000 for k, v in ttft.items()},
@@ -58,6 +63,8 @@ def engine_figures(args, prompts: dict[int, list[int]]) -> dict:
                "kv_cache_tokens": engine.config.cache.max_total_tokens,
                "activation_bytes": getattr(engine.runner, "activation_bytes", None),
                "decode_bytes_per_token": params + kv_bytes}
+    if one_at_a_time is not None:
+        figures["decode_tokens_per_s_without_async_scheduling"] = args.decode_tokens / one_at_a_time
     del engine
     torch.cuda.empty_cache()
     return figures
@@ -97,6 +104,7 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=256)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--peer", action="store_true", help="also run transformers (compiles: minutes)")
+    parser.add_argument("--sync-too", action="store_true", help="also decode with async scheduling off")
     args = parser.parse_args()
     vocab = 32768
     prompts = {n: random_prompt(n, vocab, n) for n in {*args.prompt_lens, args.decode_context}}

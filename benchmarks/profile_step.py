@@ -40,8 +40,8 @@ def host_breakdown(engine: LLMEngine, steps: int) -> dict[str, float]:
         setattr(owner, name, timed)
 
     for owner, name in ((engine.scheduler, "schedule"), (engine, "_chunk"), (engine.runner, "_metadata"),
-                        (engine.runner, "launch"), (engine, "_finish_outputs"), (engine.runner, "collect"),
-                        (engine, "_advance")):
+                        (engine.runner, "forward"), (engine.runner, "sample"), (engine, "_finish_outputs"),
+                        (engine.runner, "collect"), (engine, "_advance")):
         wrap(owner, name)
     for _ in range(steps):
         engine.step()

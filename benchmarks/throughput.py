@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--peer", choices=["generate", "generate_batch", "none"], default="generate")
     parser.add_argument("--peer-num-prompts", type=int, default=None,
                         help="run the peer on the first N prompts only (it can take many minutes)")
+    parser.add_argument("--sync-too", action="store_true", help="also run with async scheduling off")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--seed", type=int, default=0)
@@ -137,6 +138,9 @@ def main() -> None:
     lens = output_lens(args.num_prompts, args.min_output_len or args.max_tokens,
                        args.max_output_len or args.max_tokens, args.seed)
     engine = run_engine(llm, args, prompts, lens)
+    if args.sync_too:  # the same engine, each step read back before the next is scheduled
+        llm.engine.async_scheduling = False
+        engine["without_async_scheduling"] = run_engine(llm, args, prompts, lens)
     params = sum(p.numel() for p in llm.engine.runner.model.parameters())
     kv_tokens = config.cache.max_total_tokens
     del llm

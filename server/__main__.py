@@ -61,6 +61,8 @@ FLAGS = [
     ("--max-client-batch-size", int, 4, "Most prompts in one /v1/completions request."),
     ("--load-format", str, "auto", "auto: the checkpoint's weights; dummy: random weights of the "
      "checkpoint's shapes, reading only its config and tokenizer (benchmarks, as vLLM's flag)."),
+    ("--disable-async-scheduling", bool, False, "Read each step back before scheduling the next (by "
+     "default the next step is queued on the GPU first, so that it never waits for the host)."),
     ("--graceful-termination-timeout", int, 90, "Seconds that running requests get to finish after "
      "SIGTERM before they are cut off."),
 ]
@@ -146,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         max_batch_total_tokens=args.max_batch_total_tokens,
         max_batch_prefill_tokens=args.max_batch_prefill_tokens, max_model_len=args.max_total_tokens,
         cuda_memory_fraction=args.cuda_memory_fraction, quantize=args.quantize,
-        load_format=args.load_format, kv_cache_dtype=args.kv_cache_dtype)
+        load_format=args.load_format, kv_cache_dtype=args.kv_cache_dtype,
+        async_scheduling=not args.disable_async_scheduling)
     if rank:
         log.info("rank %d of %d: running the steps rank 0 sends", rank, engine_args.tensor_parallel_size)
         start_runner(engine_args, rank).runner.serve_steps()

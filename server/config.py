@@ -127,4 +127,5 @@ class EngineArgs:
     kv_cache_dtype: str = "auto"  # "auto" (the model dtype) or "fp8" (e4m3, half the bytes)
     attention_backend: str = "auto"  # triton on CUDA, torch on the CPU
     enforce_eager: bool = False  # no CUDA graphs
+    async_scheduling: bool = True  # queue each step before the previous one is read back
     load_format: str = "auto"  # "dummy": random weights of the checkpoint's shapes (benchmarks)

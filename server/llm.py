@@ -23,15 +23,17 @@ class LLM:
                  max_batch_prefill_tokens: int = 4096, max_num_seqs: int = 256,
                  max_model_len: int | None = None, revision: str | None = None,
                  download_dir: str | None = None, quantization: str | None = None,
-                 kv_cache_dtype: str = "auto"):
+                 kv_cache_dtype: str = "auto", async_scheduling: bool = True):
         """`quantization`: TGI's --quantize (fp8, awq, gptq, compressed-tensors; None: as the
-        checkpoint's quantization_config says); `kv_cache_dtype`: "auto" or "fp8"."""
+        checkpoint's quantization_config says); `kv_cache_dtype`: "auto" or "fp8";
+        `async_scheduling`: queue each step on the device before reading the last one back."""
         self.engine = LLMEngine(EngineArgs(
             model=model, revision=revision, download_dir=download_dir, dtype=dtype,
             device=device, tensor_parallel_size=tensor_parallel_size,
             max_batch_total_tokens=max_batch_total_tokens, max_batch_prefill_tokens=max_batch_prefill_tokens,
             max_num_seqs=max_num_seqs, max_model_len=max_model_len, block_size=block_size,
-            enable_prefix_caching=enable_prefix_caching, quantize=quantization, kv_cache_dtype=kv_cache_dtype))
+            enable_prefix_caching=enable_prefix_caching, quantize=quantization, kv_cache_dtype=kv_cache_dtype,
+            async_scheduling=async_scheduling))
         self.engine.stream_outputs = False  # generate() returns finished requests only
 
     def get_tokenizer(self):

@@ -79,16 +79,16 @@ def test_bad_input_raises_for_that_request_only(engine):
 
 def test_a_failing_step_fails_its_requests_and_the_engine_recovers(engine, monkeypatch):
     runner = engine.engine.runner
-    original = runner.launch
+    original = runner.forward
     calls = {"n": 0}
 
-    def flaky(chunks, allowed_tokens=None):
+    def flaky(chunks, previous=None):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("injected fault")
-        return original(chunks, allowed_tokens)
+        return original(chunks, previous)
 
-    monkeypatch.setattr(runner, "launch", flaky)
+    monkeypatch.setattr(runner, "forward", flaky)
 
     async def main():
         with pytest.raises(RuntimeError, match="injected fault"):

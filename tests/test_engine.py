@@ -46,15 +46,15 @@ def test_a_step_out_of_device_memory_preempts_and_retries_with_the_same_tokens(m
     expected = tokens(llm.generate(PROMPTS, params, use_tqdm=False))
     fresh = LLM(mistral_v03_dir, block_size=4)
     runner = fresh.engine.runner
-    execute, calls = runner.launch, []
+    forward, calls = runner.forward, []
 
-    def out_of_memory_twice(chunks, allowed_tokens=None):
+    def out_of_memory_twice(chunks, previous=None):
         calls.append(len(chunks))
         if len(calls) in (1, 4):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-        return execute(chunks, allowed_tokens)
+        return forward(chunks, previous)
 
-    runner.launch = out_of_memory_twice
+    runner.forward = out_of_memory_twice
     assert tokens(fresh.generate(PROMPTS, params, use_tqdm=False)) == expected
     assert calls[1] < calls[0] and fresh.engine.scheduler.num_preemptions >= 4
     assert fresh.engine.block_manager.num_free_blocks == fresh.engine.block_manager.num_blocks
@@ -155,6 +155,34 @@ def test_max_tokens_and_logprobs_shapes(llm):
     for token, entry in zip(completion.token_ids, completion.logprobs):
         assert token in entry and len(entry) in (2, 3)
         assert entry[token] == max(entry.values())  # greedy takes the most likely
+
+
+def test_steps_queued_ahead_give_what_steps_run_one_at_a_time_give(llm, monkeypatch):
+    """Async scheduling queues each step before reading the last one back: tokens, text,
+    logprobs and finish reasons stay those of running one step at a time, for requests that
+    end early (stop ids, stop strings, max_tokens), sample with penalties, or share a prompt."""
+    base = llm.generate([PROMPTS[3]], GREEDY, use_tqdm=False)[0].outputs[0]
+    mix = [GREEDY, SAMPLED,
+           SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[base.token_ids[4]], logprobs=2),
+           SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=[base.text[5:8]]),
+           SamplingParams(temperature=0.9, seed=1, max_tokens=1, ignore_eos=True),
+           SamplingParams(temperature=1.0, seed=2, max_tokens=15, repetition_penalty=1.3,
+                          frequency_penalty=0.5, presence_penalty=0.3, min_tokens=3, ignore_eos=True),
+           SamplingParams(n=2, best_of=3, temperature=1.0, seed=4, max_tokens=9, ignore_eos=True),
+           SamplingParams(temperature=0, max_tokens=6, prompt_logprobs=1, ignore_eos=True)]
+    params = [mix[i % len(mix)] for i in range(2 * len(mix))]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(params))]
+
+    def run():
+        return [[(c.token_ids, c.text, c.finish_reason, c.stop_reason, c.logprobs) for c in o.outputs]
+                + [o.prompt_logprobs] for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    assert llm.engine.async_scheduling
+    ahead = run()
+    monkeypatch.setattr(llm.engine, "async_scheduling", False)
+    assert run() == ahead
+    manager = llm.engine.block_manager
+    assert manager.num_free_blocks == manager.num_blocks
 
 
 @pytest.mark.parametrize("bad", [

@@ -7,7 +7,6 @@ import re
 
 import jsonschema
 import pytest
-import torch
 
 from benchmarks.json_schemas import REGEXES, SCHEMAS, WEATHER
 from server import LLM, SamplingParams
@@ -58,33 +57,16 @@ def test_guided_rows_leave_the_other_rows_of_their_batch_unchanged(tiny_llm):
     assert [o.token_ids for o in mixed[:3]] == alone
 
 
-@pytest.fixture
-def one_torch_thread():
-    """Filling masks ahead is for GPUs; on the CPU, OpenMP's spinning threads would starve
-    the worker thread that fills them, unless torch keeps to one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_masks_filled_ahead_equal_masks_filled_at_launch(tiny_llm, monkeypatch, one_torch_thread):
+def test_steps_queued_ahead_give_the_tokens_of_steps_run_one_at_a_time(tiny_llm, monkeypatch):
+    """With async scheduling a step's masks are filled after the step before it is read back
+    and its forward pass already queued: the matchers must see every token all the same."""
     params = [SamplingParams(max_tokens=60, guided_json=schema, temperature=1.0, seed=3)
               for schema, _, _ in SCHEMAS.values()]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(params))]
-    guidance = tiny_llm.engine.guidance
-    fill, ready = guidance.allowed_tokens, []
-
-    def taking(rows, matchers):
-        ready.append(guidance._prefetched is not None)
-        return fill(rows, matchers)
-
-    monkeypatch.setattr(guidance, "allowed_tokens", taking)
-    monkeypatch.setattr(guidance, "prefetching", True)
-    ahead = [o.token_ids for o in completions(tiny_llm, prompts, params)]
-    assert sum(ready) > len(ready) / 2  # most steps found their masks filled
-    monkeypatch.setattr(guidance, "prefetching", False)
-    assert [o.token_ids for o in completions(tiny_llm, prompts, params)] == ahead
+    assert tiny_llm.engine.async_scheduling
+    ahead = [(o.token_ids, o.text) for o in completions(tiny_llm, prompts, params)]
+    monkeypatch.setattr(tiny_llm.engine, "async_scheduling", False)
+    assert [(o.token_ids, o.text) for o in completions(tiny_llm, prompts, params)] == ahead
 
 
 def test_a_guided_sequence_gives_the_same_tokens_after_preemption(mistral_v03_dir, tiny_llm):

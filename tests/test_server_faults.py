@@ -36,15 +36,15 @@ def request(app, method, path, **kwargs):
 
 def failing_once(engine, monkeypatch):
     runner = engine.engine.runner
-    launch, calls = runner.launch, []
+    forward, calls = runner.forward, []
 
-    def flaky(chunks, allowed_tokens=None):
+    def flaky(chunks, previous=None):
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("injected fault at 0x7f00deadbeef")
-        return launch(chunks, allowed_tokens)
+        return forward(chunks, previous)
 
-    monkeypatch.setattr(runner, "launch", flaky)
+    monkeypatch.setattr(runner, "forward", flaky)
 
 
 def test_a_failing_step_is_424_for_its_request_and_the_server_keeps_serving(app_engine, monkeypatch):

@@ -100,10 +100,11 @@ class BlockManager:
         return block
 
     def commit(self, seq: Sequence) -> None:
-        """Publish `seq`'s fully computed blocks to the prefix cache."""
+        """Publish `seq`'s fully computed blocks to the prefix cache (those whose token ids
+        are all known: a pending token's block waits)."""
         if not self.enable_prefix_caching:
             return
-        num_full = seq.num_computed_tokens // self.block_size
+        num_full = min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size
         hashes = self._full_block_hashes(seq)
         for i in range(seq.num_committed_blocks, num_full):
             block = seq.block_table[i]

@@ -2,19 +2,16 @@
 step's masks of the tokens the matchers allow.
 
 A grammar is compiled and checked where the request enters. Each sequence then carries a
-matcher that advances with every token it accepts. As soon as a step's tokens are accepted,
-the next masks of its guided sequences are filled on a worker thread (llguidance releases the
-GIL), behind the host's Python work for the next step, when the model runs on a GPU (on the
-CPU, that thread would take cores from the forward pass). Once the step's forward pass is
-queued, the masks are taken (any not filled ahead are filled then) and applied on the device
-before sampling. Unguided rows, and batches without a guided row, pay nothing. A grammar always allows an end-of-sequence token once it is complete (or cannot go
-on), so a masked row is never left without a token to pick.
+matcher that advances with every token it accepts. Once a step's forward pass is queued (and
+the tokens it follows accepted), the masks of its guided rows are filled on the host while the
+device computes the logits, and applied there before sampling. Unguided rows, and batches
+without a guided row, pay nothing. A grammar always allows an end-of-sequence token once it is
+complete (or cannot go on), so a masked row is never left without a token to pick.
 """
 from __future__ import annotations
 
 import json
 import re
-from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
 
 import llguidance
@@ -40,11 +37,8 @@ class Guidance:
                                                 eos_token=sorted(eos_token_ids))
         self.words = (vocab_size + 31) // 32
         self.pin_memory = on_gpu  # so that the masks' copy to the GPU does not wait
-        self.prefetching = on_gpu
         self.executor = llguidance.LLExecutor()
         self._compile = lru_cache(maxsize=256)(self._compile_uncached)
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-masks")
-        self._prefetched: tuple[Future, dict[int, int], list] | None = None  # masks, rows by matcher
 
     def grammar(self, params: SamplingParams) -> str | None:
         """The request's grammar, checked; None when it has none. A schema or regex that
@@ -68,32 +62,12 @@ class Guidance:
     def matcher(self, grammar: str) -> llguidance.LLMatcher:
         return llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
 
-    def prefetch(self, matchers: list[llguidance.LLMatcher]) -> None:
-        """Start filling these matchers' next masks on the worker thread, for the next
-        `allowed_tokens` to take. The matchers must not advance before then."""
-        if not self.prefetching:
-            return
-        self._prefetched = (self._worker.submit(self._filled, matchers),
-                            {id(matcher): row for row, matcher in enumerate(matchers)}, matchers)
-
     def allowed_tokens(self, rows: list[int], matchers: list[llguidance.LLMatcher]) -> AllowedTokens:
-        """The masks of the matchers' next tokens, for the sampled rows `rows`: those
-        prefetched, and the others filled now."""
+        """The masks of the matchers' next tokens, for the sampled rows `rows`."""
         bitmask = torch.empty(len(matchers), self.words, dtype=torch.int32, pin_memory=self.pin_memory)
-        prefetched, self._prefetched = self._prefetched, None
-        ready, ready_rows = (prefetched[0].result(), prefetched[1]) if prefetched else (None, {})
-        missing = [(matcher, i) for i, matcher in enumerate(matchers) if id(matcher) not in ready_rows]
-        if len(missing) < len(matchers):
-            torch.index_select(ready, 0, torch.tensor([ready_rows.get(id(m), 0) for m in matchers]), out=bitmask)
-        if missing:  # whole rows, over the placeholders
-            llguidance.torch.fill_next_token_bitmask_par(self.executor, missing, bitmask)
-        return AllowedTokens(rows, bitmask)
-
-    def _filled(self, matchers: list[llguidance.LLMatcher]) -> torch.Tensor:
-        bitmask = torch.empty(len(matchers), self.words, dtype=torch.int32)
         llguidance.torch.fill_next_token_bitmask_par(
             self.executor, [(matcher, i) for i, matcher in enumerate(matchers)], bitmask)
-        return bitmask
+        return AllowedTokens(rows, bitmask)
 
 
 class Vocabulary:

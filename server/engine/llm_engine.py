@@ -26,6 +26,9 @@ from server.runtime.workers import Workers, free_port
 from server.sampling_params import SamplingParams
 
 
+TO_BE_SET = SamplingOptions()  # marks a chunk that samples, until its options are made
+
+
 class LLMEngine:
     def __init__(self, args: EngineArgs):
         if args.tensor_parallel_size < 1:
@@ -59,6 +62,10 @@ class LLMEngine:
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
         self._unfinished_outputs: list[Sequence] = []  # sampled last step, text not yet made
         self.stream_outputs = True  # False: an output only when a request finishes (offline use)
+        # Queue each step before reading the last one back (see `step`); with several ranks,
+        # whose other ranks would need the picks, steps run one at a time.
+        self.async_scheduling = args.async_scheduling and args.tensor_parallel_size == 1
+        self._in_flight = None  # (batch, launched step) queued and not yet read back
         # The model, its cache and the tokenizer live as long as the engine: keep them out of
         # the garbage collector's scans, which otherwise grow with every step's small objects.
         gc.collect()
@@ -145,40 +152,95 @@ class LLMEngine:
 
     def has_work(self) -> bool:
         """Whether a step would do anything: run a batch or hand out pending outputs."""
-        return self.scheduler.has_work() or bool(self._unfinished_outputs)
+        return self.scheduler.has_work() or bool(self._unfinished_outputs) or self._in_flight is not None
 
     # -- the step -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch and return the outputs of the requests that advanced.
 
-        The host work that the next schedule does not need (detokenizing, stop strings,
-        building outputs) is done one step late, while the device computes the next batch:
-        a call returns the outputs of the batch before its own, and a call with nothing left
-        to run returns the last ones. A stop string so found ends its sequence one token
-        late; that extra token is dropped.
+        With async scheduling (one rank), a step is queued before the one before it has been
+        read back: the next batch is scheduled as if every sampled token were already known,
+        its forward pass queued with those tokens read on the device, and only then is the
+        previous step waited for and its tokens accepted; the new step's sampling, whose
+        options and grammar masks depend on them, is queued after that. The device so never
+        waits for the host's scheduling and input preparation. A sequence that the previous
+        token ended is still computed once more; that result is dropped.
+
+        The host work that scheduling does not need (detokenizing, stop strings, building
+        outputs) is done after the device has work queued: a call returns the outputs of the
+        step read back during it. A stop string so found ends its sequence a step late; the
+        extra token is dropped.
         """
         batch = self.scheduler.schedule()
-        launched = None
-        if batch:
-            chunks = [self._chunk(seq, n) for seq, n in zip(batch.seqs, batch.num_new_tokens)]
-            allowed = self._allowed_tokens(batch.seqs, chunks)
-            launched = self._within_memory(batch, lambda: self.runner.launch(chunks, allowed))
+        forward = self._launch_forward(batch) if batch else None
+        if self._in_flight is not None:
+            in_flight, self._in_flight = self._in_flight, None
+            self._complete(*in_flight)
+        if forward is not None:
+            launched = self._launch_sampling(batch, forward)
+            if launched is not None:
+                self._in_flight = (batch, launched)
         outputs = self._finish_outputs()
-        if launched is not None:
-            results = self._within_memory(batch, lambda: self.runner.collect(launched))
-            if results is not None:
-                self.scheduler.step_succeeded()
-                self._advance(batch, results)
-                guided = [seq.matcher for seq in batch.seqs if seq.matcher is not None and not seq.is_finished]
-                if guided:
-                    self.guidance.prefetch(guided)
+        if self._in_flight is not None and not self.async_scheduling:
+            in_flight, self._in_flight = self._in_flight, None
+            self._complete(*in_flight)
         return outputs
+
+    def _launch_forward(self, batch):
+        """Queue the batch's forward pass and count its tokens as computed; None if the device
+        ran out of memory (the batch's newest half then waits)."""
+        previous = self._in_flight[1] if self._in_flight is not None else None
+        chunks = [self._chunk(seq, n) for seq, n in zip(batch.seqs, batch.num_new_tokens)]
+        forward = self._within_memory(batch, lambda: self.runner.forward(chunks, previous))
+        if forward is None:
+            return None
+        now = time.monotonic()
+        for seq, num_tokens in zip(batch.seqs, batch.num_new_tokens):
+            seq.request.first_scheduled_time = seq.request.first_scheduled_time or now
+            seq.num_computed_tokens += num_tokens
+            self.block_manager.commit(seq)  # readers of these blocks are queued after this step
+        return forward
+
+    def _launch_sampling(self, batch, forward):
+        """Queue the sampling of the batch's rows, with options (and grammar masks) made from
+        every token accepted so far; None if the device ran out of memory."""
+        chunks = forward.chunks
+        rows = 0
+        for seq, chunk in zip(batch.seqs, chunks):
+            if chunk.sampling is not None:
+                chunk.sampling = self._sampling_options(seq)
+                if not seq.is_finished and seq.status == SequenceStatus.RUNNING:
+                    seq.num_pending, seq.pending_row = 1, rows
+                    seq.pending_is_last = self._length_ends(seq)
+                rows += 1
+        allowed = self._allowed_tokens(batch.seqs, chunks)
+        launched = self._within_memory(batch, lambda: self.runner.sample(forward, allowed))
+        if launched is None:
+            for seq, num_tokens in zip(batch.seqs, batch.num_new_tokens):
+                seq.num_pending, seq.pending_is_last = 0, False
+                if seq.status == SequenceStatus.RUNNING:
+                    seq.num_computed_tokens -= num_tokens  # nothing of this step counts
+        return launched
+
+    def _length_ends(self, seq: Sequence) -> bool:
+        """Whether one more token reaches the sequence's length limit."""
+        max_tokens = seq.params.max_tokens
+        return (max_tokens is not None and seq.num_output_tokens + 1 >= max_tokens) or \
+            len(seq.token_ids) + 1 >= self.max_model_len
+
+    def _complete(self, batch, launched) -> None:
+        """Wait for a launched step and accept its tokens."""
+        results = self._within_memory(batch, lambda: self.runner.collect(launched))
+        if results is not None:
+            self.scheduler.step_succeeded()
+            self._advance(batch, launched.chunks, results)
 
     def _allowed_tokens(self, seqs: list[Sequence], chunks: list[SequenceChunk]):
         """For the runner, the grammar masks of the guided sequences that sample this step
         (rows numbered among the sampling chunks); None when there are none."""
         sampling = [seq for seq, chunk in zip(seqs, chunks) if chunk.sampling is not None]
-        guided = [(row, seq.matcher) for row, seq in enumerate(sampling) if seq.matcher is not None]
+        guided = [(row, seq.matcher) for row, seq in enumerate(sampling)
+                  if seq.matcher is not None and not seq.is_finished]
         if not guided:
             return None
         rows, matchers = (list(column) for column in zip(*guided))
@@ -197,25 +259,23 @@ class LLMEngine:
             torch.cuda.empty_cache()
             return None
 
-    def _advance(self, batch, results) -> None:
-        """What the next schedule needs: computed counts, the new tokens, and the stops that
-        depend on token ids alone."""
+    def _advance(self, batch, chunks: list[SequenceChunk], results) -> None:
+        """Accept a step's tokens: what the next schedule needs, and the stops that depend on
+        token ids alone."""
         now = time.monotonic()
-        for seq, num_tokens, result in zip(batch.seqs, batch.num_new_tokens, results):
-            if seq.is_finished:  # a stop string ended it after this step was launched
+        for seq, chunk, result in zip(batch.seqs, chunks, results):
+            if seq.is_finished:  # ended (stop string, abort, or its last token) after this step was queued
                 continue
             request = seq.request
-            request.first_scheduled_time = request.first_scheduled_time or now
-            start = seq.num_computed_tokens
-            seq.num_computed_tokens += num_tokens
-            self.block_manager.commit(seq)
             if result.prompt_logprobs:
                 scored = request.prompt_logprobs
-                first = len(scored) - 1 - start  # entries recomputed after preemption are skipped
+                first = len(scored) - 1 - chunk.start_pos  # entries recomputed after preemption are skipped
                 scored.extend(result.prompt_logprobs[max(first, 0):])
             if result.sampled is not None:
                 request.first_token_time = request.first_token_time or now
+                seq.num_pending, seq.pending_is_last = 0, False
                 self._append(seq, result.sampled)
+                self.block_manager.commit(seq)  # the token may complete a computed block
                 self._unfinished_outputs.append(seq)
 
     def _append(self, seq: Sequence, sampled) -> None:
@@ -289,8 +349,11 @@ class LLMEngine:
         if params.prompt_logprobs is not None and seq.index == 0 and start < seq.num_prompt_tokens - 1:
             chunk.prompt_targets = seq.token_ids[start + 1:min(end + 1, seq.num_prompt_tokens)]
             chunk.prompt_top_n = params.prompt_logprobs
+        if end > len(seq.token_ids):  # the last token is pending: sampled by the step before
+            chunk.token_ids.append(0)
+            chunk.pending_row = seq.pending_row
         if end == len(seq):
-            chunk.sampling = self._sampling_options(seq)
+            chunk.sampling = TO_BE_SET  # made when the step's sampling is queued
         return chunk
 
     def _output(self, request: Request) -> RequestOutput:

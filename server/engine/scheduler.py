@@ -73,6 +73,9 @@ class Scheduler:
         kept: list[Sequence] = []
         while queue:
             seq = queue.popleft()
+            if seq.pending_is_last:  # nothing to compute: its pending token finishes it
+                kept.append(seq)
+                continue
             remaining = len(seq) - seq.num_computed_tokens
             num_tokens = 1 if remaining == 1 else min(remaining, budget)
             if num_tokens == 0:  # a chunked prefill waiting for budget

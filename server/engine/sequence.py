@@ -17,8 +17,10 @@ class SequenceStatus(enum.Enum):
 class Sequence:
     """Token ids of one sequence (prompt + output) and its place in the KV cache.
 
-    `num_computed_tokens` counts tokens whose K/V are already in the cache; the scheduler
-    advances it in chunks, and preemption resets it to 0 (the tokens are recomputed later).
+    `num_computed_tokens` counts tokens whose K/V are in the cache or queued to be written
+    there; the engine advances it in chunks as it queues steps, and preemption resets it to 0
+    (the tokens are recomputed later). A token sampled by a step that is queued but not yet
+    read back is pending: it counts in the length, and the next step may already compute it.
     """
 
     def __init__(self, seq_id: int, request: "Request", index: int, seed: int):
@@ -29,6 +31,9 @@ class Sequence:
         self.token_ids: list[int] = list(request.prompt_token_ids)
         self.num_prompt_tokens = len(self.token_ids)
         self.num_computed_tokens = 0
+        self.num_pending = 0  # 1 while a sampled token is still on the device
+        self.pending_row = -1  # its row among that step's picks
+        self.pending_is_last = False  # it ends the sequence whatever it is (a length limit)
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at admission
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []  # prefix-cache keys of the full blocks, in order
@@ -60,7 +65,7 @@ class Sequence:
         return self.status == SequenceStatus.FINISHED
 
     def __len__(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + self.num_pending
 
     def __repr__(self) -> str:
         return (f"Sequence(id={self.seq_id}, len={len(self)}, computed={self.num_computed_tokens}, "

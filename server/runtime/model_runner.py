@@ -20,7 +20,7 @@ from server.models.loader import ModelSource, fill_random_weights, iter_weights
 from server.models.registry import model_class
 from server.runtime.cuda_graphs import DEFAULT_SIZES, DecodeGraphs
 from server.runtime.sampler import (AllowedTokens, DeviceSample, SampledToken, SamplingOptions,
-                                   prompt_logprobs, sample_on_device, sampled_tokens)
+                                   prompt_logprobs, sample_on_device, sampled_tokens, to_host)
 
 
 @dataclass
@@ -33,6 +33,9 @@ class SequenceChunk:
     sampling: SamplingOptions | None = None  # set when the chunk ends the sequence: sample
     prompt_targets: list[int] = field(default_factory=list)  # next prompt tokens to score
     prompt_top_n: int = 0
+    # >= 0: the last token id is not known yet; it is what the previous step sampled in this row
+    # (read on the device, so that this step can be queued before that one is read back).
+    pending_row: int = -1
 
 
 @dataclass
@@ -62,7 +65,7 @@ class ModelRunner:
         self.kv_dtype = FP8 if kv_cache_dtype == "fp8" else self.dtype
         self.block_size = 0  # set with the KV cache
         self.graphs: DecodeGraphs | None = None
-        self._staging = torch.empty(0, dtype=torch.int64)
+        self._staging = [torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)]
         attention_backend = resolve_backend(attention_backend, self.device)
         self.attention_backend = attention_backend
         self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count \
@@ -154,15 +157,19 @@ class ModelRunner:
         programs = num_seqs * self.num_kv_heads
         return max(1, min(32, -(-2 * self.num_sms // programs)))
 
-    def _metadata(self, chunks: list[SequenceChunk]):
+    def _metadata(self, chunks: list[SequenceChunk], previous: "LaunchedStep | None" = None):
         """The step's inputs, moved to the device in one copy from a pinned staging buffer:
         token ids, positions, slots, context lengths, query starts, the rows to sample, and
-        the block tables."""
+        the block tables; token ids still pending are then taken from `previous`'s picks."""
         size = self.block_size
         token_ids, positions, slots, sample_rows = [], [], [], []
+        pending_at, pending_rows = [], []  # token index <- row of the previous step's picks
         for chunk in chunks:
             start = chunk.start_pos
             token_ids.extend(chunk.token_ids)
+            if chunk.pending_row >= 0:
+                pending_at.append(len(token_ids) - 1)
+                pending_rows.append(chunk.pending_row)
             table = chunk.block_table
             for pos in range(start, start + len(chunk.token_ids)):
                 positions.append(pos)
@@ -175,14 +182,19 @@ class ModelRunner:
         cu_query_lens = [0]
         for n in query_lens:
             cu_query_lens.append(cu_query_lens[-1] + n)
-        packed = token_ids + positions + slots + context_lens + cu_query_lens + sample_rows
+        packed = token_ids + positions + slots + context_lens + cu_query_lens + sample_rows + pending_at + pending_rows
         for chunk in chunks:
             packed += chunk.block_table
             packed += [0] * (width - len(chunk.block_table))
         device_values = self._to_device(packed)
         parts = device_values[:len(packed) - width * len(chunks)].split(
-            [len(token_ids), len(positions), len(slots), len(context_lens), len(cu_query_lens), len(sample_rows)])
+            [len(token_ids), len(positions), len(slots), len(context_lens), len(cu_query_lens), len(sample_rows),
+             len(pending_at), len(pending_rows)])
         tables = device_values[len(packed) - width * len(chunks):].view(len(chunks), width)
+        if pending_at:
+            if previous is None or previous.picked is None:
+                raise ValueError("a chunk takes a token from a previous step that sampled nothing")
+            parts[0][parts[6]] = previous.picked.next_ids[parts[7]]
         decode_only = all(n == 1 for n in query_lens)
         meta = AttentionMetadata(
             slot_mapping=parts[2], block_tables=tables, context_lens=parts[3], cu_query_lens=parts[4],
@@ -194,17 +206,20 @@ class ModelRunner:
         host = torch.frombuffer(array("q", values), dtype=torch.int64)  # much faster than torch.tensor(list)
         if self.device.type != "cuda":
             return host
-        # The staging buffer is reused only after the step that read it was collected.
-        if self._staging.numel() < host.numel():
-            self._staging = torch.empty(max(host.numel(), 2 * self._staging.numel()), dtype=torch.int64,
-                                        pin_memory=True)
-        stage = self._staging[:host.numel()]
+        # Two staging buffers in turn: with one step queued ahead of the last one read back, a
+        # buffer is refilled only once the step that read it was collected.
+        self._staging.reverse()
+        if self._staging[0].numel() < host.numel():
+            self._staging[0] = torch.empty(max(host.numel(), 2 * self._staging[0].numel()), dtype=torch.int64,
+                                           pin_memory=True)
+        stage = self._staging[0][:host.numel()]
         stage.copy_(host)
         return stage.to(self.device, non_blocking=True)
 
-    def _forward(self, chunks: list[SequenceChunk]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, chunks: list[SequenceChunk],
+                 previous: "LaunchedStep | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states [num_tokens, hidden] and the rows to sample from."""
-        token_ids, positions, meta, sample_rows = self._metadata(chunks)
+        token_ids, positions, meta, sample_rows = self._metadata(chunks, previous)
         if self.graphs is not None and meta.decode_only and len(chunks) <= self.graphs.max_size:
             hidden = self.graphs.run(token_ids, positions, meta.slot_mapping, meta.block_tables, meta.context_lens)
         else:
@@ -215,22 +230,23 @@ class ModelRunner:
     def execute(self, chunks: list[SequenceChunk]) -> list[ChunkResult]:
         return self.collect(self.launch(chunks))
 
-    @torch.inference_mode()
     def launch(self, chunks: list[SequenceChunk],
                allowed_tokens: Callable[[], AllowedTokens] | None = None) -> "LaunchedStep":
         """Queue one step's work on the device and return without waiting for it (on CUDA),
-        so that the host can do other work while the GPU computes.
+        so that the host can do other work while the GPU computes."""
+        return self.sample(self.forward(chunks), allowed_tokens)
 
-        `allowed_tokens` gives the grammar masks of the sampled rows (numbered in the order of
-        the chunks that sample); it is called once the forward pass is queued, so that the
-        host fills the masks while the device computes the logits they apply to."""
+    @torch.inference_mode()
+    def forward(self, chunks: list[SequenceChunk], previous: "LaunchedStep | None" = None) -> "ForwardStep":
+        """Queue a step's forward pass. Chunks with a `pending_row` read their last token from
+        `previous`'s picks on the device, so `previous` need not have been collected; their
+        sampling options may still change until `sample`."""
         if self.sends_steps:
             dist.broadcast_object_list([chunks], src=0, group=self.tp.control)
-        hidden, sample_rows = self._forward(chunks)  # [num_tokens, hidden]
+        hidden, sample_rows = self._forward(chunks, previous)  # [num_tokens, hidden]
         row_chunks, results = [], []
         start = 0
         for i, chunk in enumerate(chunks):
-            end = start + len(chunk.token_ids)
             scored = []
             if chunk.prompt_targets:  # rare: read at once
                 logits = self.model.compute_logits(hidden[start:start + len(chunk.prompt_targets)])
@@ -238,14 +254,27 @@ class ModelRunner:
             results.append(ChunkResult(None, scored))
             if chunk.sampling is not None:
                 row_chunks.append(i)
-            start = end
+            start += len(chunk.token_ids)
+        step = ForwardStep(chunks, results, row_chunks, hidden[sample_rows] if row_chunks else None)
+        if self.tp.rank != 0 and row_chunks:  # the LM head is a collective: every rank joins it
+            self.model.compute_logits(step.hidden)
+        return step
+
+    @torch.inference_mode()
+    def sample(self, step: "ForwardStep",
+               allowed_tokens: Callable[[], AllowedTokens] | None = None) -> "LaunchedStep":
+        """Queue the sampling of a step's rows (rank 0), with the chunks' sampling options as
+        they are now, and the copy of the picks to the host.
+
+        `allowed_tokens` gives the grammar masks of the sampled rows (numbered in the order of
+        the chunks that sample); it is called once the logits are queued, so that the host
+        fills the masks while the device computes them."""
         picked = None
-        if row_chunks:
-            logits = self.model.compute_logits(hidden[sample_rows])  # a collective: every rank
-            if self.tp.rank == 0:
-                allowed = allowed_tokens() if allowed_tokens is not None else None
-                picked = sample_on_device(logits, [chunks[i].sampling for i in row_chunks], allowed)
-        return LaunchedStep(chunks, results, row_chunks, picked)
+        if step.hidden is not None:
+            logits = self.model.compute_logits(step.hidden)  # a collective: every rank
+            allowed = allowed_tokens() if allowed_tokens is not None else None
+            picked = to_host(sample_on_device(logits, [step.chunks[i].sampling for i in step.row_chunks], allowed))
+        return LaunchedStep(step.chunks, step.results, step.row_chunks, picked)
 
     def serve_steps(self) -> None:
         """The loop of a rank other than 0: run each step rank 0 sends, until it sends None."""
@@ -255,7 +284,7 @@ class ModelRunner:
             if message[0] is None:
                 self.drop_graphs()
                 return
-            self.launch(message[0])
+            self.forward(message[0])
 
     def drop_graphs(self) -> None:
         """Free the captured graphs. Before the ranks' process group is destroyed: NCCL's
@@ -271,12 +300,20 @@ class ModelRunner:
             dist.broadcast_object_list([None], src=0, group=self.tp.control)
 
     def collect(self, step: "LaunchedStep") -> list[ChunkResult]:
-        """Wait for a launched step and return its results."""
+        """Wait for a launched step (and nothing queued after it) and return its results."""
         if step.picked is not None:
             sampling = [step.chunks[i].sampling for i in step.row_chunks]
             for i, token in zip(step.row_chunks, sampled_tokens(step.picked, sampling)):
                 step.results[i].sampled = token
         return step.results
+
+
+@dataclass
+class ForwardStep:
+    chunks: list[SequenceChunk]
+    results: list[ChunkResult]
+    row_chunks: list[int]  # which chunks sample a token
+    hidden: torch.Tensor | None  # the hidden states of their last tokens
 
 
 @dataclass

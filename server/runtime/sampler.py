@@ -153,6 +153,26 @@ class DeviceSample:
     next_ids: torch.Tensor  # [rows] int64
     chosen: torch.Tensor  # [rows] float32: logprob of each pick
     top: tuple[torch.Tensor, torch.Tensor] | None  # values, indices [rows, max top-n]
+    host: "DeviceSample | None" = None  # the same, being copied to pinned host memory
+    copied: "torch.cuda.Event | None" = None  # recorded once that copy is queued
+
+
+def to_host(picked: DeviceSample) -> DeviceSample:
+    """Queue the picks' copy to the host, so that reading them later waits for this step
+    alone, not for work queued after it (on the CPU: nothing to do)."""
+    if picked.next_ids.device.type != "cuda":
+        return picked
+
+    def pinned(t: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        out.copy_(t, non_blocking=True)
+        return out
+
+    top = (pinned(picked.top[0]), pinned(picked.top[1])) if picked.top is not None else None
+    picked.host = DeviceSample(pinned(picked.next_ids), pinned(picked.chosen), top)
+    picked.copied = torch.cuda.Event()
+    picked.copied.record()
+    return picked
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingOptions],
@@ -206,6 +226,9 @@ def sample_on_device(logits: torch.Tensor, rows: list[SamplingOptions],
 
 def sampled_tokens(picked: DeviceSample, rows: list[SamplingOptions]) -> list[SampledToken]:
     """The picks on the host (waits for the device)."""
+    if picked.copied is not None:
+        picked.copied.synchronize()
+        picked = picked.host
     next_ids, chosen = picked.next_ids.tolist(), picked.chosen.tolist()
     top_vals = picked.top[0].tolist() if picked.top else None
     top_ids = picked.top[1].tolist() if picked.top else None
