@@ -70,30 +70,35 @@ def engine_figures(args, prompts: dict[int, list[int]]) -> dict:
     return figures
 
 
+def static_cache_decode(model, rows: list[list[int]], decode_tokens: int, compile: bool = True) -> dict:
+    """transformers `generate` on equal-length `rows` with a static cache, which it compiles
+    itself unless `compile` is off (torch.compile with CUDA graphs for the decoding steps):
+    the time to the first token from max_new_tokens=1, the decode rate from the difference
+    between a long and a short generation."""
+    ids = torch.tensor(rows, device=model.device)
+
+    def generate(new_tokens):
+        start = time.perf_counter()
+        out = model.generate(ids, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             cache_implementation="static", pad_token_id=0, disable_compile=not compile)
+        out.tolist()  # waits for the device
+        return time.perf_counter() - start
+
+    for _ in range(2 if compile else 1):  # compiling needs the full length; eager only a warm start
+        generate(decode_tokens + 1 if compile else 2)
+    first = min(generate(1) for _ in range(3))
+    whole = min(generate(decode_tokens + 1) for _ in range(2 if compile else 1))
+    return {"decode_tokens_per_s": len(rows) * decode_tokens / (whole - first), "ttft_ms": first * 1000}
+
+
 def peer_figures(args, prompts: dict[int, list[int]]) -> dict:
-    """transformers `generate` with a static cache, which it compiles itself (torch.compile
-    with CUDA graphs for the decoding steps): TTFT from max_new_tokens=1, decode rate from the
-    difference between a long and a short generation."""
+    """transformers `generate` with a static cache, compiled, on the same model."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16, device_map="cuda").eval()
-
-    def generate(prompt, new_tokens):
-        ids = torch.tensor([prompt], device="cuda")
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        model.generate(ids, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                       cache_implementation="static", pad_token_id=0)
-        torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    prompt = prompts[args.decode_context]
-    for _ in range(2):  # compile
-        generate(prompt, args.decode_tokens + 1)
-    first = min(generate(prompt, 1) for _ in range(3))
-    whole = min(generate(prompt, args.decode_tokens + 1) for _ in range(2))
-    return {"decode_tokens_per_s": args.decode_tokens / (whole - first),
-            f"ttft_ms_{args.decode_context}": first * 1000}
+    figures = static_cache_decode(model, [prompts[args.decode_context]], args.decode_tokens)
+    return {"decode_tokens_per_s": figures["decode_tokens_per_s"],
+            f"ttft_ms_{args.decode_context}": figures["ttft_ms"]}
 
 
 def main() -> None:

@@ -80,10 +80,12 @@ def int4_tensors(name: str, shape: tuple[int, int], quantize: str, generator, de
 
 
 def make(path: Path, num_layers: int, seed: int = 0, mixtral: bool = False, router_std: float = 0.02,
-         weights: bool = True, quantize: str | None = None) -> Path:
+         weights: bool = True, quantize: str | None = None, sizes: dict | None = None) -> Path:
     """`weights=False` writes the config and tokenizer only, for `load_format="dummy"`. `router_std`: a larger spread makes the experts' routing decisive, so that two
     implementations' rounding never flips which experts a token goes to (for parity tests).
-    `quantize`: "gptq" or "awq" writes the decoder's linear layers in that 4-bit format."""
+    `quantize`: "gptq" or "awq" writes the decoder's linear layers in that 4-bit format.
+    `sizes`: config values in place of the real model's (`hidden_size`, `vocab_size`, ...),
+    for a smaller model of the same kind."""
     path.mkdir(parents=True, exist_ok=True)
     kind = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 32000,
             "num_local_experts": 8, "num_experts_per_tok": 2} if mixtral else \
@@ -92,7 +94,7 @@ def make(path: Path, num_layers: int, seed: int = 0, mixtral: bool = False, rout
               "num_hidden_layers": num_layers, "hidden_act": "silu", "rms_norm_eps": 1e-5,
               "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False,
               "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16", "attention_dropout": 0.0,
-              "initializer_range": 0.02, "use_cache": True}
+              "initializer_range": 0.02, "use_cache": True, **(sizes or {})}
     if quantize:
         config["quantization_config"] = quantization_config(quantize)
     (path / "config.json").write_text(json.dumps(config, indent=2))

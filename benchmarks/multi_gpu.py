@@ -55,13 +55,25 @@ def run_all(engine, prompts: list[list[int]], max_tokens: list[int]) -> tuple[fl
     return time.perf_counter() - start, [finished[i] for i in ids]
 
 
-def decode_rate(engine, batch: int, context: int, tokens: int) -> float:
+def throughput_figures(engine, prompts: list[list[int]], max_tokens: list[int]) -> dict:
+    """Output tokens/s of all the requests added at once."""
+    seconds, outputs = run_all(engine, prompts, max_tokens)
+    generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return {"seconds": seconds, "output_tokens": generated, "tokens_per_s": generated / seconds}
+
+
+def decode_prompts(batch: int, context: int, vocab: int = VOCAB) -> list[list[int]]:
+    """`decode_rate`'s prompts, for a peer to be timed on the same ones."""
+    return [random_prompt(context, vocab, 1000 + i) for i in range(batch)]
+
+
+def decode_rate(engine, batch: int, context: int, tokens: int, vocab: int = VOCAB) -> float:
     """Decode tokens/s of `batch` sequences together: the time of `tokens` + 1 tokens each
-    less the time of 1 (the prefill), as benchmarks/latency.py measures the peer."""
-    prompts = [random_prompt(context, VOCAB, 1000 + i) for i in range(batch)]
+    less the best of three times of 1 (the prefill), as benchmarks/latency.py measures the peer."""
+    prompts = decode_prompts(batch, context, vocab)
     run_all(engine, prompts, [2] * batch)  # warm-up at this batch size
     whole, _ = run_all(engine, prompts, [tokens + 1] * batch)
-    first, _ = run_all(engine, prompts, [1] * batch)
+    first = min(run_all(engine, prompts, [1] * batch)[0] for _ in range(3))
     return batch * tokens / (whole - first)
 
 
@@ -81,15 +93,11 @@ def engine_one(args) -> dict:
         run_alone(engine, long_prompt, 1)
         ttft = min(run_alone(engine, long_prompt, 1)[0] for _ in range(3))
         rates = {str(b): decode_rate(engine, b, 128, args.decode_tokens) for b in (1, 64)}
-        prompts = make_prompts(256, 100, 1024, VOCAB, 0)
-        lens = output_lens(256, 100, 1024, 0)
-        seconds, outputs = run_all(engine, prompts, lens)
-        generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+        workload = throughput_figures(engine, make_prompts(256, 100, 1024, VOCAB, 0), output_lens(256, 100, 1024, 0))
         weight_bytes = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
         return {"shards": args.tp, "greedy_tokens": greedy, "ttft_ms_1024": ttft * 1000,
                 "decode_tokens_per_s": rates,
-                "workload_256": {"seconds": seconds, "output_tokens": generated,
-                                 "tokens_per_s": generated / seconds},
+                "workload_256": workload,
                 "weight_bytes_rank0": weight_bytes, "kv_cache_tokens": engine.config.cache.max_total_tokens}
     finally:
         engine.shutdown()

@@ -6,21 +6,25 @@ import time
 import torch
 
 
-def _timed(fn, repeats: int = 5) -> float:
+def _timed(fn, repeats: int = 5, device: str = "cuda") -> float:
+    def synchronize():
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+
     fn()
-    torch.cuda.synchronize()
+    synchronize()
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
-    torch.cuda.synchronize()
+    synchronize()
     return (time.perf_counter() - start) / repeats
 
 
-def copy_bandwidth() -> float:
-    """Device-to-device copy, bytes/s (each byte read once and written once)."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+def copy_bandwidth(device: str = "cuda") -> float:
+    """Copy within the device's memory, bytes/s (each byte read once and written once)."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    return 2 * src.numel() / _timed(lambda: dst.copy_(src))
+    return 2 * src.numel() / _timed(lambda: dst.copy_(src), device=device)
 
 
 def matmul_rate() -> float:
