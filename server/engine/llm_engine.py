@@ -62,9 +62,7 @@ class LLMEngine:
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
         self._unfinished_outputs: list[Sequence] = []  # sampled last step, text not yet made
         self.stream_outputs = True  # False: an output only when a request finishes (offline use)
-        # Queue each step before reading the last one back (see `step`); with several ranks,
-        # whose other ranks would need the picks, steps run one at a time.
-        self.async_scheduling = args.async_scheduling and args.tensor_parallel_size == 1
+        self.async_scheduling = args.async_scheduling  # queue each step before reading the last one back
         self._in_flight = None  # (batch, launched step) queued and not yet read back
         # The model, its cache and the tokenizer live as long as the engine: keep them out of
         # the garbage collector's scans, which otherwise grow with every step's small objects.
@@ -158,7 +156,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch and return the outputs of the requests that advanced.
 
-        With async scheduling (one rank), a step is queued before the one before it has been
+        With async scheduling, a step is queued before the one before it has been
         read back: the next batch is scheduled as if every sampled token were already known,
         its forward pass queued with those tokens read on the device, and only then is the
         previous step waited for and its tokens accepted; the new step's sampling, whose

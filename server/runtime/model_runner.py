@@ -65,6 +65,7 @@ class ModelRunner:
         self.kv_dtype = FP8 if kv_cache_dtype == "fp8" else self.dtype
         self.block_size = 0  # set with the KV cache
         self.graphs: DecodeGraphs | None = None
+        self._driver_picks: torch.Tensor | None = None  # ranks but 0: the last step's picks
         self._staging = [torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)]
         attention_backend = resolve_backend(attention_backend, self.device)
         self.attention_backend = attention_backend
@@ -192,9 +193,11 @@ class ModelRunner:
              len(pending_at), len(pending_rows)])
         tables = device_values[len(packed) - width * len(chunks):].view(len(chunks), width)
         if pending_at:
-            if previous is None or previous.picked is None:
+            picks = self._driver_picks if self.tp.rank != 0 else \
+                previous.picked.next_ids if previous is not None and previous.picked is not None else None
+            if picks is None:
                 raise ValueError("a chunk takes a token from a previous step that sampled nothing")
-            parts[0][parts[6]] = previous.picked.next_ids[parts[7]]
+            parts[0][parts[6]] = picks[parts[7]]
         decode_only = all(n == 1 for n in query_lens)
         meta = AttentionMetadata(
             slot_mapping=parts[2], block_tables=tables, context_lens=parts[3], cu_query_lens=parts[4],
@@ -258,6 +261,9 @@ class ModelRunner:
         step = ForwardStep(chunks, results, row_chunks, hidden[sample_rows] if row_chunks else None)
         if self.tp.rank != 0 and row_chunks:  # the LM head is a collective: every rank joins it
             self.model.compute_logits(step.hidden)
+            # The driver's picks, which the next step may read before the host has seen them.
+            self._driver_picks = torch.empty(len(row_chunks), dtype=torch.int64, device=self.device)
+            dist.broadcast(self._driver_picks, src=0, group=self.tp.group)
         return step
 
     @torch.inference_mode()
@@ -273,7 +279,10 @@ class ModelRunner:
         if step.hidden is not None:
             logits = self.model.compute_logits(step.hidden)  # a collective: every rank
             allowed = allowed_tokens() if allowed_tokens is not None else None
-            picked = to_host(sample_on_device(logits, [step.chunks[i].sampling for i in step.row_chunks], allowed))
+            picked = sample_on_device(logits, [step.chunks[i].sampling for i in step.row_chunks], allowed)
+            if self.tp.size > 1:
+                dist.broadcast(picked.next_ids, src=0, group=self.tp.group)
+            picked = to_host(picked)
         return LaunchedStep(step.chunks, step.results, step.row_chunks, picked)
 
     def serve_steps(self) -> None:
