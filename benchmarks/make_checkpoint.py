@@ -10,8 +10,9 @@ Nothing can be downloaded on the GPU machine, and shapes, not values, decide spe
     python benchmarks/make_checkpoint.py /tmp/mistral-7b-gptq --quantize gptq   # 4-bit, 4.2 GB
 
 Weights are drawn on the GPU when there is one (std 0.02, norms at 1), saved as bf16
-safetensors shards with an index, beside the real v3 tokenizer from mistral-common. With
-`--quantize gptq` or `awq` the decoder's linear layers are written as those 4-bit formats
+safetensors shards with an index, beside the real v3 tokenizer from mistral-common and, as
+on the hub, its Hugging Face `tokenizer.json` (hf_tokenizer.py), which `transformers` needs.
+With `--quantize gptq` or `awq` the decoder's linear layers are written as those 4-bit formats
 (group size 128, symmetric: random 4-bit values, zero points 8, scales giving std ~0.02)
 with their quantization_config, drawn directly in the packed layout, which takes seconds.
 """
@@ -20,11 +21,17 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import hf_tokenizer  # noqa: E402
 
 SHAPE = dict(vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
              num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768)
@@ -101,9 +108,10 @@ def make(path: Path, num_layers: int, seed: int = 0, mixtral: bool = False, rout
     (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     data = Path(importlib.util.find_spec("mistral_common").submodule_search_locations[0]) / "data"
     if mixtral:  # Mixtral-8x7B's tokenizer
-        shutil.copy(data / "tokenizer.model.v1", path / "tokenizer.model.v1")
+        tokenizer = shutil.copy(data / "tokenizer.model.v1", path / "tokenizer.model.v1")
     else:
-        shutil.copy(data / "mistral_instruct_tokenizer_240323.model.v3", path / "tokenizer.model.v3")
+        tokenizer = shutil.copy(data / "mistral_instruct_tokenizer_240323.model.v3", path / "tokenizer.model.v3")
+    hf_tokenizer.write(Path(tokenizer), path)
     if not weights:
         return path
 

@@ -1,14 +1,31 @@
-"""Online serving: Poisson arrivals at several request rates against a running server.
+"""Online serving: Poisson arrivals at several request rates, against one server or two side by side.
 
-Streams every request and reports, per rate, time to first token (TTFT), inter-token latency
-(ITL) and end-to-end latency (mean, p50, p90, p99), request and output-token throughput, and
-goodput (requests per second that met the SLO). Prompts and output lengths come from a fixed
-seeded distribution: uniform in the given ranges, or ShareGPT-like (log-normal, long-tailed).
-Any OpenAI-compatible server works (ours, or `transformers serve` for the peer run).
+Streams every request to `/v1/completions` and reports, per rate, time to first token (TTFT),
+time per output token after the first (TPOT), inter-token latency (ITL, between streamed chunks)
+and end-to-end latency (mean, p50, p90, p99), request and output-token throughput, and goodput
+(requests per second that met the SLO on TTFT and TPOT). Prompts are text made of common words,
+each one token for Mistral's tokenizers, so an n-word prompt is n + 1 tokens (with BOS) for
+every server; outputs are bounded by `max_tokens` at temperature 0. Lengths come from a fixed
+seeded distribution: uniform in the given ranges, or ShareGPT-like (log-normal). A request's
+`model` is the model directory for a started server (`transformers serve` loads what it names;
+ours takes any name), else `--model-name` or the first model the server lists.
 
-    python -m server --model-id /tmp/mistral-7b --port 8080 &
-    python benchmarks/serving.py --url http://127.0.0.1:8080 --rates 1,4,16,inf --num-prompts 200 \\
-        --out serving.json --plot serving.png
+Either start ours and Hugging Face's `transformers serve` on one model directory (servers.py),
+one after the other under the same load, for one JSON with both and their ratios (the first
+named over the second: above 1 is better for throughputs, below 1 for latencies), or drive any
+running OpenAI-compatible server:
+
+    python benchmarks/serving.py --launch ours,transformers --model /tmp/mistral-7b --out serving/
+    python benchmarks/serving.py --url http://127.0.0.1:8080 --rates 1,4,16,inf --out serving/
+
+serving/ then holds serving.json, the servers' logs, and serving.png where matplotlib is
+(serving_plot.py draws it later from the JSON otherwise).
+
+Time is bounded: `--time-budget` seconds for everything, starting the servers included, is
+shared by the servers still to run, and a server's share by its rates still to run. Rates run
+from the highest down, so what the fast ones leave goes to the low rates, whose arrivals alone
+take num_prompts / rate seconds. A rate's requests still running at its end are cut off and
+counted as such (the tokens they streamed count towards its output-token throughput).
 """
 from __future__ import annotations
 
@@ -16,11 +33,26 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import random
+import shlex
+import signal
 import statistics
+import sys
 import time
+from collections import Counter
 
 import httpx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import servers, serving_plot  # noqa: E402
+from benchmarks.serving_plot import LATENCIES  # noqa: E402
+
+WORDS = ("the of and to in is was for that with as on by at from his her they this which are but not have "
+         "had one all were when there can their been more time people about would year into only new some "
+         "could two first other then after most many also like over state city world water house school "
+         "river garden light story night family market").split()
 
 
 def lengths(count: int, low: int, high: int, dataset: str, rng: random.Random) -> list[int]:
@@ -42,120 +74,225 @@ def percentiles(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(ordered), "p50": at(0.5), "p90": at(0.9), "p99": at(0.99)}
 
 
-async def one_request(client: httpx.AsyncClient, args, prompt: list[int], max_tokens: int) -> dict:
-    body = {"model": args.model_name, "prompt": [prompt], "max_tokens": max_tokens, "temperature": 0,
+def workload(args) -> tuple[list[str], list[int]]:
+    rng = random.Random(args.seed)
+    plow, phigh = map(int, args.prompt_len.split(","))
+    olow, ohigh = map(int, args.output_len.split(","))
+    prompts = [" ".join(rng.choice(WORDS) for _ in range(n))
+               for n in lengths(args.num_prompts, plow, phigh, args.dataset, rng)]
+    return prompts, lengths(args.num_prompts, olow, ohigh, args.dataset, rng)
+
+
+async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int, record: dict) -> None:
+    """Streams one completion into `record` as its chunks arrive, so that a request cut off by
+    cancellation leaves what it got: start, arrival times, usage, and `status` ("ok" at the end)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
-    arrivals, generated, error = [], 0, None
+    record.update(start=time.perf_counter(), arrivals=[], usage=None, status="cut off")
     try:
         async with client.stream("POST", "/v1/completions", json=body) as response:
             if response.status_code != 200:
-                return {"ok": False, "status": response.status_code}
+                record["status"] = response.status_code
+                return
             async for line in response.aiter_lines():
                 if not line.startswith("data:") or line.strip() == "data: [DONE]":
                     continue
                 chunk = json.loads(line[5:])
+                if "error" in chunk:
+                    record["status"] = "stream error"
+                    return
                 if chunk.get("usage"):
-                    generated = chunk["usage"]["completion_tokens"]
+                    record["usage"] = chunk["usage"]
                 if chunk.get("choices") and chunk["choices"][0].get("text"):
-                    arrivals.append(time.perf_counter())
+                    record["arrivals"].append(time.perf_counter())
     except httpx.HTTPError as e:
-        error = type(e).__name__
-    end = time.perf_counter()
-    if error or not arrivals:
-        return {"ok": False, "status": error or "empty"}
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
-    return {"ok": True, "ttft": arrivals[0] - start, "itl": gaps, "e2e": end - start,
-            "output_tokens": generated or len(arrivals)}
+        record["status"] = type(e).__name__
+        return
+    record["end"] = time.perf_counter()
+    record["status"] = "ok" if record["arrivals"] else "empty"
 
 
-async def run_rate(args, rate: float, prompts, outputs) -> dict:
+def output_tokens(record: dict) -> int:
+    return (record["usage"] or {}).get("completion_tokens") or len(record["arrivals"])
+
+
+def summary(records: list[dict], elapsed: float, slo_ttft_ms: float, slo_tpot_ms: float) -> dict:
+    done = [r for r in records if r["status"] == "ok"]
+    ttft = {id(r): r["arrivals"][0] - r["start"] for r in done}
+    tpot = {id(r): (r["arrivals"][-1] - r["arrivals"][0]) / (output_tokens(r) - 1)
+            for r in done if output_tokens(r) > 1}
+    good = [r for r in done if ttft[id(r)] * 1000 <= slo_ttft_ms and tpot.get(id(r), 0) * 1000 <= slo_tpot_ms]
+    cut_off = [r for r in records if r["status"] == "cut off"]
+    streamed = sum(output_tokens(r) for r in done) + sum(len(r["arrivals"]) for r in cut_off)
+    prompt_tokens = [r["usage"]["prompt_tokens"] for r in done if r["usage"]]
+    ms = lambda values: {k: v * 1000 for k, v in percentiles(list(values)).items()}  # noqa: E731
+    return {"duration_s": elapsed, "completed": len(done),
+            "outcomes": dict(Counter(str(r["status"]) for r in records)),
+            "mean_prompt_tokens": statistics.fmean(prompt_tokens) if prompt_tokens else None,
+            "mean_output_tokens": statistics.fmean(output_tokens(r) for r in done) if done else None,
+            "request_throughput": len(done) / elapsed, "output_token_throughput": streamed / elapsed,
+            "goodput_requests_per_s": len(good) / elapsed,
+            "ttft_ms": ms(ttft.values()), "tpot_ms": ms(tpot.values()),
+            "itl_ms": ms(b - a for r in done for a, b in zip(r["arrivals"], r["arrivals"][1:])),
+            "e2e_ms": ms(r["end"] - r["start"] for r in done)}
+
+
+async def run_rate(url: str, model: str, rate: float, prompts, outputs, deadline: float, args) -> dict:
+    """Requests arrive until all are sent or `deadline` (a perf_counter time) passes; those
+    still running then are cancelled."""
     rng = random.Random(args.seed)
-    limits = httpx.Limits(max_connections=args.num_prompts + 10)
-    async with httpx.AsyncClient(base_url=args.url, timeout=600, limits=limits) as client:
-        tasks = []
+    records: list[dict] = []
+    tasks = []
+    limits = httpx.Limits(max_connections=len(prompts) + 10)
+    timeout = httpx.Timeout(args.request_timeout, connect=10)
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
         start = time.perf_counter()
         for prompt, max_tokens in zip(prompts, outputs):
-            tasks.append(asyncio.create_task(one_request(client, args, prompt, max_tokens)))
+            if time.perf_counter() >= deadline:
+                break
+            records.append({})
+            tasks.append(asyncio.create_task(one_request(client, model, prompt, max_tokens, records[-1])))
             if math.isfinite(rate):
-                await asyncio.sleep(rng.expovariate(rate))
-        results = await asyncio.gather(*tasks)
+                await asyncio.sleep(min(rng.expovariate(rate), max(0.0, deadline - time.perf_counter())))
+        _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - time.perf_counter())) if tasks else ((), ())
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
         elapsed = time.perf_counter() - start
-    done = [r for r in results if r["ok"]]
-    itl = [gap for r in done for gap in r["itl"]]
-    good = [r for r in done if r["ttft"] * 1000 <= args.slo_ttft_ms
-            and (not r["itl"] or statistics.fmean(r["itl"]) * 1000 <= args.slo_tpot_ms)]
-    errors: dict[str, int] = {}
-    for r in results:
-        if not r["ok"]:
-            errors[str(r["status"])] = errors.get(str(r["status"]), 0) + 1
-    ms = lambda d: {k: v * 1000 for k, v in d.items()}  # noqa: E731
-    return {"request_rate": rate if math.isfinite(rate) else "inf", "duration_s": elapsed,
-            "completed": len(done), "errors": errors,
-            "request_throughput": len(done) / elapsed,
-            "output_token_throughput": sum(r["output_tokens"] for r in done) / elapsed,
-            "goodput_requests_per_s": len(good) / elapsed,
-            "ttft_ms": ms(percentiles([r["ttft"] for r in done])), "itl_ms": ms(percentiles(itl)),
-            "e2e_ms": ms(percentiles([r["e2e"] for r in done]))}
+    return {"request_rate": rate if math.isfinite(rate) else "inf", "sent": len(records),
+            "not_sent": len(prompts) - len(records),
+            **summary(records, elapsed, args.slo_ttft_ms, args.slo_tpot_ms)}
 
 
-def plot(report: dict, path: str) -> None:
-    import matplotlib
+async def warm_up(url: str, model: str, deadline: float) -> None:
+    """One request, then three at once: `transformers serve` loads the model on its first, and
+    both servers have their batching machinery (CUDA graphs, the batching manager) ready before
+    anything is timed."""
+    rng = random.Random(-1)
+    prompts = [" ".join(rng.choice(WORDS) for _ in range(128)) for _ in range(4)]
+    records: list[dict] = [{} for _ in prompts]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    async def requests() -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=None) as client:
+            await one_request(client, model, prompts[0], 16, records[0])
+            await asyncio.gather(*(one_request(client, model, p, 16, r) for p, r in zip(prompts[1:], records[1:])))
 
-    rows = [r for r in report["runs"] if r["ttft_ms"]]
-    x = [r["request_throughput"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for axis, key in zip(axes, ("ttft_ms", "itl_ms", "e2e_ms")):
-        for q in ("p50", "p90", "p99"):
-            axis.plot(x, [r[key][q] for r in rows], marker="o", label=q)
-        axis.set_xlabel("requests/s served")
-        axis.set_ylabel(key.replace("_", " "))
-        axis.legend()
-    fig.suptitle(f"{report['model']}: latency against load")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    try:
+        await asyncio.wait_for(requests(), max(0.0, deadline - time.perf_counter()))
+    except asyncio.TimeoutError:
+        raise RuntimeError("the warm-up requests were not answered within the time left") from None
+    failed = [r["status"] for r in records if r["status"] != "ok"]
+    if failed:
+        raise RuntimeError(f"warm-up requests failed: {failed}")
+
+
+def bench(name: str, args, prompts, outputs, deadline: float, entry: dict) -> None:
+    """One server's runs into `entry`, every rate within `deadline`; a server that fails to start
+    or to answer gets an `error` (and the end of its log) there instead, and the others still run."""
+    server = None
+    try:
+        if args.url:
+            url = args.url
+            model = args.model_name or httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+        else:
+            port, model = servers.free_port(), args.model
+            url = f"http://127.0.0.1:{port}"
+            extra = shlex.split(getattr(args, f"{name}_args"))
+            if name == "ours":  # every request of an infinite rate in flight at once, as the peer allows
+                extra = ["--max-concurrent-requests", str(max(128, args.num_prompts + 8)), *extra]
+            command = servers.COMMANDS[name](model, port, args.dtype, extra)
+            entry.update(command=shlex.join(command), log=os.path.join(args.out, f"{name}.log"))
+            began = time.perf_counter()
+            server = servers.start(name, command, url, entry["log"], timeout_s=deadline - began)
+            asyncio.run(warm_up(url, model, deadline))
+            entry["ready_s"] = time.perf_counter() - began  # start, model load and warm-up
+        entry.update(url=url, model=model, runs=[])
+        rates = sorted((float(r) for r in args.rates.split(",")), reverse=True)
+        for i, rate in enumerate(rates):
+            share = (deadline - time.perf_counter()) / (len(rates) - i)
+            run = asyncio.run(run_rate(url, model, rate, prompts, outputs, time.perf_counter() + share, args))
+            entry["runs"].insert(0, run)
+            print(f"{name} at {run['request_rate']} req/s: {run['completed']} of {len(prompts)} served, "
+                  f"{run['output_token_throughput']:.0f} tokens/s", file=sys.stderr)
+            if i + 1 < len(rates):
+                time.sleep(2)  # whatever a cut-off left running drains before the next rate
+    except Exception as e:  # a failed server is reported; the run goes on to the next
+        entry["error"] = f"{type(e).__name__}: {e}"
+        print(f"{name}: {entry['error']}", file=sys.stderr)
+        if server:
+            entry["log_tail"] = server.log_tail()
+    finally:
+        if server:
+            server.stop()
+
+
+def ratios(first: dict, second: dict) -> list[dict]:
+    """Per rate both served: the first server's figures over the second's."""
+    theirs = {run["request_rate"]: run for run in second.get("runs", [])}
+    rows = []
+    for run in first.get("runs", []):
+        other = theirs.get(run["request_rate"])
+        if not other:
+            continue
+        row = {"request_rate": run["request_rate"]}
+        for key in ("request_throughput", "output_token_throughput", "goodput_requests_per_s"):
+            row[key] = run[key] / other[key] if other[key] else None
+        for key in LATENCIES:
+            for q in ("p50", "p99"):
+                a, b = run[key].get(q), other[key].get(q)
+                row[f"{key}_{q}"] = a / b if a is not None and b else None
+        rows.append(row)
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--url", required=True)
-    parser.add_argument("--model-name", default="tgi")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--url", help="a running OpenAI-compatible server")
+    target.add_argument("--launch", help="servers to start one after the other: ours, transformers, or both")
+    parser.add_argument("--model", help="with --launch: the model directory both servers load")
+    parser.add_argument("--model-name", help="with --url: the request's `model` (default: the server's first)")
+    parser.add_argument("--dtype", default="bfloat16", help="with --launch: both servers' dtype")
+    parser.add_argument("--ours-args", default="", help="more flags for `python -m server`, one string")
+    parser.add_argument("--transformers-args", default="", help="more flags for `transformers serve`, one string")
     parser.add_argument("--rates", default="1,4,16,inf")
-    parser.add_argument("--num-prompts", type=int, default=200)
+    parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--dataset", choices=["uniform", "sharegpt"], default="uniform")
-    parser.add_argument("--prompt-len", default="100,1024")
-    parser.add_argument("--output-len", default="100,1024")
-    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--prompt-len", default="100,1024", help="words (tokens), low,high")
+    parser.add_argument("--output-len", default="64,256", help="max_tokens, low,high")
     parser.add_argument("--slo-ttft-ms", type=float, default=500)
     parser.add_argument("--slo-tpot-ms", type=float, default=50)
+    parser.add_argument("--time-budget", type=float, default=420, help="seconds for the whole run, starts included")
+    parser.add_argument("--request-timeout", type=float, default=120, help="seconds a request may wait for a chunk")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--plot", default=None)
+    parser.add_argument("--out", default="serving", help="directory for serving.json, the PNG and the servers' logs")
     args = parser.parse_args()
-    rng = random.Random(args.seed)
-    plow, phigh = map(int, args.prompt_len.split(","))
-    olow, ohigh = map(int, args.output_len.split(","))
-    prompt_lens = lengths(args.num_prompts, plow, phigh, args.dataset, rng)
-    prompts = [[rng.randrange(100, args.vocab) for _ in range(n)] for n in prompt_lens]
-    outputs = lengths(args.num_prompts, olow, ohigh, args.dataset, rng)
-    info = httpx.get(f"{args.url}/v1/models").json()["data"][0]["id"]
-    runs = [asyncio.run(run_rate(args, float(rate), prompts, outputs)) for rate in args.rates.split(",")]
-    report = {"benchmark": "serving", "url": args.url, "model": info, "dataset": args.dataset,
-              "num_prompts": args.num_prompts, "prompt_len": [plow, phigh], "output_len": [olow, ohigh],
-              "slo": {"ttft_ms": args.slo_ttft_ms, "tpot_ms": args.slo_tpot_ms}, "runs": runs}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    if args.plot:
-        try:
-            plot(report, args.plot)
-        except ImportError:
-            print("--plot needs matplotlib (pip install matplotlib); the JSON above has the figures")
+    if args.launch and not args.model:
+        parser.error("--launch needs --model")
+    names = args.launch.split(",") if args.launch else ["server"]
+    if unknown := [n for n in names if args.launch and n not in servers.COMMANDS]:
+        parser.error(f"--launch knows {', '.join(servers.COMMANDS)}, not {', '.join(unknown)}")
+    os.makedirs(args.out, exist_ok=True)
+    # A SIGTERM (a `timeout` around the run) unwinds like an exception, so the servers are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    prompts, outputs = workload(args)
+    end = time.perf_counter() + args.time_budget
+    report = {"benchmark": "serving", "model": args.model or args.url, "dataset": args.dataset,
+              "num_prompts": args.num_prompts, "prompt_len": args.prompt_len, "output_len": args.output_len,
+              "slo": {"ttft_ms": args.slo_ttft_ms, "tpot_ms": args.slo_tpot_ms},
+              "time_budget_s": args.time_budget, "servers": {}}
+    try:
+        for i, name in enumerate(names):  # each server gets an equal share of the time the others left
+            share = (end - time.perf_counter()) / (len(names) - i)
+            bench(name, args, prompts, outputs, time.perf_counter() + share, report["servers"].setdefault(name, {}))
+        if len(names) == 2:
+            report["ratios"] = {"of": f"{names[0]} / {names[1]}",
+                                "runs": ratios(*(report["servers"][n] for n in names))}
+    finally:  # what was measured is kept even when the run is cut short
+        with open(os.path.join(args.out, "serving.json"), "w") as f:
+            json.dump(report, f, indent=2)
+    print(json.dumps(report, indent=2))
+    serving_plot.save(report, os.path.join(args.out, "serving.png"))
 
 
 if __name__ == "__main__":

@@ -30,9 +30,7 @@ import json
 import os
 import random
 import shlex
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +41,7 @@ import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import servers  # noqa: E402
 from benchmarks.serving import percentiles  # noqa: E402
 
 ROUTES = [("/generate", False), ("/generate_stream", True),
@@ -198,31 +197,12 @@ async def find_rate(client, rng, args, samples) -> tuple[float | None, list[dict
     return sustained, steps
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(args) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+def start_server(args) -> servers.Server:
+    port = servers.free_port()
     model = ["--model-id", args.model_id] if args.model_id else []
     command = [sys.executable, "-m", "server", "--hostname", "127.0.0.1", "--port", str(port), *model,
                *shlex.split(args.server_args)]
-    with open(args.server_log, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    process.kill()
-    raise RuntimeError(f"the server did not start; its log is {args.server_log}")
+    return servers.start("server", command, f"http://127.0.0.1:{port}", args.server_log, timeout_s=600)
 
 
 async def soak(args, url: str, pid: int | None) -> dict:
@@ -291,18 +271,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out")
     args = parser.parse_args()
-    process = None
+    server = None
     if args.url:
         url, pid = args.url, args.pid
     else:
-        process, url = start_server(args)
-        pid = process.pid
+        server = start_server(args)
+        url, pid = server.url, server.process.pid
     try:
         report = asyncio.run(soak(args, url, pid))
     finally:
-        if process is not None:
-            process.terminate()
-            process.wait(timeout=120)
+        if server is not None:
+            server.stop(grace_s=120)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

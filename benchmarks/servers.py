@@ -1,0 +1,93 @@
+"""The servers a benchmark starts: ours (`python -m server`) and Hugging Face's `transformers serve`
+(the peer), each a subprocess on a free port with its own process group and its output in a log
+file, ready once `/v1/models` answers, and stopped with its whole group so that no worker of it
+outlives the run.
+
+`transformers serve` gets no model on its command line: the flag that preloads one changed
+between releases (`--force-model`, later a positional argument), so the first request, which
+names the model directory, loads it: that works whatever the release.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import httpx
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# No hub look-ups (the GPU machine is offline) and no update check from the transformers CLI.
+QUIET_ENV = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def our_command(model: str, port: int, dtype: str, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "server", "--model-id", model, "--hostname", "127.0.0.1", "--port", str(port),
+            "--dtype", dtype, *extra]
+
+
+def transformers_command(model: str, port: int, dtype: str, extra: list[str]) -> list[str]:
+    """Continuous batching with paged SDPA attention (flash-attn is not installed on our GPU
+    machine), and a model timeout long enough that the model is never unloaded mid-run."""
+    return [sys.executable, "-m", "transformers.cli.transformers", "serve", "--host", "127.0.0.1",
+            "--port", str(port), "--dtype", dtype, "--continuous-batching", "--attn-implementation", "sdpa",
+            "--model-timeout", "86400", "--log-level", "info", *extra]
+
+
+COMMANDS = {"ours": our_command, "transformers": transformers_command}
+
+
+@dataclass
+class Server:
+    name: str
+    url: str
+    process: subprocess.Popen
+    log_path: str
+
+    def log_tail(self, lines: int = 40) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+
+    def stop(self, grace_s: float = 15) -> None:
+        """SIGTERM to the group, SIGKILL to whatever is left of it after `grace_s`."""
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+        except ProcessLookupError:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+
+
+def start(name: str, command: list[str], url: str, log_path: str, timeout_s: float) -> Server:
+    """Starts `command` and waits until `url` answers /v1/models; on a timeout or an early exit
+    the server is stopped and the error quotes the end of its log."""
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                   env={**os.environ, **QUIET_ENV}, start_new_session=True)
+    server = Server(name, url, process, log_path)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    why = f"exited with {process.returncode}" if process.poll() is not None else f"not ready in {timeout_s:.0f} s"
+    server.stop()
+    raise RuntimeError(f"{name} {why}; the end of {log_path}:\n{server.log_tail()}")
