@@ -12,7 +12,10 @@ software-pipelined NUM_STAGES deep (asynchronous copies into shared memory, also
 dot in the loop), which keeps enough bytes in flight per SM. Each tile is multiplied either
   - in float32 multiply-adds into a [BLOCK_M, BLOCK_N, BLOCK_K] accumulator that is summed
     over K once, after the loop (no reduction inside it: the cheapest for one or two rows), or
-  - on the tensor cores, x's tile (rows padded to 16) times the tile's transpose.
+  - on the tensor cores, as the tile times x's tile transposed (rows padded to 16): the
+    weight is the product's left operand, [BLOCK_N, 16] = [BLOCK_N, BLOCK_K] @ [BLOCK_K, 16],
+    which Hopper multiplies straight from shared memory (wgmma) once BLOCK_N is 64 or more;
+    it reads W faster than x @ W^T does.
 With few output rows for many inputs (down_proj: N 4096, K 14336) K is split over `split_k`
 programs per n block; they write float32 partial sums [split_k, M, N] and a second kernel adds
 them up in x's dtype. Every size follows from the shapes alone (no host sync, no allocation
@@ -46,7 +49,7 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, k_per_spl
     x_ptrs = x_ptr + rows[:, None] * stride_xm + (lo + offs_k)[None, :]
     w_ptrs = w_ptr + cols[:, None].to(tl.int64) * stride_wn + (lo + offs_k)[None, :]
     if DOT:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
     for k0 in tl.range(lo, hi, BLOCK_K, num_stages=NUM_STAGES):
@@ -58,12 +61,14 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, k_per_spl
             x = tl.load(x_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=cmask[:, None] & kmask[None, :], other=0.0)
         if DOT:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+            acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
         else:
             acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    if not DOT:
+    if DOT:
+        acc = tl.trans(acc)
+    else:
         acc = tl.sum(acc, axis=2)
     out = out_ptr + split * M * N + rows[:, None] * N + cols[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
@@ -92,17 +97,15 @@ class GemvConfig:
     dot: bool = False  # tensor cores (x's rows padded to 16) rather than float32 multiply-adds
 
 
-def default_config(M: int, N: int, K: int, num_sms: int = 132) -> GemvConfig:
-    """A first guess, to be replaced by the tiles benchmarks/gemv.py finds on an H100: float32
-    multiply-adds for one or two rows, the tensor cores beyond; K split until there are about
-    two programs per SM, each still walking at least four tiles."""
-    if M <= 2:
-        config = GemvConfig(block_n=16 // M, block_k=512, num_warps=4, num_stages=4)
-    else:
-        config = GemvConfig(block_n=64, block_k=128, num_warps=4, num_stages=4, dot=True)
-    blocks = triton.cdiv(N, config.block_n)
-    split_k = max(1, min(triton.cdiv(2 * num_sms, blocks), K // (4 * config.block_k)))
-    return GemvConfig(**{**config.__dict__, "split_k": split_k})
+def default_config(M: int, N: int, K: int) -> GemvConfig:
+    """Tiles that read Mistral-7B's weights fastest on an H100 in a first sweep of
+    benchmarks/gemv.py: for one row, float32 multiply-adds over 4 rows of W with 1024-wide
+    tiles and no pipelining (the loads of 4 x 16 bytes per thread are enough in flight); for
+    more, the tensor cores. Splitting K never paid there (1536 or more programs for one row,
+    64 or more for the others)."""
+    if M == 1:
+        return GemvConfig(block_n=4, block_k=1024, num_warps=4, num_stages=1)
+    return GemvConfig(block_n=64, block_k=128, num_warps=4, num_stages=5, dot=True)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:

@@ -49,7 +49,8 @@ def test_gemv_matches_the_float32_product_on_small_shapes(M, N, K, config):
 def test_gemv_matches_the_float32_product_on_mistral_shapes(M, N, K, dtype):
     x, weight = inputs(M, N, K, dtype)
     ref = x.float() @ weight.float().t()
-    for config in (None, GemvConfig(block_n=4, block_k=256, split_k=4), GemvConfig(block_n=64, block_k=128, dot=True)):
+    for config in (None, GemvConfig(block_n=2, block_k=256, split_k=4),
+                   GemvConfig(block_n=64, block_k=128, split_k=3, dot=True)):
         torch.testing.assert_close(gemv(x, weight, config).float(), ref, **tolerance(dtype, K))
 
 
@@ -70,3 +71,22 @@ def test_gemv_refuses_mismatched_inputs():
         gemv(torch.zeros(1, 32, device=DEVICE), torch.zeros(8, 16, device=DEVICE))
     with pytest.raises(ValueError, match="contiguous"):
         gemv(torch.zeros(1, 32, device=DEVICE), torch.zeros(32, 8, device=DEVICE).t())
+
+
+@pytest.mark.parametrize("M", [1, MAX_ROWS, MAX_ROWS + 1])
+def test_layers_with_gemv_on_take_it_for_cuda_decode_batches_only(M, monkeypatch):
+    from server.layers import linear
+
+    calls = []
+    monkeypatch.setattr(linear, "GEMV", True)
+    monkeypatch.setattr(linear, "gemv", lambda x, weight: calls.append(x.shape) or gemv(x, weight))
+    dtype = DTYPES[0]
+    layer = linear.MergedColumnParallelLinear(64, [(48, 1), (16, 1)], bias=True).to(DEVICE, dtype)
+    for piece, rows in enumerate((48, 16)):
+        layer.load_piece(piece, torch.randn(rows, 64, dtype=dtype) / 8)
+        layer.load_piece(piece, torch.randn(rows, dtype=dtype), "bias")
+    x = torch.randn(M, 64).to(dtype).to(DEVICE)
+    out = layer(x)
+    torch.testing.assert_close(out.float(), torch.nn.functional.linear(x, layer.weight, layer.bias).float(),
+                               **tolerance(dtype, 64))
+    assert len(calls) == (1 if x.is_cuda and M <= MAX_ROWS else 0)
