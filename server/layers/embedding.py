@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server.layers.linear import dense_linear
 from server.layers.parallel import all_gather_last_dim, all_reduce, tensor_parallel
 
 
@@ -50,5 +51,5 @@ class LMHead(nn.Module):
         self.embedding.load(loaded, name)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = all_gather_last_dim(F.linear(hidden, self.weight))
+        logits = all_gather_last_dim(dense_linear(hidden, self.weight))
         return logits[..., :self.vocab_size]  # [num_tokens, vocab]

@@ -13,8 +13,15 @@ registers its tensors on the layer under their checkpoint names, reads a rank's 
 (`out_cut`: the outputs of a column-parallel piece, `in_cut`: the inputs of a row-parallel
 rank, both in units of weight rows and columns; `rows`: where the piece's outputs go in the
 layer), turns them into what it multiplies with once all are read (`finish`), and applies them.
+
+A dense weight (and the LM head's) multiplies a decode batch of at most GEMV_MAX_ROWS rows on
+CUDA with kernels/gemv.py when `GEMV` is on: it reads the weight faster than cuBLAS's
+matrix-vector products. It is off unless the environment sets SERVER_GEMV=1, until an H100
+run of benchmarks/gemv.py has it winning for every weight and batch of a decode step.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +31,22 @@ from server.config import QuantConfig
 from server.layers.fp8_linear import Fp8Weight
 from server.layers.int4_linear import Int4Weight
 from server.layers.parallel import all_reduce, read_shard, tensor_parallel
+
+try:
+    from kernels.gemv import MAX_ROWS as GEMV_MAX_ROWS, gemv
+except ImportError:  # pragma: no cover - no triton: the CPU path only
+    gemv, GEMV_MAX_ROWS = None, 0
+
+GEMV = os.environ.get("SERVER_GEMV") == "1"  # the opt-in above, read once at import
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias); through the gemv kernel for a CUDA decode batch when GEMV is on."""
+    if (GEMV and x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= GEMV_MAX_ROWS and x.stride(1) == 1
+            and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype):
+        out = gemv(x, weight)  # [rows, out]
+        return out if bias is None else out + bias
+    return F.linear(x, weight, bias)
 
 
 class DenseWeight:
@@ -41,7 +64,7 @@ class DenseWeight:
         pass
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return F.linear(x, layer.weight, bias)
+        return dense_linear(x, layer.weight, bias)
 
 
 def weight_scheme(quant: QuantConfig | None):

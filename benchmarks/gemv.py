@@ -1,0 +1,136 @@
+"""The decode matrix product (kernels/gemv.py) against cuBLAS on Mistral-7B's weights.
+
+For each weight of a layer and the LM head, and each decode batch of rows: the time of cuBLAS
+(F.linear) and of the kernel under each configuration of a small sweep (each checked against
+cuBLAS before it is timed), as the rate at which the weight is read; the fastest
+configuration, the default's, their ratios to cuBLAS and to the device copy rate, and what
+the winners save on the weights of one decoder layer. Times are of calls replayed from a
+CUDA graph, as decode steps run, each call on the next of enough copies of the weight that
+the L2 cache cannot hold them.
+
+    python benchmarks/gemv.py [--rows 1,2,4,8,16] [--shapes qkv,o_proj,gate_up,down,lm_head]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.roofline import copy_bandwidth  # noqa: E402
+from kernels.gemv import GemvConfig, default_config, gemv  # noqa: E402
+
+SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
+          "lm_head": (32768, 4096)}  # name: (N, K)
+LAYER = ("qkv", "o_proj", "gate_up", "down")
+CALLS, REPLAYS = 25, 2  # calls per graph; timed replays after one warm-up replay
+
+
+def timed_us(call, calls: int = CALLS) -> float:
+    """Mean time of call(i), from a CUDA graph of `calls` calls (i = 0, 1, ...) replayed back
+    to back."""
+    call(0)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            call(i)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(REPLAYS):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / (REPLAYS * calls)
+
+
+def weight_copies(N: int, K: int, l2_bytes: int, seed: int = 0) -> list[torch.Tensor]:
+    """Enough copies of an [N, K] bf16 weight to fill the L2 cache three times over."""
+    g = torch.Generator("cuda").manual_seed(seed)
+    count = max(1, -(-3 * l2_bytes // (N * K * 2)))
+    return [torch.randn(N, K, generator=g, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(count)]
+
+
+def sweep_configs(M: int, K: int) -> list[GemvConfig]:
+    """The tiles that came near the top of a wide sweep on an H100: float32 multiply-adds while
+    their accumulators fit (64 registers a thread), the tensor cores for all batches; each
+    with the splits of K that leave every split four tiles or more."""
+    block_m = triton.next_power_of_2(M)
+    tiles = [GemvConfig(block_n=n, block_k=k, num_warps=4, num_stages=s)
+             for n, k, s in [(4, 1024, 1), (8, 1024, 1), (4, 512, 5), (8, 512, 3)] if block_m * n * k <= 64 * 128]
+    tiles += [GemvConfig(block_n=n, block_k=k, num_warps=4, num_stages=s, dot=True)
+              for n, k, s in [(64, 128, 5), (64, 256, 5), (64, 128, 3), (64, 256, 3), (128, 128, 5), (128, 256, 3)]]
+    return [GemvConfig(**{**t.__dict__, "split_k": split}) for t, split in itertools.product(tiles, (1, 2, 4))
+            if split == 1 or K // (split * t.block_k) >= 4]
+
+
+def measure(M: int, N: int, K: int, weights: list[torch.Tensor], with_sweep: bool) -> dict:
+    g = torch.Generator("cuda").manual_seed(M)
+    x = torch.randn(M, K, generator=g, device="cuda", dtype=torch.bfloat16)  # [M, K]
+    nbytes = N * K * 2 + (M * K + M * N) * 2
+
+    def result(us: float, config: GemvConfig | None = None) -> dict:
+        row = {"us": round(us, 2), "bytes_per_s": nbytes / us * 1e6}
+        return row if config is None else {"config": config.__dict__, **row}
+
+    expected = F.linear(x, weights[0])
+    row = {"cublas": result(timed_us(lambda i: F.linear(x, weights[i % len(weights)])))}
+    default = default_config(M, N, K)
+    row["default"] = result(timed_us(lambda i: gemv(x, weights[i % len(weights)])), default)
+    row["best"] = row["default"]
+    for config in sweep_configs(M, K) if with_sweep else []:
+        try:
+            got = gemv(x, weights[0], config)
+        except Exception as error:  # a tile too large for shared memory or registers
+            print(f"skip {config}: {type(error).__name__}", file=sys.stderr)
+            continue
+        torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+        us = timed_us(lambda i: gemv(x, weights[i % len(weights)], config))
+        if us < row["best"]["us"]:
+            row["best"] = result(us, config)
+    row["best_vs_cublas"] = row["cublas"]["us"] / row["best"]["us"]
+    row["default_vs_cublas"] = row["cublas"]["us"] / row["default"]["us"]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", default="1,2,4,8,16")
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--no-sweep", action="store_true", help="time cuBLAS and the default configuration only")
+    args = parser.parse_args()
+    bandwidth = copy_bandwidth()
+    l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size
+    rows_list = [int(m) for m in args.rows.split(",")]
+    results = []
+    for name in args.shapes.split(","):
+        N, K = SHAPES[name]
+        weights = weight_copies(N, K, l2_bytes)
+        for M in rows_list:
+            row = {"shape": name, "N": N, "K": K, "rows": M, "weight_copies": len(weights),
+                   **measure(M, N, K, weights, not args.no_sweep)}
+            for key in ("cublas", "default", "best"):
+                row[key]["fraction_of_copy"] = row[key]["bytes_per_s"] / bandwidth
+            results.append(row)
+            print(json.dumps(row), file=sys.stderr)
+        del weights
+    layer = {}  # rows -> the four weights of a decoder layer, summed
+    for M in rows_list:
+        mine = [r for r in results if r["rows"] == M and r["shape"] in LAYER]
+        if len(mine) == len(LAYER):
+            layer[M] = {key: round(sum(r[key]["us"] for r in mine), 2) for key in ("cublas", "default", "best")}
+    print(json.dumps({"benchmark": "gemv", "device": torch.cuda.get_device_name(),
+                      "copy_bandwidth_bytes_per_s": bandwidth, "l2_bytes": l2_bytes,
+                      "layer_us_by_rows": layer, "by_shape": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Decode's matrix products: y = x @ W^T for a few rows of x and an nn.Linear weight.
+
+x [M, K] (M at most MAX_ROWS, a decode step's batch; each row contiguous), W [N, K] (rows
+contiguous), y [M, N] in x's dtype:
+    y[m, n] = sum_k x[m, k] * W[n, k]        (float32 sums; the reference is F.linear)
+A decode step reads every weight once for a handful of rows, so its time is the time to read
+W: the kernel is shaped for the rate at which W streams in, not for arithmetic.
+
+Program (n block, k split) owns BLOCK_N rows of W and walks its share of their K columns in
+[BLOCK_N, BLOCK_K] tiles, each tile row one contiguous run (16-byte loads). The walk is
+software-pipelined NUM_STAGES deep (asynchronous copies into shared memory, also without a
+dot in the loop), which keeps enough bytes in flight per SM. Each tile is multiplied either
+  - in float32 multiply-adds into a [BLOCK_M, BLOCK_N, BLOCK_K] accumulator that is summed
+    over K once, after the loop (no reduction inside it: the cheapest for one or two rows), or
+  - on the tensor cores, as the tile times x's tile transposed (rows padded to 16): the
+    weight is the product's left operand, [BLOCK_N, 16] = [BLOCK_N, BLOCK_K] @ [BLOCK_K, 16],
+    which Hopper multiplies straight from shared memory (wgmma) once BLOCK_N is 64 or more;
+    it reads W faster than x @ W^T does.
+With few output rows for many inputs (down_proj: N 4096, K 14336) K is split over `split_k`
+programs per n block; they write float32 partial sums [split_k, M, N] and a second kernel adds
+them up in x's dtype. Every size follows from the shapes alone (no host sync, no allocation
+that depends on values), so a step that calls this can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.precision import dot_precision
+
+MAX_ROWS = 16  # the largest batch the kernel is for (decode graphs); the dot pads rows to it
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, k_per_split,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 NUM_STAGES: tl.constexpr, DOT: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+    split = tl.program_id(1)
+    rows = tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # outputs: rows of W
+    cmask = cols < N
+    lo = split * k_per_split
+    hi = tl.minimum(lo + k_per_split, K)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + (lo + offs_k)[None, :]
+    w_ptrs = w_ptr + cols[:, None].to(tl.int64) * stride_wn + (lo + offs_k)[None, :]
+    if DOT:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in tl.range(lo, hi, BLOCK_K, num_stages=NUM_STAGES):
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=rmask[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=cmask[:, None], other=0.0)
+        else:
+            kmask = (k0 + offs_k) < K
+            x = tl.load(x_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=cmask[:, None] & kmask[None, :], other=0.0)
+        if DOT:
+            acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
+        else:
+            acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if DOT:
+        acc = tl.trans(acc)
+    else:
+        acc = tl.sum(acc, axis=2)
+    out = out_ptr + split * M * N + rows[:, None] * N + cols[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _sum_splits_kernel(partial_ptr, out_ptr, size, split_k, BLOCK: tl.constexpr):
+    """out[i] = sum over s of partial[s, i] (float32), rounded to out's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < size
+    total = tl.zeros([BLOCK], tl.float32)
+    for s in range(split_k):
+        total += tl.load(partial_ptr + s * size + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Tiles and launch shape of one product (benchmarks/gemv.py sweeps them)."""
+
+    block_n: int = 16  # rows of W per program
+    block_k: int = 512  # columns of W per tile
+    num_warps: int = 4
+    num_stages: int = 4  # tiles in flight per program
+    split_k: int = 1  # programs sharing one block of rows, each over its own run of K
+    dot: bool = False  # tensor cores (x's rows padded to 16) rather than float32 multiply-adds
+
+
+def default_config(M: int, N: int, K: int) -> GemvConfig:
+    """The tiles that read Mistral-7B's weights fastest on an H100 in benchmarks/gemv.py's sweep
+    (within 2% of the best for every weight and batch; 4 to 17% faster than cuBLAS). One row:
+    float32 multiply-adds over 4 rows of W (8 for long rows: down_proj) with 1024-wide tiles
+    and no pipelining, the 4 x 16-byte loads per thread being enough in flight. More rows: the
+    tensor cores, 256-wide tiles for long rows. Splitting K never paid (512 or more programs
+    for one row, 64 or more for the others)."""
+    if M == 1:
+        return GemvConfig(block_n=8 if K > 4096 else 4, block_k=1024, num_warps=4, num_stages=1)
+    return GemvConfig(block_n=64, block_k=256 if K > 4096 else 128, num_warps=4, num_stages=5, dot=True)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
+    """x [M, K] (M <= MAX_ROWS) @ weight [N, K]^T -> [M, N] in x's dtype."""
+    M, K = x.shape
+    N = weight.shape[0]
+    if weight.shape[1] != K:
+        raise ValueError(f"x has {K} columns but the weight {weight.shape[1]}")
+    if x.dtype != weight.dtype:
+        raise ValueError(f"x is {x.dtype} but the weight {weight.dtype}")
+    if not 1 <= M <= MAX_ROWS:
+        raise ValueError(f"gemv takes 1 to {MAX_ROWS} rows of x, not {M}")
+    if x.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError("gemv needs the rows of x and of the weight to be contiguous")
+    c = config or default_config(M, N, K)
+    per_split = triton.cdiv(triton.cdiv(K, c.block_k), c.split_k) * c.block_k
+    split_k = triton.cdiv(K, per_split)  # no split left without columns
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)  # [M, N]
+    partial = out if split_k == 1 else torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
+    _gemv_kernel[(triton.cdiv(N, c.block_n), split_k)](
+        x, weight, partial, M, N, K, x.stride(0), weight.stride(0), per_split,
+        BLOCK_M=MAX_ROWS if c.dot else triton.next_power_of_2(M), BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+        NUM_STAGES=c.num_stages, DOT=c.dot, EVEN_K=K % c.block_k == 0, PRECISION=dot_precision(x.dtype),
+        num_warps=c.num_warps)
+    if split_k > 1:
+        block = 1024
+        _sum_splits_kernel[(triton.cdiv(M * N, block),)](partial, out, M * N, split_k, BLOCK=block)
+    return out

@@ -1,0 +1,92 @@
+"""The decode matrix product (kernels/gemv.py) against x @ W^T in float32: on the CPU in
+Triton's interpreter over small shapes, on the GPU over Mistral-7B's."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.gemv import MAX_ROWS, GemvConfig, gemv
+from test_kernels import DEVICE, DTYPES, gpu_only
+
+on_gpu = [gpu_only, pytest.mark.gpu]
+
+# Both ways of multiplying, K split or not, N and K off the tiles' multiples.
+SMALL_CONFIGS = [GemvConfig(block_n=16, block_k=64), GemvConfig(block_n=8, block_k=32, num_stages=2, split_k=3),
+                 GemvConfig(block_n=16, block_k=32, dot=True), GemvConfig(block_n=32, block_k=64, dot=True, split_k=2)]
+SMALL_CASES = [(1, 48, 256), (3, 50, 130), (16, 33, 200), (7, 64, 96)]
+GPU_CASES = [(m, n, k) for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (32768, 4096)]
+             for m in (1, 2, 4, 8, 16)] + [(5, 1000, 4000), (13, 4000, 1000)]
+
+
+def tolerance(dtype: torch.dtype, K: int) -> dict:
+    """bf16/fp16 outputs: a few units of the output's last place, and float32's rounding of a
+    K-long sum elsewhere."""
+    if dtype == torch.float32:
+        return dict(atol=1e-5 * K ** 0.5, rtol=1e-4)
+    return dict(atol=2e-2, rtol=1e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+def inputs(M: int, N: int, K: int, dtype: torch.dtype, seed: int = 0):
+    """x with entries of about 1 and W scaled so that each output is about 1."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(dtype).to(DEVICE)
+    weight = (torch.randn(N, K, generator=g) / K ** 0.5).to(dtype).to(DEVICE)
+    return x, weight
+
+
+@pytest.mark.parametrize("config", SMALL_CONFIGS, ids=str)
+@pytest.mark.parametrize("M, N, K", SMALL_CASES)
+def test_gemv_matches_the_float32_product_on_small_shapes(M, N, K, config):
+    dtype = DTYPES[0]
+    x, weight = inputs(M, N, K, dtype)
+    out = gemv(x, weight, config)
+    assert out.shape == (M, N) and out.dtype == dtype
+    torch.testing.assert_close(out.float(), x.float() @ weight.float().t(), **tolerance(dtype, K))
+
+
+@pytest.mark.parametrize("M, N, K", [pytest.param(*case, marks=on_gpu) for case in GPU_CASES])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemv_matches_the_float32_product_on_mistral_shapes(M, N, K, dtype):
+    x, weight = inputs(M, N, K, dtype)
+    ref = x.float() @ weight.float().t()
+    for config in (None, GemvConfig(block_n=2, block_k=256, split_k=4),
+                   GemvConfig(block_n=64, block_k=128, split_k=3, dot=True)):
+        torch.testing.assert_close(gemv(x, weight, config).float(), ref, **tolerance(dtype, K))
+
+
+def test_gemv_reads_x_rows_with_a_stride():
+    x, weight = inputs(4, 40, 64, DTYPES[0])
+    wide = torch.cat([x, x], dim=1)[:, :64]  # rows 128 apart
+    torch.testing.assert_close(gemv(wide, weight), gemv(x.contiguous(), weight))
+
+
+@pytest.mark.parametrize("M", [0, MAX_ROWS + 1])
+def test_gemv_refuses_batches_it_is_not_for(M):
+    with pytest.raises(ValueError, match="rows"):
+        gemv(torch.zeros(M, 32, device=DEVICE), torch.zeros(8, 32, device=DEVICE))
+
+
+def test_gemv_refuses_mismatched_inputs():
+    with pytest.raises(ValueError, match="columns"):
+        gemv(torch.zeros(1, 32, device=DEVICE), torch.zeros(8, 16, device=DEVICE))
+    with pytest.raises(ValueError, match="contiguous"):
+        gemv(torch.zeros(1, 32, device=DEVICE), torch.zeros(32, 8, device=DEVICE).t())
+
+
+@pytest.mark.parametrize("M", [1, MAX_ROWS, MAX_ROWS + 1])
+def test_layers_with_gemv_on_take_it_for_cuda_decode_batches_only(M, monkeypatch):
+    from server.layers import linear
+
+    calls = []
+    monkeypatch.setattr(linear, "GEMV", True)
+    monkeypatch.setattr(linear, "gemv", lambda x, weight: calls.append(x.shape) or gemv(x, weight))
+    dtype = DTYPES[0]
+    layer = linear.MergedColumnParallelLinear(64, [(48, 1), (16, 1)], bias=True).to(DEVICE, dtype)
+    for piece, rows in enumerate((48, 16)):
+        layer.load_piece(piece, torch.randn(rows, 64, dtype=dtype) / 8)
+        layer.load_piece(piece, torch.randn(rows, dtype=dtype), "bias")
+    x = torch.randn(M, 64).to(dtype).to(DEVICE)
+    out = layer(x)
+    torch.testing.assert_close(out.float(), torch.nn.functional.linear(x, layer.weight, layer.bias).float(),
+                               **tolerance(dtype, 64))
+    assert len(calls) == (1 if x.is_cuda and M <= MAX_ROWS else 0)
