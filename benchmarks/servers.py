@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 
 import httpx
+import huggingface_hub.constants
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # No hub look-ups (the GPU machine is offline) and no update check from the transformers CLI.
@@ -76,6 +77,9 @@ class Server:
 def start(name: str, command: list[str], url: str, log_path: str, timeout_s: float) -> Server:
     """Starts `command` and waits until `url` answers /v1/models; on a timeout or an early exit
     the server is stopped and the error quotes the end of its log."""
+    # transformers serve lists its models (our readiness probe) by scanning the hub cache, and
+    # fails while that directory does not exist, as on a machine that never downloaded anything.
+    os.makedirs(huggingface_hub.constants.HF_HUB_CACHE, exist_ok=True)
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
                                    env={**os.environ, **QUIET_ENV}, start_new_session=True)

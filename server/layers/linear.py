@@ -15,13 +15,11 @@ rank, both in units of weight rows and columns; `rows`: where the piece's output
 layer), turns them into what it multiplies with once all are read (`finish`), and applies them.
 
 A dense weight (and the LM head's) multiplies a decode batch of at most GEMV_MAX_ROWS rows on
-CUDA with kernels/gemv.py when `GEMV` is on: it reads the weight faster than cuBLAS's
-matrix-vector products. It is off unless the environment sets SERVER_GEMV=1, until an H100
-run of benchmarks/gemv.py has it winning for every weight and batch of a decode step.
+CUDA with kernels/gemv.py: it reads the weight faster than cuBLAS's matrix-vector products
+(on an H100, 1.02-1.17x for each Mistral-7B weight at 1-16 rows; one-sequence decode 165 ->
+178 tokens/s). `GEMV = False` turns it off.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
@@ -37,11 +35,11 @@ try:
 except ImportError:  # pragma: no cover - no triton: the CPU path only
     gemv, GEMV_MAX_ROWS = None, 0
 
-GEMV = os.environ.get("SERVER_GEMV") == "1"  # the opt-in above, read once at import
+GEMV = gemv is not None
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias); through the gemv kernel for a CUDA decode batch when GEMV is on."""
+    """F.linear(x, weight, bias); through the gemv kernel for a CUDA decode batch."""
     if (GEMV and x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= GEMV_MAX_ROWS and x.stride(1) == 1
             and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype):
         out = gemv(x, weight)  # [rows, out]
