@@ -44,6 +44,17 @@ def test_the_grammar_holds_a_call_to_its_functions_parameters():
         assert not jsonschema.Draft202012Validator(schema).is_valid(wrong)
 
 
+@pytest.mark.parametrize("key", ["$defs", "definitions"])
+def test_a_functions_references_resolve_from_the_grammars_root(key):
+    point = {"type": "object", "properties": {"lat": {"type": "number"}}, "required": ["lat"]}
+    parameters = {"type": "object", "properties": {"at": {"$ref": f"#/{key}/point"}}, "required": ["at"],
+                  key: {"point": point}}
+    schema = tool_use([Tool(function={"name": "locate", "parameters": parameters})], "required").schema
+    validator = jsonschema.Draft202012Validator(schema)
+    assert validator.is_valid({"function": {"_name": "locate", "at": {"lat": 1.5}}})
+    assert not validator.is_valid({"function": {"_name": "locate", "at": {"lon": 1.5}}})
+
+
 def test_the_tool_prompt_follows_the_last_message_with_the_tools_when_the_template_lacks_them():
     use = tool_use(TOOLS, "auto")
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"}]

@@ -53,9 +53,10 @@ def tool_use(tools: list[Tool] | None, tool_choice) -> ToolUse | None:
     functions = [t["function"] for t in offered]
     schema = {"type": "object", "properties": {"function": {"anyOf": [_call_schema(f) for f in functions]}},
               "required": ["function"]}
-    definitions = {name: d for f in functions for name, d in (f.get("parameters") or {}).get("$defs", {}).items()}
-    if definitions:  # a function's `#/$defs/...` references, from the grammar's root
-        schema["$defs"] = definitions
+    for key in ("$defs", "definitions"):  # a function's `#/$defs/...` references, from the grammar's root
+        definitions = {name: d for f in functions for name, d in (f.get("parameters") or {}).get(key, {}).items()}
+        if definitions:
+            schema[key] = definitions
     return ToolUse(offered, schema)
 
 
