@@ -82,5 +82,5 @@ def test_scheduler_preempts_the_newest_sequence_when_blocks_run_out():
         seq.token_ids.append(0)  # each needs a third block to decode
     batch = scheduler.schedule()
     assert batch.seqs == [old] and batch.preempted == [new]
-    assert new.block_table == [] and new.num_computed_tokens == 0
+    assert len(new.block_table) == 0 and new.num_computed_tokens == 0
     assert scheduler.waiting[0] is new

@@ -49,6 +49,48 @@ def test_ranks_give_the_tokens_of_one_rank(fixture, tp, request):
     assert shard < whole / tp * 1.35
 
 
+def _execute_on_rank(rank: int, model_dir: str, port: int, results) -> None:
+    from server.config import EngineArgs
+    from server.runtime.model_runner import SequenceChunk
+    from server.runtime.sampler import SamplingOptions
+    from server.runtime.setup import leave_group, start_runner
+
+    args = EngineArgs(model=model_dir, device="cpu", dtype="float32", tensor_parallel_size=2,
+                      max_batch_total_tokens=256, block_size=8)
+    runner = start_runner(args, rank, port).runner
+    chunks = [SequenceChunk(PROMPTS[1], 0, list(range(8)), sampling=SamplingOptions())]
+    first = runner.execute(chunks)
+    second = runner.execute(chunks)
+    leave_group()
+    results.put((rank, [r.sampled and r.sampled.token_id for r in first + second]))
+
+
+def test_every_rank_can_execute_a_step_in_lockstep(mistral_v03_dir):
+    """What warm-up does on GPUs (the activation profile): each rank runs whole steps itself,
+    so each must join exactly the collectives the others join (the LM head, the picks)."""
+    import torch.multiprocessing as mp
+
+    from server.runtime.workers import free_port
+
+    context = mp.get_context("spawn")
+    results, port = context.Queue(), free_port()
+    ranks = [context.Process(target=_execute_on_rank, args=(rank, mistral_v03_dir, port, results))
+             for rank in range(2)]
+    for process in ranks:
+        process.start()
+    try:
+        got = dict(results.get(timeout=120) for _ in ranks)
+    finally:
+        for process in ranks:
+            process.join(30)
+            if process.is_alive():
+                process.kill()
+    one = LLM(mistral_v03_dir, max_batch_total_tokens=256, block_size=8)
+    alone = one.generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)[0]
+    assert got[0] == 2 * alone.outputs[0].token_ids  # rank 0 samples, twice the same
+    assert got[1] == [None, None]  # the others only compute
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_two_gpus_over_nccl_give_the_tokens_of_one(mistral_v03_dir):

@@ -74,7 +74,7 @@ class BlockManager:
             if self.ref_counts[block] == 0:
                 del self.free[block]
             self.ref_counts[block] += 1
-        seq.block_table = list(hits)
+        seq.block_table = array("q", hits)
         seq.num_committed_blocks = len(hits)
         seq.num_computed_tokens = len(hits) * self.block_size
         seq.num_cached_tokens = seq.num_computed_tokens
@@ -119,6 +119,6 @@ class BlockManager:
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:
                 self.free[block] = None
-        seq.block_table = []
+        seq.block_table = array("q")
         seq.num_committed_blocks = 0
         seq.num_computed_tokens = 0

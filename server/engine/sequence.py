@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 import time
+from array import array
 from dataclasses import dataclass, field
 
 from server.sampling_params import SamplingParams
@@ -35,7 +36,7 @@ class Sequence:
         self.pending_row = -1  # its row among that step's picks
         self.pending_is_last = False  # it ends the sequence whatever it is (a length limit)
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at admission
-        self.block_table: list[int] = []
+        self.block_table = array("q")  # block ids (an array: the runner copies it out as bytes)
         self.block_hashes: list[bytes] = []  # prefix-cache keys of the full blocks, in order
         self.num_committed_blocks = 0  # leading blocks already published to the prefix cache
         self.status = SequenceStatus.WAITING
@@ -90,4 +91,7 @@ class Request:
 
     @property
     def is_finished(self) -> bool:
-        return all(seq.is_finished for seq in self.sequences)
+        for seq in self.sequences:
+            if seq.status != SequenceStatus.FINISHED:
+                return False
+        return True

@@ -205,6 +205,8 @@ class MistralCommonTokenizer(Tokenizer):
         self.eos_token_ids = {self._tok.eos_id}
         self.has_chat_template = True
         self.takes_tools = True  # mistral-common writes them in the model's own format
+        # Asked of every generated token: a set lookup rather than a call into mistral-common.
+        self._special_ids = frozenset(i for i in range(self.vocab_size) if self._tok.is_special(i))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, bos=add_special_tokens, eos=False)
@@ -228,7 +230,7 @@ class MistralCommonTokenizer(Tokenizer):
         return "".join(parts)
 
     def is_special(self, token_id: int) -> bool:
-        return self._tok.is_special(token_id)
+        return token_id in self._special_ids
 
     def token_bytes(self) -> list[bytes | None]:
         tok = self._tok

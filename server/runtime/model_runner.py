@@ -166,15 +166,18 @@ class ModelRunner:
         token_ids, positions, slots, sample_rows = [], [], [], []
         pending_at, pending_rows = [], []  # token index <- row of the previous step's picks
         for chunk in chunks:
-            start = chunk.start_pos
-            token_ids.extend(chunk.token_ids)
+            start, ids, table = chunk.start_pos, chunk.token_ids, chunk.block_table
+            token_ids += ids
             if chunk.pending_row >= 0:
                 pending_at.append(len(token_ids) - 1)
                 pending_rows.append(chunk.pending_row)
-            table = chunk.block_table
-            for pos in range(start, start + len(chunk.token_ids)):
-                positions.append(pos)
-                slots.append(table[pos // size] * size + pos % size)
+            if len(ids) == 1:
+                positions.append(start)
+                slots.append(table[start // size] * size + start % size)
+            else:
+                span = range(start, start + len(ids))
+                positions += span
+                slots += [table[pos // size] * size + pos % size for pos in span]
             if chunk.sampling is not None:
                 sample_rows.append(len(token_ids) - 1)
         width = max(len(c.block_table) for c in chunks)
@@ -183,15 +186,18 @@ class ModelRunner:
         cu_query_lens = [0]
         for n in query_lens:
             cu_query_lens.append(cu_query_lens[-1] + n)
-        packed = token_ids + positions + slots + context_lens + cu_query_lens + sample_rows + pending_at + pending_rows
-        for chunk in chunks:
-            packed += chunk.block_table
-            packed += [0] * (width - len(chunk.block_table))
+        packed = array("q", token_ids + positions + slots + context_lens + cu_query_lens + sample_rows
+                       + pending_at + pending_rows)
+        head = len(packed)
+        padding = array("q", bytes(8 * width))
+        for chunk in chunks:  # block tables are arrays: copied as bytes, not int by int
+            packed.extend(chunk.block_table)
+            packed.extend(padding[:width - len(chunk.block_table)])
         device_values = self._to_device(packed)
-        parts = device_values[:len(packed) - width * len(chunks)].split(
+        parts = device_values[:head].split(
             [len(token_ids), len(positions), len(slots), len(context_lens), len(cu_query_lens), len(sample_rows),
              len(pending_at), len(pending_rows)])
-        tables = device_values[len(packed) - width * len(chunks):].view(len(chunks), width)
+        tables = device_values[head:].view(len(chunks), width)
         if pending_at:
             picks = self._driver_picks if self.tp.rank != 0 else \
                 previous.picked.next_ids if previous is not None and previous.picked is not None else None
@@ -205,8 +211,8 @@ class ModelRunner:
             max_query_len=max(query_lens), num_splits=self._num_splits(len(chunks)) if decode_only else 1)
         return parts[0], parts[1], meta, parts[5]
 
-    def _to_device(self, values: list[int]) -> torch.Tensor:
-        host = torch.frombuffer(array("q", values), dtype=torch.int64)  # much faster than torch.tensor(list)
+    def _to_device(self, values: array) -> torch.Tensor:
+        host = torch.frombuffer(values, dtype=torch.int64)  # much faster than torch.tensor(list)
         if self.device.type != "cuda":
             return host
         # Two staging buffers in turn: with one step queued ahead of the last one read back, a
@@ -276,7 +282,7 @@ class ModelRunner:
         the chunks that sample); it is called once the logits are queued, so that the host
         fills the masks while the device computes them."""
         picked = None
-        if step.hidden is not None:
+        if step.hidden is not None and self.tp.rank == 0:  # the other ranks did their part in forward
             logits = self.model.compute_logits(step.hidden)  # a collective: every rank
             allowed = allowed_tokens() if allowed_tokens is not None else None
             picked = sample_on_device(logits, [step.chunks[i].sampling for i in step.row_chunks], allowed)
