@@ -79,6 +79,26 @@ def test_a_guided_sequence_gives_the_same_tokens_after_preemption(mistral_v03_di
     assert small.engine.scheduler.num_preemptions > 0
 
 
+def allowed_texts(llm, params, after: bytes = b"") -> set[str]:
+    """The texts of the tokens a fresh grammar allows (once it took the token spelling `after`)."""
+    guidance, tokenizer = llm.engine.guidance, llm.engine.tokenizer
+    matcher = guidance.matcher(guidance.grammar(params))
+    if after:
+        assert matcher.consume_token(tokenizer.token_bytes().index(after))
+    mask = guidance.allowed_tokens([0], [matcher]).bitmask[0].tolist()
+    vocab = llm.engine.config.model.vocab_size
+    return {tokenizer.decode([i]) for i in range(vocab) if mask[i // 32] >> (i % 32) & 1} - {""}
+
+
+@pytest.mark.parametrize("params, after", [
+    (SamplingParams(guided_regex=r"\d+"), b""), (SamplingParams(guided_regex=r"x[\d]+"), b"x"),
+    (SamplingParams(guided_json={"type": "string", "pattern": r"^\d+$"}), b'"')], ids=["regex", "class", "schema"])
+def test_digits_are_ascii_digits_as_in_json_schema_and_tgi(tiny_llm, params, after):
+    """llguidance alone would let `\\d` take other scripts' digits (and the bytes of them)."""
+    texts = allowed_texts(tiny_llm, params, after)
+    assert texts and all(set(t) <= set("0123456789") for t in texts), sorted(texts)[:10]
+
+
 def test_a_grammar_cut_short_by_max_tokens_ends_with_length(tiny_llm):
     output = completions(tiny_llm, PROMPTS[:1], SamplingParams(max_tokens=3, guided_json=WEATHER))[0]
     assert output.finish_reason == "length" and len(output.token_ids) == 3

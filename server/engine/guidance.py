@@ -46,7 +46,7 @@ class Guidance:
         if params.guided_json is not None:
             return self._compile("json", json.dumps(_declared_properties_only(params.guided_json)))
         if params.guided_regex is not None:
-            return self._compile("regex", params.guided_regex)
+            return self._compile("regex", ascii_classes(params.guided_regex))
         return None
 
     def _compile_uncached(self, kind: str, source: str) -> str:
@@ -98,12 +98,48 @@ def _declared_properties_only(schema):
     if not isinstance(schema, dict):
         return schema
     out = {key: value if key in _VALUES else _declared_properties_only(value) for key, value in schema.items()}
+    if isinstance(out.get("pattern"), str):
+        out["pattern"] = ascii_classes(out["pattern"])
     if isinstance(out.get("properties"), dict) and not {"additionalProperties", "patternProperties"} & out.keys():
         out["additionalProperties"] = False
     return out
 
 
 _VALUES = {"const", "enum", "default", "examples"}  # JSON values inside a schema, not schemas
+
+# `\d` and `\w` as JSON Schema (ECMA-262) and TGI's outlines read them, ASCII only; llguidance
+# would also take other scripts' digits and letters (a Thai zero for `\d`).
+_ASCII_CLASSES = {"d": "0-9", "w": "A-Za-z0-9_"}
+
+
+def ascii_classes(regex: str) -> str:
+    r"""The regex with `\d` and `\w` (inside a bracket class too) spelled as ASCII ranges."""
+    out, i, in_class = [], 0, False
+    while i < len(regex):
+        char = regex[i]
+        if char == "\\" and i + 1 < len(regex):
+            escaped = regex[i + 1]
+            if escaped in _ASCII_CLASSES:
+                ranges = _ASCII_CLASSES[escaped]
+                out.append(ranges if in_class else f"[{ranges}]")
+            else:
+                out.append(regex[i:i + 2])
+            i += 2
+            continue
+        if char == "[" and not in_class:
+            in_class = True
+            out.append(char)
+            i += 1
+            for literal in ("^", "]"):  # `[^` and a `]` that opens the class are not its end
+                if regex.startswith(literal, i):
+                    out.append(literal)
+                    i += 1
+            continue
+        if char == "]" and in_class:
+            in_class = False
+        out.append(char)
+        i += 1
+    return "".join(out)
 
 
 def _first_reason(error: str) -> str:
