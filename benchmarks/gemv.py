@@ -8,7 +8,7 @@ the winners save on the weights of one decoder layer. Times are of calls replaye
 CUDA graph, as decode steps run, each call on the next of enough copies of the weight that
 the L2 cache cannot hold them.
 
-    python benchmarks/gemv.py [--rows 1,2,4,8,16] [--shapes qkv,o_proj,gate_up,down,lm_head]
+    python benchmarks/gemv.py [--rows 1,2,4,8,16] [--shapes qkv,o_proj,gate_up,down,lm_head] [--fp8]
 """
 from __future__ import annotations
 
@@ -101,11 +101,59 @@ def measure(M: int, N: int, K: int, weights: list[torch.Tensor], with_sweep: boo
     return row
 
 
+def measure_fp8(M: int, N: int, K: int, weights: list[torch.Tensor], with_sweep: bool) -> dict:
+    """The same product with the weight in e4m3 and per-channel scales: the kernel (weight-only,
+    half the bytes) against what the fp8 layers do for larger batches (per-token fp8 inputs and
+    torch._scaled_mm)."""
+    from kernels.fp8_quant import quantize_fp8_per_token
+    from kernels.quant_reference import quantize_fp8_rows
+
+    quantized = [quantize_fp8_rows(w) for w in weights]
+    g = torch.Generator("cuda").manual_seed(M)
+    x = torch.randn(M, K, generator=g, device="cuda", dtype=torch.bfloat16)
+    nbytes = N * K + (M * K + M * N) * 2
+
+    def result(us: float, config: GemvConfig | None = None) -> dict:
+        row = {"us": round(us, 2), "bytes_per_s": nbytes / us * 1e6}
+        return row if config is None else {"config": config.__dict__, **row}
+
+    def scaled_mm(i: int) -> torch.Tensor:
+        q, scale = quantized[i % len(quantized)]
+        x_q, x_scale = quantize_fp8_per_token(x)
+        return torch._scaled_mm(x_q, q.t(), scale_a=x_scale, scale_b=scale.view(1, -1), out_dtype=torch.bfloat16)
+
+    def kernel(config: GemvConfig | None = None):
+        def call(i: int) -> torch.Tensor:
+            q, scale = quantized[i % len(quantized)]
+            return gemv(x, q, config, weight_scale=scale)
+        return call
+
+    row = {"scaled_mm": result(timed_us(scaled_mm))}
+    row["default"] = result(timed_us(kernel()), default_config(M, N, K, weight_bytes=1))
+    row["best"] = row["default"]
+    expected = kernel()(0).float()
+    wider = [GemvConfig(**{**c.__dict__, "block_k": c.block_k * 2}) for c in sweep_configs(M, K) if c.split_k == 1]
+    for config in wider + sweep_configs(M, K) if with_sweep else []:
+        try:
+            got = kernel(config)(0)
+        except Exception as error:  # a tile too large for shared memory or registers
+            print(f"skip fp8 {config}: {type(error).__name__}", file=sys.stderr)
+            continue
+        torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
+        us = timed_us(kernel(config))
+        if us < row["best"]["us"]:
+            row["best"] = result(us, config)
+    row["default_vs_scaled_mm"] = row["scaled_mm"]["us"] / row["default"]["us"]
+    row["best_vs_scaled_mm"] = row["scaled_mm"]["us"] / row["best"]["us"]
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", default="1,2,4,8,16")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--no-sweep", action="store_true", help="time cuBLAS and the default configuration only")
+    parser.add_argument("--fp8", action="store_true", help="also the e4m3 weights (against torch._scaled_mm)")
     args = parser.parse_args()
     bandwidth = copy_bandwidth()
     l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size
@@ -119,6 +167,11 @@ def main() -> None:
                    **measure(M, N, K, weights, not args.no_sweep)}
             for key in ("cublas", "default", "best"):
                 row[key]["fraction_of_copy"] = row[key]["bytes_per_s"] / bandwidth
+            if args.fp8:
+                row["fp8"] = measure_fp8(M, N, K, weights, not args.no_sweep)
+                for key in ("scaled_mm", "default", "best"):
+                    row["fp8"][key]["fraction_of_copy"] = row["fp8"][key]["bytes_per_s"] / bandwidth
+                row["fp8"]["default_vs_bf16_cublas"] = row["cublas"]["us"] / row["fp8"]["default"]["us"]
             results.append(row)
             print(json.dumps(row), file=sys.stderr)
         del weights

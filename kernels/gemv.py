@@ -20,6 +20,10 @@ With few output rows for many inputs (down_proj: N 4096, K 14336) K is split ove
 programs per n block; they write float32 partial sums [split_k, M, N] and a second kernel adds
 them up in x's dtype. Every size follows from the shapes alone (no host sync, no allocation
 that depends on values), so a step that calls this can be captured in a CUDA graph.
+
+An fp8 (e4m3) weight with one scale per output channel is read at half the bytes: its tile is
+widened to x's dtype in registers, and each output is multiplied by its channel's scale at
+the end (weight-only: x is not rounded to fp8, so this is the CPU path's exact twin).
 """
 from __future__ import annotations
 
@@ -35,9 +39,10 @@ MAX_ROWS = 16  # the largest batch the kernel is for (decode graphs); the dot pa
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, k_per_split,
+def _gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, K, stride_xm, stride_wn, k_per_split,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 NUM_STAGES: tl.constexpr, DOT: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+                 NUM_STAGES: tl.constexpr, DOT: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+                 SCALED: tl.constexpr):
     split = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
     rmask = rows < M
@@ -60,6 +65,8 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, k_per_spl
             kmask = (k0 + offs_k) < K
             x = tl.load(x_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=cmask[:, None] & kmask[None, :], other=0.0)
+        if SCALED:  # fp8: widened here, scaled at the end
+            w = w.to(x.dtype)
         if DOT:
             acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
         else:
@@ -70,6 +77,8 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, k_per_spl
         acc = tl.trans(acc)
     else:
         acc = tl.sum(acc, axis=2)
+    if SCALED:
+        acc *= tl.load(scale_ptr + cols, mask=cmask, other=0.0)[None, :]
     out = out_ptr + split * M * N + rows[:, None] * N + cols[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
@@ -97,40 +106,55 @@ class GemvConfig:
     dot: bool = False  # tensor cores (x's rows padded to 16) rather than float32 multiply-adds
 
 
-def default_config(M: int, N: int, K: int) -> GemvConfig:
+def default_config(M: int, N: int, K: int, weight_bytes: int = 2) -> GemvConfig:
     """The tiles that read Mistral-7B's weights fastest on an H100 in benchmarks/gemv.py's sweep
     (within 2% of the best for every weight and batch; 4 to 17% faster than cuBLAS). One row:
     float32 multiply-adds over 4 rows of W (8 for long rows: down_proj) with 1024-wide tiles
     and no pipelining, the 4 x 16-byte loads per thread being enough in flight. More rows: the
     tensor cores, 256-wide tiles for long rows. Splitting K never paid (512 or more programs
     for one row, 64 or more for the others)."""
+    widen = 2 if weight_bytes == 1 else 1  # an fp8 weight: the same bytes per tile (not swept yet)
     if M == 1:
-        return GemvConfig(block_n=8 if K > 4096 else 4, block_k=1024, num_warps=4, num_stages=1)
-    return GemvConfig(block_n=64, block_k=256 if K > 4096 else 128, num_warps=4, num_stages=5, dot=True)
+        return GemvConfig(block_n=8 if K > 4096 else 4, block_k=1024 * widen, num_warps=4, num_stages=1)
+    return GemvConfig(block_n=64, block_k=(256 if K > 4096 else 128) * widen, num_warps=4, num_stages=5, dot=True)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
-    """x [M, K] (M <= MAX_ROWS) @ weight [N, K]^T -> [M, N] in x's dtype."""
+def suits(x: torch.Tensor) -> bool:
+    """Whether gemv is the product for this input: a CUDA decode batch of 1 to MAX_ROWS rows
+    in half precision, each row contiguous."""
+    return (x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and x.stride(1) == 1
+            and x.dtype in (torch.bfloat16, torch.float16))
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None,
+         weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] (M <= MAX_ROWS) @ weight [N, K]^T -> [M, N] in x's dtype; an e4m3 weight is
+    multiplied as weight * weight_scale[N] (float32, one scale per output channel)."""
     M, K = x.shape
     N = weight.shape[0]
     if weight.shape[1] != K:
         raise ValueError(f"x has {K} columns but the weight {weight.shape[1]}")
-    if x.dtype != weight.dtype:
+    scaled = weight.dtype == torch.float8_e4m3fn
+    if scaled != (weight_scale is not None):
+        raise ValueError("an e4m3 weight, and only one, comes with a weight_scale")
+    if scaled and (weight_scale.dtype != torch.float32 or weight_scale.numel() != N):
+        raise ValueError(f"weight_scale must be {N} float32 scales, one per output channel")
+    if not scaled and x.dtype != weight.dtype:
         raise ValueError(f"x is {x.dtype} but the weight {weight.dtype}")
     if not 1 <= M <= MAX_ROWS:
         raise ValueError(f"gemv takes 1 to {MAX_ROWS} rows of x, not {M}")
     if x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError("gemv needs the rows of x and of the weight to be contiguous")
-    c = config or default_config(M, N, K)
+    c = config or default_config(M, N, K, weight.element_size())
     per_split = triton.cdiv(triton.cdiv(K, c.block_k), c.split_k) * c.block_k
     split_k = triton.cdiv(K, per_split)  # no split left without columns
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)  # [M, N]
     partial = out if split_k == 1 else torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
     _gemv_kernel[(triton.cdiv(N, c.block_n), split_k)](
-        x, weight, partial, M, N, K, x.stride(0), weight.stride(0), per_split,
+        x, weight, weight_scale if scaled else x, partial, M, N, K, x.stride(0), weight.stride(0), per_split,
         BLOCK_M=MAX_ROWS if c.dot else triton.next_power_of_2(M), BLOCK_N=c.block_n, BLOCK_K=c.block_k,
         NUM_STAGES=c.num_stages, DOT=c.dot, EVEN_K=K % c.block_k == 0, PRECISION=dot_precision(x.dtype),
-        num_warps=c.num_warps)
+        SCALED=scaled, num_warps=c.num_warps)
     if split_k > 1:
         block = 1024
         _sum_splits_kernel[(triton.cdiv(M * N, block),)](partial, out, M * N, split_k, BLOCK=block)

@@ -54,6 +54,41 @@ def test_gemv_matches_the_float32_product_on_mistral_shapes(M, N, K, dtype):
         torch.testing.assert_close(gemv(x, weight, config).float(), ref, **tolerance(dtype, K))
 
 
+def fp8_inputs(M: int, N: int, K: int, dtype: torch.dtype, seed: int = 0):
+    """x, and an e4m3 weight with per-channel scales as fp8 layers hold it; the reference is x
+    times the dequantized weight (what the CPU path computes)."""
+    from kernels.quant_reference import dequantize_fp8, quantize_fp8_rows
+
+    x, weight = inputs(M, N, K, torch.float32, seed)
+    q, scale = quantize_fp8_rows(weight)
+    x = x.to(dtype)
+    return x, q, scale, x.float() @ dequantize_fp8(q, scale).float().t()
+
+
+@pytest.mark.parametrize("config", SMALL_CONFIGS + [None], ids=str)
+@pytest.mark.parametrize("M, N, K", SMALL_CASES)
+def test_fp8_weights_give_the_product_with_their_dequantized_values(M, N, K, config):
+    dtype = DTYPES[0]
+    x, q, scale, ref = fp8_inputs(M, N, K, dtype)
+    out = gemv(x, q, config, weight_scale=scale)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, **tolerance(dtype, K))
+
+
+@pytest.mark.parametrize("M, N, K", [pytest.param(*case, marks=on_gpu) for case in GPU_CASES])
+def test_fp8_weights_on_mistral_shapes(M, N, K):
+    x, q, scale, ref = fp8_inputs(M, N, K, torch.bfloat16)
+    torch.testing.assert_close(gemv(x, q, weight_scale=scale).float(), ref, **tolerance(torch.bfloat16, K))
+
+
+def test_an_fp8_weight_needs_its_scales():
+    x, q, scale, _ = fp8_inputs(1, 8, 32, DTYPES[0])
+    with pytest.raises(ValueError, match="weight_scale"):
+        gemv(x, q)
+    with pytest.raises(ValueError, match="weight_scale"):
+        gemv(x, q, weight_scale=scale[:4])
+
+
 def test_gemv_reads_x_rows_with_a_stride():
     x, weight = inputs(4, 40, 64, DTYPES[0])
     wide = torch.cat([x, x], dim=1)[:, :64]  # rows 128 apart

@@ -7,8 +7,11 @@ output channel ([N] or [N, 1]), the layout of AutoFP8/vLLM's "fp8", FBGEMM's "fb
 compressed-tensors' float8 tensor/channel schemes. A static `input_scale` is read and set
 aside: activations always get dynamic per-token scales.
 
-On a GPU (which start-up has checked has fp8: compute capability 8.9+), each matmul quantizes
-its input rows to e4m3 with their own scales and runs torch._scaled_mm with row-wise scales.
+On a GPU (which start-up has checked has fp8: compute capability 8.9+), a decode batch of up to
+16 rows goes through kernels/gemv.py, which reads the e4m3 weight at half bf16's bytes, widens
+it in registers and scales each output (the activations stay as they are); a larger batch
+quantizes its input rows to e4m3 with their own scales and runs torch._scaled_mm with row-wise
+scales.
 On the CPU the weight is dequantized to the activations' dtype and multiplied: its twin
 without the activation rounding, so that CPU results can be held to transformers on the
 dequantized weights. Quantizing at load under row parallelism scales each rank's slice of a
@@ -25,8 +28,9 @@ from server.layers.parallel import read_shard
 
 try:
     from kernels.fp8_quant import quantize_fp8_per_token
+    from kernels.gemv import gemv, suits
 except ImportError:  # pragma: no cover - no triton: the CPU path only
-    quantize_fp8_per_token = None
+    quantize_fp8_per_token = gemv = suits = None
 
 
 class Fp8Weight:
@@ -60,7 +64,9 @@ class Fp8Weight:
             raise ValueError("an fp8 weight came without its weight_scale")
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if x.is_cuda:
+        if gemv is not None and suits(x):  # a decode batch: the weight widened as it is read
+            out = gemv(x, layer.weight, weight_scale=layer.weight_scale)
+        elif x.is_cuda:
             x_q, x_scale = quantize_fp8_per_token(x)  # [M, K] e4m3, [M, 1]
             # Row-wise scaled fp8 matmul writes bfloat16 (its other outputs depend on the build).
             out = torch._scaled_mm(x_q, layer.weight.t(), scale_a=x_scale, scale_b=layer.weight_scale.view(1, -1),

@@ -14,7 +14,7 @@ registers its tensors on the layer under their checkpoint names, reads a rank's 
 rank, both in units of weight rows and columns; `rows`: where the piece's outputs go in the
 layer), turns them into what it multiplies with once all are read (`finish`), and applies them.
 
-A dense weight (and the LM head's) multiplies a decode batch of at most GEMV_MAX_ROWS rows on
+A dense weight (and the LM head's) multiplies a decode batch of at most 16 rows on
 CUDA with kernels/gemv.py: it reads the weight faster than cuBLAS's matrix-vector products
 (on an H100, 1.02-1.17x for each Mistral-7B weight at 1-16 rows; one-sequence decode 165 ->
 178 tokens/s). `GEMV = False` turns it off.
@@ -31,17 +31,16 @@ from server.layers.int4_linear import Int4Weight
 from server.layers.parallel import all_reduce, read_shard, tensor_parallel
 
 try:
-    from kernels.gemv import MAX_ROWS as GEMV_MAX_ROWS, gemv
+    from kernels.gemv import gemv, suits
 except ImportError:  # pragma: no cover - no triton: the CPU path only
-    gemv, GEMV_MAX_ROWS = None, 0
+    gemv = suits = None
 
 GEMV = gemv is not None
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias); through the gemv kernel for a CUDA decode batch."""
-    if (GEMV and x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= GEMV_MAX_ROWS and x.stride(1) == 1
-            and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype):
+    if GEMV and suits(x) and weight.dtype == x.dtype:
         out = gemv(x, weight)  # [rows, out]
         return out if bias is None else out + bias
     return F.linear(x, weight, bias)
