@@ -119,7 +119,7 @@ class EngineArgs:
     max_batch_prefill_tokens: int = 4096
     max_num_seqs: int = 256
     max_model_len: int | None = None
-    block_size: int = 16
+    block_size: int | None = None  # KV tokens per block: 16, or 256 with flash-attn (whose paged kernels need it)
     enable_prefix_caching: bool = True
     cpu_kv_cache_bytes: int = 2 << 30
     cuda_memory_fraction: float = 1.0  # share of the GPU's memory this process may use

@@ -19,7 +19,7 @@ class LLM:
 
     def __init__(self, model: str | None = None, dtype: str = "auto", device: str = "auto",
                  tensor_parallel_size: int = 1, max_batch_total_tokens: int | None = None,
-                 block_size: int = 16, enable_prefix_caching: bool = True,
+                 block_size: int | None = None, enable_prefix_caching: bool = True,
                  max_batch_prefill_tokens: int = 4096, max_num_seqs: int = 256,
                  max_model_len: int | None = None, revision: str | None = None,
                  download_dir: str | None = None, quantization: str | None = None,

@@ -35,7 +35,8 @@ class LLMEngine:
             raise ValueError(f"tensor_parallel_size must be positive, got {args.tensor_parallel_size}")
         if not 0 < args.cuda_memory_fraction <= 1:
             raise ValueError(f"cuda_memory_fraction must be in (0, 1], got {args.cuda_memory_fraction}")
-        if args.block_size < 1 or args.max_batch_prefill_tokens < 1 or args.max_num_seqs < 1:
+        if (args.block_size is not None and args.block_size < 1) or args.max_batch_prefill_tokens < 1 \
+                or args.max_num_seqs < 1:
             raise ValueError("block_size, max_batch_prefill_tokens and max_num_seqs must be positive")
         self.workers = None
         port = 0
@@ -53,7 +54,7 @@ class LLMEngine:
         if args.tensor_parallel_size > 1:
             self.runner.sends_steps = True
             atexit.register(self.shutdown)
-        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        self.block_manager = BlockManager(num_blocks, started.cache.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.config.scheduler, self.block_manager)
         self.eos_token_ids = set(model.eos_token_ids) | self.tokenizer.eos_token_ids
         self.guidance = Guidance(self.tokenizer, model.vocab_size, self.eos_token_ids,

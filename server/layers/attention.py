@@ -4,9 +4,12 @@ The cache of one layer is a pair of tensors K, V of shape
 `[num_blocks, block_size, num_kv_heads, head_dim]` (flash-attn's paged layout). A token at
 position p of a sequence lives in slot `block_table[p // block_size] * block_size + p % block_size`.
 
-Backends: `triton` (our kernels, the default on CUDA) and `torch` (the reference, and the CPU
-path). Each step stores the new K/V first, then attends over the cache, so a prefill chunk
-sees its cached prefix and itself the same way. An fp8 (e4m3) cache stores K / k_scale and
+Backends: `flash_attn` (flash-attn 2's paged kernels: `flash_attn_varlen_func` with the block
+tables for prefill, `flash_attn_with_kvcache` for decode; chosen on CUDA when the package is
+installed, the KV cache is not fp8 and blocks hold a multiple of 256 tokens, which its paged
+kernels require), `triton` (our kernels, the default on CUDA otherwise) and `torch` (the
+reference, and the CPU path). Each step stores the new K/V first, then attends over the cache,
+so a prefill chunk sees its cached prefix and itself the same way. An fp8 (e4m3) cache stores K / k_scale and
 V / v_scale, one scale per layer: the checkpoint's `k_scale`/`v_scale` when it has them, 1.0
 otherwise (K and V of the usual models stay well inside e4m3's range of +-448).
 """
@@ -26,17 +29,35 @@ try:  # triton is optional where only the CPU path runs
     from kernels.prefill_attention import prefill_attention
 except ImportError:  # pragma: no cover - depends on the install
     store_kv = decode_attention = prefill_attention = None
+try:  # flash-attn 2 (the Docker image installs it; no wheel on PyPI)
+    from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
+except ImportError:
+    flash_attn_varlen_func = flash_attn_with_kvcache = None
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton", "flash_attn")
+FLASH_BLOCK_MULTIPLE = 256  # flash-attn's paged kernels take blocks of a multiple of 256 tokens
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
+def default_block_size(backend: str) -> int:
+    return FLASH_BLOCK_MULTIPLE if backend == "flash_attn" else 16
+
+
+def resolve_backend(name: str, device: torch.device, block_size: int | None = None, fp8_cache: bool = False) -> str:
+    """The backend `name` ("auto" or one of BACKENDS) comes to on `device`, for a cache of
+    `block_size`-token blocks (None: the backend's default) in fp8 or not."""
+    flash_fits = (flash_attn_with_kvcache is not None and store_kv is not None and not fp8_cache
+                  and (block_size is None or block_size % FLASH_BLOCK_MULTIPLE == 0))
     if name == "auto":
-        return "triton" if device.type == "cuda" and decode_attention is not None else "torch"
+        if device.type != "cuda" or decode_attention is None:
+            return "torch"
+        return "flash_attn" if flash_fits else "triton"
     if name not in BACKENDS:
         raise ValueError(f"attention backend {name!r} is not known: auto, {', '.join(BACKENDS)}")
     if name == "triton" and (device.type != "cuda" or decode_attention is None):
         raise ValueError("the triton attention backend needs CUDA and the triton package")
+    if name == "flash_attn" and (device.type != "cuda" or not flash_fits):
+        raise ValueError(f"the flash_attn attention backend needs CUDA, the flash-attn package, a KV cache in "
+                         f"the model's dtype and a block size that is a multiple of {FLASH_BLOCK_MULTIPLE}")
     return name
 
 
@@ -57,6 +78,8 @@ class AttentionMetadata:
     decode_only: bool
     max_query_len: int
     num_splits: int = 1  # context splits of the decode kernel (fixed per batch size)
+    cu_context_lens: torch.Tensor | None = None  # [num_seqs + 1] int32: flash-attn's cu_seqlens_k
+    max_context_len: int = 0
 
 
 class Attention(nn.Module):
@@ -80,6 +103,8 @@ class Attention(nn.Module):
         """q [num_tokens, heads, head_dim], k and v [num_tokens, kv_heads, head_dim]."""
         if self.backend == "triton":
             out = self._triton(q, k, v, meta)
+        elif self.backend == "flash_attn":
+            out = self._flash(q, k, v, meta)
         else:
             out = self._torch(q, k, v, meta)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
@@ -92,6 +117,21 @@ class Attention(nn.Module):
                                     self.scale, self.sliding_window, meta.num_splits, **scales)
         return prefill_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.cu_query_lens,
                                  meta.context_lens, meta.max_query_len, self.scale, self.sliding_window, **scales)
+
+    def _flash(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
+        """flash-attn's paged kernels (int32 metadata, a cache in the model's dtype). Its window
+        (left, right) counts the positions besides the query's own."""
+        store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        window = (self.sliding_window - 1, 0) if self.sliding_window else (-1, -1)
+        if meta.decode_only:
+            out = flash_attn_with_kvcache(q.unsqueeze(1), self.k_cache, self.v_cache, cache_seqlens=meta.context_lens,
+                                          block_table=meta.block_tables, softmax_scale=self.scale, causal=True,
+                                          window_size=window)
+            return out.squeeze(1)
+        # Each sequence's queries are the last of its keys: causal from the bottom right.
+        return flash_attn_varlen_func(q, self.k_cache, self.v_cache, meta.cu_query_lens, meta.cu_context_lens,
+                                      meta.max_query_len, meta.max_context_len, softmax_scale=self.scale,
+                                      causal=True, window_size=window, block_table=meta.block_tables)
 
     def _torch(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
         scales = dict(k_scale=self.k_scale, v_scale=self.v_scale)

@@ -55,7 +55,7 @@ class ModelRunner:
 
     def __init__(self, model_config: ModelConfig, source: ModelSource | None, device: str,
                  dtype: str, attention_backend: str = "auto", tp: TensorParallel = TensorParallel(),
-                 kv_cache_dtype: str = "auto"):
+                 kv_cache_dtype: str = "auto", block_size: int | None = None):
         self.model_config = model_config
         self.tp = tp
         self.num_kv_heads = max(1, model_config.num_kv_heads // tp.size)  # on this rank
@@ -67,7 +67,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self._driver_picks: torch.Tensor | None = None  # ranks but 0: the last step's picks
         self._staging = [torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)]
-        attention_backend = resolve_backend(attention_backend, self.device)
+        attention_backend = resolve_backend(attention_backend, self.device, block_size, kv_cache_dtype == "fp8")
         self.attention_backend = attention_backend
         self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count \
             if self.device.type == "cuda" else 4
@@ -146,7 +146,7 @@ class ModelRunner:
     @torch.inference_mode()
     def capture_decode_graphs(self, max_batch_size: int, max_model_len: int) -> None:
         """Capture decode steps for batch sizes up to `max_batch_size` (CUDA and triton only)."""
-        if self.device.type != "cuda" or self.attention_backend != "triton":
+        if self.device.type != "cuda" or self.attention_backend == "torch":
             return
         sizes = [s for s in DEFAULT_SIZES if s <= max_batch_size] or [1]
         max_blocks = -(-max_model_len // self.block_size)
@@ -183,21 +183,25 @@ class ModelRunner:
         width = max(len(c.block_table) for c in chunks)
         query_lens = [len(c.token_ids) for c in chunks]
         context_lens = [c.start_pos + n for c, n in zip(chunks, query_lens)]
-        cu_query_lens = [0]
-        for n in query_lens:
+        cu_query_lens, cu_context_lens = [0], [0]
+        for n, context in zip(query_lens, context_lens):
             cu_query_lens.append(cu_query_lens[-1] + n)
+            cu_context_lens.append(cu_context_lens[-1] + context)
         packed = array("q", token_ids + positions + slots + context_lens + cu_query_lens + sample_rows
-                       + pending_at + pending_rows)
+                       + pending_at + pending_rows + cu_context_lens)
         head = len(packed)
         padding = array("q", bytes(8 * width))
         for chunk in chunks:  # block tables are arrays: copied as bytes, not int by int
             packed.extend(chunk.block_table)
             packed.extend(padding[:width - len(chunk.block_table)])
         device_values = self._to_device(packed)
-        parts = device_values[:head].split(
+        parts = list(device_values[:head].split(
             [len(token_ids), len(positions), len(slots), len(context_lens), len(cu_query_lens), len(sample_rows),
-             len(pending_at), len(pending_rows)])
+             len(pending_at), len(pending_rows), len(cu_context_lens)]))
         tables = device_values[head:].view(len(chunks), width)
+        if self.attention_backend == "flash_attn":  # its kernels take int32 metadata
+            tables = tables.int()
+            parts[3], parts[4], parts[8] = parts[3].int(), parts[4].int(), parts[8].int()
         if pending_at:
             picks = self._driver_picks if self.tp.rank != 0 else \
                 previous.picked.next_ids if previous is not None and previous.picked is not None else None
@@ -208,7 +212,8 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=parts[2], block_tables=tables, context_lens=parts[3], cu_query_lens=parts[4],
             query_lens=query_lens, context_lens_list=context_lens, decode_only=decode_only,
-            max_query_len=max(query_lens), num_splits=self._num_splits(len(chunks)) if decode_only else 1)
+            max_query_len=max(query_lens), num_splits=self._num_splits(len(chunks)) if decode_only else 1,
+            cu_context_lens=parts[8], max_context_len=max(context_lens))
         return parts[0], parts[1], meta, parts[5]
 
     def _to_device(self, values: array) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from server.config import CacheConfig, EngineArgs, ModelConfig
+from server.layers.attention import default_block_size
 from server.layers.parallel import TensorParallel, set_tensor_parallel
 from server.models.loader import ModelSource, load_config, load_generation_config, resolve_model
 from server.models.quantization import resolve_quantization
@@ -120,20 +121,22 @@ def start_runner(args: EngineArgs, rank: int = 0, port: int = 0) -> StartedRunne
         check_fp8(device, "fp8 quantization")
     if kv_dtype == "fp8":
         check_fp8(device, "an fp8 KV cache")
-    runner = ModelRunner(model, None if dummy else source, device, dtype, args.attention_backend, tp, kv_dtype)
+    runner = ModelRunner(model, None if dummy else source, device, dtype, args.attention_backend, tp, kv_dtype,
+                         args.block_size)
+    block_size = args.block_size or default_block_size(runner.attention_backend)
     model_len = min(args.max_model_len or model.max_position_embeddings, model.max_position_embeddings)
     kv_tokens = args.max_batch_total_tokens or runner.kv_tokens_that_fit(
         args.cpu_kv_cache_bytes, args.max_batch_prefill_tokens, args.cuda_memory_fraction,
-        model_len, args.block_size)
+        model_len, block_size)
     if tp.size > 1:  # the cache must fit on the rank with the least room
         smallest = torch.tensor([kv_tokens], dtype=torch.int64)
         dist.all_reduce(smallest, op=dist.ReduceOp.MIN, group=tp.control)
         kv_tokens = int(smallest)
-    num_blocks = -(-kv_tokens // args.block_size)
+    num_blocks = -(-kv_tokens // block_size)
     if num_blocks < 2:
         raise ValueError(f"no room for a KV cache: {kv_tokens} tokens fit in the memory left")
-    max_model_len = min(model_len, num_blocks * args.block_size)
-    cache = CacheConfig(args.block_size, num_blocks, args.enable_prefix_caching)
+    max_model_len = min(model_len, num_blocks * block_size)
+    cache = CacheConfig(block_size, num_blocks, args.enable_prefix_caching)
     runner.allocate_kv_cache(cache)
     if not args.enforce_eager:
         runner.capture_decode_graphs(args.max_num_seqs, max_model_len)
