@@ -145,7 +145,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def capture_decode_graphs(self, max_batch_size: int, max_model_len: int) -> None:
-        """Capture decode steps for batch sizes up to `max_batch_size` (CUDA and triton only)."""
+        """Capture decode steps for batch sizes up to `max_batch_size` (CUDA, triton or flash_attn)."""
         if self.device.type != "cuda" or self.attention_backend == "torch":
             return
         sizes = [s for s in DEFAULT_SIZES if s <= max_batch_size] or [1]
@@ -195,26 +195,27 @@ class ModelRunner:
             packed.extend(chunk.block_table)
             packed.extend(padding[:width - len(chunk.block_table)])
         device_values = self._to_device(packed)
-        parts = list(device_values[:head].split(
+        (ids_d, positions_d, slots_d, context_d, cu_query_d, sample_d, pending_at_d, pending_rows_d,
+         cu_context_d) = device_values[:head].split(
             [len(token_ids), len(positions), len(slots), len(context_lens), len(cu_query_lens), len(sample_rows),
-             len(pending_at), len(pending_rows), len(cu_context_lens)]))
+             len(pending_at), len(pending_rows), len(cu_context_lens)])
         tables = device_values[head:].view(len(chunks), width)
         if self.attention_backend == "flash_attn":  # its kernels take int32 metadata
-            tables = tables.int()
-            parts[3], parts[4], parts[8] = parts[3].int(), parts[4].int(), parts[8].int()
+            tables, context_d, cu_query_d, cu_context_d = tables.int(), context_d.int(), cu_query_d.int(), \
+                cu_context_d.int()
         if pending_at:
             picks = self._driver_picks if self.tp.rank != 0 else \
                 previous.picked.next_ids if previous is not None and previous.picked is not None else None
             if picks is None:
                 raise ValueError("a chunk takes a token from a previous step that sampled nothing")
-            parts[0][parts[6]] = picks[parts[7]]
+            ids_d[pending_at_d] = picks[pending_rows_d]
         decode_only = all(n == 1 for n in query_lens)
         meta = AttentionMetadata(
-            slot_mapping=parts[2], block_tables=tables, context_lens=parts[3], cu_query_lens=parts[4],
+            slot_mapping=slots_d, block_tables=tables, context_lens=context_d, cu_query_lens=cu_query_d,
             query_lens=query_lens, context_lens_list=context_lens, decode_only=decode_only,
             max_query_len=max(query_lens), num_splits=self._num_splits(len(chunks)) if decode_only else 1,
-            cu_context_lens=parts[8], max_context_len=max(context_lens))
-        return parts[0], parts[1], meta, parts[5]
+            cu_context_lens=cu_context_d, max_context_len=max(context_lens))
+        return ids_d, positions_d, meta, sample_d
 
     def _to_device(self, values: array) -> torch.Tensor:
         host = torch.frombuffer(values, dtype=torch.int64)  # much faster than torch.tensor(list)
