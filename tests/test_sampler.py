@@ -110,3 +110,24 @@ def test_allowed_tokens_restrict_their_rows_and_no_other():
     rows = [SamplingOptions(), SamplingOptions(), SamplingOptions(temperature=1.0, key=3)]
     picks = [p.token_id for p in sample(logits, rows, mask)]
     assert picks == [max(allowed[0], key=lambda t: logits[0, t]), logits[1].argmax().item(), 69]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_queueing_a_sampled_step_does_not_wait_for_the_gpu():
+    """With async scheduling the host queues the sampling right behind the forward pass and goes
+    on; a synchronising copy of the rows' settings would make it wait for the whole pass."""
+    from server.runtime.sampler import AllowedTokens, sample_on_device
+
+    logits = torch.randn(8, 32000, device="cuda")
+    rows = [SamplingOptions(temperature=0.7, top_k=40, top_p=0.9, min_p=0.05, key=i, repetition_penalty=1.2,
+                            frequency_penalty=0.3, all_token_ids=[1, 2, 3], output_token_ids=[3],
+                            logit_bias={5: 1.0}, banned_token_ids=[2], watermark=(0.5, 2.0), num_logprobs=2)
+            for i in range(8)]
+    allowed = AllowedTokens([0, 3], torch.full((2, 1000), -1, dtype=torch.int32).pin_memory())
+    sample_on_device(logits, rows, allowed)  # warm-up: kernels compiled, allocations cached
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # about a second of GPU work queued ahead
+    sample_on_device(logits, rows, allowed)
+    assert not torch.cuda.current_stream().query()  # the host got here while the GPU still works
+    torch.cuda.synchronize()

@@ -59,8 +59,18 @@ class SampledToken:
     top_logprobs: dict[int, float]  # the row's top-n tokens (n = num_logprobs), by logprob
 
 
+def _on_device(host: torch.Tensor | list, device: torch.device, dtype=torch.float32) -> torch.Tensor:
+    """A small host tensor (or list) on the device, without waiting: a plain copy to a GPU
+    waits for all the work queued before it (PyTorch synchronizes the stream after it), which
+    would make the host wait for the step's forward pass; a pinned copy is queued instead."""
+    host = host if isinstance(host, torch.Tensor) else torch.tensor(host, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _column(rows: list[SamplingOptions], name: str, device, dtype=torch.float32):
-    return torch.tensor([getattr(r, name) for r in rows], device=device, dtype=dtype)
+    return _on_device([getattr(r, name) for r in rows], device, dtype)
 
 
 def _padded(lists: list[list[int]], device) -> torch.Tensor:
@@ -69,7 +79,7 @@ def _padded(lists: list[list[int]], device) -> torch.Tensor:
     out = torch.full((len(lists), width), -1, dtype=torch.int64)
     for i, ids in enumerate(lists):
         out[i, :len(ids)] = torch.tensor(ids, dtype=torch.int64)
-    return out.to(device)
+    return _on_device(out, device)
 
 
 def _counts(lists: list[list[int]], vocab: int, device) -> torch.Tensor:
@@ -94,10 +104,11 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingOptions]) -> torch.
 
 def apply_watermark(logits: torch.Tensor, rows: list[SamplingOptions]) -> torch.Tensor:
     marked = [i for i, r in enumerate(rows) if r.watermark]
-    index = torch.tensor(marked, device=logits.device)
-    previous = torch.tensor([rows[i].previous_token for i in marked], device=logits.device)
-    gammas = torch.tensor([rows[i].watermark[0] for i in marked], device=logits.device, dtype=torch.float64)
-    delta = torch.tensor([rows[i].watermark[1] for i in marked], device=logits.device)[:, None]
+    device = logits.device
+    index = _on_device(marked, device, torch.int64)
+    previous = _on_device([rows[i].previous_token for i in marked], device, torch.int64)
+    gammas = _on_device([rows[i].watermark[0] for i in marked], device, torch.float64)
+    delta = _on_device([rows[i].watermark[1] for i in marked], device)[:, None]
     green = watermark_greenlist(previous, logits.shape[1], gammas)
     logits = logits.clone()
     logits[index] = logits[index] + delta * green
@@ -109,7 +120,7 @@ def apply_allowed(logits: torch.Tensor, allowed: AllowedTokens) -> torch.Tensor:
     words = allowed.bitmask.to(device, non_blocking=True)  # [guided rows, words]
     shifts = torch.arange(32, device=device, dtype=torch.int32)
     forbidden = torch.zeros(logits.shape[0], words.shape[1] * 32, dtype=torch.bool, device=device)
-    rows = torch.tensor(allowed.rows).to(device, non_blocking=True)  # no wait for the forward pass
+    rows = _on_device(allowed.rows, device, torch.int64)
     forbidden[rows] = ((words[:, :, None] >> shifts) & 1).flatten(1) == 0
     return logits.masked_fill(forbidden[:, :logits.shape[1]], float("-inf"))
 
@@ -192,11 +203,11 @@ def sample_on_device(logits: torch.Tensor, rows: list[SamplingOptions],
         mask.scatter_(1, banned.clamp(min=0), banned >= 0)
         logits = logits.masked_fill(mask, float("-inf"))
     if any(r.logit_bias for r in rows):
+        entries = [(i, token, value) for i, r in enumerate(rows) for token, value in r.logit_bias.items()]
+        at_rows, at_tokens, values = zip(*entries)
         bias = torch.zeros_like(logits)
-        for i, r in enumerate(rows):
-            if r.logit_bias:
-                ids = torch.tensor(list(r.logit_bias), device=device)
-                bias[i, ids] = torch.tensor(list(r.logit_bias.values()), device=device, dtype=bias.dtype)
+        bias[_on_device(list(at_rows), device, torch.int64), _on_device(list(at_tokens), device, torch.int64)] = \
+            _on_device(list(values), device, bias.dtype)
         logits = logits + bias
     if any(r.watermark for r in rows):
         logits = apply_watermark(logits, rows)
@@ -208,14 +219,14 @@ def sample_on_device(logits: torch.Tensor, rows: list[SamplingOptions],
     random_rows = [i for i, r in enumerate(rows) if r.temperature > 0]
     if random_rows:
         picked = [rows[i] for i in random_rows]
-        index = torch.tensor(random_rows, device=device)
+        index = _on_device(random_rows, device, torch.int64)
         scaled = logits[index] / _column(picked, "temperature", device)[:, None]
         for name, warp, neutral in (("top_k", _top_k, 0), ("top_p", _top_p, 1.0),
                                     ("typical_p", _typical_p, 1.0), ("min_p", _min_p, 0.0)):
             if any(getattr(r, name) != neutral for r in picked):
                 dtype = torch.int64 if name == "top_k" else torch.float32
                 scaled = warp(scaled, _column(picked, name, device, dtype))
-        keys = torch.tensor([r.key for r in picked], device=device, dtype=torch.int64)
+        keys = _on_device([r.key for r in picked], device, torch.int64)
         noise = exponential_noise(keys, logits.shape[1])
         next_ids[index] = (scaled.softmax(dim=-1) / noise).argmax(dim=-1)
     chosen = raw_logprobs.gather(1, next_ids[:, None])[:, 0]
