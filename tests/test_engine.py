@@ -60,6 +60,28 @@ def test_a_step_out_of_device_memory_preempts_and_retries_with_the_same_tokens(m
     assert fresh.engine.block_manager.num_free_blocks == fresh.engine.block_manager.num_blocks
 
 
+def test_running_out_of_memory_while_sampling_changes_no_tokens(mistral_v03_dir, llm):
+    """The step's forward pass was queued and its tokens counted as computed; the sampling then
+    fails for memory: the step must count for nothing and run again."""
+    import torch
+
+    expected = tokens(llm.generate(PROMPTS, SAMPLED, use_tqdm=False))
+    fresh = LLM(mistral_v03_dir, block_size=4)
+    runner = fresh.engine.runner
+    sample, calls = runner.sample, []
+
+    def out_of_memory_at_times(step, allowed_tokens=None):
+        calls.append(1)
+        if len(calls) in (2, 7):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return sample(step, allowed_tokens)
+
+    runner.sample = out_of_memory_at_times
+    assert tokens(fresh.generate(PROMPTS, SAMPLED, use_tqdm=False)) == expected
+    assert fresh.engine.scheduler.num_preemptions >= 2
+    assert fresh.engine.block_manager.num_free_blocks == fresh.engine.block_manager.num_blocks
+
+
 def test_long_prompts_are_prefilled_in_chunks_with_the_same_tokens(mistral_v03_dir, llm):
     expected = tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False))
     chunked = LLM(mistral_v03_dir, block_size=4, max_batch_prefill_tokens=16)
