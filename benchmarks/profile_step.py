@@ -39,7 +39,7 @@ def host_breakdown(engine: LLMEngine, steps: int) -> dict[str, float]:
                 spent[name] += (time.perf_counter() - start) * 1000 / steps
         setattr(owner, name, timed)
 
-    for owner, name in ((engine.scheduler, "schedule"), (engine, "_chunk"), (engine.runner, "_metadata"),
+    for owner, name in ((engine.scheduler, "schedule"), (engine, "_chunk"), (engine.runner, "_pack"), (engine.runner, "_unpack"),
                         (engine.runner, "forward"), (engine.runner, "sample"), (engine, "_finish_outputs"),
                         (engine.runner, "collect"), (engine, "_advance")):
         wrap(owner, name)

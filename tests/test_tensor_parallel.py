@@ -14,7 +14,7 @@ from server import LLM, SamplingParams
 from server_process import ServerProcess
 
 PROMPTS = [[1, 5, 9, 200, 300], [1] + list(range(100, 160)), [1, 42, 7]]
-GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=2)
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=2, prompt_logprobs=1)
 SEEDED = SamplingParams(temperature=0.9, top_p=0.9, seed=3, max_tokens=10, ignore_eos=True)
 
 
@@ -41,7 +41,8 @@ def test_ranks_give_the_tokens_of_one_rank(fixture, tp, request):
         for ours, theirs in zip(got, expected):
             assert ours.outputs[0].token_ids == theirs.outputs[0].token_ids
             if params.logprobs:
-                for a, b in zip(ours.outputs[0].logprobs, theirs.outputs[0].logprobs):
+                for a, b in zip(ours.outputs[0].logprobs + ours.prompt_logprobs[1:],
+                                theirs.outputs[0].logprobs + theirs.prompt_logprobs[1:]):
                     assert a.keys() == b.keys()
                     assert all(abs(a[t] - b[t]) < 1e-4 for t in a)
     # Each rank holds about 1/tp of the weights (norms are replicated; with fewer KV heads

@@ -158,15 +158,17 @@ class ModelRunner:
         programs = num_seqs * self.num_kv_heads
         return max(1, min(32, -(-2 * self.num_sms // programs)))
 
-    def _metadata(self, chunks: list[SequenceChunk], previous: "LaunchedStep | None" = None):
-        """The step's inputs, moved to the device in one copy from a pinned staging buffer:
-        token ids, positions, slots, context lengths, query starts, the rows to sample, and
-        the block tables; token ids still pending are then taken from `previous`'s picks."""
+    def _pack(self, chunks: list[SequenceChunk]) -> "PackedStep":
+        """The step's inputs in one int64 array (on the host): token ids, positions, slots,
+        context lengths, query starts, the rows to sample, the pending tokens' places and
+        rows, context starts, then the block tables padded to one width."""
         size = self.block_size
-        token_ids, positions, slots, sample_rows = [], [], [], []
+        token_ids, positions, slots, sample_rows, scored = [], [], [], [], []
         pending_at, pending_rows = [], []  # token index <- row of the previous step's picks
-        for chunk in chunks:
+        for index, chunk in enumerate(chunks):
             start, ids, table = chunk.start_pos, chunk.token_ids, chunk.block_table
+            if chunk.prompt_targets:
+                scored.append((index, len(token_ids), len(chunk.prompt_targets)))
             token_ids += ids
             if chunk.pending_row >= 0:
                 pending_at.append(len(token_ids) - 1)
@@ -187,38 +189,45 @@ class ModelRunner:
         for n, context in zip(query_lens, context_lens):
             cu_query_lens.append(cu_query_lens[-1] + n)
             cu_context_lens.append(cu_context_lens[-1] + context)
-        packed = array("q", token_ids + positions + slots + context_lens + cu_query_lens + sample_rows
-                       + pending_at + pending_rows + cu_context_lens)
-        head = len(packed)
+        sections = (token_ids, positions, slots, context_lens, cu_query_lens, sample_rows, pending_at, pending_rows,
+                    cu_context_lens)
+        values = array("q", [v for section in sections for v in section])
         padding = array("q", bytes(8 * width))
         for chunk in chunks:  # block tables are arrays: copied as bytes, not int by int
-            packed.extend(chunk.block_table)
-            packed.extend(padding[:width - len(chunk.block_table)])
-        device_values = self._to_device(packed)
+            values.extend(chunk.block_table)
+            values.extend(padding[:width - len(chunk.block_table)])
+        return PackedStep(values, [len(x) for x in sections], len(chunks), width, scored, query_lens, context_lens)
+
+    def _unpack(self, packed: "PackedStep", previous: "LaunchedStep | None" = None):
+        """The step's inputs on the device, moved in one copy from a pinned staging buffer;
+        token ids still pending are then taken from `previous`'s picks (on rank 0; the other
+        ranks have the driver's last picks)."""
+        head = sum(packed.lengths)
+        device_values = self._to_device(packed.values)
         (ids_d, positions_d, slots_d, context_d, cu_query_d, sample_d, pending_at_d, pending_rows_d,
-         cu_context_d) = device_values[:head].split(
-            [len(token_ids), len(positions), len(slots), len(context_lens), len(cu_query_lens), len(sample_rows),
-             len(pending_at), len(pending_rows), len(cu_context_lens)])
-        tables = device_values[head:].view(len(chunks), width)
+         cu_context_d) = device_values[:head].split(packed.lengths)
+        tables = device_values[head:].view(packed.num_chunks, packed.width)
         if self.attention_backend == "flash_attn":  # its kernels take int32 metadata
             tables, context_d, cu_query_d, cu_context_d = tables.int(), context_d.int(), cu_query_d.int(), \
                 cu_context_d.int()
-        if pending_at:
+        if packed.lengths[6]:
             picks = self._driver_picks if self.tp.rank != 0 else \
                 previous.picked.next_ids if previous is not None and previous.picked is not None else None
             if picks is None:
                 raise ValueError("a chunk takes a token from a previous step that sampled nothing")
             ids_d[pending_at_d] = picks[pending_rows_d]
+        query_lens, context_lens = packed.query_lens, packed.context_lens
         decode_only = all(n == 1 for n in query_lens)
         meta = AttentionMetadata(
             slot_mapping=slots_d, block_tables=tables, context_lens=context_d, cu_query_lens=cu_query_d,
             query_lens=query_lens, context_lens_list=context_lens, decode_only=decode_only,
-            max_query_len=max(query_lens), num_splits=self._num_splits(len(chunks)) if decode_only else 1,
+            max_query_len=max(query_lens), num_splits=self._num_splits(packed.num_chunks) if decode_only else 1,
             cu_context_lens=cu_context_d, max_context_len=max(context_lens))
         return ids_d, positions_d, meta, sample_d
 
-    def _to_device(self, values: array) -> torch.Tensor:
-        host = torch.frombuffer(values, dtype=torch.int64)  # much faster than torch.tensor(list)
+    def _to_device(self, values: array | torch.Tensor) -> torch.Tensor:
+        host = values if isinstance(values, torch.Tensor) else \
+            torch.frombuffer(values, dtype=torch.int64)  # much faster than torch.tensor(list)
         if self.device.type != "cuda":
             return host
         # Two staging buffers in turn: with one step queued ahead of the last one read back, a
@@ -231,15 +240,19 @@ class ModelRunner:
         stage.copy_(host)
         return stage.to(self.device, non_blocking=True)
 
-    def _forward(self, chunks: list[SequenceChunk],
-                 previous: "LaunchedStep | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run(self, packed: "PackedStep", previous: "LaunchedStep | None") -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states [num_tokens, hidden] and the rows to sample from."""
-        token_ids, positions, meta, sample_rows = self._metadata(chunks, previous)
-        if self.graphs is not None and meta.decode_only and len(chunks) <= self.graphs.max_size:
+        token_ids, positions, meta, sample_rows = self._unpack(packed, previous)
+        if self.graphs is not None and meta.decode_only and packed.num_chunks <= self.graphs.max_size:
             hidden = self.graphs.run(token_ids, positions, meta.slot_mapping, meta.block_tables, meta.context_lens)
         else:
             hidden = self.model(token_ids, positions, meta)
         return hidden, sample_rows
+
+    def _forward(self, chunks: list[SequenceChunk],
+                 previous: "LaunchedStep | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states [num_tokens, hidden] and the rows to sample from."""
+        return self._run(self._pack(chunks), previous)
 
     @torch.inference_mode()
     def execute(self, chunks: list[SequenceChunk]) -> list[ChunkResult]:
@@ -256,27 +269,48 @@ class ModelRunner:
         """Queue a step's forward pass. Chunks with a `pending_row` read their last token from
         `previous`'s picks on the device, so `previous` need not have been collected; their
         sampling options may still change until `sample`."""
+        packed = self._pack(chunks)
         if self.sends_steps:
-            dist.broadcast_object_list([chunks], src=0, group=self.tp.control)
-        hidden, sample_rows = self._forward(chunks, previous)  # [num_tokens, hidden]
-        row_chunks, results = [], []
-        start = 0
-        for i, chunk in enumerate(chunks):
-            scored = []
-            if chunk.prompt_targets:  # rare: read at once
-                logits = self.model.compute_logits(hidden[start:start + len(chunk.prompt_targets)])
-                scored = prompt_logprobs(logits, chunk.prompt_targets, chunk.prompt_top_n)
-            results.append(ChunkResult(None, scored))
-            if chunk.sampling is not None:
-                row_chunks.append(i)
-            start += len(chunk.token_ids)
-        step = ForwardStep(chunks, results, row_chunks, hidden[sample_rows] if row_chunks else None)
-        if self.tp.rank != 0 and row_chunks:  # the LM head is a collective: every rank joins it
+            self._send(packed)
+        return self._forward_packed(packed, previous, chunks)
+
+    def _forward_packed(self, packed: "PackedStep", previous: "LaunchedStep | None",
+                        chunks: list[SequenceChunk] | None = None) -> "ForwardStep":
+        """The forward pass of a packed step, and the collectives every rank joins after it;
+        `chunks` (rank 0's) receive the prompt logprobs."""
+        hidden, sample_rows = self._run(packed, previous)  # [num_tokens, hidden]
+        results = [ChunkResult(None, []) for _ in range(packed.num_chunks)]
+        for index, start, count in packed.scored:  # rare: read at once
+            logits = self.model.compute_logits(hidden[start:start + count])  # a collective
+            if chunks is not None:
+                chunk = chunks[index]
+                results[index].prompt_logprobs = prompt_logprobs(logits, chunk.prompt_targets, chunk.prompt_top_n)
+        num_rows = packed.lengths[5]
+        row_chunks = [i for i, c in enumerate(chunks) if c.sampling is not None] if chunks is not None else []
+        step = ForwardStep(chunks, results, row_chunks, hidden[sample_rows] if num_rows else None)
+        if self.tp.rank != 0 and num_rows:  # the LM head is a collective: every rank joins it
             self.model.compute_logits(step.hidden)
             # The driver's picks, which the next step may read before the host has seen them.
-            self._driver_picks = torch.empty(len(row_chunks), dtype=torch.int64, device=self.device)
+            self._driver_picks = torch.empty(num_rows, dtype=torch.int64, device=self.device)
             dist.broadcast(self._driver_picks, src=0, group=self.tp.group)
         return step
+
+    def _send(self, packed: "PackedStep | None") -> None:
+        """Rank 0: the step (None: no more steps) to the other ranks, as one int64 tensor."""
+        message = torch.frombuffer(packed.message(), dtype=torch.int64) if packed is not None \
+            else torch.empty(0, dtype=torch.int64)
+        dist.broadcast(torch.tensor([message.numel()]), src=0, group=self.tp.control)
+        if message.numel():
+            dist.broadcast(message, src=0, group=self.tp.control)
+
+    def _receive(self) -> "PackedStep | None":
+        size = torch.zeros(1, dtype=torch.int64)
+        dist.broadcast(size, src=0, group=self.tp.control)
+        if not int(size):
+            return None
+        message = torch.empty(int(size), dtype=torch.int64)
+        dist.broadcast(message, src=0, group=self.tp.control)
+        return PackedStep.read(message)
 
     @torch.inference_mode()
     def sample(self, step: "ForwardStep",
@@ -300,12 +334,12 @@ class ModelRunner:
     def serve_steps(self) -> None:
         """The loop of a rank other than 0: run each step rank 0 sends, until it sends None."""
         while True:
-            message = [None]
-            dist.broadcast_object_list(message, src=0, group=self.tp.control)
-            if message[0] is None:
+            packed = self._receive()
+            if packed is None:
                 self.drop_graphs()
                 return
-            self.forward(message[0])
+            with torch.inference_mode():
+                self._forward_packed(packed, None)
 
     def drop_graphs(self) -> None:
         """Free the captured graphs. Before the ranks' process group is destroyed: NCCL's
@@ -318,7 +352,7 @@ class ModelRunner:
         """Rank 0: tell the other ranks that no step follows."""
         if self.sends_steps:
             self.sends_steps = False
-            dist.broadcast_object_list([None], src=0, group=self.tp.control)
+            self._send(None)
 
     def collect(self, step: "LaunchedStep") -> list[ChunkResult]:
         """Wait for a launched step (and nothing queued after it) and return its results."""
@@ -327,6 +361,36 @@ class ModelRunner:
             for i, token in zip(step.row_chunks, sampled_tokens(step.picked, sampling)):
                 step.results[i].sampled = token
         return step.results
+
+
+@dataclass
+class PackedStep:
+    """A step's inputs as the device reads them (see `ModelRunner._pack`), and what rank 0
+    sends the other ranks: `values` after a header of the sizes and the scored prompt rows."""
+
+    values: array | torch.Tensor  # int64: the nine sections of `lengths`, then the block tables
+    lengths: list[int]
+    num_chunks: int
+    width: int  # of the padded block tables
+    scored: list[tuple[int, int, int]]  # (chunk, first token, tokens) of each prompt whose logprobs are asked
+    query_lens: list[int]
+    context_lens: list[int]
+
+    def message(self) -> array:
+        header = [self.num_chunks, self.width, *self.lengths, len(self.scored)]
+        header += [v for entry in self.scored for v in entry]
+        return array("q", header) + self.values
+
+    @classmethod
+    def read(cls, message: torch.Tensor) -> "PackedStep":
+        num_chunks, width, *rest = message[:12].tolist()
+        lengths, num_scored = rest[:9], rest[9]
+        flat = message[12:12 + 3 * num_scored].tolist()
+        values = message[12 + 3 * num_scored:]
+        sections = values[:sum(lengths)].split(lengths)
+        cu_query_lens = sections[4].tolist()
+        return cls(values, lengths, num_chunks, width, [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)],
+                   [b - a for a, b in zip(cu_query_lens, cu_query_lens[1:])], sections[3].tolist())
 
 
 @dataclass
