@@ -2,7 +2,8 @@
 
 The engine's state is touched by its own thread only. Callers post commands (add, abort) to
 a thread-safe queue and receive outputs on a per-request asyncio queue, fed with
-`call_soon_threadsafe`, so the event loop never waits for a model step.
+`call_soon_threadsafe` (once a step for all of a loop's outputs), so the event loop never
+waits for a model step.
 """
 from __future__ import annotations
 
@@ -157,14 +158,17 @@ class AsyncEngine:
             logger.exception("engine step failed")
             self._fail_all(EngineStepError(f"Request failed during generation: {error}"))
             return
+        deliveries: dict[asyncio.AbstractEventLoop, list] = {}
         for output in outputs:
             target = self._streams.get(output.request_id)
             if target is None:
                 continue
             loop, stream = target
-            loop.call_soon_threadsafe(stream.put_nowait, output)
+            deliveries.setdefault(loop, []).append((stream, output))
             if output.finished:
                 del self._streams[output.request_id]
+        for loop, items in deliveries.items():  # one wake-up of each loop a step, not one an output
+            loop.call_soon_threadsafe(_deliver, items)
 
     def _fail_all(self, error: Exception) -> None:
         for request_id in list(self.engine.requests):
@@ -182,3 +186,8 @@ class AsyncEngine:
             future.set_exception(error)
         else:
             future.set_result(request_id)
+
+
+def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for stream, item in items:
+        stream.put_nowait(item)
