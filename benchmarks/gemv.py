@@ -72,19 +72,21 @@ def sweep_configs(M: int, K: int) -> list[GemvConfig]:
             if split == 1 or K // (split * t.block_k) >= 4]
 
 
+def timing(nbytes: int, us: float, config: GemvConfig | None = None) -> dict:
+    """One timed product: its time, the rate at which it moved `nbytes`, and its tiles."""
+    row = {"us": round(us, 2), "bytes_per_s": nbytes / us * 1e6}
+    return row if config is None else {"config": config.__dict__, **row}
+
+
 def measure(M: int, N: int, K: int, weights: list[torch.Tensor], with_sweep: bool) -> dict:
     g = torch.Generator("cuda").manual_seed(M)
     x = torch.randn(M, K, generator=g, device="cuda", dtype=torch.bfloat16)  # [M, K]
     nbytes = N * K * 2 + (M * K + M * N) * 2
 
-    def result(us: float, config: GemvConfig | None = None) -> dict:
-        row = {"us": round(us, 2), "bytes_per_s": nbytes / us * 1e6}
-        return row if config is None else {"config": config.__dict__, **row}
-
     expected = F.linear(x, weights[0])
-    row = {"cublas": result(timed_us(lambda i: F.linear(x, weights[i % len(weights)])))}
+    row = {"cublas": timing(nbytes, timed_us(lambda i: F.linear(x, weights[i % len(weights)])))}
     default = default_config(M, N, K)
-    row["default"] = result(timed_us(lambda i: gemv(x, weights[i % len(weights)])), default)
+    row["default"] = timing(nbytes, timed_us(lambda i: gemv(x, weights[i % len(weights)])), default)
     row["best"] = row["default"]
     for config in sweep_configs(M, K) if with_sweep else []:
         try:
@@ -95,7 +97,7 @@ def measure(M: int, N: int, K: int, weights: list[torch.Tensor], with_sweep: boo
         torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
         us = timed_us(lambda i: gemv(x, weights[i % len(weights)], config))
         if us < row["best"]["us"]:
-            row["best"] = result(us, config)
+            row["best"] = timing(nbytes, us, config)
     row["best_vs_cublas"] = row["cublas"]["us"] / row["best"]["us"]
     row["default_vs_cublas"] = row["cublas"]["us"] / row["default"]["us"]
     return row
@@ -113,10 +115,6 @@ def measure_fp8(M: int, N: int, K: int, weights: list[torch.Tensor], with_sweep:
     x = torch.randn(M, K, generator=g, device="cuda", dtype=torch.bfloat16)
     nbytes = N * K + (M * K + M * N) * 2
 
-    def result(us: float, config: GemvConfig | None = None) -> dict:
-        row = {"us": round(us, 2), "bytes_per_s": nbytes / us * 1e6}
-        return row if config is None else {"config": config.__dict__, **row}
-
     def scaled_mm(i: int) -> torch.Tensor:
         q, scale = quantized[i % len(quantized)]
         x_q, x_scale = quantize_fp8_per_token(x)
@@ -128,8 +126,8 @@ def measure_fp8(M: int, N: int, K: int, weights: list[torch.Tensor], with_sweep:
             return gemv(x, q, config, weight_scale=scale)
         return call
 
-    row = {"scaled_mm": result(timed_us(scaled_mm))}
-    row["default"] = result(timed_us(kernel()), default_config(M, N, K, weight_bytes=1))
+    row = {"scaled_mm": timing(nbytes, timed_us(scaled_mm))}
+    row["default"] = timing(nbytes, timed_us(kernel()), default_config(M, N, K, weight_bytes=1))
     row["best"] = row["default"]
     expected = kernel()(0).float()
     wider = [GemvConfig(**{**c.__dict__, "block_k": c.block_k * 2}) for c in sweep_configs(M, K) if c.split_k == 1]
@@ -142,7 +140,7 @@ def measure_fp8(M: int, N: int, K: int, weights: list[torch.Tensor], with_sweep:
         torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
         us = timed_us(kernel(config))
         if us < row["best"]["us"]:
-            row["best"] = result(us, config)
+            row["best"] = timing(nbytes, us, config)
     row["default_vs_scaled_mm"] = row["scaled_mm"]["us"] / row["default"]["us"]
     row["best_vs_scaled_mm"] = row["scaled_mm"]["us"] / row["best"]["us"]
     return row

@@ -113,7 +113,6 @@ def test_layers_with_gemv_on_take_it_for_cuda_decode_batches_only(M, monkeypatch
     from server.layers import linear
 
     calls = []
-    monkeypatch.setattr(linear, "GEMV", True)
     monkeypatch.setattr(linear, "gemv", lambda x, weight: calls.append(x.shape) or gemv(x, weight))
     dtype = DTYPES[0]
     layer = linear.MergedColumnParallelLinear(64, [(48, 1), (16, 1)], bias=True).to(DEVICE, dtype)

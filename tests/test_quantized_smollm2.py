@@ -44,7 +44,7 @@ def log_probs(source: ModelSource, quantize: str | None, token_ids: list[int]) -
     runner = ModelRunner(config, source, "cpu", "float32")
     blocks = -(-len(token_ids) // BLOCK)
     runner.allocate_kv_cache(CacheConfig(BLOCK, blocks))
-    hidden, _ = runner._forward([SequenceChunk(token_ids, 0, list(range(blocks)))])
+    hidden, _ = runner._run(runner._pack([SequenceChunk(token_ids, 0, list(range(blocks)))]), None)
     return runner.model.compute_logits(hidden).log_softmax(-1)  # [tokens, vocab]
 
 

@@ -17,7 +17,7 @@ layer), turns them into what it multiplies with once all are read (`finish`), an
 A dense weight (and the LM head's) multiplies a decode batch of at most 16 rows on
 CUDA with kernels/gemv.py: it reads the weight faster than cuBLAS's matrix-vector products
 (on an H100, 1.02-1.17x for each Mistral-7B weight at 1-16 rows; one-sequence decode 165 ->
-178 tokens/s). `GEMV = False` turns it off.
+178 tokens/s).
 """
 from __future__ import annotations
 
@@ -35,12 +35,10 @@ try:
 except ImportError:  # pragma: no cover - no triton: the CPU path only
     gemv = suits = None
 
-GEMV = gemv is not None
-
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias); through the gemv kernel for a CUDA decode batch."""
-    if GEMV and suits(x) and weight.dtype == x.dtype:
+    if gemv is not None and suits(x) and weight.dtype == x.dtype:
         out = gemv(x, weight)  # [rows, out]
         return out if bias is None else out + bias
     return F.linear(x, weight, bias)

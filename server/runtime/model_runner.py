@@ -249,11 +249,6 @@ class ModelRunner:
             hidden = self.model(token_ids, positions, meta)
         return hidden, sample_rows
 
-    def _forward(self, chunks: list[SequenceChunk],
-                 previous: "LaunchedStep | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hidden states [num_tokens, hidden] and the rows to sample from."""
-        return self._run(self._pack(chunks), previous)
-
     @torch.inference_mode()
     def execute(self, chunks: list[SequenceChunk]) -> list[ChunkResult]:
         return self.collect(self.launch(chunks))
@@ -376,6 +371,9 @@ class PackedStep:
     query_lens: list[int]
     context_lens: list[int]
 
+    SECTIONS = 9  # of `values`, each of `lengths[i]` entries
+    HEADER = SECTIONS + 3  # num_chunks, width, the lengths, len(scored); then 3 per scored entry
+
     def message(self) -> array:
         header = [self.num_chunks, self.width, *self.lengths, len(self.scored)]
         header += [v for entry in self.scored for v in entry]
@@ -383,10 +381,10 @@ class PackedStep:
 
     @classmethod
     def read(cls, message: torch.Tensor) -> "PackedStep":
-        num_chunks, width, *rest = message[:12].tolist()
-        lengths, num_scored = rest[:9], rest[9]
-        flat = message[12:12 + 3 * num_scored].tolist()
-        values = message[12 + 3 * num_scored:]
+        num_chunks, width, *lengths, num_scored = message[:cls.HEADER].tolist()
+        end = cls.HEADER + 3 * num_scored
+        flat = message[cls.HEADER:end].tolist()
+        values = message[end:]
         sections = values[:sum(lengths)].split(lengths)
         cu_query_lens = sections[4].tolist()
         return cls(values, lengths, num_chunks, width, [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)],
