@@ -1,8 +1,14 @@
 """Offline throughput: the engine against transformers on the same model and prompts, in one run.
 
 Seeded random prompts, greedy, `ignore_eos`; prompt and output lengths uniform in their
-ranges. Prints one JSON object with both figures and their ratio (and on CUDA the fraction of
-the matmul roofline: 2 FLOPs per parameter per token over the bf16 rate measured in the run).
+ranges. Prints one JSON object with both figures and their ratio, and on CUDA the workload's
+roofline: no schedule can take less than the larger of
+  - its matmul FLOPs (2 per parameter per token, prompts and outputs) over the bf16 rate, and
+  - the bytes it must read over the copy rate: every weight once per step, for at least as
+    many steps as the longest output has tokens, and each output token's whole context of
+    K/V once (the 256-request workload reads about as much KV cache as weights);
+both rates measured in the run. `--trace` also splits the engine's time between steps that
+prefill and decode-only steps (by batch size), each against what it must read.
 
     python benchmarks/throughput.py                       # SmolLM2 (embedded default), CPU
     # nano-vllm's workload on the GPU: 256 requests, prompts and outputs of 100-1024 tokens
@@ -53,7 +59,74 @@ def run_engine(llm: LLM, args, prompts, lens) -> dict:
     llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm-up
     elapsed, outputs = best_of(args.repeats, lambda: llm.generate(prompts, params, use_tqdm=False))
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
-    return {"seconds": elapsed, "output_tokens": generated, "tokens_per_s": generated / elapsed}
+    report = {"seconds": elapsed, "output_tokens": generated, "tokens_per_s": generated / elapsed}
+    if args.trace:
+        report["trace"] = traced_run(llm, prompts, params)
+    return report
+
+
+def traced_run(llm: LLM, prompts, params) -> dict:
+    """The workload once more, each step timed (a step returns once the next is queued, so in
+    steady state its time is the device's): steps with prompt tokens, and decode-only steps
+    by batch size, with the context tokens they read."""
+    engine = llm.engine
+    schedule, step = engine.scheduler.schedule, engine.step
+    steps = []
+
+    def scheduled():
+        batch = schedule()
+        steps.append([len(batch.seqs), batch.num_tokens if batch else 0, sum(s.num_computed_tokens + n for s, n in
+                      zip(batch.seqs, batch.num_new_tokens)) if batch else 0, any(n > 1 for n in batch.num_new_tokens)
+                      if batch else False, 0.0])
+        return batch
+
+    def timed():
+        start = time.perf_counter()
+        outputs = step()
+        if steps:
+            steps[-1][4] += time.perf_counter() - start
+        return outputs
+
+    engine.scheduler.schedule, engine.step = scheduled, timed
+    try:
+        llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        engine.scheduler.schedule, engine.step = schedule, step
+    phases: dict[str, list[float]] = {}
+    for seqs, tokens, context, prefill, seconds in steps:
+        name = "prefill" if prefill else "idle" if not seqs else \
+            f"decode_{(seqs - 1) // 32 * 32 + 1}-{(seqs - 1) // 32 * 32 + 32}"
+        phase = phases.setdefault(name, [0, 0.0, 0, 0])
+        phase[0] += 1
+        phase[1] += seconds
+        phase[2] += tokens
+        phase[3] += context
+    return {name: {"steps": n, "seconds": t, "ms_per_step": 1000 * t / n, "tokens": tokens,
+                   "context_tokens_read": context} for name, (n, t, tokens, context) in sorted(phases.items())}
+
+
+def workload_roofline(llm: LLM, prompts, lens, seconds: float) -> dict:
+    """The least time the workload can take on this device (see the module's docstring)."""
+    from benchmarks.roofline import copy_bandwidth, matmul_rate
+
+    model = llm.engine.runner.model
+    params = sum(p.numel() for p in model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not model.config.tie_word_embeddings:  # a step reads one embedding row per token, not the table
+        weight_bytes -= sum(p.numel() * p.element_size() for p in model.embed_tokens.parameters())
+    kv_bytes = llm.engine.runner.kv_bytes_per_token()
+    # Output token t (t = 1 .. n-1; the first comes from the prefill) reads its prompt and t tokens.
+    kv_read = sum(len(p) * (n - 1) + n * (n - 1) // 2 for p, n in zip(prompts, lens)) * kv_bytes
+    flops = 2 * params * (sum(len(p) for p in prompts) + sum(lens))
+    torch.cuda.empty_cache()
+    bandwidth, rate = copy_bandwidth(), matmul_rate()
+    memory_s = (weight_bytes * max(lens) + kv_read) / bandwidth
+    compute_s = flops / rate
+    return {"copy_bytes_per_s": bandwidth, "matmul_flops_per_s": rate, "weight_bytes": weight_bytes,
+            "kv_bytes_read": kv_read, "memory_bound_s": memory_s, "compute_bound_s": compute_s,
+            "roofline_tokens_per_s": sum(lens) / max(memory_s, compute_s),
+            "engine_fraction_of_roofline": max(memory_s, compute_s) / seconds,
+            "engine_fraction_of_matmul_rate": compute_s / seconds}
 
 
 def load_transformers(args, dtype):
@@ -135,6 +208,7 @@ def main() -> None:
     parser.add_argument("--peer-num-prompts", type=int, default=None,
                         help="run the peer on the first N prompts only (it can take many minutes)")
     parser.add_argument("--sync-too", action="store_true", help="also run with async scheduling off")
+    parser.add_argument("--trace", action="store_true", help="also time each step of one more run")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--seed", type=int, default=0)
@@ -153,8 +227,8 @@ def main() -> None:
     if args.sync_too:  # the same engine, each step read back before the next is scheduled
         llm.engine.async_scheduling = False
         engine["without_async_scheduling"] = run_engine(llm, args, prompts, lens)
-    params = sum(p.numel() for p in llm.engine.runner.model.parameters())
     kv_tokens = config.cache.max_total_tokens
+    roofline = workload_roofline(llm, prompts, lens, engine["seconds"]) if config.device.startswith("cuda") else None
     del llm
     report = {
         "benchmark": "throughput", "model": config.model_id, "device": config.device,
@@ -163,14 +237,8 @@ def main() -> None:
         "output_len": [min(lens), max(lens)], "repeats": args.repeats, "kv_cache_tokens": kv_tokens,
         "torch_threads": torch.get_num_threads(), "engine": engine,
     }
-    if config.device.startswith("cuda"):
-        from benchmarks.roofline import matmul_rate
-
-        torch.cuda.empty_cache()
-        rate = matmul_rate()
-        flops = 2 * params * (sum(len(p) for p in prompts) + sum(lens))
-        report["matmul_flops_per_s"] = rate
-        report["engine_fraction_of_roofline"] = flops / rate / engine["seconds"]
+    if roofline is not None:
+        report["roofline"] = roofline
     if args.peer != "none":
         count = args.peer_num_prompts or args.num_prompts
         run = run_generate_batch if args.peer == "generate_batch" else run_transformers

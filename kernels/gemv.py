@@ -24,6 +24,10 @@ that depends on values), so a step that calls this can be captured in a CUDA gra
 An fp8 (e4m3) weight with one scale per output channel is read at half the bytes: its tile is
 widened to x's dtype in registers, and each output is multiplied by its channel's scale at
 the end (weight-only: x is not rounded to fp8, so this is the CPU path's exact twin).
+
+A gated input (the MLP's down_proj) is read as x [M, 2K] = [gate | up] and multiplied as
+silu(gate) * up, made tile by tile and rounded as kernels/activation.py rounds it: one
+launch and one write of the activations fewer per layer.
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ MAX_ROWS = 16  # the largest batch the kernel is for (decode graphs); the dot pa
 def _gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, K, stride_xm, stride_wn, k_per_split,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  NUM_STAGES: tl.constexpr, DOT: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
-                 SCALED: tl.constexpr):
+                 SCALED: tl.constexpr, GATED: tl.constexpr):
     split = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
     rmask = rows < M
@@ -59,12 +63,17 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, K, stride_xm, stride_wn
         acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
     for k0 in tl.range(lo, hi, BLOCK_K, num_stages=NUM_STAGES):
         if EVEN_K:
-            x = tl.load(x_ptrs, mask=rmask[:, None], other=0.0)
+            xmask = rmask[:, None]
             w = tl.load(w_ptrs, mask=cmask[:, None], other=0.0)
         else:
             kmask = (k0 + offs_k) < K
-            x = tl.load(x_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            xmask = rmask[:, None] & kmask[None, :]
             w = tl.load(w_ptrs, mask=cmask[:, None] & kmask[None, :], other=0.0)
+        x = tl.load(x_ptrs, mask=xmask, other=0.0)
+        if GATED:  # x is the gate; silu(gate) * up, each product rounded to x's dtype
+            up = tl.load(x_ptrs + K, mask=xmask, other=0.0).to(tl.float32)
+            g = x.to(tl.float32)
+            x = ((g / (1.0 + tl.exp(-g))).to(x.dtype).to(tl.float32) * up).to(x.dtype)
         if SCALED:  # fp8: widened here, scaled at the end
             w = w.to(x.dtype)
         if DOT:
@@ -127,13 +136,14 @@ def suits(x: torch.Tensor) -> bool:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None,
-         weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+         weight_scale: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
     """x [M, K] (M <= MAX_ROWS) @ weight [N, K]^T -> [M, N] in x's dtype; an e4m3 weight is
-    multiplied as weight * weight_scale[N] (float32, one scale per output channel)."""
-    M, K = x.shape
-    N = weight.shape[0]
-    if weight.shape[1] != K:
-        raise ValueError(f"x has {K} columns but the weight {weight.shape[1]}")
+    multiplied as weight * weight_scale[N] (float32, one scale per output channel). gated: x
+    is [M, 2K] = [gate | up] and the product's input silu(gate) * up."""
+    M = x.shape[0]
+    N, K = weight.shape
+    if x.shape[1] != (2 * K if gated else K):
+        raise ValueError(f"x has {x.shape[1]} columns for a weight of {K}{' (gated: twice that)' if gated else ''}")
     scaled = weight.dtype == torch.float8_e4m3fn
     if scaled != (weight_scale is not None):
         raise ValueError("an e4m3 weight, and only one, comes with a weight_scale")
@@ -154,7 +164,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None
         x, weight, weight_scale if scaled else x, partial, M, N, K, x.stride(0), weight.stride(0), per_split,
         BLOCK_M=MAX_ROWS if c.dot else triton.next_power_of_2(M), BLOCK_N=c.block_n, BLOCK_K=c.block_k,
         NUM_STAGES=c.num_stages, DOT=c.dot, EVEN_K=K % c.block_k == 0, PRECISION=dot_precision(x.dtype),
-        SCALED=scaled, num_warps=c.num_warps)
+        SCALED=scaled, GATED=gated, num_warps=c.num_warps)
     if split_k > 1:
         block = 1024
         _sum_splits_kernel[(triton.cdiv(M * N, block),)](partial, out, M * N, split_k, BLOCK=block)

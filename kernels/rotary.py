@@ -1,45 +1,87 @@
-"""Rotary position embedding, rotate-half layout (Llama/Mistral), applied to q and k in place.
+"""Rotary position embedding (rotate-half layout, Llama/Mistral) fused with the KV-cache store.
 
 For each head vector x = [x1 | x2] at position p, with cos/sin of the angles p * inv_freq:
-    x <- [x1 cos - x2 sin | x2 cos + x1 sin]      (computed in float32, stored in x's dtype)
+    x <- [x1 cos - x2 sin | x2 cos + x1 sin]      (computed in float32, rounded to x's dtype)
 `cos_sin` is the [max_position, head_dim] float32 table: cos in the first half, sin in the second.
+
+One program per token rotates q in place, rotates k into its cache slot and copies v into
+its own: one launch where a decode step's layer had three (rotate q, rotate k, store k and v),
+and each value is rounded exactly as that sequence rounded it. k itself is left as it was:
+the attention kernels read every key from the cache. The store follows kernels/cache.py (slot
+-1: a padding token, nothing stored; an fp8 cache gets the clamped value times 1 / scale).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
+from kernels.quant_reference import FP8, FP8_MAX
 
 
 @triton.jit
-def _rotary_kernel(x_ptr, pos_ptr, cos_sin_ptr, stride_t, stride_h, NUM_HEADS: tl.constexpr,
-                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    token = tl.program_id(0)
-    pos = tl.load(pos_ptr + token)
-    heads = tl.arange(0, BLOCK_H)
-    dims = tl.arange(0, BLOCK_HALF)
-    dmask = dims < HALF
-    cos = tl.load(cos_sin_ptr + pos * 2 * HALF + dims, mask=dmask, other=0.0)[None, :]
-    sin = tl.load(cos_sin_ptr + pos * 2 * HALF + HALF + dims, mask=dmask, other=0.0)[None, :]
-    mask = (heads[:, None] < NUM_HEADS) & dmask[None, :]
-    base = x_ptr + token * stride_t + heads[:, None] * stride_h + dims[None, :]
+def _rotated(base, cos, sin, mask, HALF: tl.constexpr):
+    """The two rotated halves of the head vectors at `base`, in their dtype."""
     x1 = tl.load(base, mask=mask, other=0.0)
     x2 = tl.load(base + HALF, mask=mask, other=0.0)
     a, b = x1.to(tl.float32), x2.to(tl.float32)
-    tl.store(base, (a * cos - b * sin).to(x1.dtype), mask=mask)
-    tl.store(base + HALF, (b * cos + a * sin).to(x1.dtype), mask=mask)
+    return (a * cos - b * sin).to(x1.dtype), (b * cos + a * sin).to(x1.dtype)
 
 
-def _rotate_in_place(x, positions, cos_sin):
-    num_tokens, num_heads, head_dim = x.shape
-    assert x.stride(2) == 1
-    _rotary_kernel[(num_tokens,)](x, positions, cos_sin, x.stride(0), x.stride(1), NUM_HEADS=num_heads,
-                                  HALF=head_dim // 2, BLOCK_H=triton.next_power_of_2(num_heads),
-                                  BLOCK_HALF=triton.next_power_of_2(head_dim // 2))
+@triton.jit
+def _to_cache(x, inv_scale, cache_ptr, QUANTIZE: tl.constexpr, FP8_MAX: tl.constexpr):
+    if QUANTIZE:
+        x = tl.minimum(tl.maximum(x.to(tl.float32) * inv_scale, -FP8_MAX), FP8_MAX)
+    return x.to(cache_ptr.dtype.element_ty)
 
 
-def rotary(positions, q, k, cos_sin):
-    """Rotate q [num_tokens, heads, head_dim] and k [num_tokens, kv_heads, head_dim] in place."""
-    _rotate_in_place(q, positions, cos_sin)
-    _rotate_in_place(k, positions, cos_sin)
-    return q, k
+@triton.jit
+def _rotate_and_store_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                             stride_q, stride_k, stride_v, k_inv_scale, v_inv_scale,
+                             NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                             QUANTIZE: tl.constexpr, FP8_MAX: tl.constexpr):
+    HALF: tl.constexpr = HEAD_DIM // 2
+    token = tl.program_id(0)
+    pos = tl.load(pos_ptr + token)
+    dims = tl.arange(0, BLOCK_HALF)
+    dmask = dims < HALF
+    cos = tl.load(cos_sin_ptr + pos * HEAD_DIM + dims, mask=dmask, other=0.0)[None, :]
+    sin = tl.load(cos_sin_ptr + pos * HEAD_DIM + HALF + dims, mask=dmask, other=0.0)[None, :]
+
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    mask = (heads < NUM_HEADS) & dmask[None, :]
+    base = q_ptr + token * stride_q + heads * HEAD_DIM + dims[None, :]
+    first, second = _rotated(base, cos, sin, mask, HALF)
+    tl.store(base, first, mask=mask)
+    tl.store(base + HALF, second, mask=mask)
+
+    slot = tl.load(slot_ptr + token)
+    if slot >= 0:
+        kv_heads = tl.arange(0, BLOCK_KV)[:, None]
+        kv_mask = (kv_heads < NUM_KV_HEADS) & dmask[None, :]
+        offs = kv_heads * HEAD_DIM + dims[None, :]  # within a token's [kv_heads, head_dim]
+        cached = slot * (NUM_KV_HEADS * HEAD_DIM) + offs
+        first, second = _rotated(k_ptr + token * stride_k + offs, cos, sin, kv_mask, HALF)
+        tl.store(k_cache_ptr + cached, _to_cache(first, k_inv_scale, k_cache_ptr, QUANTIZE, FP8_MAX), mask=kv_mask)
+        tl.store(k_cache_ptr + cached + HALF, _to_cache(second, k_inv_scale, k_cache_ptr, QUANTIZE, FP8_MAX),
+                 mask=kv_mask)
+        for half in tl.static_range(2):
+            v = tl.load(v_ptr + token * stride_v + offs + half * HALF, mask=kv_mask, other=0.0)
+            tl.store(v_cache_ptr + cached + half * HALF, _to_cache(v, v_inv_scale, v_cache_ptr, QUANTIZE, FP8_MAX),
+                     mask=kv_mask)
+
+
+def rotate_and_store(positions, q, k, v, cos_sin, k_cache, v_cache, slot_mapping,
+                     k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """Rotate q [num_tokens, heads, head_dim] in place; rotate k and store it and v [num_tokens,
+    kv_heads, head_dim] into their slots of the caches [num_blocks, block_size, kv_heads,
+    head_dim]. q, k and v may be strided views (of a fused QKV output) with contiguous heads."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    for x in (q, k, v):
+        assert x.stride(2) == 1 and x.stride(1) == head_dim
+    _rotate_and_store_kernel[(num_tokens,)](
+        q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, q.stride(0), k.stride(0), v.stride(0),
+        1.0 / k_scale, 1.0 / v_scale, NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+        BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_KV=triton.next_power_of_2(num_kv_heads),
+        BLOCK_HALF=triton.next_power_of_2(head_dim // 2), QUANTIZE=k_cache.dtype == FP8, FP8_MAX=FP8_MAX)

@@ -81,6 +81,38 @@ def test_fp8_weights_on_mistral_shapes(M, N, K):
     torch.testing.assert_close(gemv(x, q, weight_scale=scale).float(), ref, **tolerance(torch.bfloat16, K))
 
 
+def gated_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, rounded to x's dtype as the unfused kernel rounds it, times W in float32."""
+    from kernels.reference import silu_and_mul_reference
+
+    return silu_and_mul_reference(x).float() @ weight.float().t()
+
+
+@pytest.mark.parametrize("config", SMALL_CONFIGS + [None], ids=str)
+@pytest.mark.parametrize("M, N, K", SMALL_CASES)
+def test_a_gated_input_is_multiplied_as_silu_of_the_gate_times_up(M, N, K, config):
+    dtype = DTYPES[0]
+    x, weight = inputs(M, N, 2 * K, dtype)
+    weight = weight[:, :K].contiguous()
+    out = gemv(x, weight, config, gated=True)
+    assert out.shape == (M, N)
+    torch.testing.assert_close(out.float(), gated_reference(x, weight), **tolerance(dtype, K))
+    x_q, q, scale, _ = fp8_inputs(M, N, K, dtype)
+    x = torch.cat([x_q, x_q.flip(1)], dim=1)
+    from kernels.quant_reference import dequantize_fp8
+    torch.testing.assert_close(gemv(x, q, config, weight_scale=scale, gated=True).float(),
+                               gated_reference(x, dequantize_fp8(q, scale).float()), **tolerance(dtype, K))
+
+
+@pytest.mark.parametrize("M", [pytest.param(m, marks=on_gpu) for m in (1, 2, 4, 8, 16)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_gated_input_on_the_down_projections_shape(M, dtype):
+    x, weight = inputs(M, 4096, 2 * 14336, dtype)
+    weight = weight[:, :14336].contiguous()
+    torch.testing.assert_close(gemv(x, weight, gated=True).float(), gated_reference(x, weight),
+                               **tolerance(dtype, 14336))
+
+
 def test_an_fp8_weight_needs_its_scales():
     x, q, scale, _ = fp8_inputs(1, 8, 32, DTYPES[0])
     with pytest.raises(ValueError, match="weight_scale"):
@@ -104,6 +136,8 @@ def test_gemv_refuses_batches_it_is_not_for(M):
 def test_gemv_refuses_mismatched_inputs():
     with pytest.raises(ValueError, match="columns"):
         gemv(torch.zeros(1, 32, device=DEVICE), torch.zeros(8, 16, device=DEVICE))
+    with pytest.raises(ValueError, match="gated"):
+        gemv(torch.zeros(1, 32, device=DEVICE), torch.zeros(8, 32, device=DEVICE), gated=True)
     with pytest.raises(ValueError, match="contiguous"):
         gemv(torch.zeros(1, 32, device=DEVICE), torch.zeros(32, 8, device=DEVICE).t())
 
@@ -113,7 +147,7 @@ def test_layers_with_gemv_on_take_it_for_cuda_decode_batches_only(M, monkeypatch
     from server.layers import linear
 
     calls = []
-    monkeypatch.setattr(linear, "gemv", lambda x, weight: calls.append(x.shape) or gemv(x, weight))
+    monkeypatch.setattr(linear, "gemv", lambda x, weight, **kw: calls.append(x.shape) or gemv(x, weight, **kw))
     dtype = DTYPES[0]
     layer = linear.MergedColumnParallelLinear(64, [(48, 1), (16, 1)], bias=True).to(DEVICE, dtype)
     for piece, rows in enumerate((48, 16)):
@@ -124,3 +158,14 @@ def test_layers_with_gemv_on_take_it_for_cuda_decode_batches_only(M, monkeypatch
     torch.testing.assert_close(out.float(), torch.nn.functional.linear(x, layer.weight, layer.bias).float(),
                                **tolerance(dtype, 64))
     assert len(calls) == (1 if x.is_cuda and M <= MAX_ROWS else 0)
+
+
+@pytest.mark.parametrize("M", [1, MAX_ROWS + 1])
+def test_a_gated_row_parallel_layer_multiplies_silu_of_the_gate_times_up(M):
+    from server.layers.linear import RowParallelLinear
+
+    dtype = DTYPES[0]
+    layer = RowParallelLinear(48, 40, gated=True).to(DEVICE, dtype)
+    layer.load(torch.randn(40, 48, dtype=dtype) / 8)
+    x = torch.randn(M, 96).to(dtype).to(DEVICE)
+    torch.testing.assert_close(layer(x).float(), gated_reference(x, layer.weight), **tolerance(dtype, 48))

@@ -144,19 +144,37 @@ def test_silu_and_mul_matches_reference(width, dtype):
 
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 2, 16), (3, 1, 8)] + ([(32, 8, 128)] if CUDA else []))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rotary_in_place_matches_reference(heads, kv_heads, head_dim, dtype):
-    from kernels.rotary import rotary
+@pytest.mark.parametrize("fp8", [False, True])
+def test_rotate_and_store_is_rotary_then_the_cache_store(heads, kv_heads, head_dim, dtype, fp8):
+    from kernels.quant_reference import FP8
+    from kernels.rotary import rotate_and_store
+    from tests.test_quant_kernels import e4m3_normals
 
     positions = torch.tensor([0, 5, 17, 2, 63], device=DEVICE)
+    width = (heads + 2 * kv_heads) * head_dim
+    values = torch.randn(5, width)
+    if fp8 and not CUDA:
+        # The interpreter's rounding to e4m3 is off (1.99 -> 1.0): e4m3 values that position 0
+        # leaves unrotated, and a power-of-two scale keeps exact, test the fp8 path there.
+        positions, values = torch.zeros_like(positions), e4m3_normals(5, width)
     angles = torch.outer(torch.arange(64.0), 1.0 / 10000 ** (torch.arange(0, head_dim, 2) / head_dim))
     cos_sin = torch.cat([angles.cos(), angles.sin()], dim=-1).to(DEVICE)
-    qkv = torch.randn(5, (heads + 2 * kv_heads) * head_dim).to(dtype).to(DEVICE)
-    q = qkv[:, :heads * head_dim].view(5, heads, head_dim)
-    k = qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].view(5, kv_heads, head_dim)
+    qkv = values.to(dtype).to(DEVICE)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k, v = (x.view(5, -1, head_dim) for x in (q, k, v))
+    slots = torch.tensor([3, 0, 9, -1, 17], device=DEVICE)  # -1: a padding token, nothing stored
+    cache_dtype = FP8 if fp8 else dtype
+    caches = [torch.zeros(4, 8, kv_heads, head_dim, device=DEVICE).to(cache_dtype) for _ in range(4)]
+    scales = dict(k_scale=0.5, v_scale=2.0) if fp8 else {}
     q_ref, k_ref = rotary_reference(positions, q.clone(), k.clone(), cos_sin)
-    rotary(positions, q, k, cos_sin)
-    torch.testing.assert_close(q, q_ref, atol=1e-2 if dtype != torch.float32 else 1e-5, rtol=1e-2)
-    torch.testing.assert_close(k, k_ref, atol=1e-2 if dtype != torch.float32 else 1e-5, rtol=1e-2)
+    store_kv_reference(k_ref, v, caches[2], caches[3], slots, **scales)
+    k_before = k.clone()
+    rotate_and_store(positions, q, k, v, cos_sin, caches[0], caches[1], slots, **scales)
+    # Both round the float32 rotation to the dtype once: the same bits.
+    assert torch.equal(q, q_ref) and torch.equal(k, k_before)
+    assert torch.equal(caches[0].view(torch.uint8), caches[2].view(torch.uint8))
+    assert torch.equal(caches[1].view(torch.uint8), caches[3].view(torch.uint8))
+    assert caches[0].float().abs().sum() > 0
 
 
 MOE_CASES = [(1, 4, 2, 64, 48), (7, 4, 2, 32, 40), (40, 8, 2, 64, 96)] + [

@@ -9,7 +9,9 @@ tables for prefill, `flash_attn_with_kvcache` for decode; chosen on CUDA when th
 installed, the KV cache is not fp8 and blocks hold a multiple of 256 tokens, which its paged
 kernels require), `triton` (our kernels, the default on CUDA otherwise) and `torch` (the
 reference, and the CPU path). Each step stores the new K/V first, then attends over the cache,
-so a prefill chunk sees its cached prefix and itself the same way. An fp8 (e4m3) cache stores K / k_scale and
+so a prefill chunk sees its cached prefix and itself the same way. A layer given the model's
+rotary embedding rotates q and k first; on CUDA in the kernel that stores K and V
+(kernels/rotary.py), one launch instead of three. An fp8 (e4m3) cache stores K / k_scale and
 V / v_scale, one scale per layer: the checkpoint's `k_scale`/`v_scale` when it has them, 1.0
 otherwise (K and V of the usual models stay well inside e4m3's range of +-448).
 """
@@ -27,8 +29,9 @@ try:  # triton is optional where only the CPU path runs
     from kernels.cache import store_kv
     from kernels.decode_attention import decode_attention
     from kernels.prefill_attention import prefill_attention
+    from kernels.rotary import rotate_and_store
 except ImportError:  # pragma: no cover - depends on the install
-    store_kv = decode_attention = prefill_attention = None
+    store_kv = decode_attention = prefill_attention = rotate_and_store = None
 try:  # flash-attn 2 (the Docker image installs it; no wheel on PyPI)
     from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 except ImportError:
@@ -84,8 +87,9 @@ class AttentionMetadata:
 
 class Attention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
-                 sliding_window: int | None, backend: str = "torch"):
+                 sliding_window: int | None, backend: str = "torch", rotary: nn.Module | None = None):
         super().__init__()
+        self.rotary = rotary  # a RotaryEmbedding (shared by the layers), or None
         if backend not in BACKENDS:
             raise ValueError(f"attention backend {backend!r} is not known ({', '.join(BACKENDS)})")
         self.backend = backend
@@ -99,29 +103,39 @@ class Attention(nn.Module):
         self.v_cache = torch.empty(0)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        """q [num_tokens, heads, head_dim], k and v [num_tokens, kv_heads, head_dim]."""
-        if self.backend == "triton":
-            out = self._triton(q, k, v, meta)
-        elif self.backend == "flash_attn":
-            out = self._flash(q, k, v, meta)
-        else:
+                meta: AttentionMetadata, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """q [num_tokens, heads, head_dim], k and v [num_tokens, kv_heads, head_dim] (views of
+        the QKV projection may be rotated in place); `positions` [num_tokens] with a rotary
+        embedding."""
+        if self.backend == "torch":
+            if self.rotary is not None:
+                q, k = self.rotary(positions, q, k)
             out = self._torch(q, k, v, meta)
+        else:
+            self._store(q, k, v, meta, positions)
+            out = self._triton(q, meta) if self.backend == "triton" else self._flash(q, meta)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
-    def _triton(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
+    def _store(self, q, k, v, meta: AttentionMetadata, positions) -> None:
+        """K and V into their cache slots (rotating q and k on the way, with a rotary embedding)."""
         scales = dict(k_scale=self.k_scale, v_scale=self.v_scale)
-        store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, **scales)
+        if self.rotary is not None:
+            rotate_and_store(positions, q, k, v, self.rotary.cos_sin, self.k_cache, self.v_cache,
+                             meta.slot_mapping, **scales)
+        else:
+            store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, **scales)
+
+    def _triton(self, q, meta: AttentionMetadata) -> torch.Tensor:
+        scales = dict(k_scale=self.k_scale, v_scale=self.v_scale)
         if meta.decode_only:
             return decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
                                     self.scale, self.sliding_window, meta.num_splits, **scales)
         return prefill_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.cu_query_lens,
                                  meta.context_lens, meta.max_query_len, self.scale, self.sliding_window, **scales)
 
-    def _flash(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
+    def _flash(self, q, meta: AttentionMetadata) -> torch.Tensor:
         """flash-attn's paged kernels (int32 metadata, a cache in the model's dtype). Its window
         (left, right) counts the positions besides the query's own."""
-        store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         window = (self.sliding_window - 1, 0) if self.sliding_window else (-1, -1)
         if meta.decode_only:
             out = flash_attn_with_kvcache(q.unsqueeze(1), self.k_cache, self.v_cache, cache_seqlens=meta.context_lens,

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.quant_reference import FP8, dequantize_fp8, quantize_fp8_rows
+from server.layers.activation import silu_and_mul
 from server.layers.parallel import read_shard
 
 try:
@@ -63,10 +64,14 @@ class Fp8Weight:
         if torch.isnan(layer.weight_scale).any():
             raise ValueError("an fp8 weight came without its weight_scale")
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, gated: bool = False) -> torch.Tensor:
+        """gated: x is [gate | up], multiplied as silu(gate) * up (see linear.py)."""
         if gemv is not None and suits(x):  # a decode batch: the weight widened as it is read
-            out = gemv(x, layer.weight, weight_scale=layer.weight_scale)
-        elif x.is_cuda:
+            out = gemv(x, layer.weight, weight_scale=layer.weight_scale, gated=gated)
+            return out + bias if bias is not None else out
+        if gated:
+            x = silu_and_mul(x)
+        if x.is_cuda:
             x_q, x_scale = quantize_fp8_per_token(x)  # [M, K] e4m3, [M, 1]
             # Row-wise scaled fp8 matmul writes bfloat16 (its other outputs depend on the build).
             out = torch._scaled_mm(x_q, layer.weight.t(), scale_a=x_scale, scale_b=layer.weight_scale.view(1, -1),

@@ -27,6 +27,7 @@ from torch import nn
 
 from kernels.quant_reference import AWQ_ORDER, dequantize_int4, group_of_each_input, pack_int4, unpack_int4
 from server.config import QuantConfig
+from server.layers.activation import silu_and_mul
 from server.layers.parallel import read_shard
 
 try:
@@ -127,7 +128,10 @@ class Int4Weight:
             raise ValueError("g_idx does not put the inputs in consecutive groups, but desc_act is false")
         return g_idx, ints, perm
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, gated: bool = False) -> torch.Tensor:
+        """gated: x is [gate | up], multiplied as silu(gate) * up (see linear.py)."""
+        if gated:
+            x = silu_and_mul(x)
         if layer.perm is not None:
             x = x[:, layer.perm]
         tensors = (layer.qweight, layer.zeros, layer.scales, layer.g_idx, layer.group_size)

@@ -8,11 +8,6 @@ from torch import nn
 
 from kernels.reference import rotary_reference
 
-try:
-    from kernels.rotary import rotary as rotary_kernel
-except ImportError:  # pragma: no cover - no triton: the CPU path only
-    rotary_kernel = None
-
 
 def _inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     # float32 throughout, as the reference implementation computes it: angles at long
@@ -46,8 +41,6 @@ class RotaryEmbedding(nn.Module):
                              persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """Rotate q [num_tokens, heads, head_dim] and k [num_tokens, kv_heads, head_dim]
-        (in place on CUDA)."""
-        if q.is_cuda and rotary_kernel is not None:
-            return rotary_kernel(positions, q, k, self.cos_sin)
+        """Rotated q [num_tokens, heads, head_dim] and k [num_tokens, kv_heads, head_dim]. (The
+        CUDA attention backends rotate in the kernel that stores K and V: kernels/rotary.py.)"""
         return rotary_reference(positions, q, k, self.cos_sin)

@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from server.config import ModelConfig
-from server.layers.activation import SiluAndMul
 from server.layers.attention import Attention, AttentionMetadata
 from server.layers.embedding import Embedding, LMHead
 from server.layers.linear import MergedColumnParallelLinear, RowParallelLinear
@@ -33,9 +32,8 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = MergedColumnParallelLinear(
             config.hidden_size, [(q_size, tp.size), (kv_size, kv_parts), (kv_size, kv_parts)], quant=quant)
         self.o_proj = RowParallelLinear(q_size, config.hidden_size, quant=quant)
-        self.rotary = rotary
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim,
-                              config.sliding_window, backend)
+                              config.sliding_window, backend, rotary)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -45,8 +43,7 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, meta))
+        return self.o_proj(self.attn(q, k, v, meta, positions))  # rotary applied there
 
     def load(self, loaded, name: str) -> None:
         """The scales of an fp8 KV cache (`k_scale`, `v_scale`, or one `kv_scale` for both)."""
@@ -66,11 +63,11 @@ class LlamaMLP(nn.Module):
         quant = config.quantization
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [(config.intermediate_size, parts)] * 2,
                                                        quant=quant)
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, quant=quant)
-        self.act = SiluAndMul()
+        # silu(gate) * up is taken inside down_proj (in its decode kernel on CUDA)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, quant=quant, gated=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj(x))
 
 
 class LlamaDecoderLayer(nn.Module):
