@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from kernels.cache import load_cached, paged_offsets
+from kernels.launch import LAUNCH, PDL, wait_for_inputs
 from kernels.precision import LOG2E, dot_precision
 from kernels.quant_reference import FP8
 
@@ -27,7 +28,8 @@ def _decode_split_kernel(
         scale_log2, window, k_scale, v_scale, stride_qt, stride_qh, stride_bt, stride_cb, stride_cs, stride_ch,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
-        FP8_CACHE: tl.constexpr):
+        FP8_CACHE: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -77,7 +79,8 @@ def _decode_split_kernel(
 @triton.jit
 def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                         BLOCK_S: tl.constexpr):
+                         BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     row = seq * tl.num_programs(1) + head
@@ -114,8 +117,8 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: flo
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         PAGE=page, BLOCK_N=64 if head_dim <= 128 else 32, NUM_SPLITS=num_splits, PRECISION=dot_precision(q.dtype),
-        FP8_CACHE=k_cache.dtype == FP8, num_warps=4, num_stages=2)
+        FP8_CACHE=k_cache.dtype == FP8, PDL=PDL, num_warps=4, num_stages=2, **LAUNCH)
     _merge_splits_kernel[(num_seqs, num_heads)](
         part_out, part_lse, out, out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_D=block_d,
-        NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits))
+        NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), PDL=PDL, **LAUNCH)
     return out

@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import LAUNCH, PDL, wait_for_inputs
 from kernels.precision import dot_precision
 
 MAX_ROWS = 16  # the largest batch the kernel is for (decode graphs); the dot pads rows to it
@@ -46,7 +47,8 @@ MAX_ROWS = 16  # the largest batch the kernel is for (decode graphs); the dot pa
 def _gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, K, stride_xm, stride_wn, k_per_split,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  NUM_STAGES: tl.constexpr, DOT: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
-                 SCALED: tl.constexpr, GATED: tl.constexpr):
+                 SCALED: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     split = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
     rmask = rows < M
@@ -93,8 +95,9 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, K, stride_xm, stride_wn
 
 
 @triton.jit
-def _sum_splits_kernel(partial_ptr, out_ptr, size, split_k, BLOCK: tl.constexpr):
+def _sum_splits_kernel(partial_ptr, out_ptr, size, split_k, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """out[i] = sum over s of partial[s, i] (float32), rounded to out's dtype."""
+    wait_for_inputs(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < size
     total = tl.zeros([BLOCK], tl.float32)
@@ -164,8 +167,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None
         x, weight, weight_scale if scaled else x, partial, M, N, K, x.stride(0), weight.stride(0), per_split,
         BLOCK_M=MAX_ROWS if c.dot else triton.next_power_of_2(M), BLOCK_N=c.block_n, BLOCK_K=c.block_k,
         NUM_STAGES=c.num_stages, DOT=c.dot, EVEN_K=K % c.block_k == 0, PRECISION=dot_precision(x.dtype),
-        SCALED=scaled, GATED=gated, num_warps=c.num_warps)
+        SCALED=scaled, GATED=gated, PDL=PDL, num_warps=c.num_warps, **LAUNCH)
     if split_k > 1:
         block = 1024
-        _sum_splits_kernel[(triton.cdiv(M * N, block),)](partial, out, M * N, split_k, BLOCK=block)
+        _sum_splits_kernel[(triton.cdiv(M * N, block),)](partial, out, M * N, split_k, BLOCK=block, PDL=PDL,
+                                                          **LAUNCH)
     return out

@@ -9,11 +9,13 @@ import torch
 import triton
 import triton.language as tl
 
-
+from kernels.launch import LAUNCH, PDL, wait_for_inputs
 
 @triton.jit
 def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, stride_x, stride_r,
-                    eps, HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+                    eps, HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                    PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < HIDDEN
@@ -38,6 +40,6 @@ def rmsnorm(x, weight, eps, residual=None):
     _rmsnorm_kernel[(num_tokens,)](
         x, residual if residual is not None else x, weight, out, residual_out,
         x.stride(0), residual.stride(0) if residual is not None else 0, eps,
-        HIDDEN=hidden, BLOCK=triton.next_power_of_2(hidden), HAS_RESIDUAL=residual is not None,
-        num_warps=8 if hidden >= 4096 else 4)
+        HIDDEN=hidden, BLOCK=triton.next_power_of_2(hidden), HAS_RESIDUAL=residual is not None, PDL=PDL,
+        num_warps=8 if hidden >= 4096 else 4, **LAUNCH)
     return out if residual is None else (out, residual_out)

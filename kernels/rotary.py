@@ -15,6 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kernels.launch import LAUNCH, PDL, wait_for_inputs
 from kernels.quant_reference import FP8, FP8_MAX
 
 
@@ -39,7 +40,8 @@ def _rotate_and_store_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, k_cache_
                              stride_q, stride_k, stride_v, k_inv_scale, v_inv_scale,
                              NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                              BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                             QUANTIZE: tl.constexpr, FP8_MAX: tl.constexpr):
+                             QUANTIZE: tl.constexpr, FP8_MAX: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     HALF: tl.constexpr = HEAD_DIM // 2
     token = tl.program_id(0)
     pos = tl.load(pos_ptr + token)
@@ -51,9 +53,9 @@ def _rotate_and_store_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, k_cache_
     heads = tl.arange(0, BLOCK_H)[:, None]
     mask = (heads < NUM_HEADS) & dmask[None, :]
     base = q_ptr + token * stride_q + heads * HEAD_DIM + dims[None, :]
-    first, second = _rotated(base, cos, sin, mask, HALF)
-    tl.store(base, first, mask=mask)
-    tl.store(base + HALF, second, mask=mask)
+    q1, q2 = _rotated(base, cos, sin, mask, HALF)
+    tl.store(base, q1, mask=mask)
+    tl.store(base + HALF, q2, mask=mask)
 
     slot = tl.load(slot_ptr + token)
     if slot >= 0:
@@ -61,9 +63,9 @@ def _rotate_and_store_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, k_cache_
         kv_mask = (kv_heads < NUM_KV_HEADS) & dmask[None, :]
         offs = kv_heads * HEAD_DIM + dims[None, :]  # within a token's [kv_heads, head_dim]
         cached = slot * (NUM_KV_HEADS * HEAD_DIM) + offs
-        first, second = _rotated(k_ptr + token * stride_k + offs, cos, sin, kv_mask, HALF)
-        tl.store(k_cache_ptr + cached, _to_cache(first, k_inv_scale, k_cache_ptr, QUANTIZE, FP8_MAX), mask=kv_mask)
-        tl.store(k_cache_ptr + cached + HALF, _to_cache(second, k_inv_scale, k_cache_ptr, QUANTIZE, FP8_MAX),
+        k1, k2 = _rotated(k_ptr + token * stride_k + offs, cos, sin, kv_mask, HALF)
+        tl.store(k_cache_ptr + cached, _to_cache(k1, k_inv_scale, k_cache_ptr, QUANTIZE, FP8_MAX), mask=kv_mask)
+        tl.store(k_cache_ptr + cached + HALF, _to_cache(k2, k_inv_scale, k_cache_ptr, QUANTIZE, FP8_MAX),
                  mask=kv_mask)
         for half in tl.static_range(2):
             v = tl.load(v_ptr + token * stride_v + offs + half * HALF, mask=kv_mask, other=0.0)
@@ -84,4 +86,5 @@ def rotate_and_store(positions, q, k, v, cos_sin, k_cache, v_cache, slot_mapping
         q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, q.stride(0), k.stride(0), v.stride(0),
         1.0 / k_scale, 1.0 / v_scale, NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_KV=triton.next_power_of_2(num_kv_heads),
-        BLOCK_HALF=triton.next_power_of_2(head_dim // 2), QUANTIZE=k_cache.dtype == FP8, FP8_MAX=FP8_MAX)
+        BLOCK_HALF=triton.next_power_of_2(head_dim // 2), QUANTIZE=k_cache.dtype == FP8, FP8_MAX=FP8_MAX,
+        PDL=PDL, **LAUNCH)

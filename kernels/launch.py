@@ -1,0 +1,40 @@
+"""Programmatic dependent launch (Hopper and later): a kernel may start before the one ahead
+of it in the stream has finished.
+
+A decode step is hundreds of kernels of a few microseconds each, and between two of them the
+device idles while the last programs of one drain and the next is launched. A kernel launched
+with `launch_pdl` has its programs placed on the SMs as soon as the kernel ahead of it lets
+them (`gdc_launch_dependents`, which each of ours calls first); each program then waits
+(`gdc_wait`) until everything ahead has finished and its writes are visible, before it reads
+anything. Every program of every kernel launched this way waits, so the order stays
+transitive: a kernel that has finished has seen the one ahead of it finish.
+
+On where SERVER_PDL=1 on a CUDA device of compute capability 9.0 or more; never in Triton's
+interpreter (the CPU tests), where `PDL` is False and the calls compile away.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _pdl_available() -> bool:
+    if os.environ.get("SERVER_PDL", "0") != "1" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+PDL = _pdl_available()
+LAUNCH = {"launch_pdl": True} if PDL else {}  # the launch options of every kernel that calls wait_for_inputs
+
+
+@triton.jit
+def wait_for_inputs(PDL: tl.constexpr):
+    """First thing in a kernel launched with LAUNCH: let the next kernel launch, then wait for
+    the ones ahead (nothing when PDL is off)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
