@@ -41,6 +41,7 @@ from kernels.launch import LAUNCH, PDL, wait_for_inputs
 from kernels.precision import dot_precision
 
 MAX_ROWS = 16  # the largest batch the kernel is for (decode graphs); the dot pads rows to it
+SHARED_MEMORY = 227 * 1024  # an H100's per-block limit: the pipeline's tiles in flight must fit
 
 
 @triton.jit
@@ -118,17 +119,22 @@ class GemvConfig:
     dot: bool = False  # tensor cores (x's rows padded to 16) rather than float32 multiply-adds
 
 
-def default_config(M: int, N: int, K: int, weight_bytes: int = 2) -> GemvConfig:
+def default_config(M: int, N: int, K: int, weight_bytes: int = 2, gated: bool = False) -> GemvConfig:
     """The tiles that read Mistral-7B's weights fastest on an H100 in benchmarks/gemv.py's sweep
     (within 2% of the best for every weight and batch; 4 to 17% faster than cuBLAS). One row:
     float32 multiply-adds over 4 rows of W (8 for long rows: down_proj) with 1024-wide tiles
     and no pipelining, the 4 x 16-byte loads per thread being enough in flight. More rows: the
     tensor cores, 256-wide tiles for long rows. Splitting K never paid (512 or more programs
-    for one row, 64 or more for the others)."""
+    for one row, 64 or more for the others). The tensor-core pipeline is as deep as shared
+    memory allows: 5 stages, fewer where a stage holds more (an fp8 tile twice as wide, a gated
+    input's two tiles of x)."""
     widen = 2 if weight_bytes == 1 else 1  # an fp8 weight: the same bytes per tile (not swept yet)
     if M == 1:
         return GemvConfig(block_n=8 if K > 4096 else 4, block_k=1024 * widen, num_warps=4, num_stages=1)
-    return GemvConfig(block_n=64, block_k=(256 if K > 4096 else 128) * widen, num_warps=4, num_stages=5, dot=True)
+    block_n, block_k = 64, (256 if K > 4096 else 128) * widen
+    stage_bytes = block_n * block_k * weight_bytes + MAX_ROWS * block_k * 2 * (2 if gated else 1)
+    return GemvConfig(block_n=block_n, block_k=block_k, num_warps=4, num_stages=min(5, SHARED_MEMORY // stage_bytes),
+                      dot=True)
 
 
 def suits(x: torch.Tensor) -> bool:
@@ -158,7 +164,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None
         raise ValueError(f"gemv takes 1 to {MAX_ROWS} rows of x, not {M}")
     if x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError("gemv needs the rows of x and of the weight to be contiguous")
-    c = config or default_config(M, N, K, weight.element_size())
+    c = config or default_config(M, N, K, weight.element_size(), gated)
     per_split = triton.cdiv(triton.cdiv(K, c.block_k), c.split_k) * c.block_k
     split_k = triton.cdiv(K, per_split)  # no split left without columns
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)  # [M, N]

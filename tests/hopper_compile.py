@@ -1,0 +1,101 @@
+"""Compile the decode step's kernel launches for an H100 (sm_90) on a machine without a GPU.
+
+Triton's interpreter (the CPU tests) runs a kernel's Python, not the compiler: a kernel that
+the compiler refuses, or whose pipeline needs more shared memory than a Hopper SM has, passes
+there and fails only on the GPU. Here every kernel is launched as a Mistral-7B decode step (and
+a prefill) launches it, on empty CPU tensors of the real shapes; the launches are recorded
+instead of run, and each is compiled for sm_90 (programmatic dependent launch on, as
+SERVER_PDL=1 launches them). Prints one JSON line: each kernel variant's shared memory.
+
+    python tests/hopper_compile.py        (run by tests/test_kernels_compile.py)
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)  # real JIT functions: they are compiled, not interpreted
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton import knobs  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
+
+import kernels.launch  # noqa: E402
+
+kernels.launch.PDL, kernels.launch.LAUNCH = True, {"launch_pdl": True}  # before the kernels import them
+
+from kernels.decode_attention import decode_attention  # noqa: E402
+from kernels.gemv import gemv  # noqa: E402
+from kernels.norm import rmsnorm  # noqa: E402
+from kernels.prefill_attention import prefill_attention  # noqa: E402
+from kernels.quant_reference import FP8  # noqa: E402
+from kernels.rotary import rotate_and_store  # noqa: E402
+
+HOPPER = GPUTarget("cuda", 90, 32)
+SHARED_MEMORY = 232448  # bytes a block may use on an H100
+launches: list[tuple[JITFunction, tuple, dict]] = []
+
+
+def record(self, *args, grid, warmup, **kwargs):
+    launches.append((self, args, kwargs))
+
+
+def compiled(jit: JITFunction, args: tuple, kwargs: dict):
+    """Compile one recorded launch for sm_90 as JITFunction.run would: the same binding of the
+    arguments, and the same specialization (16-byte aligned pointers and sizes divisible by
+    16, which decide whether the pipeline copies through shared memory)."""
+    backend = make_backend(HOPPER)
+    binder = create_function_from_signature(jit.signature, jit.params, backend)
+    kwargs = dict(kwargs, debug=False, instrumentation_mode=knobs.compilation.instrumentation_mode)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound_args, specialization, options)
+    source = ASTSource(jit, signature, constexprs, attrs)
+    return triton.compile(source, target=HOPPER, options=options.__dict__), constexprs
+
+
+def decode_step_launches() -> None:
+    """The launches of a Mistral-7B layer's decode step (1 and 16 sequences, bf16 and fp8
+    weights and cache), its LM head, and a prefill's attention."""
+    e = torch.empty
+    bf16 = torch.bfloat16
+    shapes = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
+              "lm_head": (32768, 4096)}
+    for M in (1, 16):
+        for name, (N, K) in shapes.items():
+            gated = name == "down"
+            x = e(M, 2 * K if gated else K, dtype=bf16)
+            gemv(x, e(N, K, dtype=bf16), gated=gated)
+            gemv(x, e(N, K, dtype=FP8), weight_scale=e(N), gated=gated)
+        rmsnorm(e(M, 4096, dtype=bf16), e(4096, dtype=bf16), 1e-5, e(M, 4096, dtype=bf16))
+        q, k, v = e(M, 6144, dtype=bf16).split([4096, 1024, 1024], dim=-1)
+        q, k, v = (t.view(M, -1, 128) for t in (q, k, v))
+        positions, slots = torch.zeros(M, dtype=torch.int64), torch.zeros(M, dtype=torch.int64)
+        for cache_dtype in (bf16, FP8):
+            caches = e(64, 16, 8, 128, dtype=cache_dtype), e(64, 16, 8, 128, dtype=cache_dtype)
+            rotate_and_store(positions, q, k, v, e(4096, 128), *caches, slots)
+            tables, lens = torch.zeros(M, 8, dtype=torch.int32), torch.zeros(M, dtype=torch.int32)
+            decode_attention(q, *caches, tables, lens, 0.088, None, 32 if M == 1 else 4)
+            prefill_attention(e(512, 32, 128, dtype=bf16), *caches, tables[:1], torch.zeros(2, dtype=torch.int32),
+                              lens[:1], 512, 0.088, None)
+
+
+def main() -> None:
+    JITFunction.run = record
+    decode_step_launches()
+    report, seen = {}, set()
+    for jit, args, kwargs in launches:
+        kernel, constexprs = compiled(jit, args, dict(kwargs))
+        key = f"{jit.fn.__name__}({', '.join(str(v) for v in constexprs.values())})"
+        if key not in seen:
+            seen.add(key)
+            report[key] = kernel.metadata.shared
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
