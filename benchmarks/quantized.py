@@ -87,7 +87,7 @@ def measure(args) -> dict:
     run_alone(engine, prompt, 8)  # warm-up
     _, decode = run_alone(engine, prompt, args.decode_tokens + 1)
     engine.stream_outputs = False
-    workload = SimpleNamespace(repeats=1)
+    workload = SimpleNamespace(repeats=1, trace=False)
     prompts = make_prompts(256, 100, 1024, 32768, 0)
     throughput = run_engine(llm, workload, prompts, output_lens(256, 100, 1024, 0))
     weight_bytes = tensor_bytes(engine.runner.model)

@@ -4,8 +4,8 @@ Triton's interpreter (the CPU tests) runs a kernel's Python, not the compiler: a
 the compiler refuses, or whose pipeline needs more shared memory than a Hopper SM has, passes
 there and fails only on the GPU. Here every kernel is launched as a Mistral-7B decode step (and
 a prefill) launches it, on empty CPU tensors of the real shapes; the launches are recorded
-instead of run, and each is compiled for sm_90 (programmatic dependent launch on, as
-SERVER_PDL=1 launches them). Prints one JSON line: each kernel variant's shared memory.
+instead of run, and each is compiled for sm_90 (with programmatic dependent launch, as an
+H100 launches them: kernels/launch.py). Prints one JSON line: each kernel variant's shared memory.
 
     python tests/hopper_compile.py        (run by tests/test_kernels_compile.py)
 """
@@ -37,7 +37,6 @@ from kernels.quant_reference import FP8  # noqa: E402
 from kernels.rotary import rotate_and_store  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
-SHARED_MEMORY = 232448  # bytes a block may use on an H100
 launches: list[tuple[JITFunction, tuple, dict]] = []
 
 

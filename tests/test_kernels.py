@@ -148,7 +148,7 @@ def test_silu_and_mul_matches_reference(width, dtype):
 def test_rotate_and_store_is_rotary_then_the_cache_store(heads, kv_heads, head_dim, dtype, fp8):
     from kernels.quant_reference import FP8
     from kernels.rotary import rotate_and_store
-    from tests.test_quant_kernels import e4m3_normals
+    from test_quant_kernels import e4m3_normals
 
     positions = torch.tensor([0, 5, 17, 2, 63], device=DEVICE)
     width = (heads + 2 * kv_heads) * head_dim
