@@ -121,3 +121,17 @@ def test_a_runaway_chat_template_is_stopped():
     looping = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
     with pytest.raises(ValueError, match="Template error: rendering took longer than"):
         render_template(looping)
+
+
+def test_cors_headers_only_for_the_allowed_origins(app_engine):
+    app, engine = app_engine
+    preflight = {"Origin": "https://chat.example", "Access-Control-Request-Method": "POST"}
+    closed = request(app, "OPTIONS", "/generate", headers=preflight)
+    assert "access-control-allow-origin" not in closed.headers  # off by default
+    open_app = create_app(engine, ServerSettings(model_id="tiny", max_input_tokens=200, max_total_tokens=256,
+                                                 cors_allow_origin=("https://chat.example",)))
+    allowed = request(open_app, "OPTIONS", "/generate", headers=preflight)
+    assert allowed.status_code == 200
+    assert allowed.headers["access-control-allow-origin"] == "https://chat.example"
+    other = request(open_app, "GET", "/info", headers={"Origin": "https://evil.example"})
+    assert other.status_code == 200 and "access-control-allow-origin" not in other.headers
