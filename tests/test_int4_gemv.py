@@ -9,8 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.make_checkpoint import int4_tensors
 from kernels.gemv import MAX_ROWS
 from kernels.int4_gemv import Int4GemvConfig, int4_gemv, split_counters
+from kernels.quant_reference import dequantize_int4, group_of_each_input, unpack_int4
+from server.config import QuantConfig
+from server.layers.linear import MergedColumnParallelLinear
 from test_gemv import tolerance
 from test_kernels import CUDA, DEVICE, gpu_only
 from test_quant_kernels import int4_weights
@@ -110,3 +114,24 @@ def test_int4_gemv_on_mistral_shapes(N, K, dtype):
             out = int4_gemv(x, qweight, zeros, scales, None, 128, config)
             torch.testing.assert_close(out.float(), expected, **tolerance(dtype, K))
 
+
+@pytest.mark.parametrize("M", [1, MAX_ROWS, MAX_ROWS + 1])
+def test_4bit_layers_take_int4_gemv_for_cuda_decode_batches_only(M, monkeypatch):
+    from server.layers import int4_linear
+
+    calls = []
+    gemv = int4_linear.int4_gemv
+    monkeypatch.setattr(int4_linear, "int4_gemv", lambda x, *args, **kwargs: calls.append(x.shape) or gemv(
+        x, *args, **kwargs))
+    dtype = torch.float16
+    with torch.device(DEVICE):
+        layer = MergedColumnParallelLinear(256, [(64, 1)], quant=QuantConfig("gptq", 128, zero_offset=1))
+    for name, tensor in int4_tensors("proj.weight", (64, 256), "gptq", torch.Generator(), "cpu").items():
+        layer.load_piece(0, tensor, name.rsplit(".", 1)[1])
+    layer.finish_loading()
+    layer.to(dtype)  # the scales
+    weight = dequantize_int4(unpack_int4(layer.qweight, dim=0), layer.zeros, layer.scales,
+                             group_of_each_input(256, 128, DEVICE))
+    x = torch.randn(M, 256).to(dtype).to(DEVICE)
+    torch.testing.assert_close(layer(x).float(), reference(x, weight), **tolerance(dtype, 256))
+    assert len(calls) == (1 if CUDA and M <= MAX_ROWS else 0)
