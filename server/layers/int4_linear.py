@@ -1,5 +1,5 @@
-"""4-bit weights from AWQ and GPTQ checkpoints, held in one layout and multiplied by
-kernels/int4_matmul.py (kernels/quant_reference.py describes all three layouts).
+"""4-bit weights from AWQ and GPTQ checkpoints, held in one layout and multiplied by the
+kernels below (kernels/quant_reference.py describes all three layouts).
 
 Each rank reads its slice of the checkpoint tensors as they are stored: a column-parallel
 piece cuts the outputs (eight per word of AWQ's qweight and of both formats' qzeros), a
@@ -14,10 +14,12 @@ per tile; the activations' columns are gathered in the same order (`perm`). Wher
 sorted inputs still do not form whole groups (act-order under row parallelism), the kernel
 reads each input's group from g_idx.
 
-On the GPU: the fused kernel for batches of up to FUSED_MAX_ROWS rows (decode), and for more
-(prefill) the weight dequantized to the activations' dtype and one dense matmul. On the CPU the
-weight is dequantized with torch at every call rather than kept: the layer then holds only the
-4-bit tensors, as on the GPU, and the CPU path (the tests' oracle) computes from exactly them.
+On the GPU: decode batches of up to 16 rows through kernels/int4_gemv.py (shaped to read the
+packed words as fast as memory gives them), batches of up to FUSED_MAX_ROWS through
+kernels/int4_matmul.py, and larger ones (prefill) as the weight dequantized to the activations'
+dtype and one dense matmul. On the CPU the weight is dequantized with torch at every call rather
+than kept: the layer then holds only the 4-bit tensors, as on the GPU, and the CPU path (the
+tests' oracle) computes from exactly them.
 """
 from __future__ import annotations
 
@@ -31,9 +33,11 @@ from server.layers.activation import silu_and_mul
 from server.layers.parallel import read_shard
 
 try:
+    from kernels.gemv import suits
+    from kernels.int4_gemv import int4_gemv, split_counters
     from kernels.int4_matmul import int4_dequantize, int4_matmul
 except ImportError:  # pragma: no cover - no triton: the CPU path only
-    int4_matmul = int4_dequantize = None
+    int4_matmul = int4_dequantize = int4_gemv = split_counters = suits = None
 
 FUSED_MAX_ROWS = 256  # the largest captured decode batch
 GROUP = 0  # in a layout below: one entry per group of inputs
@@ -108,6 +112,8 @@ class Int4Weight:
         layer.perm = None if perm is None else nn.Parameter(perm, requires_grad=False)
         layer.num_sms = torch.cuda.get_device_properties(ints.device).multi_processor_count \
             if ints.is_cuda else 0
+        # made here, before any CUDA graph is captured; int4_gemv keeps them zero between calls
+        layer.split_counters = split_counters(layer.qweight.shape[1], ints.device) if ints.is_cuda else None
 
     def _sorted_groups(self, layer: nn.Module, ints: torch.Tensor):
         """-> (g_idx or None when input k is in group k // group_size, ints, perm or None)."""
@@ -135,7 +141,9 @@ class Int4Weight:
         if layer.perm is not None:
             x = x[:, layer.perm]
         tensors = (layer.qweight, layer.zeros, layer.scales, layer.g_idx, layer.group_size)
-        if x.is_cuda and x.shape[0] <= FUSED_MAX_ROWS:
+        if x.is_cuda and suits(x):
+            out = int4_gemv(x, *tensors, counters=layer.split_counters)
+        elif x.is_cuda and x.shape[0] <= FUSED_MAX_ROWS:
             out = int4_matmul(x, *tensors, num_sms=layer.num_sms)
         elif x.is_cuda:
             out = x @ int4_dequantize(*tensors, dtype=x.dtype)

@@ -1,0 +1,245 @@
+"""Decode's 4-bit matrix products: y = x @ W^T for a few rows of x and a 4-bit weight.
+
+The weight is in our layout (kernels/quant_reference.py): qweight [K/8, N] int32 (input 8r + i
+in bits 4i..4i+3 of word r), zeros [G, N] uint8, scales [G, N]; input k is in group
+k // group_size. x [M, K] (M at most MAX_ROWS, each row contiguous), y [M, N] in x's dtype:
+    y[m, n] = sum_k x[m, k] * (q[k, n] - z[g(k), n]) * s[g(k), n]      (float32 sums)
+A decode step reads every packed word once for a handful of rows, so its time is the time to
+read them, half a byte a weight; at an H100's 3 TB/s that is 6e12 weights a second, and a
+handful of instructions per weight is already all the SMs can issue. So:
+
+Program (n block, k split) owns BLOCK_N columns and walks its share of K in tiles of BLOCK_K
+inputs, [BLOCK_K/8, BLOCK_N] words, each row of the tile one contiguous run. A tile lies inside
+one group, so its scale and zero point leave the sum over the tile:
+    sum_k x_k (q_k - z) s = s * (sum_k x_k q_k - z * sum_k x_k)
+and nibbles enter the products bare. A nibble becomes a float without a conversion: moved to
+the top of a mantissa and or-ed with the bits of 1.0 it reads as 1 + q/16, so that
+    sum_k x_k q_k = 16 * (sum_k x_k (1 + q_k/16) - sum_k x_k).
+The and-or is one LOP3 instruction only if one of its two constants sits in a register, so the
+bits of 1.0 come in as kernel arguments. The unpacked tile is never reshaped to [BLOCK_K,
+BLOCK_N] (a trip through shared memory): nibble i of every word meets x's inputs 8r + i, read
+strided from x (which the L1 cache holds). A tile is multiplied either
+  - in float32 multiply-adds, for one row (a few at most). One shift of a word brings nibbles
+    2j and 2j + 1 to mantissa bits 15..18 and 19..22, where under the exponents of 16 and of 1
+    they read as 16 + q/16 and 1 + q/16: a shift per two weights, an and-or and a multiply-add
+    per weight. A thread owns four columns and all rows of the tile, so the sum over the tile's
+    rows needs no shuffles; or
+  - on the tensor cores, rows padded to 16. One shift and and-or put nibbles i and i + 4 of a
+    word into the two 16-bit halves of a register as 1 + q/16 (exact in bf16 and fp16), and the
+    halves are consecutive inputs of the dot: [BLOCK_N, 16] += [BLOCK_N, BLOCK_K/4] @ x's inputs
+    (8r + i, 8r + i + 4) transposed, the weight the dot's left operand, in registers.
+With few columns for many inputs, K is split over `split_k` programs per n block. Each writes
+its float32 sums, and the last to finish adds them up (counted at `split_counters`, which it
+sets back to zero): no second kernel. Every size follows from the shapes alone, so a step that
+calls this can be captured in a CUDA graph.
+
+Under act-order with groups that are not runs of inputs (g_idx given: a row-parallel rank's
+slice), int4_matmul does the product; that case is rare enough not to need its own tiles.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.gemv import MAX_ROWS
+from kernels.int4_matmul import int4_matmul
+
+ONE = 0x3F800000  # the bits of 1.0 in float32
+SIXTEEN = 0x41800000  # and of 16.0
+HALVES = {torch.bfloat16: 0x3F803F80, torch.float16: 0x3C003C00}  # of 1.0 twice, in x's dtype
+UPPER = tl.constexpr(0x780000)  # mantissa bits 19..22: under 1.0's exponent a nibble reads as 1 + q/16
+LOWER = tl.constexpr(0x78000)  # mantissa bits 15..18: under 16.0's, as 16 + q/16
+
+
+@triton.jit
+def _x_sum(x_rows, start, BLOCK_K: tl.constexpr, STEP: tl.constexpr):
+    """sum over k = start, start + STEP, ... (BLOCK_K / STEP inputs) of x[m, k], float32 [BLOCK_M]."""
+    at = x_rows[:, None] + start + STEP * tl.arange(0, BLOCK_K // STEP)[None, :]
+    return tl.sum(tl.load(at).to(tl.float32), axis=1)
+
+
+@triton.jit
+def _fma_tile(words, x_rows, k0, one, sixteen, BLOCK_K: tl.constexpr):
+    """words [1, BLOCK_K/8, BLOCK_N] -> (sum_k x[m, k] q[k, n] [BLOCK_M, BLOCK_N], sum_k x[m, k]
+    [BLOCK_M]) over the tile's inputs k0 .., in float32 multiply-adds."""
+    x_at = x_rows[:, None] + k0 + 8 * tl.arange(0, words.shape[1])[None, :]  # [BLOCK_M, BLOCK_K/8]: inputs 8r
+    part = tl.zeros([x_rows.shape[0], words.shape[1], words.shape[2]], tl.float32)  # [BLOCK_M, BLOCK_K/8, BLOCK_N]
+    for j in tl.static_range(4):  # nibbles 2j and 2j + 1 to bits 15..22
+        if j < 2:
+            pair = words << (15 - 8 * j)
+        else:
+            pair = words >> (8 * j - 15)  # arithmetic, but the sign's copies stay above bit 22
+        lower = ((pair & LOWER) | sixteen).to(tl.float32, bitcast=True)  # 16 + q/16
+        upper = ((pair & UPPER) | one).to(tl.float32, bitcast=True)  # 1 + q/16
+        part = tl.fma(tl.load(x_at + 2 * j).to(tl.float32)[:, :, None], lower, part)
+        part = tl.fma(tl.load(x_at + 2 * j + 1).to(tl.float32)[:, :, None], upper, part)
+    # part sums x_k (16 + q_k/16) over even k and x_k (1 + q_k/16) over odd k
+    x_even = _x_sum(x_rows, k0, BLOCK_K, 2)
+    x_odd = _x_sum(x_rows, k0 + 1, BLOCK_K, 2)
+    return 16.0 * (tl.sum(part, axis=1) - (16.0 * x_even + x_odd)[:, None]), x_even + x_odd
+
+
+@triton.jit
+def _dot_tile(words, x_rows, k0, halves, BLOCK_K: tl.constexpr):
+    """words [BLOCK_K/8, BLOCK_N] -> (sum_k x[m, k] q[k, n] transposed [BLOCK_N, BLOCK_M], sum_k x[m, k]
+    [BLOCK_M]) over the tile's inputs k0 .., on the tensor cores."""
+    BF16: tl.constexpr = x_rows.dtype.element_ty == tl.bfloat16
+    AT: tl.constexpr = 3 if BF16 else 6  # the bit at which 1 + q/16 has q: 7 mantissa bits, or 10
+    MASK: tl.constexpr = 0xF << AT | 0xF << (AT + 16)
+    part = tl.zeros([words.shape[1], x_rows.shape[0]], tl.float32)
+    pair_k = tl.arange(0, 2 * words.shape[0])  # the dot's inputs, 2r + h: nibble i + 4h of word row r
+    for i in tl.static_range(4):  # nibbles i and i + 4 to bits AT.. and AT + 16..: two halves at once
+        if 4 * i <= AT:
+            bits = words << (AT - 4 * i)
+        else:
+            bits = words >> (4 * i - AT)
+        bits = (bits & MASK) | halves
+        low = tl.trans(bits.to(tl.int16))  # [BLOCK_N, BLOCK_K/8]: nibble i
+        high = tl.trans((bits >> 16).to(tl.int16))  # nibble i + 4
+        ones_q = tl.reshape(tl.join(low, high), (words.shape[1], 2 * words.shape[0]))  # [BLOCK_N, BLOCK_K/4]
+        x = tl.load(x_rows[:, None] + k0 + 8 * (pair_k // 2)[None, :] + 4 * (pair_k % 2)[None, :] + i)
+        part = tl.dot(ones_q.to(x.dtype, bitcast=True), tl.trans(x), part)
+    x_sum = _x_sum(x_rows, k0, BLOCK_K, 1)
+    return 16.0 * (part - x_sum[None, :]), x_sum
+
+
+@triton.jit
+def _int4_gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, out_ptr, partial_ptr, counters_ptr, M, N,
+                      stride_xm, words_per_split, num_splits, K_WORDS, one, sixteen, halves,
+                      GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr):
+    BLOCK_W: tl.constexpr = BLOCK_K // 8  # rows of words per tile
+    block = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    x_rows = x_ptr + tl.minimum(rows, M - 1) * stride_xm  # rows past M read row M - 1, and are not stored
+    cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    lo = split * words_per_split
+    hi = tl.minimum(lo + words_per_split, K_WORDS)
+    offs_w = tl.arange(0, BLOCK_W)
+    w_ptrs = qweight_ptr + (lo + offs_w)[:, None].to(tl.int64) * N + cols[None, :]  # [BLOCK_W, BLOCK_N]
+    if DOT:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)  # y transposed: the weight is the dot's left operand
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for w0 in tl.range(lo, hi, BLOCK_W, num_stages=NUM_STAGES):
+        k0 = w0 * 8
+        group = (k0 // GROUP_SIZE) * N + cols
+        z = tl.load(zeros_ptr + group, mask=cmask, other=0).to(tl.float32)  # [BLOCK_N]
+        s = tl.load(scales_ptr + group, mask=cmask, other=0.0).to(tl.float32)
+        if DOT:
+            words = tl.load(w_ptrs, mask=cmask[None, :], other=0)
+            q_sum, x_sum = _dot_tile(words, x_rows, k0, halves, BLOCK_K)
+            acc += s[:, None] * (q_sum - z[:, None] * x_sum[None, :])
+        else:
+            # loaded as a 3-d tile, which gives the product's layout: each thread a 16-byte run of
+            # columns in every row of the tile, so that the sum over rows needs no shuffles
+            words = tl.load(w_ptrs[None, :, :], mask=cmask[None, None, :], other=0)
+            q_sum, x_sum = _fma_tile(words, x_rows, k0, one, sixteen, BLOCK_K)
+            acc += s[None, :] * (q_sum - z[None, :] * x_sum[:, None])
+        w_ptrs += BLOCK_W * N
+    if DOT:
+        acc = tl.trans(acc)
+    at = rows[:, None] * N + cols[None, :]
+    mask = rmask[:, None] & cmask[None, :]
+    if SPLIT:
+        # Each split writes its float32 sums; the last of a column block's splits to finish adds
+        # them up in split order (the same sums whichever finishes last) and resets the counter.
+        tl.store(partial_ptr + split * M * N + at, acc, mask=mask)
+        tl.debug_barrier()  # every thread's sums written before the count says so
+        if tl.atomic_add(counters_ptr + block, 1, sem="acq_rel") == num_splits - 1:
+            total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for other in range(num_splits):
+                total += tl.load(partial_ptr + other * M * N + at, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + at, total.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(counters_ptr + block, 0)
+    else:
+        tl.store(out_ptr + at, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@dataclass(frozen=True)
+class Int4GemvConfig:
+    """Tiles and launch shape of one product (benchmarks/int4_gemv.py sweeps them)."""
+
+    block_n: int = 128  # columns per program (words per row of a tile)
+    block_k: int = 128  # inputs per tile: block_k / 8 rows of words; divides the group size, 64+ on tensor cores
+    num_warps: int = 4
+    num_stages: int = 3  # tiles in flight per program
+    split_k: int = 1  # programs sharing one block of columns, each over its own run of K
+    dot: bool = False  # the tensor cores (x's rows padded to 16) rather than float32 multiply-adds
+
+
+WARPS_IN_FLIGHT = 1024  # about eight warps on each of an H100's 132 SMs
+PROGRAMS_IN_FLIGHT = 264  # and two programs
+
+
+def split_k_for(N: int, K: int, block_n: int, block_k: int, num_warps: int) -> int:
+    """The splits of K that bring a launch to about WARPS_IN_FLIGHT warps in PROGRAMS_IN_FLIGHT
+    programs or more (a product reads few bytes per column, so it needs many programs to keep
+    enough reads in flight), leaving each split two tiles or more."""
+    blocks = triton.cdiv(N, block_n)
+    wanted = max(triton.cdiv(WARPS_IN_FLIGHT, blocks * num_warps), triton.cdiv(PROGRAMS_IN_FLIGHT, blocks))
+    return max(1, min(wanted, K // (2 * block_k)))
+
+
+def default_config(M: int, N: int, K: int, group_size: int) -> Int4GemvConfig:
+    """One row: multiply-adds, one warp a program, four columns a thread. More: the tensor cores
+    (eight warps, a warp group for each 64 columns) where a group holds a tile of 64 inputs or
+    more; where it does not, multiply-adds over tiles small enough that a thread's float32 sums
+    ([M, block_k/8, 4]) fit in 64 registers."""
+    fits = min(128, group_size & -group_size, K & -K)  # the largest tile of K inside one group
+    if M > 1 and fits >= 64:
+        tile = {"block_n": 128, "block_k": fits, "num_warps": 8, "num_stages": 3, "dot": True}
+    else:
+        tile = {"block_n": 128, "block_k": min(fits, 128 // triton.next_power_of_2(M)), "num_warps": 1, "num_stages": 1}
+    split_k = split_k_for(N, K, tile["block_n"], tile["block_k"], tile["num_warps"])
+    return Int4GemvConfig(**tile, split_k=split_k)
+
+
+def split_counters(N: int, device) -> torch.Tensor:
+    """Where int4_gemv's splits of K meet: a counter per block of columns (16 or more), zero
+    between calls. A layer keeps its own, made before any CUDA graph is captured."""
+    return torch.zeros(triton.cdiv(N, 16), dtype=torch.int32, device=device)
+
+
+def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
+              g_idx: torch.Tensor | None, group_size: int, config: Int4GemvConfig | None = None,
+              counters: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] (1 <= M <= MAX_ROWS, bf16 or fp16, contiguous rows) -> [M, N] in x's dtype.
+    g_idx None: input k is in group k // group_size. `counters`: split_counters(N), or made
+    for this call when K is split."""
+    M, K = x.shape
+    N = qweight.shape[1]
+    if qweight.shape[0] * 8 != K:
+        raise ValueError(f"x has {K} columns but the weight {qweight.shape[0] * 8} inputs")
+    if not 1 <= M <= MAX_ROWS or x.stride(1) != 1 or x.dtype not in HALVES:
+        raise ValueError(f"int4_gemv takes 1 to {MAX_ROWS} rows of bf16 or fp16 x, each contiguous, "
+                         f"not {M} rows of {x.dtype}")
+    if g_idx is not None:
+        return int4_matmul(x, qweight, zeros, scales, g_idx, group_size)
+    c = config or default_config(M, N, K, group_size)
+    if group_size % c.block_k or K % c.block_k or (c.dot and c.block_k < 64) or c.block_n < 16:
+        raise ValueError(f"a tile of {c.block_k} inputs must divide K ({K}) and the group size ({group_size}) "
+                         f"and be 64 or more on the tensor cores, and one of {c.block_n} columns 16 or more")
+    words = K // 8
+    per_split = triton.cdiv(triton.cdiv(words, c.block_k // 8), c.split_k) * (c.block_k // 8)
+    split_k = triton.cdiv(words, per_split)  # no split left without words
+    blocks = triton.cdiv(N, c.block_n)
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)  # [M, N]
+    partial = out  # and the counters: not read when K is whole
+    if split_k > 1:
+        partial = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
+        counters = split_counters(N, x.device) if counters is None else counters
+        if counters.numel() * 16 < N:
+            raise ValueError(f"{counters.numel()} split counters are too few for {N} columns")
+    _int4_gemv_kernel[(blocks, split_k)](
+        x, qweight, zeros, scales, out, partial, counters if split_k > 1 else out, M, N, x.stride(0),
+        per_split, split_k, words, ONE, SIXTEEN, HALVES[x.dtype], GROUP_SIZE=group_size,
+        BLOCK_M=MAX_ROWS if c.dot else triton.next_power_of_2(M), BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+        NUM_STAGES=c.num_stages, DOT=c.dot, SPLIT=split_k > 1, num_warps=c.num_warps)
+    return out

@@ -1,0 +1,137 @@
+"""The 4-bit decode product (kernels/int4_gemv.py) against x times the dequantized weight: on the
+CPU in Triton's interpreter over small shapes, on the GPU over Mistral-7B's.
+
+The interpreter multiplies bf16 dots wrongly (fp16 ones rightly), so on the CPU the tensor-core
+tiles run in fp16 only; the GPU runs both."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks.make_checkpoint import int4_tensors
+from kernels.gemv import MAX_ROWS
+from kernels.int4_gemv import Int4GemvConfig, int4_gemv, split_counters
+from kernels.quant_reference import dequantize_int4, group_of_each_input, unpack_int4
+from server.config import QuantConfig
+from server.layers.linear import MergedColumnParallelLinear
+from test_gemv import tolerance
+from test_kernels import CUDA, DEVICE, gpu_only
+from test_quant_kernels import int4_weights
+
+on_gpu = [gpu_only, pytest.mark.gpu]
+DTYPES = [torch.bfloat16, torch.float16]
+
+# Both ways of multiplying, with and without K split, N off the blocks' multiples.
+FMA = [Int4GemvConfig(block_n=32, block_k=32, num_warps=1, num_stages=1),
+       Int4GemvConfig(block_n=16, block_k=32, num_warps=2, num_stages=2, split_k=3)]
+DOT = [Int4GemvConfig(block_n=32, block_k=128, dot=True), Int4GemvConfig(block_n=16, block_k=64, dot=True, split_k=2)]
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x times the dequantized weight [N, K] rounded to x's dtype, in float32."""
+    return F.linear(x.float(), weight.to(x.dtype).float().to(x.device))
+
+
+def skip_bf16_dots_in_the_interpreter(config: Int4GemvConfig | None, dtype: torch.dtype) -> None:
+    if not CUDA and dtype == torch.bfloat16 and (config is None or config.dot):
+        pytest.skip("Triton's interpreter gets bf16 dots wrong")
+
+
+@pytest.mark.parametrize("config", FMA + DOT, ids=str)
+@pytest.mark.parametrize("M", [1, 3, MAX_ROWS])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int4_gemv_matches_the_dequantized_weight(M, config, dtype):
+    skip_bf16_dots_in_the_interpreter(config, dtype)
+    K, N, group_size = 256, 72, 128 if config.dot else 32
+    qweight, zeros, scales, _, weight = int4_weights(K, N, group_size, False, dtype, seed=M)
+    x = torch.randn(M, K).to(dtype).to(DEVICE)
+    out = int4_gemv(x, qweight, zeros, scales, None, group_size, config)
+    assert out.shape == (M, N) and out.dtype == dtype
+    torch.testing.assert_close(out.float(), reference(x, weight), **tolerance(dtype, K))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_default_tiles_and_act_order_match_the_dequantized_weight(dtype):
+    """Small groups too; g_idx (groups that are not runs of inputs) goes through int4_matmul."""
+    skip_bf16_dots_in_the_interpreter(None, dtype)
+    for M, group_size, act_order in [(1, 128, False), (5, 128, False), (3, 64, False), (16, 32, False),
+                                     (2, 128, True)]:
+        qweight, zeros, scales, g_idx, weight = int4_weights(512, 40, group_size, act_order, dtype, seed=M)
+        x = torch.randn(M, 512).to(dtype).to(DEVICE)
+        out = int4_gemv(x, qweight, zeros, scales, g_idx, group_size)
+        torch.testing.assert_close(out.float(), reference(x, weight), **tolerance(dtype, 512))
+
+
+def test_the_splits_leave_their_counters_at_zero_for_the_next_call():
+    dtype = torch.float16
+    qweight, zeros, scales, _, weight = int4_weights(256, 48, 32, False, dtype)
+    counters = split_counters(48, DEVICE)
+    config = Int4GemvConfig(block_n=16, block_k=32, num_warps=1, split_k=4)
+    for seed in range(2):
+        x = torch.randn(2, 256, generator=torch.Generator().manual_seed(seed)).to(dtype).to(DEVICE)
+        out = int4_gemv(x, qweight, zeros, scales, None, 32, config, counters=counters)
+        torch.testing.assert_close(out.float(), reference(x, weight), **tolerance(dtype, 256))
+        assert not counters.any()
+
+
+def test_int4_gemv_reads_x_rows_with_a_stride():
+    dtype = torch.float16
+    qweight, zeros, scales, _, _ = int4_weights(64, 16, 32, False, dtype)
+    x = torch.randn(3, 64).to(dtype).to(DEVICE)
+    wide = torch.cat([x, x], dim=1)[:, :64]  # rows 128 apart
+    config = FMA[0]
+    assert torch.equal(int4_gemv(wide, qweight, zeros, scales, None, 32, config),
+                       int4_gemv(x, qweight, zeros, scales, None, 32, config))
+
+
+def test_int4_gemv_refuses_what_it_is_not_for():
+    qweight, zeros, scales, _, _ = int4_weights(64, 16, 32, False, torch.float16)
+    for rows in (0, MAX_ROWS + 1):
+        with pytest.raises(ValueError, match="rows"):
+            int4_gemv(torch.zeros(rows, 64, dtype=torch.float16, device=DEVICE), qweight, zeros, scales, None, 32)
+    with pytest.raises(ValueError, match="inputs"):
+        int4_gemv(torch.zeros(1, 32, dtype=torch.float16, device=DEVICE), qweight, zeros, scales, None, 32)
+    with pytest.raises(ValueError, match="tile"):
+        int4_gemv(torch.zeros(1, 64, dtype=torch.float16, device=DEVICE), qweight, zeros, scales, None, 32,
+                  Int4GemvConfig(block_k=64))
+
+
+MISTRAL = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]  # (N, K): qkv, o_proj, gate_up, down
+
+
+@pytest.mark.parametrize("N, K", [pytest.param(*shape, marks=on_gpu) for shape in MISTRAL])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int4_gemv_on_mistral_shapes(N, K, dtype):
+    qweight, zeros, scales, _, weight = int4_weights(K, N, 128, False, dtype)
+    weight = weight.to(DEVICE).to(dtype).float()
+    for M in range(1, MAX_ROWS + 1):
+        x = torch.randn(M, K, device=DEVICE).to(dtype)
+        expected = F.linear(x.float(), weight)
+        other = Int4GemvConfig(block_n=256, block_k=64, num_warps=1, num_stages=2, split_k=3) if M == 1 else \
+            Int4GemvConfig(block_n=64, dot=True, num_stages=5, split_k=5)
+        for config in (None, other):
+            out = int4_gemv(x, qweight, zeros, scales, None, 128, config)
+            torch.testing.assert_close(out.float(), expected, **tolerance(dtype, K))
+
+
+@pytest.mark.parametrize("M", [1, MAX_ROWS, MAX_ROWS + 1])
+def test_4bit_layers_take_int4_gemv_for_cuda_decode_batches_only(M, monkeypatch):
+    from server.layers import int4_linear
+
+    calls = []
+    gemv = int4_linear.int4_gemv
+    monkeypatch.setattr(int4_linear, "int4_gemv", lambda x, *args, **kwargs: calls.append(x.shape) or gemv(
+        x, *args, **kwargs))
+    dtype = torch.float16
+    with torch.device(DEVICE):
+        layer = MergedColumnParallelLinear(256, [(64, 1)], quant=QuantConfig("gptq", 128, zero_offset=1))
+    for name, tensor in int4_tensors("proj.weight", (64, 256), "gptq", torch.Generator(), "cpu").items():
+        layer.load_piece(0, tensor, name.rsplit(".", 1)[1])
+    layer.finish_loading()
+    layer.to(dtype)  # the scales
+    weight = dequantize_int4(unpack_int4(layer.qweight, dim=0), layer.zeros, layer.scales,
+                             group_of_each_input(256, 128, DEVICE))
+    x = torch.randn(M, 256).to(dtype).to(DEVICE)
+    torch.testing.assert_close(layer(x).float(), reference(x, weight), **tolerance(dtype, 256))
+    assert len(calls) == (1 if CUDA and M <= MAX_ROWS else 0)
