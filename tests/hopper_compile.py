@@ -31,6 +31,7 @@ kernels.launch.PDL, kernels.launch.LAUNCH = True, {"launch_pdl": True}  # before
 
 from kernels.decode_attention import decode_attention  # noqa: E402
 from kernels.gemv import gemv  # noqa: E402
+from kernels.int4_gemv import int4_gemv  # noqa: E402
 from kernels.norm import rmsnorm  # noqa: E402
 from kernels.prefill_attention import prefill_attention  # noqa: E402
 from kernels.quant_reference import FP8  # noqa: E402
@@ -58,8 +59,8 @@ def compiled(jit: JITFunction, args: tuple, kwargs: dict):
 
 
 def decode_step_launches() -> None:
-    """The launches of a Mistral-7B layer's decode step (1 and 16 sequences, bf16 and fp8
-    weights and cache), its LM head, and a prefill's attention."""
+    """The launches of a Mistral-7B layer's decode step (1 and 16 sequences, bf16, fp8 and
+    4-bit weights, bf16 and fp8 cache), its LM head, and a prefill's attention."""
     e = torch.empty
     bf16 = torch.bfloat16
     shapes = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
@@ -70,6 +71,9 @@ def decode_step_launches() -> None:
             x = e(M, 2 * K if gated else K, dtype=bf16)
             gemv(x, e(N, K, dtype=bf16), gated=gated)
             gemv(x, e(N, K, dtype=FP8), weight_scale=e(N), gated=gated)
+            if name != "lm_head":  # 4-bit, group 128 (the silu of a gated input made before)
+                int4_gemv(e(M, K, dtype=bf16), e(K // 8, N, dtype=torch.int32), e(K // 128, N, dtype=torch.uint8),
+                          e(K // 128, N, dtype=bf16), None, 128)
         rmsnorm(e(M, 4096, dtype=bf16), e(4096, dtype=bf16), 1e-5, e(M, 4096, dtype=bf16))
         q, k, v = e(M, 6144, dtype=bf16).split([4096, 1024, 1024], dim=-1)
         q, k, v = (t.view(M, -1, 128) for t in (q, k, v))
