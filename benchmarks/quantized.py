@@ -87,9 +87,11 @@ def measure(args) -> dict:
     run_alone(engine, prompt, 8)  # warm-up
     _, decode = run_alone(engine, prompt, args.decode_tokens + 1)
     engine.stream_outputs = False
-    workload = SimpleNamespace(repeats=1, trace=False)
-    prompts = make_prompts(256, 100, 1024, 32768, 0)
-    throughput = run_engine(llm, workload, prompts, output_lens(256, 100, 1024, 0))
+    throughput = None
+    if not args.decode_only:
+        workload = SimpleNamespace(repeats=1, trace=False)
+        prompts = make_prompts(256, 100, 1024, 32768, 0)
+        throughput = run_engine(llm, workload, prompts, output_lens(256, 100, 1024, 0))
     weight_bytes = tensor_bytes(engine.runner.model)
     kv_bytes = engine.runner.kv_bytes_per_token()
     return {"weight_bytes": weight_bytes, "kv_bytes_per_token": kv_bytes,
@@ -101,7 +103,8 @@ def measure(args) -> dict:
 
 def in_own_process(variant: str, model: str, args) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--measure", variant, "--model", model,
-               "--decode-context", str(args.decode_context), "--decode-tokens", str(args.decode_tokens)]
+               "--decode-context", str(args.decode_context), "--decode-tokens", str(args.decode_tokens)] + \
+        (["--decode-only"] if args.decode_only else [])
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         return {"error": done.stderr[-3000:]}
@@ -121,6 +124,7 @@ def main() -> None:
     parser.add_argument("--variants", default="bf16,fp8,gptq", help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--decode-context", type=int, default=128)
     parser.add_argument("--decode-tokens", type=int, default=256)
+    parser.add_argument("--decode-only", action="store_true", help="one-sequence decode and memory only")
     parser.add_argument("--measure", choices=VARIANTS, help=argparse.SUPPRESS)  # the child process
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -138,7 +142,8 @@ def main() -> None:
     engines = {v: in_own_process(v, checkpoints[VARIANTS[v][0]], args) for v in variants}
     bandwidth = copy_bandwidth()
     layer_quant = {"bf16": None, "fp8": QuantConfig("fp8"), "gptq": QuantConfig("gptq", 128, zero_offset=1)}
-    kernels = {rows: {v: layer_matmuls(layer_quant[v], rows) for v in variants if v in layer_quant} for rows in (1, 256)}
+    kernels = {} if args.decode_only else \
+        {rows: {v: layer_matmuls(layer_quant[v], rows) for v in variants if v in layer_quant} for rows in (1, 256)}
     report = {"benchmark": "quantized", "device": torch.cuda.get_device_name(), "copy_bandwidth_bytes_per_s": bandwidth,
               "layer_matmuls": kernels, "engines": engines}
     base = engines.get("bf16", {})
@@ -151,7 +156,8 @@ def main() -> None:
         if "decode_tokens_per_s" in base:
             figures["decode_over_bf16"] = figures["decode_tokens_per_s"] / base["decode_tokens_per_s"]
             figures["roofline_over_bf16"] = base["decode_bytes_per_token"] / figures["decode_bytes_per_token"]
-            figures["throughput_over_bf16"] = figures["throughput"]["tokens_per_s"] / base["throughput"]["tokens_per_s"]
+            if figures["throughput"] is not None:
+                figures["throughput_over_bf16"] = figures["throughput"]["tokens_per_s"] / base["throughput"]["tokens_per_s"]
             figures["weight_bytes_over_bf16"] = figures["weight_bytes"] / base["weight_bytes"]
     for rows, by_variant in kernels.items():
         for figures in by_variant.values():

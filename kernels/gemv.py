@@ -120,21 +120,26 @@ class GemvConfig:
 
 
 def default_config(M: int, N: int, K: int, weight_bytes: int = 2, gated: bool = False) -> GemvConfig:
-    """The tiles that read Mistral-7B's weights fastest on an H100 in benchmarks/gemv.py's sweep
-    (within 2% of the best for every weight and batch; 4 to 17% faster than cuBLAS). One row:
-    float32 multiply-adds over 4 rows of W (8 for long rows: down_proj) with 1024-wide tiles
-    and no pipelining, the 4 x 16-byte loads per thread being enough in flight. More rows: the
-    tensor cores, 256-wide tiles for long rows. Splitting K never paid (512 or more programs
-    for one row, 64 or more for the others). The tensor-core pipeline is as deep as shared
-    memory allows: 5 stages, fewer where a stage holds more (an fp8 tile twice as wide, a gated
-    input's two tiles of x)."""
-    widen = 2 if weight_bytes == 1 else 1  # an fp8 weight: the same bytes per tile (not swept yet)
+    """The tiles that read Mistral-7B's weights fastest on an H100 in benchmarks/gemv.py's sweep.
+    bf16 (within 2% of the best for every weight and batch; 4 to 17% faster than cuBLAS): one
+    row in float32 multiply-adds over 4 rows of W (8 for long rows: down_proj) with 1024-wide
+    tiles and no pipelining, the 4 x 16-byte loads per thread being enough in flight; more
+    rows on the tensor cores, 256-wide tiles for long rows, K never split. fp8 (`--fp8`): one
+    row over 8 rows of W, 1024-wide tiles three deep (0.66-0.93 of the copy rate, against
+    0.49-0.63 with bf16's tiles); more rows on 128-wide tiles three deep with K split in four
+    (0.52-0.73). The tensor-core pipeline is never deeper than shared memory holds (a gated
+    input's stage holds two tiles of x)."""
     if M == 1:
-        return GemvConfig(block_n=8 if K > 4096 else 4, block_k=1024 * widen, num_warps=4, num_stages=1)
-    block_n, block_k = 64, (256 if K > 4096 else 128) * widen
+        if weight_bytes == 1:
+            return GemvConfig(block_n=8, block_k=1024, num_warps=4, num_stages=3)
+        return GemvConfig(block_n=8 if K > 4096 else 4, block_k=1024, num_warps=4, num_stages=1)
+    if weight_bytes == 1:
+        block_n, block_k, stages, split_k = 64, 128, 3, 4
+    else:
+        block_n, block_k, stages, split_k = 64, 256 if K > 4096 else 128, 5, 1
     stage_bytes = block_n * block_k * weight_bytes + MAX_ROWS * block_k * 2 * (2 if gated else 1)
-    return GemvConfig(block_n=block_n, block_k=block_k, num_warps=4, num_stages=min(5, SHARED_MEMORY // stage_bytes),
-                      dot=True)
+    return GemvConfig(block_n=block_n, block_k=block_k, num_warps=4, num_stages=min(stages, SHARED_MEMORY // stage_bytes),
+                      split_k=split_k, dot=True)
 
 
 def suits(x: torch.Tensor) -> bool:

@@ -174,31 +174,42 @@ class Int4GemvConfig:
     dot: bool = False  # the tensor cores (x's rows padded to 16) rather than float32 multiply-adds
 
 
-WARPS_IN_FLIGHT = 1024  # about eight warps on each of an H100's 132 SMs
-PROGRAMS_IN_FLIGHT = 264  # and two programs
+PROGRAMS_IN_FLIGHT = 264  # two programs on each of an H100's 132 SMs
 
 
-def split_k_for(N: int, K: int, block_n: int, block_k: int, num_warps: int) -> int:
-    """The splits of K that bring a launch to about WARPS_IN_FLIGHT warps in PROGRAMS_IN_FLIGHT
-    programs or more (a product reads few bytes per column, so it needs many programs to keep
-    enough reads in flight), leaving each split two tiles or more."""
+def split_k_for(N: int, K: int, block_n: int, block_k: int, num_warps: int, warps: int = 1024) -> int:
+    """The splits of K that bring a launch to about `warps` warps in PROGRAMS_IN_FLIGHT programs
+    or more (a product reads few bytes per column, so it needs many programs to keep enough
+    reads in flight), leaving each split two tiles or more."""
     blocks = triton.cdiv(N, block_n)
-    wanted = max(triton.cdiv(WARPS_IN_FLIGHT, blocks * num_warps), triton.cdiv(PROGRAMS_IN_FLIGHT, blocks))
+    wanted = max(triton.cdiv(warps, blocks * num_warps), triton.cdiv(PROGRAMS_IN_FLIGHT, blocks))
     return max(1, min(wanted, K // (2 * block_k)))
 
 
 def default_config(M: int, N: int, K: int, group_size: int) -> Int4GemvConfig:
-    """One row: multiply-adds, one warp a program, four columns a thread. More: the tensor cores
-    (eight warps, a warp group for each 64 columns) where a group holds a tile of 64 inputs or
-    more; where it does not, multiply-adds over tiles small enough that a thread's float32 sums
-    ([M, block_k/8, 4]) fit in 64 registers."""
+    """One row (what decode batches of one use): multiply-adds, one warp a program, the tiles
+    that benchmarks/int4_gemv.py found fastest on an H100 for each Mistral-7B weight (the four
+    products of a layer in 72.8 us, 2.03x the bf16 gemv): 64-input tiles where K is 4,096 and
+    128-input tiles two deep where it is longer, 256 columns a program for the wide gate_up,
+    and K split until about 2,048 warps (1,024 for the long down_proj) are in flight, each split
+    keeping two tiles or more. More rows: the tensor cores (eight warps, a warp group for each
+    64 columns) where a group holds a tile of 64 inputs or more; where it does not, multiply-adds
+    over tiles small enough that a thread's float32 sums ([M, block_k/8, 4]) fit in 64 registers.
+    (On the H100 the tensor-core tiles were 2.3-3.5x slower than int4_matmul at 16 rows, so the
+    layers send only single rows here.)"""
     fits = min(128, group_size & -group_size, K & -K)  # the largest tile of K inside one group
     if M > 1 and fits >= 64:
         tile = {"block_n": 128, "block_k": fits, "num_warps": 8, "num_stages": 3, "dot": True}
+        warps = 1024
+    elif M == 1:
+        long = K > 4096
+        tile = {"block_n": 256 if N >= 16384 else 128, "block_k": min(fits, 128 if long else 64), "num_warps": 1,
+                "num_stages": 2 if long else 1}
+        warps = 1024 if long else 2048
     else:
         tile = {"block_n": 128, "block_k": min(fits, 128 // triton.next_power_of_2(M)), "num_warps": 1, "num_stages": 1}
-    split_k = split_k_for(N, K, tile["block_n"], tile["block_k"], tile["num_warps"])
-    return Int4GemvConfig(**tile, split_k=split_k)
+        warps = 1024
+    return Int4GemvConfig(**tile, split_k=split_k_for(N, K, tile["block_n"], tile["block_k"], tile["num_warps"], warps))
 
 
 def split_counters(N: int, device) -> torch.Tensor:

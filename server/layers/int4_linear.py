@@ -14,9 +14,10 @@ per tile; the activations' columns are gathered in the same order (`perm`). Wher
 sorted inputs still do not form whole groups (act-order under row parallelism), the kernel
 reads each input's group from g_idx.
 
-On the GPU: decode batches of up to 16 rows through kernels/int4_gemv.py (shaped to read the
-packed words as fast as memory gives them), batches of up to FUSED_MAX_ROWS through
-kernels/int4_matmul.py, and larger ones (prefill) as the weight dequantized to the activations'
+On the GPU: a decode batch of one row through kernels/int4_gemv.py (shaped to read the packed
+words as fast as memory gives them; 2.03x the bf16 gemv on a Mistral-7B layer on an H100, while
+its tensor-core tiles for 16 rows were slower than int4_matmul), batches of up to
+FUSED_MAX_ROWS through kernels/int4_matmul.py, and larger ones (prefill) as the weight dequantized to the activations'
 dtype and one dense matmul. On the CPU the weight is dequantized with torch at every call rather
 than kept: the layer then holds only the 4-bit tensors, as on the GPU, and the CPU path (the
 tests' oracle) computes from exactly them.
@@ -141,7 +142,7 @@ class Int4Weight:
         if layer.perm is not None:
             x = x[:, layer.perm]
         tensors = (layer.qweight, layer.zeros, layer.scales, layer.g_idx, layer.group_size)
-        if x.is_cuda and suits(x):
+        if x.is_cuda and x.shape[0] == 1 and suits(x):
             out = int4_gemv(x, *tensors, counters=layer.split_counters)
         elif x.is_cuda and x.shape[0] <= FUSED_MAX_ROWS:
             out = int4_matmul(x, *tensors, num_sms=layer.num_sms)
