@@ -56,13 +56,17 @@ def engine_figures(args, prompts: dict[int, list[int]]) -> dict:
         engine.async_scheduling = False
         _, one_at_a_time = run_alone(engine, prompts[args.decode_context], args.decode_tokens + 1)
         engine.async_scheduling = True
-    params = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+    model = engine.runner.model
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    # A token reads one row of the embedding table (all of it only as a tied LM head).
+    read = params - (0 if model.config.tie_word_embeddings else
+                     sum(p.numel() * p.element_size() for p in model.embed_tokens.parameters()))
     kv_bytes = engine.runner.kv_bytes_per_token() * (args.decode_context + args.decode_tokens / 2)
     figures = {"ttft_ms": {str(k): v * 1000 for k, v in ttft.items()},
                "decode_tokens_per_s": args.decode_tokens / decode, "weight_bytes": params,
                "kv_cache_tokens": engine.config.cache.max_total_tokens,
                "activation_bytes": getattr(engine.runner, "activation_bytes", None),
-               "decode_bytes_per_token": params + kv_bytes}
+               "decode_bytes_per_token": read + kv_bytes}
     if one_at_a_time is not None:
         figures["decode_tokens_per_s_without_async_scheduling"] = args.decode_tokens / one_at_a_time
     del engine

@@ -92,12 +92,15 @@ def measure(args) -> dict:
         workload = SimpleNamespace(repeats=1, trace=False)
         prompts = make_prompts(256, 100, 1024, 32768, 0)
         throughput = run_engine(llm, workload, prompts, output_lens(256, 100, 1024, 0))
-    weight_bytes = tensor_bytes(engine.runner.model)
+    model = engine.runner.model
+    weight_bytes = tensor_bytes(model)
+    # A token reads one row of the embedding table (all of it only as a tied LM head).
+    read_bytes = weight_bytes - (0 if model.config.tie_word_embeddings else tensor_bytes(model.embed_tokens))
     kv_bytes = engine.runner.kv_bytes_per_token()
     return {"weight_bytes": weight_bytes, "kv_bytes_per_token": kv_bytes,
             "kv_cache_tokens": engine.config.cache.max_total_tokens,
             "decode_tokens_per_s": args.decode_tokens / decode,
-            "decode_bytes_per_token": weight_bytes + kv_bytes * (args.decode_context + args.decode_tokens / 2),
+            "decode_bytes_per_token": read_bytes + kv_bytes * (args.decode_context + args.decode_tokens / 2),
             "throughput": throughput}
 
 
