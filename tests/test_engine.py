@@ -266,3 +266,39 @@ def test_a_watermark_makes_most_tokens_green_and_a_plain_text_does_not(llm):
     plain = SamplingParams(temperature=1.0, seed=5, max_tokens=64, ignore_eos=True)
     assert green_share(marked) > 0.75
     assert green_share(plain) < 0.65
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_after_warm_up_no_prompt_waits_for_a_kernel_to_compile(mistral_v03_dir):
+    """Triton compiles a kernel once per specialization of its integer arguments; start-up
+    compiles every variant a prompt of any length can ask for (ModelRunner.warm_up)."""
+    import importlib
+
+    from triton.runtime.jit import JITFunction
+
+    modules = [importlib.import_module(f"kernels.{name}")
+               for name in ("prefill_attention", "decode_attention", "norm", "rotary", "activation", "gemv")]
+    kernels = [k for m in modules for k in vars(m).values() if isinstance(k, JITFunction)]
+
+    def compiled() -> int:
+        return sum(len(cache[0]) for k in kernels for cache in k.device_caches.values())
+
+    llm = LLM(mistral_v03_dir, device="cuda", dtype="bfloat16")
+    before = compiled()
+    for n in (3, 17, 30, 45, 100, 256, 300):
+        llm.generate([list(range(10, 10 + n))], SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)
+    assert compiled() == before
+
+
+def test_the_warm_up_steps_run_and_sample(mistral_v03_dir):
+    """What start-up runs on CUDA (ModelRunner.warm_up), run here on the CPU path (by an engine
+    of its own: the steps write over cache blocks, which start-up does before any request)."""
+    llm = LLM(mistral_v03_dir, max_batch_total_tokens=512)
+    runner = llm.engine.runner
+    steps = runner.warm_up_steps()
+    widths = {len(chunks[0].block_table) for chunks in steps}
+    assert widths == {1, 3, 16} and any(len(chunks[0].token_ids) > 32 for chunks in steps)
+    for chunks in steps:
+        [result] = runner.execute(chunks)
+        assert 0 <= result.sampled.token_id < llm.engine.config.model.vocab_size

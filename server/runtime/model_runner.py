@@ -128,7 +128,7 @@ class ModelRunner:
         return peak
 
     def allocate_kv_cache(self, cache: CacheConfig) -> None:
-        self.block_size = cache.block_size
+        self.block_size, self.num_blocks = cache.block_size, cache.num_blocks
         m = self.model_config
         shape = (cache.num_blocks, cache.block_size, self.num_kv_heads, m.head_dim)
         for module in self.model.modules():
@@ -151,6 +151,29 @@ class ModelRunner:
         sizes = [s for s in DEFAULT_SIZES if s <= max_batch_size] or [1]
         max_blocks = -(-max_model_len // self.block_size)
         self.graphs = DecodeGraphs(self.model, sizes, max_blocks, self._num_splits, self.device)
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Compile, before the first request, the kernel variants that the graph capture and the
+        activation profile leave out. Triton compiles a kernel anew for each specialization of
+        its integer arguments (equal to 1, divisible by 16): prefill attention takes the block
+        tables' width as a stride (one block, a multiple of 16 blocks, any other width) and
+        16-row tiles for chunks of up to 32 tokens. Each compile takes the better part of a
+        second, which the first request of its kind would wait for. Every rank runs this, in
+        lockstep, as it runs the profile; the cache's blocks are written with nothing that
+        outlives it."""
+        if self.device.type == "cuda" and self.attention_backend == "triton":
+            for chunks in self.warm_up_steps():
+                self.execute(chunks)
+
+    def warm_up_steps(self) -> list[list[SequenceChunk]]:
+        """One prefill for each block-table width (1, 3 and 16 blocks) and tile height."""
+        steps = []
+        for width in (1, 3, 16):
+            table = [block % self.num_blocks for block in range(width)]
+            for length in sorted({min(8, width * self.block_size), min(40, width * self.block_size)}):
+                steps.append([SequenceChunk([0] * length, 0, table, sampling=SamplingOptions())])
+        return steps
 
     def _num_splits(self, num_seqs: int) -> int:
         """Context splits of the decode kernel: enough programs for about two per SM (at most
