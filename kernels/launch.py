@@ -9,27 +9,19 @@ them (`gdc_launch_dependents`, which each of ours calls first); each program the
 anything. Every program of every kernel launched this way waits, so the order stays
 transitive: a kernel that has finished has seen the one ahead of it finish.
 
-On by default on CUDA devices of compute capability 9.0 or more (SERVER_PDL=0 turns it off);
-never in Triton's interpreter (the CPU tests), where `PDL` is False and the calls compile away.
-On one H100, one-sequence decode of a Mistral-7B-shaped model went from 179.7 to 185.5
-tokens/s with it (benchmarks/latency.py, SERVER_PDL=0 and 1 in one run).
+On for CUDA devices of compute capability 9.0 or more; never in Triton's interpreter (the CPU
+tests), where `PDL` is False and the calls compile away. On one H100, one-sequence decode of a
+Mistral-7B-shaped model went from 179.7 to 185.5 tokens/s with it (benchmarks/latency.py,
+without and with, on one machine).
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
 
-
-def _pdl_available() -> bool:
-    if os.environ.get("SERVER_PDL", "1") == "0" or os.environ.get("TRITON_INTERPRET") == "1":
-        return False
-    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
-
-
-PDL = _pdl_available()
+PDL = not knobs.runtime.interpret and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 LAUNCH = {"launch_pdl": True} if PDL else {}  # the launch options of every kernel that calls wait_for_inputs
 
 
