@@ -87,8 +87,11 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 256])
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--stream-outputs", action="store_true",
+                        help="build every request's output each step, as the server does (LLM.generate does not)")
     args = parser.parse_args()
     engine = LLMEngine(EngineArgs(model=args.model, dtype="bfloat16", enable_prefix_caching=False))
+    engine.stream_outputs = args.stream_outputs
     print(json.dumps([decode_profile(engine, b, args.prompt_len, args.steps) for b in args.batch_sizes], indent=2))
 
 
