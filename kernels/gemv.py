@@ -138,8 +138,8 @@ def default_config(M: int, N: int, K: int, weight_bytes: int = 2, gated: bool = 
     else:
         block_n, block_k, stages, split_k = 64, 256 if K > 4096 else 128, 5, 1
     stage_bytes = block_n * block_k * weight_bytes + MAX_ROWS * block_k * 2 * (2 if gated else 1)
-    return GemvConfig(block_n=block_n, block_k=block_k, num_warps=4, num_stages=min(stages, SHARED_MEMORY // stage_bytes),
-                      split_k=split_k, dot=True)
+    stages = min(stages, SHARED_MEMORY // stage_bytes)
+    return GemvConfig(block_n=block_n, block_k=block_k, num_warps=4, num_stages=stages, split_k=split_k, dot=True)
 
 
 def suits(x: torch.Tensor) -> bool:
