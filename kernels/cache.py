@@ -15,6 +15,14 @@ from kernels.quant_reference import FP8, FP8_MAX
 
 
 @triton.jit
+def to_cache(x, inv_scale, cache_ptr, QUANTIZE: tl.constexpr, FP8_MAX: tl.constexpr):
+    """K or V values as the cache stores them: an fp8 cache's clamped x / scale."""
+    if QUANTIZE:
+        x = tl.minimum(tl.maximum(x.to(tl.float32) * inv_scale, -FP8_MAX), FP8_MAX)
+    return x.to(cache_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_k, stride_v, k_inv_scale, v_inv_scale,
                      WIDTH: tl.constexpr, BLOCK: tl.constexpr, QUANTIZE: tl.constexpr, FP8_MAX: tl.constexpr):
     token = tl.program_id(0)
@@ -24,11 +32,8 @@ def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_k,
         mask = offs < WIDTH
         k = tl.load(k_ptr + token * stride_k + offs, mask=mask)
         v = tl.load(v_ptr + token * stride_v + offs, mask=mask)
-        if QUANTIZE:
-            k = tl.minimum(tl.maximum(k.to(tl.float32) * k_inv_scale, -FP8_MAX), FP8_MAX)
-            v = tl.minimum(tl.maximum(v.to(tl.float32) * v_inv_scale, -FP8_MAX), FP8_MAX)
-        tl.store(k_cache_ptr + slot * WIDTH + offs, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-        tl.store(v_cache_ptr + slot * WIDTH + offs, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(k_cache_ptr + slot * WIDTH + offs, to_cache(k, k_inv_scale, k_cache_ptr, QUANTIZE, FP8_MAX), mask=mask)
+        tl.store(v_cache_ptr + slot * WIDTH + offs, to_cache(v, v_inv_scale, v_cache_ptr, QUANTIZE, FP8_MAX), mask=mask)
 
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping, k_scale: float = 1.0, v_scale: float = 1.0) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kernels.cache import to_cache
 from kernels.launch import LAUNCH, PDL, wait_for_inputs
 from kernels.quant_reference import FP8, FP8_MAX
 
@@ -26,13 +27,6 @@ def _rotated(base, cos, sin, mask, HALF: tl.constexpr):
     x2 = tl.load(base + HALF, mask=mask, other=0.0)
     a, b = x1.to(tl.float32), x2.to(tl.float32)
     return (a * cos - b * sin).to(x1.dtype), (b * cos + a * sin).to(x1.dtype)
-
-
-@triton.jit
-def _to_cache(x, inv_scale, cache_ptr, QUANTIZE: tl.constexpr, FP8_MAX: tl.constexpr):
-    if QUANTIZE:
-        x = tl.minimum(tl.maximum(x.to(tl.float32) * inv_scale, -FP8_MAX), FP8_MAX)
-    return x.to(cache_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -64,12 +58,12 @@ def _rotate_and_store_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, k_cache_
         offs = kv_heads * HEAD_DIM + dims[None, :]  # within a token's [kv_heads, head_dim]
         cached = slot * (NUM_KV_HEADS * HEAD_DIM) + offs
         k1, k2 = _rotated(k_ptr + token * stride_k + offs, cos, sin, kv_mask, HALF)
-        tl.store(k_cache_ptr + cached, _to_cache(k1, k_inv_scale, k_cache_ptr, QUANTIZE, FP8_MAX), mask=kv_mask)
-        tl.store(k_cache_ptr + cached + HALF, _to_cache(k2, k_inv_scale, k_cache_ptr, QUANTIZE, FP8_MAX),
+        tl.store(k_cache_ptr + cached, to_cache(k1, k_inv_scale, k_cache_ptr, QUANTIZE, FP8_MAX), mask=kv_mask)
+        tl.store(k_cache_ptr + cached + HALF, to_cache(k2, k_inv_scale, k_cache_ptr, QUANTIZE, FP8_MAX),
                  mask=kv_mask)
         for half in tl.static_range(2):
             v = tl.load(v_ptr + token * stride_v + offs + half * HALF, mask=kv_mask, other=0.0)
-            tl.store(v_cache_ptr + cached + half * HALF, _to_cache(v, v_inv_scale, v_cache_ptr, QUANTIZE, FP8_MAX),
+            tl.store(v_cache_ptr + cached + half * HALF, to_cache(v, v_inv_scale, v_cache_ptr, QUANTIZE, FP8_MAX),
                      mask=kv_mask)
 
 
