@@ -68,14 +68,13 @@ class Fp8Weight:
         """gated: x is [gate | up], multiplied as silu(gate) * up (see linear.py)."""
         if gemv is not None and suits(x):  # a decode batch: the weight widened as it is read
             out = gemv(x, layer.weight, weight_scale=layer.weight_scale, gated=gated)
-            return out + bias if bias is not None else out
-        if gated:
-            x = silu_and_mul(x)
-        if x.is_cuda:
-            x_q, x_scale = quantize_fp8_per_token(x)  # [M, K] e4m3, [M, 1]
-            # Row-wise scaled fp8 matmul writes bfloat16 (its other outputs depend on the build).
-            out = torch._scaled_mm(x_q, layer.weight.t(), scale_a=x_scale, scale_b=layer.weight_scale.view(1, -1),
-                                   out_dtype=torch.bfloat16).to(x.dtype)
         else:
-            out = F.linear(x, dequantize_fp8(layer.weight, layer.weight_scale).to(x.dtype))
+            x = silu_and_mul(x) if gated else x
+            if x.is_cuda:
+                x_q, x_scale = quantize_fp8_per_token(x)  # [M, K] e4m3, [M, 1]
+                # Row-wise scaled fp8 matmul writes bfloat16 (its other outputs depend on the build).
+                out = torch._scaled_mm(x_q, layer.weight.t(), scale_a=x_scale, scale_b=layer.weight_scale.view(1, -1),
+                                       out_dtype=torch.bfloat16).to(x.dtype)
+            else:
+                out = F.linear(x, dequantize_fp8(layer.weight, layer.weight_scale).to(x.dtype))
         return out + bias if bias is not None else out
