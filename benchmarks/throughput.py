@@ -71,20 +71,28 @@ def traced_run(llm: LLM, prompts, params) -> dict:
     by batch size, with the context tokens they read."""
     engine = llm.engine
     schedule, step = engine.scheduler.schedule, engine.step
-    steps = []
+    phases: dict[str, dict] = {}
+    current = []  # the phase of the step being run
 
     def scheduled():
         batch = schedule()
-        steps.append([len(batch.seqs), batch.num_tokens if batch else 0, sum(s.num_computed_tokens + n for s, n in
-                      zip(batch.seqs, batch.num_new_tokens)) if batch else 0, any(n > 1 for n in batch.num_new_tokens)
-                      if batch else False, 0.0])
+        seqs = len(batch.seqs) if batch else 0
+        name = "idle" if not seqs else "prefill" if any(n > 1 for n in batch.num_new_tokens) else \
+            f"decode_{(seqs - 1) // 32 * 32 + 1}-{(seqs - 1) // 32 * 32 + 32}"
+        phase = phases.setdefault(name, {"steps": 0, "seconds": 0.0, "tokens": 0, "context_tokens_read": 0})
+        phase["steps"] += 1
+        if seqs:
+            phase["tokens"] += batch.num_tokens
+            phase["context_tokens_read"] += sum(seq.num_computed_tokens + n
+                                                for seq, n in zip(batch.seqs, batch.num_new_tokens))
+        current[:] = [phase]
         return batch
 
     def timed():
         start = time.perf_counter()
         outputs = step()
-        if steps:
-            steps[-1][4] += time.perf_counter() - start
+        if current:
+            current[0]["seconds"] += time.perf_counter() - start
         return outputs
 
     engine.scheduler.schedule, engine.step = scheduled, timed
@@ -92,17 +100,9 @@ def traced_run(llm: LLM, prompts, params) -> dict:
         llm.generate(prompts, params, use_tqdm=False)
     finally:
         engine.scheduler.schedule, engine.step = schedule, step
-    phases: dict[str, list[float]] = {}
-    for seqs, tokens, context, prefill, seconds in steps:
-        name = "prefill" if prefill else "idle" if not seqs else \
-            f"decode_{(seqs - 1) // 32 * 32 + 1}-{(seqs - 1) // 32 * 32 + 32}"
-        phase = phases.setdefault(name, [0, 0.0, 0, 0])
-        phase[0] += 1
-        phase[1] += seconds
-        phase[2] += tokens
-        phase[3] += context
-    return {name: {"steps": n, "seconds": t, "ms_per_step": 1000 * t / n, "tokens": tokens,
-                   "context_tokens_read": context} for name, (n, t, tokens, context) in sorted(phases.items())}
+    for phase in phases.values():
+        phase["ms_per_step"] = 1000 * phase["seconds"] / phase["steps"]
+    return dict(sorted(phases.items()))
 
 
 def workload_roofline(llm: LLM, prompts, lens, seconds: float) -> dict:
