@@ -2,7 +2,8 @@
 
 For each token count: the time of one MoE layer (gate+up, SiLU-and-multiply, down, the weighted
 sum), the bytes it must read (the experts its tokens picked, once each), and the fraction of
-the copy roofline; with `--sweep`, every tile configuration of the grid below, each checked
+the copy roofline. Where the layer takes gemv's expert rows (one or two tokens), the grouped
+kernel with its default tiles is timed beside it. With `--sweep`, every tile configuration of the grid below, each checked
 against the default's output before it is timed, and the fastest per token count.
 
     python benchmarks/moe_kernel.py --sweep [--tp 2]
@@ -20,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.roofline import copy_bandwidth  # noqa: E402
-from kernels.fused_moe import MoEConfig, default_config, fused_moe  # noqa: E402
+from kernels.fused_moe import GEMV_PAIRS, MoEConfig, default_config, fused_moe  # noqa: E402
 
 HIDDEN, INTER, EXPERTS, TOP_K = 4096, 14336, 8, 2
 
@@ -73,10 +74,17 @@ def main() -> None:
         weight_bytes = experts_hit * 3 * inter * HIDDEN * 2
         roofline_ms = weight_bytes / bandwidth * 1000
         expected = fused_moe(x, w13, w2, weights, ids)
+        grouped = default_config(tokens * TOP_K)
         row = {"tokens": tokens, "experts_read": experts_hit, "roofline_ms": roofline_ms,
-               "default": {"config": default_config(tokens * TOP_K).__dict__,
+               "default": {"config": "gemv expert rows" if tokens * TOP_K <= GEMV_PAIRS else grouped.__dict__,
                            "ms": timed_ms(lambda: fused_moe(x, w13, w2, weights, ids))}}
-        row["default"]["fraction_of_roofline"] = roofline_ms / row["default"]["ms"]
+        if tokens * TOP_K <= GEMV_PAIRS:
+            torch.testing.assert_close(fused_moe(x, w13, w2, weights, ids, grouped), expected, rtol=2e-2, atol=2e-2)
+            row["grouped"] = {"config": grouped.__dict__,
+                              "ms": timed_ms(lambda: fused_moe(x, w13, w2, weights, ids, grouped))}
+        for entry in ("default", "grouped"):
+            if entry in row:
+                row[entry]["fraction_of_roofline"] = roofline_ms / row[entry]["ms"]
         if args.sweep:
             best = None
             for config in sweep_configs(tokens * TOP_K):

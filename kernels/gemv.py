@@ -28,6 +28,9 @@ the end (weight-only: x is not rounded to fp8, so this is the CPU path's exact t
 A gated input (the MLP's down_proj) is read as x [M, 2K] = [gate | up] and multiplied as
 silu(gate) * up, made tile by tile and rounded as kernels/activation.py rounds it: one
 launch and one write of the activations fewer per layer.
+
+A mixture-of-experts layer's decode rows (`experts`) each read their own expert's weight from
+a stack [E, N, K]: one row per program, along a third grid axis.
 """
 from __future__ import annotations
 
@@ -45,12 +48,19 @@ SHARED_MEMORY = 227 * 1024  # an H100's per-block limit: the pipeline's tiles in
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, K, stride_xm, stride_wn, k_per_split,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, experts_ptr, M, N, K, stride_xm, stride_wn, stride_we, x_repeat,
+                 k_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  NUM_STAGES: tl.constexpr, DOT: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
-                 SCALED: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr):
+                 SCALED: tl.constexpr, GATED: tl.constexpr, EXPERTS: tl.constexpr, PDL: tl.constexpr):
     wait_for_inputs(PDL)
     split = tl.program_id(1)
+    if EXPERTS:  # program (n block, k split, row): output row `row` from its own expert's weight
+        row = tl.program_id(2)
+        expert = tl.load(experts_ptr + row).to(tl.int64)
+        w_ptr += expert * stride_we
+        scale_ptr += expert * N
+        x_ptr += (row // x_repeat) * stride_xm
+        out_ptr += row * N
     rows = tl.arange(0, BLOCK_M)
     rmask = rows < M
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # outputs: rows of W
@@ -91,7 +101,7 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, M, N, K, stride_xm, stride_wn
         acc = tl.sum(acc, axis=2)
     if SCALED:
         acc *= tl.load(scale_ptr + cols, mask=cmask, other=0.0)[None, :]
-    out = out_ptr + split * M * N + rows[:, None] * N + cols[None, :]
+    out = out_ptr + split * M * N + rows[:, None] * N + cols[None, :]  # (EXPERTS: out_ptr is at its row)
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
 
@@ -150,37 +160,50 @@ def suits(x: torch.Tensor) -> bool:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None,
-         weight_scale: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
+         weight_scale: torch.Tensor | None = None, gated: bool = False,
+         experts: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] (M <= MAX_ROWS) @ weight [N, K]^T -> [M, N] in x's dtype; an e4m3 weight is
     multiplied as weight * weight_scale[N] (float32, one scale per output channel). gated: x
-    is [M, 2K] = [gate | up] and the product's input silu(gate) * up."""
+    is [M, 2K] = [gate | up] and the product's input silu(gate) * up.
+    experts [P] (integers; P a multiple of M, at most MAX_ROWS): weight is a stack [E, N, K]
+    (weight_scale [E, N]) and output row p is x[p // (P / M)] @ weight[experts[p]]^T -> [P, N],
+    one row per program (a mixture-of-experts layer's few decode rows, each read from the
+    expert it was routed to)."""
     M = x.shape[0]
-    N, K = weight.shape
+    rows = M if experts is None else experts.numel()
+    if experts is not None and (weight.dim() != 3 or rows % max(M, 1) or experts.dim() != 1):
+        raise ValueError("experts [P] need a stacked weight [E, N, K] and P a multiple of x's rows")
+    N, K = weight.shape[-2:]
     if x.shape[1] != (2 * K if gated else K):
         raise ValueError(f"x has {x.shape[1]} columns for a weight of {K}{' (gated: twice that)' if gated else ''}")
     scaled = weight.dtype == torch.float8_e4m3fn
     if scaled != (weight_scale is not None):
         raise ValueError("an e4m3 weight, and only one, comes with a weight_scale")
-    if scaled and (weight_scale.dtype != torch.float32 or weight_scale.numel() != N):
-        raise ValueError(f"weight_scale must be {N} float32 scales, one per output channel")
+    if scaled and (weight_scale.dtype != torch.float32 or weight_scale.numel() != weight[..., 0].numel()):
+        raise ValueError(f"weight_scale must be {N} float32 scales, one per output channel (of each expert)")
     if not scaled and x.dtype != weight.dtype:
         raise ValueError(f"x is {x.dtype} but the weight {weight.dtype}")
-    if not 1 <= M <= MAX_ROWS:
-        raise ValueError(f"gemv takes 1 to {MAX_ROWS} rows of x, not {M}")
-    if x.stride(1) != 1 or weight.stride(1) != 1:
+    if not 1 <= rows <= MAX_ROWS:
+        raise ValueError(f"gemv takes 1 to {MAX_ROWS} rows of x, not {rows}")
+    if x.stride(1) != 1 or weight.stride(-1) != 1:
         raise ValueError("gemv needs the rows of x and of the weight to be contiguous")
-    c = config or default_config(M, N, K, weight.element_size(), gated)
+    c = config or default_config(1 if experts is not None else M, N, K, weight.element_size(), gated)
+    if experts is not None and c.dot:
+        raise ValueError("rows read from their own experts are multiplied one per program, without the tensor cores")
     per_split = triton.cdiv(triton.cdiv(K, c.block_k), c.split_k) * c.block_k
     split_k = triton.cdiv(K, per_split)  # no split left without columns
-    out = torch.empty((M, N), dtype=x.dtype, device=x.device)  # [M, N]
-    partial = out if split_k == 1 else torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
-    _gemv_kernel[(triton.cdiv(N, c.block_n), split_k)](
-        x, weight, weight_scale if scaled else x, partial, M, N, K, x.stride(0), weight.stride(0), per_split,
-        BLOCK_M=MAX_ROWS if c.dot else triton.next_power_of_2(M), BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-        NUM_STAGES=c.num_stages, DOT=c.dot, EVEN_K=K % c.block_k == 0, PRECISION=dot_precision(x.dtype),
-        SCALED=scaled, GATED=gated, PDL=PDL, num_warps=c.num_warps, **LAUNCH)
+    out = torch.empty((rows, N), dtype=x.dtype, device=x.device)  # [rows, N]
+    partial = out if split_k == 1 else torch.empty((split_k, rows, N), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(N, c.block_n), split_k) + ((rows,) if experts is not None else ())
+    block_m = 1 if experts is not None else MAX_ROWS if c.dot else triton.next_power_of_2(M)
+    _gemv_kernel[grid](
+        x, weight, weight_scale if scaled else x, partial, x if experts is None else experts, rows, N, K,
+        x.stride(0), weight.stride(-2), weight.stride(0) if experts is not None else 0, rows // M, per_split,
+        BLOCK_M=block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, NUM_STAGES=c.num_stages, DOT=c.dot,
+        EVEN_K=K % c.block_k == 0, PRECISION=dot_precision(x.dtype), SCALED=scaled, GATED=gated,
+        EXPERTS=experts is not None, PDL=PDL, num_warps=c.num_warps, **LAUNCH)
     if split_k > 1:
         block = 1024
-        _sum_splits_kernel[(triton.cdiv(M * N, block),)](partial, out, M * N, split_k, BLOCK=block, PDL=PDL,
-                                                          **LAUNCH)
+        _sum_splits_kernel[(triton.cdiv(rows * N, block),)](partial, out, rows * N, split_k, BLOCK=block, PDL=PDL,
+                                                             **LAUNCH)
     return out

@@ -30,6 +30,7 @@ import kernels.launch  # noqa: E402
 kernels.launch.PDL, kernels.launch.LAUNCH = True, {"launch_pdl": True}  # before the kernels import them
 
 from kernels.decode_attention import decode_attention  # noqa: E402
+from kernels.fused_moe import fused_moe  # noqa: E402
 from kernels.gemv import gemv  # noqa: E402
 from kernels.int4_gemv import int4_gemv  # noqa: E402
 from kernels.norm import rmsnorm  # noqa: E402
@@ -60,7 +61,8 @@ def compiled(jit: JITFunction, args: tuple, kwargs: dict):
 
 def decode_step_launches() -> None:
     """The launches of a Mistral-7B layer's decode step (1 and 16 sequences, bf16, fp8 and
-    4-bit weights, bf16 and fp8 cache), its LM head, and a prefill's attention."""
+    4-bit weights, bf16 and fp8 cache), its LM head, a prefill's attention, and Mixtral-8x7B's
+    experts for each size of tiles (1 to 4,096 tokens)."""
     e = torch.empty
     bf16 = torch.bfloat16
     shapes = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
@@ -85,6 +87,10 @@ def decode_step_launches() -> None:
             decode_attention(q, *caches, tables, lens, 0.088, None, 32 if M == 1 else 4)
             prefill_attention(e(512, 32, 128, dtype=bf16), *caches, tables[:1], torch.zeros(2, dtype=torch.int32),
                               lens[:1], 512, 0.088, None)
+    w13, w2 = e(8, 2 * 14336, 4096, dtype=bf16), e(8, 4096, 14336, dtype=bf16)
+    for tokens in (1, 4, 64, 256, 4096):  # the sort runs (on the CPU), the kernels are recorded
+        ids = torch.arange(2 * tokens).view(tokens, 2) % 8
+        fused_moe(e(tokens, 4096, dtype=bf16), w13, w2, torch.ones(tokens, 2), ids)
 
 
 def main() -> None:

@@ -113,6 +113,68 @@ def test_a_gated_input_on_the_down_projections_shape(M, dtype):
                                **tolerance(dtype, 14336))
 
 
+EXPERT_CONFIGS = [None, GemvConfig(block_n=8, block_k=32, num_stages=2, split_k=3)]
+
+
+@pytest.mark.parametrize("config", EXPERT_CONFIGS, ids=str)
+@pytest.mark.parametrize("M, repeat, N, K", [(1, 2, 48, 256), (2, 2, 33, 96), (3, 1, 40, 130)])
+def test_rows_read_from_their_own_experts(M, repeat, N, K, config):
+    """Output row p is x[p // repeat] times expert experts[p]'s weight; an expert may repeat."""
+    dtype = DTYPES[0]
+    x, _ = inputs(M, N, K, dtype)
+    stack = torch.stack([inputs(1, N, K, dtype, seed=e)[1] for e in range(4)])  # [4, N, K]
+    experts = torch.tensor([3, 0, 3, 1, 2, 0][:M * repeat], device=DEVICE)
+    out = gemv(x, stack, config, experts=experts)
+    ref = torch.stack([x[p // repeat].float() @ stack[e].float().t() for p, e in enumerate(experts.tolist())])
+    assert out.shape == (M * repeat, N)
+    torch.testing.assert_close(out.float(), ref, **tolerance(dtype, K))
+    gate_up = torch.cat([x, x.flip(0)], dim=1).repeat_interleave(repeat, 0)  # [P, 2K]: gated, one per row
+    out = gemv(gate_up, stack, config, gated=True, experts=experts)
+    ref = torch.stack([gated_reference(gate_up[p:p + 1], stack[e])[0] for p, e in enumerate(experts.tolist())])
+    torch.testing.assert_close(out.float(), ref, **tolerance(dtype, K))
+
+
+def test_expert_rows_take_fp8_stacks_with_their_scales():
+    from kernels.quant_reference import dequantize_fp8, quantize_fp8_rows
+
+    x, _ = inputs(1, 24, 64, DTYPES[0])
+    stack = torch.stack([inputs(1, 24, 64, DTYPES[0], seed=e)[1] for e in range(3)])
+    quantized = [quantize_fp8_rows(w.float()) for w in stack]
+    q, scales = torch.stack([w for w, _ in quantized]), torch.stack([s for _, s in quantized]).float()
+    experts = torch.tensor([2, 1], device=DEVICE)
+    out = gemv(x, q, weight_scale=scales, experts=experts)
+    ref = torch.stack([x[0].float() @ dequantize_fp8(q[e], scales[e]).float().t() for e in (2, 1)])
+    torch.testing.assert_close(out.float(), ref, **tolerance(DTYPES[0], 64))
+
+
+@pytest.mark.parametrize("tokens", [pytest.param(t, marks=on_gpu) for t in (1, 2)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_expert_rows_on_mixtral_shapes(tokens, dtype):
+    stack = torch.stack([inputs(1, 2 * 14336, 4096, dtype, seed=e)[1] for e in range(3)])
+    x, _ = inputs(tokens, 8, 4096, dtype)
+    experts = torch.tensor([2, 0, 0, 1][:2 * tokens], device=DEVICE)
+    gate_up = gemv(x, stack, experts=experts)
+    for p, e in enumerate(experts.tolist()):
+        torch.testing.assert_close(gate_up[p].float(), x[p // 2].float() @ stack[e].float().t(),
+                                   **tolerance(dtype, 4096))
+    down = stack[:, :4096, :14336].contiguous()  # [3, 4096, 14336]
+    out = gemv(gate_up, down, experts=experts, gated=True)
+    for p, e in enumerate(experts.tolist()):
+        torch.testing.assert_close(out[p].float(), gated_reference(gate_up[p:p + 1], down[e])[0],
+                                   **tolerance(dtype, 14336))
+
+
+def test_expert_rows_refuse_what_they_cannot_read():
+    x = torch.zeros(2, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="stacked"):
+        gemv(x, torch.zeros(8, 32, device=DEVICE), experts=torch.zeros(2, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match="multiple"):
+        gemv(x, torch.zeros(2, 8, 32, device=DEVICE), experts=torch.zeros(3, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match="tensor cores"):
+        gemv(x, torch.zeros(2, 8, 32, device=DEVICE), GemvConfig(dot=True),
+             experts=torch.zeros(2, dtype=torch.long, device=DEVICE))
+
+
 def test_an_fp8_weight_needs_its_scales():
     x, q, scale, _ = fp8_inputs(1, 8, 32, DTYPES[0])
     with pytest.raises(ValueError, match="weight_scale"):

@@ -177,9 +177,9 @@ def test_rotate_and_store_is_rotary_then_the_cache_store(heads, kv_heads, head_d
     assert caches[0].float().abs().sum() > 0
 
 
-MOE_CASES = [(1, 4, 2, 64, 48), (7, 4, 2, 32, 40), (40, 8, 2, 64, 96)] + [
+MOE_CASES = [(1, 4, 2, 64, 48), (2, 3, 2, 64, 40), (7, 4, 2, 32, 40), (40, 8, 2, 64, 96)] + [
     pytest.param(*case, marks=gpu_only) for case in
-    [(1, 8, 2, 4096, 14336), (64, 8, 2, 4096, 14336), (4096, 8, 2, 1024, 2048), (300, 8, 2, 4096, 1792)]]
+    [(1, 8, 2, 4096, 14336), (2, 8, 2, 4096, 14336), (64, 8, 2, 4096, 14336), (4096, 8, 2, 1024, 2048), (300, 8, 2, 4096, 1792)]]
 
 
 @pytest.mark.parametrize("tokens, experts, top_k, hidden, inter", MOE_CASES)
