@@ -74,12 +74,13 @@ def main() -> None:
         weight_bytes = experts_hit * 3 * inter * HIDDEN * 2
         roofline_ms = weight_bytes / bandwidth * 1000
         expected = fused_moe(x, w13, w2, weights, ids)
+        close = dict(rtol=2e-2, atol=1e-2 * expected.abs().max().item())  # bf16 roundings in different places
         grouped = default_config(tokens * TOP_K)
         row = {"tokens": tokens, "experts_read": experts_hit, "roofline_ms": roofline_ms,
                "default": {"config": "gemv expert rows" if tokens * TOP_K <= GEMV_PAIRS else grouped.__dict__,
                            "ms": timed_ms(lambda: fused_moe(x, w13, w2, weights, ids))}}
         if tokens * TOP_K <= GEMV_PAIRS:
-            torch.testing.assert_close(fused_moe(x, w13, w2, weights, ids, grouped), expected, rtol=2e-2, atol=2e-2)
+            torch.testing.assert_close(fused_moe(x, w13, w2, weights, ids, grouped), expected, **close)
             row["grouped"] = {"config": grouped.__dict__,
                               "ms": timed_ms(lambda: fused_moe(x, w13, w2, weights, ids, grouped))}
         for entry in ("default", "grouped"):
@@ -93,7 +94,7 @@ def main() -> None:
                 except Exception as error:  # a tile too large for shared memory
                     print(f"skip {config}: {type(error).__name__}", file=sys.stderr)
                     continue
-                torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+                torch.testing.assert_close(got, expected, **close)
                 ms = timed_ms(lambda: fused_moe(x, w13, w2, weights, ids, config))
                 if best is None or ms < best["ms"]:
                     best = {"config": config.__dict__, "ms": ms, "fraction_of_roofline": roofline_ms / ms}
