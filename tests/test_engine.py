@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from server import LLM, SamplingParams
 
@@ -281,14 +282,38 @@ def test_after_warm_up_no_prompt_waits_for_a_kernel_to_compile(mistral_v03_dir):
                for name in ("prefill_attention", "decode_attention", "norm", "rotary", "activation", "gemv")]
     kernels = [k for m in modules for k in vars(m).values() if isinstance(k, JITFunction)]
 
-    def compiled() -> int:
-        return sum(len(cache[0]) for k in kernels for cache in k.device_caches.values())
+    def variants() -> dict[str, int]:
+        return {k.fn.__name__: sum(len(cache[0]) for cache in k.device_caches.values()) for k in kernels}
 
     llm = LLM(mistral_v03_dir, device="cuda", dtype="bfloat16")
-    before = compiled()
+    before = variants()
     for n in (3, 17, 30, 45, 100, 256, 300):
         llm.generate([list(range(10, 10 + n))], SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)
-    assert compiled() == before
+    after = variants()
+    assert after == before, {name: (before[name], count) for name, count in after.items() if count != before[name]}
+
+
+def test_every_view_of_a_steps_inputs_starts_on_16_bytes(mistral_v03_dir):
+    """Each section of a step's packed inputs (positions, slots, query starts, block tables...)
+    starts at an even int64 entry whatever the chunks' lengths, so that a kernel's pointers are
+    16-byte aligned in every step and Triton never compiles a variant for an 8-byte one."""
+    from server.runtime.model_runner import PackedStep, SequenceChunk
+
+    runner = LLM(mistral_v03_dir, max_batch_total_tokens=512).engine.runner
+    for lengths in ([1], [3], [1, 1, 1], [5, 2, 7], [16, 1]):
+        chunks = [SequenceChunk(list(range(10, 10 + n)), 0, [i, i + 1]) for i, n in enumerate(lengths)]
+        packed = runner._pack(chunks)
+        assert all(start % 2 == 0 for start in packed.starts())
+        values = runner._to_device(packed.values)
+        ids, positions, slots, context_lens, cu_query_lens = packed.sections(values)[:5]
+        assert ids.tolist() == [t for n in lengths for t in range(10, 10 + n)]
+        assert positions.tolist() == [p for n in lengths for p in range(n)]
+        assert context_lens.tolist() == lengths and cu_query_lens.tolist()[-1] == sum(lengths)
+        tables = values[packed.starts()[-1]:].view(len(lengths), packed.width)
+        assert tables.tolist() == [[i, i + 1] for i in range(len(lengths))]
+        message = torch.frombuffer(packed.message(), dtype=torch.int64)
+        other = PackedStep.read(message)  # as another tensor-parallel rank reads it
+        assert other.query_lens == lengths and other.context_lens == lengths
 
 
 def test_the_warm_up_steps_run_and_sample(mistral_v03_dir):

@@ -214,7 +214,11 @@ class ModelRunner:
             cu_context_lens.append(cu_context_lens[-1] + context)
         sections = (token_ids, positions, slots, context_lens, cu_query_lens, sample_rows, pending_at, pending_rows,
                     cu_context_lens)
-        values = array("q", [v for section in sections for v in section])
+        values = array("q")
+        for section in sections:  # each section starts on 16 bytes (PackedStep.starts)
+            values.extend(section)
+            if len(section) % 2:
+                values.append(0)
         padding = array("q", bytes(8 * width))
         for chunk in chunks:  # block tables are arrays: copied as bytes, not int by int
             values.extend(chunk.block_table)
@@ -225,11 +229,10 @@ class ModelRunner:
         """The step's inputs on the device, moved in one copy from a pinned staging buffer;
         token ids still pending are then taken from `previous`'s picks (on rank 0; the other
         ranks have the driver's last picks)."""
-        head = sum(packed.lengths)
         device_values = self._to_device(packed.values)
         (ids_d, positions_d, slots_d, context_d, cu_query_d, sample_d, pending_at_d, pending_rows_d,
-         cu_context_d) = device_values[:head].split(packed.lengths)
-        tables = device_values[head:].view(packed.num_chunks, packed.width)
+         cu_context_d) = packed.sections(device_values)
+        tables = device_values[packed.starts()[-1]:].view(packed.num_chunks, packed.width)
         if self.attention_backend == "flash_attn":  # its kernels take int32 metadata
             tables, context_d, cu_query_d, cu_context_d = tables.int(), context_d.int(), cu_query_d.int(), \
                 cu_context_d.int()
@@ -386,7 +389,7 @@ class PackedStep:
     """A step's inputs as the device reads them (see `ModelRunner._pack`), and what rank 0
     sends the other ranks: `values` after a header of the sizes and the scored prompt rows."""
 
-    values: array | torch.Tensor  # int64: the nine sections of `lengths`, then the block tables
+    values: array | torch.Tensor  # int64: the nine sections of `lengths` (see `starts`), then the block tables
     lengths: list[int]
     num_chunks: int
     width: int  # of the padded block tables
@@ -396,6 +399,19 @@ class PackedStep:
 
     SECTIONS = 9  # of `values`, each of `lengths[i]` entries
     HEADER = SECTIONS + 3  # num_chunks, width, the lengths, len(scored); then 3 per scored entry
+
+    def starts(self) -> list[int]:
+        """Where each section of `values` starts, then where the block tables do: each at an
+        even entry, 16 bytes in, so that every view a kernel reads is 16-byte aligned whatever
+        the step's sizes. (Triton compiles a kernel anew for each alignment of its pointers: a
+        prompt whose length moved a view by 8 bytes waited most of a second for it.)"""
+        starts = [0]
+        for n in self.lengths:
+            starts.append(starts[-1] + n + n % 2)
+        return starts
+
+    def sections(self, values: torch.Tensor) -> list[torch.Tensor]:
+        return [values[start:start + n] for start, n in zip(self.starts(), self.lengths)]
 
     def message(self) -> array:
         header = [self.num_chunks, self.width, *self.lengths, len(self.scored)]
@@ -407,11 +423,13 @@ class PackedStep:
         num_chunks, width, *lengths, num_scored = message[:cls.HEADER].tolist()
         end = cls.HEADER + 3 * num_scored
         flat = message[cls.HEADER:end].tolist()
-        values = message[end:]
-        sections = values[:sum(lengths)].split(lengths)
+        step = cls(message[end:], lengths, num_chunks, width, [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)],
+                   [], [])
+        sections = step.sections(step.values)
         cu_query_lens = sections[4].tolist()
-        return cls(values, lengths, num_chunks, width, [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)],
-                   [b - a for a, b in zip(cu_query_lens, cu_query_lens[1:])], sections[3].tolist())
+        step.query_lens = [b - a for a, b in zip(cu_query_lens, cu_query_lens[1:])]
+        step.context_lens = sections[3].tolist()
+        return step
 
 
 @dataclass
