@@ -12,6 +12,8 @@ can be captured in a CUDA graph and replayed with other contexts. A sequence wit
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -24,8 +26,9 @@ from kernels.quant_reference import FP8
 
 @triton.jit
 def _decode_split_kernel(
-        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, part_out_ptr, part_lse_ptr,
-        scale_log2, window, k_scale, v_scale, stride_qt, stride_qh, stride_bt, stride_cb, stride_cs, stride_ch,
+        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, part_out_ptr, part_lse_ptr, out_ptr,
+        scale_log2, window, k_scale, v_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_cb,
+        stride_cs, stride_ch,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
         FP8_CACHE: tl.constexpr, PDL: tl.constexpr):
@@ -71,9 +74,13 @@ def _decode_split_kernel(
     has_keys = hi > lo
     out = tl.where(has_keys, acc / tl.where(l > 0, l, 1.0)[:, None], 0.0)
     lse = tl.where(has_keys, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))
-    part = (seq * num_heads + heads) * NUM_SPLITS + split  # [BLOCK_G]
-    tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=gmask[:, None] & dmask[None, :])
-    tl.store(part_lse_ptr + part, lse, mask=gmask)
+    if NUM_SPLITS == 1:  # the whole context: the output itself, no merge
+        tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
+    else:
+        part = (seq * num_heads + heads) * NUM_SPLITS + split  # [BLOCK_G]
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=gmask[:, None] & dmask[None, :])
+        tl.store(part_lse_ptr + part, lse, mask=gmask)
 
 
 @triton.jit
@@ -99,26 +106,46 @@ def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_
              mask=d < HEAD_DIM)
 
 
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Tiles and launch shape of the split kernel (benchmarks/decode_attention.py sweeps them)."""
+
+    block_n: int = 64  # context tokens per tile
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def default_config(head_dim: int) -> DecodeConfig:
+    return DecodeConfig(block_n=64 if head_dim <= 128 else 32)
+
+
 def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float,
-                     window: int | None, num_splits: int, out=None, k_scale: float = 1.0, v_scale: float = 1.0):
+                     window: int | None, num_splits: int, out=None, k_scale: float = 1.0, v_scale: float = 1.0,
+                     config: DecodeConfig | None = None):
     """q [num_seqs, heads, head_dim] -> [num_seqs, heads, head_dim]; block_tables [num_seqs,
-    max_blocks] and context_lens [num_seqs] are integer tensors on the device."""
+    max_blocks] and context_lens [num_seqs] are integer tensors on the device. With one split
+    (a batch large enough to fill the GPU without splitting) the split kernel writes the output
+    itself and the merge is not launched."""
     num_seqs, num_heads, head_dim = q.shape
     _, page, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
+    c = config or default_config(head_dim)
     if out is None:
         out = torch.empty_like(q)
-    part_out = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
-    part_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device)
+    part_out = torch.empty((num_seqs, num_heads, num_splits, head_dim) if num_splits > 1 else (0,),
+                           dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((num_seqs, num_heads, num_splits) if num_splits > 1 else (0,),
+                           dtype=torch.float32, device=q.device)
     block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse,
-        scale * LOG2E, window or 0, k_scale, v_scale, q.stride(0), q.stride(1), block_tables.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse, out,
+        scale * LOG2E, window or 0, k_scale, v_scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
-        PAGE=page, BLOCK_N=64 if head_dim <= 128 else 32, NUM_SPLITS=num_splits, PRECISION=dot_precision(q.dtype),
-        FP8_CACHE=k_cache.dtype == FP8, PDL=PDL, num_warps=4, num_stages=2, **LAUNCH)
-    _merge_splits_kernel[(num_seqs, num_heads)](
-        part_out, part_lse, out, out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_D=block_d,
-        NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), PDL=PDL, **LAUNCH)
+        PAGE=page, BLOCK_N=c.block_n, NUM_SPLITS=num_splits, PRECISION=dot_precision(q.dtype),
+        FP8_CACHE=k_cache.dtype == FP8, PDL=PDL, num_warps=c.num_warps, num_stages=c.num_stages, **LAUNCH)
+    if num_splits > 1:
+        _merge_splits_kernel[(num_seqs, num_heads)](
+            part_out, part_lse, out, out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_D=block_d,
+            NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), PDL=PDL, **LAUNCH)
     return out

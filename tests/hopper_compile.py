@@ -84,7 +84,8 @@ def decode_step_launches() -> None:
             caches = e(64, 16, 8, 128, dtype=cache_dtype), e(64, 16, 8, 128, dtype=cache_dtype)
             rotate_and_store(positions, q, k, v, e(4096, 128), *caches, slots)
             tables, lens = torch.zeros(M, 8, dtype=torch.int32), torch.zeros(M, dtype=torch.int32)
-            decode_attention(q, *caches, tables, lens, 0.088, None, 32 if M == 1 else 4)
+            for splits in (32,) if M == 1 else (1, 4):  # one split: no merge, the output written as it is
+                decode_attention(q, *caches, tables, lens, 0.088, None, splits)
             prefill_attention(e(512, 32, 128, dtype=bf16), *caches, tables[:1], torch.zeros(2, dtype=torch.int32),
                               lens[:1], 512, 0.088, None)
     w13, w2 = e(8, 2 * 14336, 4096, dtype=bf16), e(8, 4096, 14336, dtype=bf16)

@@ -63,13 +63,28 @@ def test_decode_attention_matches_reference(context_lens, page, heads, kv_heads,
     torch.testing.assert_close(out.float(), ref, **tol(dtype))
 
 
-def test_decode_attention_gives_zeros_for_padding_rows():
+@pytest.mark.parametrize("splits", [1, 2])
+def test_decode_attention_gives_zeros_for_padding_rows(splits):
     from kernels.decode_attention import decode_attention
 
     k_cache, v_cache, tables = paged_cache([20, 1], 16, 2, 16, torch.float32)
     q = torch.randn(2, 4, 16, device=DEVICE)
-    out = decode_attention(q, k_cache, v_cache, tables, torch.tensor([20, 0], device=DEVICE), 0.25, None, 2)
+    out = torch.full_like(q, float("nan"))  # written whole, merged or not
+    decode_attention(q, k_cache, v_cache, tables, torch.tensor([20, 0], device=DEVICE), 0.25, None, splits, out=out)
     assert torch.isfinite(out).all() and (out[1] == 0).all()
+
+
+def test_decode_attention_tiles_change_no_result():
+    from kernels.decode_attention import DecodeConfig, decode_attention
+
+    k_cache, v_cache, tables = paged_cache([45, 130], 16, 2, 16, DTYPES[0])
+    q = torch.randn(2, 8, 16).to(DTYPES[0]).to(DEVICE)
+    ctx = torch.tensor([45, 130], device=DEVICE)
+    ref = decode_attention_reference(q.float(), k_cache.float(), v_cache.float(), tables.long(), ctx, 0.25, None)
+    for config in (DecodeConfig(block_n=16, num_warps=2, num_stages=1), DecodeConfig(block_n=128, num_stages=3)):
+        for splits in (1, 3):
+            out = decode_attention(q, k_cache, v_cache, tables, ctx, 0.25, None, splits, config=config)
+            torch.testing.assert_close(out.float(), ref, **tol(DTYPES[0]))
 
 
 PREFILL_CASES = [  # (query_len, context_len) per sequence, page, heads, kv_heads, head_dim, window

@@ -1,0 +1,107 @@
+"""The paged decode-attention kernel (kernels/decode_attention.py) against the copy roofline.
+
+For each decode batch (sequences x context tokens) on Mistral-7B's attention shape (32 query
+heads over 8 KV heads of 128, 16-token pages, bf16 cache, block tables shuffled as a busy
+cache leaves them): the time of one layer's attention with the default tiles and the number
+of context splits the engine picks (ModelRunner._num_splits), against the time to read the
+K and V it must read at the measured copy rate; with `--sweep`, every tile configuration
+and split count of a small grid, each checked against the default's output before it is
+timed, and the fastest. Times are of calls replayed from a CUDA graph, each call on the
+next of enough caches (one per layer) that the L2 cache cannot hold them.
+
+    python benchmarks/decode_attention.py [--cases 1x128,256x600] [--sweep]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.gemv import timed_us  # noqa: E402
+from benchmarks.roofline import copy_bandwidth  # noqa: E402
+from kernels.decode_attention import DecodeConfig, decode_attention, default_config  # noqa: E402
+
+HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
+CASES = "1x128,1x4096,16x1000,64x600,256x600,256x1000"
+
+
+def engine_splits(num_seqs: int, num_sms: int) -> int:
+    """What ModelRunner._num_splits gives: about two programs per SM, at most 32 splits."""
+    return max(1, min(32, -(-2 * num_sms // (num_seqs * KV_HEADS))))
+
+
+def layers(num_seqs: int, context: int, l2_bytes: int, seed: int = 0):
+    """q, and enough (k_cache, v_cache, block_tables) layers to fill the L2 cache three times."""
+    g = torch.Generator("cuda").manual_seed(seed)
+    blocks_each = -(-context // PAGE)
+    num_blocks = num_seqs * blocks_each
+    layer_bytes = 2 * num_blocks * PAGE * KV_HEADS * HEAD_DIM * 2
+    out = []
+    for _ in range(max(1, -(-3 * l2_bytes // layer_bytes))):
+        shape = (num_blocks, PAGE, KV_HEADS, HEAD_DIM)
+        k = torch.randn(shape, generator=g, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(shape, generator=g, device="cuda", dtype=torch.bfloat16)
+        tables = torch.randperm(num_blocks, generator=g, device="cuda").view(num_seqs, blocks_each).int()
+        out.append((k, v, tables))
+    q = torch.randn(num_seqs, HEADS, HEAD_DIM, generator=g, device="cuda", dtype=torch.bfloat16)
+    return q, out
+
+
+def sweep_configs() -> list[DecodeConfig]:
+    return [DecodeConfig(n, w, s) for n, w, s in itertools.product([32, 64, 128], [4, 8], [1, 2, 3])]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", default=CASES, help="sequences x context tokens, comma-separated")
+    parser.add_argument("--sweep", action="store_true")
+    args = parser.parse_args()
+    props = torch.cuda.get_device_properties(0)
+    bandwidth = copy_bandwidth()
+    scale = HEAD_DIM ** -0.5
+    rows = []
+    for case in args.cases.split(","):
+        num_seqs, context = map(int, case.split("x"))
+        q, caches = layers(num_seqs, context, props.L2_cache_size)
+        lens = torch.full((num_seqs,), context, dtype=torch.int32, device="cuda")
+        out = torch.empty_like(q)
+
+        def run(config: DecodeConfig, splits: int):
+            return lambda i: decode_attention(q, *caches[i % len(caches)][:2], caches[i % len(caches)][2], lens,
+                                              scale, None, splits, out=out, config=config)
+
+        roofline_us = 2 * num_seqs * context * KV_HEADS * HEAD_DIM * 2 / bandwidth * 1e6
+        splits = engine_splits(num_seqs, props.multi_processor_count)
+        default = default_config(HEAD_DIM)
+        expected = decode_attention(q, *caches[0][:2], caches[0][2], lens, scale, None, splits).clone()
+        us = timed_us(run(default, splits))
+        row = {"case": case, "roofline_us": roofline_us,
+               "default": {"config": default.__dict__, "splits": splits, "us": us, "fraction": roofline_us / us}}
+        if args.sweep:
+            best = None
+            for config, n in itertools.product(sweep_configs(), sorted({max(1, splits // 2), splits, 2 * splits})):
+                try:
+                    got = decode_attention(q, *caches[0][:2], caches[0][2], lens, scale, None, n, config=config)
+                except Exception as error:  # a tile too large for shared memory
+                    print(f"skip {config} splits {n}: {type(error).__name__}", file=sys.stderr)
+                    continue
+                torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+                us = timed_us(run(config, n))
+                if best is None or us < best["us"]:
+                    best = {"config": config.__dict__, "splits": n, "us": us, "fraction": roofline_us / us}
+            row["best"] = best
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+        del caches
+    print(json.dumps({"benchmark": "decode_attention", "device": torch.cuda.get_device_name(),
+                      "copy_bandwidth_bytes_per_s": bandwidth, "by_case": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
