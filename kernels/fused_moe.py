@@ -110,16 +110,20 @@ class MoEConfig:
     num_stages: int = 3
 
 
-def default_config(num_pairs: int) -> MoEConfig:
+def default_config(num_pairs: int, itemsize: int = 2) -> MoEConfig:
     """Tiles chosen by `benchmarks/moe_kernel.py --sweep` for Mixtral-8x7B's layer. Up to 128
     pairs (on an H100): 64 tokens read all eight experts at 95% of the copy rate (81% with the
     untuned tiles). More pairs (on an H200): 128-square tiles, 8 warps, cut the layer's time at
     256 tokens from 1.27 to 0.82 ms, at 1,024 from 3.17 to 1.74 ms and at 4,096 (64-wide steps
-    along K, four deep) from 13.2 to 6.4 ms."""
+    along K, four deep) from 13.2 to 6.4 ms. float32 keeps the small tiles: on an H100 the
+    large ones failed to launch (a CUDA out-of-memory) once the KV cache held the GPU's memory,
+    most likely for the local memory of spilled registers."""
     if num_pairs <= 64:
         return MoEConfig(block_m=16, block_n=128, block_k=128, num_warps=4, num_stages=4)
     if num_pairs <= 128:
         return MoEConfig(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=3)
+    if itemsize > 2:  # float32 (tests on a GPU)
+        return MoEConfig(block_m=64)
     if num_pairs <= 2048:
         return MoEConfig(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3)
     return MoEConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4)
@@ -127,8 +131,8 @@ def default_config(num_pairs: int) -> MoEConfig:
 
 def fused_moe(x, w13, w2, topk_weights, topk_ids, config: MoEConfig | None = None):
     """x [tokens, hidden] -> [tokens, hidden]; the same math as `fused_moe_reference`.
-    A decode step of one or two tokens (at most GEMV_PAIRS pairs, and no config asked for)
-    skips the sort: each pair is two gemv rows read from its own expert, gate and up in one
+    A half-precision decode step of one or two tokens (at most GEMV_PAIRS pairs, and no
+    config asked for) skips the sort: each pair is two gemv rows read from its own expert, gate and up in one
     product and down with SiLU-and-multiply fused. With so few rows the grouped kernel's
     16-row tiles would be mostly padding, and the sort's dozen small launches would cost more
     than the products' read of the experts."""
@@ -137,12 +141,12 @@ def fused_moe(x, w13, w2, topk_weights, topk_ids, config: MoEConfig | None = Non
     inter = double_inter // 2
     top_k = topk_ids.shape[1]
     num_pairs = num_tokens * top_k
-    if config is None and num_pairs <= min(GEMV_PAIRS, MAX_ROWS):
+    if config is None and num_pairs <= min(GEMV_PAIRS, MAX_ROWS) and x.dtype in (torch.bfloat16, torch.float16):
         experts = topk_ids.flatten()
         gate_up = gemv(x.contiguous(), w13, experts=experts)  # [pairs, 2 * inter]
         down = gemv(gate_up, w2, experts=experts, gated=True)  # [pairs, hidden]
         return (down.view(num_tokens, top_k, hidden) * topk_weights[..., None]).to(x.dtype).sum(dim=1)
-    c = config or default_config(num_pairs)
+    c = config or default_config(num_pairs, x.element_size())
     pair_ids, block_expert = sort_by_expert(topk_ids, num_experts, c.block_m)
     tiles = dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, PRECISION=dot_precision(x.dtype),
                  num_warps=c.num_warps, num_stages=c.num_stages)
