@@ -42,3 +42,22 @@ def test_a_traced_run_leaves_nothing_holding_the_engine(mistral_v03_dir):
     del llm
     gc.collect()
     assert engine() is None
+
+
+def test_mixtral_runs_both_engines_and_reports_against_its_targets(tmp_path):
+    """benchmarks/mixtral.py end to end at toy sizes (its figures matter only on a GPU): each
+    engine in its own process finishes, and the report holds both and the two targets."""
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "mixtral.py"), "--num-layers", "2",
+               "--hidden-size", "64", "--intermediate-size", "128", "--head-dim", "16", "--vocab-size", "512",
+               "--dtype", "float32", "--num-prompts", "8", "--min-len", "8", "--max-len", "32",
+               "--peer-num-prompts", "4", "--decode-batches", "1,4", "--decode-context", "16", "--decode-tokens", "32",
+               "--checkpoint", str(tmp_path / "mixtral"), "--out", str(tmp_path / "report.json")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    ours, peer = report["engine"], report["transformers"]
+    assert ours["ended"] == peer["ended"] == "finished"
+    assert set(ours["decode_tokens_per_s"]) == {"1", "4"} and ours["workload"]["output_tokens"] > 0
+    assert peer["workload"]["num_prompts"] == 4 and set(peer["static_cache"]) == {"compiled", "1", "4"}
+    assert report["shape"]["num_hidden_layers"] == 2 and report["batch1_roofline"]["bytes_per_token"]["total"] > 0
+    assert all(isinstance(met, bool) for met in report["targets"].values())
