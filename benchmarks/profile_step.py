@@ -1,5 +1,11 @@
 """Where a decode step's time goes: wall time against GPU kernel time, and the top kernels.
 
+With programmatic dependent launch (an H100: kernels/launch.py) a kernel starts while the one
+before it drains and waits for it on the device, so its recorded time includes that wait: the
+kernel times then add up to more than the step (the norm after a gemv, the merge after the
+split attention look slow), and `idle_ms_per_step` can go negative. `benchmarks/gemv.py`,
+`decode_attention.py` and `moe_kernel.py` time the kernels alone.
+
     python benchmarks/profile_step.py --model /tmp/mistral-7b --batch-sizes 1,256
 """
 from __future__ import annotations
