@@ -132,10 +132,10 @@ def default_config(num_pairs: int, itemsize: int = 2) -> MoEConfig:
 def fused_moe(x, w13, w2, topk_weights, topk_ids, config: MoEConfig | None = None):
     """x [tokens, hidden] -> [tokens, hidden]; the same math as `fused_moe_reference`.
     A half-precision decode step of one or two tokens (at most GEMV_PAIRS pairs, and no
-    config asked for) skips the sort: each pair is two gemv rows read from its own expert, gate and up in one
-    product and down with SiLU-and-multiply fused. With so few rows the grouped kernel's
-    16-row tiles would be mostly padding, and the sort's dozen small launches would cost more
-    than the products' read of the experts."""
+    config asked for) skips the sort: each pair is two gemv rows read from its own expert,
+    gate and up in one product and down with SiLU-and-multiply fused. With so few rows the
+    grouped kernel's 16-row tiles would be mostly padding, and the sort's dozen small launches
+    would cost more than the products' read of the experts."""
     num_tokens, hidden = x.shape
     num_experts, double_inter, _ = w13.shape
     inter = double_inter // 2
