@@ -6,7 +6,7 @@ kernel times then add up to more than the step (the norm after a gemv, the merge
 split attention look slow), and `idle_ms_per_step` can go negative. `benchmarks/gemv.py`,
 `decode_attention.py` and `moe_kernel.py` time the kernels alone.
 
-    python benchmarks/profile_step.py --model /tmp/mistral-7b --batch-sizes 1,256
+    python benchmarks/profile_step.py --model /tmp/mistral-7b --batch-sizes 1,256 [--prefill]
 """
 from __future__ import annotations
 
@@ -26,6 +26,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from server.config import EngineArgs  # noqa: E402
 from server.engine.llm_engine import LLMEngine  # noqa: E402
 from server.sampling_params import SamplingParams  # noqa: E402
+
+
+# The device's kernels (a CPU run, a check of the script, records host activity only).
+ACTIVITIES = [ProfilerActivity.CUDA] if torch.cuda.is_available() else [ProfilerActivity.CPU]
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def host_breakdown(engine: LLMEngine, steps: int) -> dict[str, float]:
@@ -65,26 +74,65 @@ def decode_profile(engine: LLMEngine, batch: int, prompt_len: int, steps: int) -
         engine.step()
     for _ in range(5):
         engine.step()
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     for _ in range(steps):
         engine.step()
     wall = (time.perf_counter() - start) / steps
     host = host_breakdown(engine, steps)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=ACTIVITIES) as prof:
         for _ in range(steps):
             engine.step()
-        torch.cuda.synchronize()
+        sync()
+    kernels = kernel_times(prof, steps)
+    for request_id in list(engine.requests):
+        engine.abort(request_id)
+    gpu = sum(kernels.values())
+    top = list(kernels.items())[:14]
+    return {"batch": batch, "wall_ms_per_step": wall * 1000, "gpu_kernel_ms_per_step": gpu, "host_ms_per_step": host,
+            "idle_ms_per_step": wall * 1000 - gpu, "top_kernels_ms_per_step": dict(top)}
+
+
+def kernel_times(prof, steps: int) -> dict[str, float]:
+    """Milliseconds per step in each CUDA kernel of a profile, the longest first."""
     kernels: dict[str, float] = defaultdict(float)
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             kernels[event.name[:90]] += event.device_time_total / 1000 / steps
-    for request_id in list(engine.requests):
-        engine.abort(request_id)
-    gpu = sum(kernels.values())
-    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:14]
-    return {"batch": batch, "wall_ms_per_step": wall * 1000, "gpu_kernel_ms_per_step": gpu, "host_ms_per_step": host,
-            "idle_ms_per_step": wall * 1000 - gpu, "top_kernels_ms_per_step": dict(top)}
+    return dict(sorted(kernels.items(), key=lambda kv: -kv[1]))
+
+
+def prefill_profile(engine: LLMEngine, prompt_len: int, steps: int) -> dict:
+    """Steps that prefill only: enough prompts of `prompt_len` to fill each step's token budget
+    (max_batch_prefill_tokens), one token generated each, so that every step profiled is a
+    full prefill step (after one unprofiled step that compiles what it needs)."""
+    budget = engine.config.scheduler.max_batch_prefill_tokens
+    rng = random.Random(prompt_len)
+
+    def add_step_of_prompts():
+        for _ in range(max(1, budget // prompt_len)):
+            engine.add_request([rng.randrange(100, 32000) for _ in range(prompt_len)],
+                               SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+
+    def run_steps(count: int) -> None:
+        for _ in range(count):
+            add_step_of_prompts()
+            while engine.has_unfinished_requests():  # the prefill, then its token read back
+                engine.step()
+
+    run_steps(1)
+    sync()
+    start = time.perf_counter()
+    run_steps(steps)
+    sync()
+    wall = (time.perf_counter() - start) / steps
+    with profile(activities=ACTIVITIES) as prof:
+        run_steps(steps)
+        sync()
+    kernels = kernel_times(prof, steps)
+    return {"prefill_tokens_per_step": max(1, budget // prompt_len) * prompt_len, "prompt_len": prompt_len,
+            "wall_ms_per_step": wall * 1000, "gpu_kernel_ms_per_step": sum(kernels.values()),
+            "top_kernels_ms_per_step": dict(list(kernels.items())[:14])}
 
 
 def main() -> None:
@@ -93,12 +141,20 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 256])
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--prefill", action="store_true",
+                        help="also profile steps that prefill a full budget of --prompt-len prompts")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--stream-outputs", action="store_true",
                         help="build every request's output each step, as the server does (LLM.generate does not)")
     args = parser.parse_args()
-    engine = LLMEngine(EngineArgs(model=args.model, dtype="bfloat16", enable_prefix_caching=False))
+    engine = LLMEngine(EngineArgs(model=args.model, dtype=args.dtype, device=args.device,
+                                  enable_prefix_caching=False))
     engine.stream_outputs = args.stream_outputs
-    print(json.dumps([decode_profile(engine, b, args.prompt_len, args.steps) for b in args.batch_sizes], indent=2))
+    profiles = [decode_profile(engine, b, args.prompt_len, args.steps) for b in args.batch_sizes]
+    if args.prefill:
+        profiles.append(prefill_profile(engine, args.prompt_len, max(1, args.steps // 10)))
+    print(json.dumps(profiles, indent=2))
 
 
 if __name__ == "__main__":

@@ -61,3 +61,13 @@ def test_mixtral_runs_both_engines_and_reports_against_its_targets(tmp_path):
     assert peer["workload"]["num_prompts"] == 4 and set(peer["static_cache"]) == {"compiled", "1", "4"}
     assert report["shape"]["num_hidden_layers"] == 2 and report["batch1_roofline"]["bytes_per_token"]["total"] > 0
     assert all(isinstance(met, bool) for met in report["targets"].values())
+
+
+def test_profile_step_profiles_decode_and_prefill_steps(mistral_v03_dir):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "profile_step.py"), "--model",
+                           mistral_v03_dir, "--device", "cpu", "--dtype", "float32", "--batch-sizes", "2",
+                           "--prompt-len", "64", "--steps", "3", "--prefill"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    decode, prefill = json.loads(done.stdout)
+    assert decode["batch"] == 2 and decode["wall_ms_per_step"] > 0 and "forward" in decode["host_ms_per_step"]
+    assert prefill["prefill_tokens_per_step"] == 4096 and prefill["wall_ms_per_step"] > 0
