@@ -3,7 +3,7 @@
 For each decode batch (sequences x context tokens) on Mistral-7B's attention shape (32 query
 heads over 8 KV heads of 128, 16-token pages, bf16 cache, block tables shuffled as a busy
 cache leaves them): the time of one layer's attention with the default tiles and the number
-of context splits the engine picks (ModelRunner._num_splits), against the time to read the
+of context splits the engine picks (model_runner.decode_splits), against the time to read the
 K and V it must read at the measured copy rate; with `--sweep`, every tile configuration
 and split count of a small grid, each checked against the default's output before it is
 timed, and the fastest. Times are of calls replayed from a CUDA graph, each call on the
@@ -26,14 +26,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.gemv import timed_us  # noqa: E402
 from benchmarks.roofline import copy_bandwidth  # noqa: E402
 from kernels.decode_attention import DecodeConfig, decode_attention, default_config  # noqa: E402
+from server.runtime.model_runner import decode_splits  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
 CASES = "1x128,1x4096,16x1000,64x600,256x600,256x1000"
-
-
-def engine_splits(num_seqs: int, num_sms: int) -> int:
-    """What ModelRunner._num_splits gives: about two programs per SM, at most 32 splits."""
-    return max(1, min(32, -(-2 * num_sms // (num_seqs * KV_HEADS))))
 
 
 def layers(num_seqs: int, context: int, l2_bytes: int, seed: int = 0):
@@ -77,7 +73,7 @@ def main() -> None:
                                               scale, None, splits, out=out, config=config)
 
         roofline_us = 2 * num_seqs * context * KV_HEADS * HEAD_DIM * 2 / bandwidth * 1e6
-        splits = engine_splits(num_seqs, props.multi_processor_count)
+        splits = decode_splits(num_seqs, KV_HEADS, props.multi_processor_count)
         default = default_config(HEAD_DIM)
         expected = decode_attention(q, *caches[0][:2], caches[0][2], lens, scale, None, splits).clone()
         us = timed_us(run(default, splits))

@@ -3,8 +3,9 @@
 For each token count: the time of one MoE layer (gate+up, SiLU-and-multiply, down, the weighted
 sum), the bytes it must read (the experts its tokens picked, once each), and the fraction of
 the copy roofline. Where the layer takes gemv's expert rows (one or two tokens), the grouped
-kernel with its default tiles is timed beside it. With `--sweep`, every tile configuration of the grid below, each checked
-against the default's output before it is timed, and the fastest per token count.
+kernel with its default tiles is timed beside it. With `--sweep`, every tile configuration of
+the grid below, each checked against the default's output before it is timed, and the
+fastest per token count.
 
     python benchmarks/moe_kernel.py --sweep [--tp 2]
 """

@@ -44,7 +44,7 @@ def host_breakdown(engine: LLMEngine, steps: int) -> dict[str, float]:
 
     def wrap(owner, name):
         fn = getattr(owner, name)
-        originals.append((owner, name, fn))
+        originals.append((owner, name))
 
         def timed(*args, **kwargs):
             start = time.perf_counter()
@@ -54,14 +54,14 @@ def host_breakdown(engine: LLMEngine, steps: int) -> dict[str, float]:
                 spent[name] += (time.perf_counter() - start) * 1000 / steps
         setattr(owner, name, timed)
 
-    for owner, name in ((engine.scheduler, "schedule"), (engine, "_chunk"), (engine.runner, "_pack"), (engine.runner, "_unpack"),
-                        (engine.runner, "forward"), (engine.runner, "sample"), (engine, "_finish_outputs"),
-                        (engine.runner, "collect"), (engine, "_advance")):
+    for owner, name in ((engine.scheduler, "schedule"), (engine, "_chunk"), (engine.runner, "_pack"),
+                        (engine.runner, "_unpack"), (engine.runner, "forward"), (engine.runner, "sample"),
+                        (engine, "_finish_outputs"), (engine.runner, "collect"), (engine, "_advance")):
         wrap(owner, name)
     for _ in range(steps):
         engine.step()
-    for owner, name, fn in originals:
-        setattr(owner, name, fn)
+    for owner, name in originals:  # the class's methods again (a bound method kept on its instance is a cycle)
+        delattr(owner, name)
     return dict(spent)
 
 

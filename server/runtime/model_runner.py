@@ -23,6 +23,12 @@ from server.runtime.sampler import (AllowedTokens, DeviceSample, SampledToken, S
                                    prompt_logprobs, sample_on_device, sampled_tokens, to_host)
 
 
+def decode_splits(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
+    """Context splits of the decode kernel: enough programs for about two per SM (at most 32
+    splits); a function of the batch shape only, so that graphs can be captured."""
+    return max(1, min(32, -(-2 * num_sms // (num_seqs * num_kv_heads))))
+
+
 @dataclass
 class SequenceChunk:
     """`token_ids` of one sequence at positions `start_pos`.., to compute this step."""
@@ -176,10 +182,7 @@ class ModelRunner:
         return steps
 
     def _num_splits(self, num_seqs: int) -> int:
-        """Context splits of the decode kernel: enough programs for about two per SM (at most
-        32 splits); a function of the batch shape only, so that graphs can be captured."""
-        programs = num_seqs * self.num_kv_heads
-        return max(1, min(32, -(-2 * self.num_sms // programs)))
+        return decode_splits(num_seqs, self.num_kv_heads, self.num_sms)
 
     def _pack(self, chunks: list[SequenceChunk]) -> "PackedStep":
         """The step's inputs in one int64 array (on the host): token ids, positions, slots,
