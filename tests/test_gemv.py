@@ -13,7 +13,7 @@ on_gpu = [gpu_only, pytest.mark.gpu]
 # Both ways of multiplying, K split or not, N and K off the tiles' multiples.
 SMALL_CONFIGS = [GemvConfig(block_n=16, block_k=64), GemvConfig(block_n=8, block_k=32, num_stages=2, split_k=3),
                  GemvConfig(block_n=16, block_k=32, dot=True), GemvConfig(block_n=32, block_k=64, dot=True, split_k=2)]
-SMALL_CASES = [(1, 48, 256), (3, 50, 130), (16, 33, 200), (7, 64, 96)]
+SMALL_CASES = [(1, 48, 256), (1, 300, 160), (3, 50, 130), (16, 33, 200), (7, 64, 96)]  # (one row, N > K: fp8 wide tiles)
 GPU_CASES = [(m, n, k) for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (32768, 4096)]
              for m in (1, 2, 4, 8, 16)] + [(5, 1000, 4000), (13, 4000, 1000)]
 
