@@ -3,10 +3,11 @@
 With programmatic dependent launch (an H100: kernels/launch.py) a kernel starts while the one
 before it drains and waits for it on the device, so its recorded time includes that wait: the
 kernel times then add up to more than the step (the norm after a gemv, the merge after the
-split attention look slow), and `idle_ms_per_step` can go negative. `benchmarks/gemv.py`,
-`decode_attention.py` and `moe_kernel.py` time the kernels alone.
+split attention look slow), and `idle_ms_per_step` can go negative. With KERNELS_PDL=0 in the
+environment each kernel's time is its own (the step's wall time is then a little longer).
+`benchmarks/gemv.py`, `decode_attention.py` and `moe_kernel.py` time the kernels alone.
 
-    python benchmarks/profile_step.py --model /tmp/mistral-7b --batch-sizes 1,256 [--prefill]
+    python benchmarks/profile_step.py --model /tmp/mistral-7b --batch-sizes 1,256 [--prefill] [--quantize fp8]
 """
 from __future__ import annotations
 
@@ -67,9 +68,11 @@ def host_breakdown(engine: LLMEngine, steps: int) -> dict[str, float]:
 
 def decode_profile(engine: LLMEngine, batch: int, prompt_len: int, steps: int) -> dict:
     rng = random.Random(batch)
+    # Sequences prefilled first decode while the others prefill: none may finish before the end.
+    prefill_steps = -(-batch * prompt_len // engine.config.scheduler.max_batch_prefill_tokens)
     for _ in range(batch):
         engine.add_request([rng.randrange(100, 32000) for _ in range(prompt_len)],
-                           SamplingParams(temperature=0, max_tokens=steps * 3 + 10, ignore_eos=True))
+                           SamplingParams(temperature=0, max_tokens=prefill_steps + steps * 3 + 10, ignore_eos=True))
     while any(s.num_computed_tokens < s.num_prompt_tokens for r in engine.requests.values() for s in r.sequences):
         engine.step()
     for _ in range(5):
@@ -85,11 +88,12 @@ def decode_profile(engine: LLMEngine, batch: int, prompt_len: int, steps: int) -
             engine.step()
         sync()
     kernels = kernel_times(prof, steps)
+    running = len(engine.requests)  # still the whole batch
     for request_id in list(engine.requests):
         engine.abort(request_id)
     gpu = sum(kernels.values())
     top = list(kernels.items())[:14]
-    return {"batch": batch, "wall_ms_per_step": wall * 1000, "gpu_kernel_ms_per_step": gpu, "host_ms_per_step": host,
+    return {"batch": batch, "running_at_end": running, "wall_ms_per_step": wall * 1000, "gpu_kernel_ms_per_step": gpu, "host_ms_per_step": host,
             "idle_ms_per_step": wall * 1000 - gpu, "top_kernels_ms_per_step": dict(top)}
 
 
@@ -145,11 +149,16 @@ def main() -> None:
                         help="also profile steps that prefill a full budget of --prompt-len prompts")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--eager", action="store_true", help="no CUDA graphs (every kernel launched from the host)")
+    parser.add_argument("--quantize", help="the engine's --quantize (fp8; a GPTQ/AWQ checkpoint needs none)")
+    parser.add_argument("--max-num-seqs", type=int, help="the largest batch, up to which decode graphs are captured "
+                                                         "(default: the largest of --batch-sizes, 256 with --prefill)")
     parser.add_argument("--stream-outputs", action="store_true",
                         help="build every request's output each step, as the server does (LLM.generate does not)")
     args = parser.parse_args()
-    engine = LLMEngine(EngineArgs(model=args.model, dtype=args.dtype, device=args.device,
-                                  enable_prefix_caching=False))
+    engine = LLMEngine(EngineArgs(model=args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
+                                  max_num_seqs=args.max_num_seqs or (256 if args.prefill else max(args.batch_sizes)),
+                                  enforce_eager=args.eager, enable_prefix_caching=False))
     engine.stream_outputs = args.stream_outputs
     profiles = [decode_profile(engine, b, args.prompt_len, args.steps) for b in args.batch_sizes]
     if args.prefill:

@@ -10,18 +10,22 @@ anything. Every program of every kernel launched this way waits, so the order st
 transitive: a kernel that has finished has seen the one ahead of it finish.
 
 On for CUDA devices of compute capability 9.0 or more; never in Triton's interpreter (the CPU
-tests), where `PDL` is False and the calls compile away. On one H100, one-sequence decode of a
+tests), where `PDL` is False and the calls compile away; and off with KERNELS_PDL=0 in the
+environment (a profile's kernel times then exclude the waits: benchmarks/profile_step.py). On one H100, one-sequence decode of a
 Mistral-7B-shaped model went from 179.7 to 185.5 tokens/s with it (benchmarks/latency.py,
 without and with, on one machine).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 from triton import knobs
 
-PDL = not knobs.runtime.interpret and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+PDL = (os.environ.get("KERNELS_PDL", "1") != "0" and not knobs.runtime.interpret and torch.cuda.is_available()
+       and torch.cuda.get_device_capability()[0] >= 9)
 LAUNCH = {"launch_pdl": True} if PDL else {}  # the launch options of every kernel that calls wait_for_inputs
 
 
