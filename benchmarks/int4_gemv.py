@@ -12,6 +12,7 @@ decode steps run, each call on the next of enough copies of the weight that the 
 cannot hold them.
 
     python benchmarks/int4_gemv.py [--rows 1,2,4,8,16] [--shapes qkv,o_proj,gate_up,down] [--out FILE]
+    python benchmarks/int4_gemv.py --batched 16,64,128,192,256   # int4_matmul or dequantize first
     TRITON_INTERPRET=1 python benchmarks/int4_gemv.py --smoke   # tiny shapes on the CPU, no timing
 """
 from __future__ import annotations
@@ -111,6 +112,30 @@ def measure(M: int, N: int, K: int, packed: list[tuple], dense: list[torch.Tenso
     return row
 
 
+def batched(rows_list: list[int], l2_bytes: int) -> dict:
+    """Larger decode batches, which the 4-bit layers send through int4_matmul up to
+    FUSED_MAX_ROWS rows and dequantize first above: each layer weight's time both ways, and
+    bf16 cuBLAS's, in microseconds."""
+    from kernels.int4_matmul import int4_dequantize
+
+    out = {}
+    for name in LAYER:
+        N, K = SHAPES[name]
+        packed = packed_copies(N, K, l2_bytes, "cuda", torch.bfloat16)
+        dense = [torch.randn(K, N, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+        for M in rows_list:
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            row = out.setdefault(M, {})
+            row[name] = {
+                "int4_matmul": timed_us(lambda i: int4_matmul(x, *packed[i % len(packed)], None, GROUP_SIZE)),
+                "dequantized_matmul": timed_us(lambda i: x @ int4_dequantize(*packed[i % len(packed)], None,
+                                                                             GROUP_SIZE, torch.bfloat16)),
+                "bf16_cublas": timed_us(lambda i: x @ dense[i % 2])}
+    for row in out.values():
+        row["layer"] = {key: sum(row[name][key] for name in LAYER) for key in row[LAYER[0]]}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", default="1,2,4,8,16")
@@ -119,7 +144,14 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes on the CPU (TRITON_INTERPRET=1): checks the sweep's configurations, "
                              "times nothing")
+    parser.add_argument("--batched", help="instead: these larger batches (e.g. 16,64,128,192,256) through "
+                                          "int4_matmul and dequantized first, against bf16")
     args = parser.parse_args()
+    if args.batched:
+        report = batched([int(m) for m in args.batched.split(",")], torch.cuda.get_device_properties(0).L2_cache_size)
+        print(json.dumps({"benchmark": "int4_batched", "device": torch.cuda.get_device_name(),
+                          "microseconds_by_rows": report}, indent=2))
+        return
     rows_list = [int(m) for m in args.rows.split(",")]
     if args.smoke:  # fp16: the interpreter gets bf16 dots wrong
         device, dtype, l2_bytes, bandwidth = "cpu", torch.float16, 0, None

@@ -17,8 +17,8 @@ reads each input's group from g_idx.
 On the GPU: a decode batch of one row through kernels/int4_gemv.py (shaped to read the packed
 words as fast as memory gives them; 2.03x the bf16 gemv on a Mistral-7B layer on an H100, while
 its tensor-core tiles for 16 rows were slower than int4_matmul), batches of up to
-FUSED_MAX_ROWS through kernels/int4_matmul.py, and larger ones (prefill) as the weight
-dequantized to the activations' dtype and one dense matmul. On the CPU the weight is dequantized
+FUSED_MAX_ROWS through kernels/int4_matmul.py, and larger ones (the largest decode batches,
+prefill) as the weight dequantized to the activations' dtype and one dense matmul. On the CPU the weight is dequantized
 with torch at every call rather than kept: the layer then holds only the 4-bit tensors, as on
 the GPU, and the CPU path (the tests' oracle) computes from exactly them.
 """
@@ -40,7 +40,10 @@ try:
 except ImportError:  # pragma: no cover - no triton: the CPU path only
     int4_matmul = int4_dequantize = int4_gemv = split_counters = suits = None
 
-FUSED_MAX_ROWS = 256  # the largest captured decode batch
+# int4_matmul unpacks the words again for each block of 64 rows: on an H100 a Mistral-7B layer took
+# 335, 474 and 559 us through it at 128, 192 and 256 rows, and 381, 419 and 407 dequantized
+# first (`python benchmarks/int4_gemv.py --batched 128,192,256`)
+FUSED_MAX_ROWS = 128
 GROUP = 0  # in a layout below: one entry per group of inputs
 # checkpoint tensor -> (outputs per entry along dim 1, inputs per entry along dim 0)
 _AWQ = {"qweight": (8, 1), "qzeros": (8, GROUP), "scales": (1, GROUP)}
