@@ -6,8 +6,9 @@ cache leaves them): the time of one layer's attention with the default tiles and
 of context splits the engine picks (model_runner.decode_splits), against the time to read the
 K and V it must read at the measured copy rate; with `--sweep`, every tile configuration
 and split count of a small grid, each checked against the default's output before it is
-timed, and the fastest. Times are of calls replayed from a CUDA graph, each call on the
-next of enough caches (one per layer) that the L2 cache cannot hold them.
+timed, and the fastest (all of them under "swept"). Times are of calls replayed from a CUDA
+graph, each call on the next of enough caches (one per layer) that the L2 cache cannot hold
+them.
 
     python benchmarks/decode_attention.py [--cases 1x128,256x600] [--sweep]
 """
@@ -80,7 +81,7 @@ def main() -> None:
         row = {"case": case, "roofline_us": roofline_us,
                "default": {"config": default.__dict__, "splits": splits, "us": us, "fraction": roofline_us / us}}
         if args.sweep:
-            best = None
+            best, row["swept"] = None, []
             for config, n in itertools.product(sweep_configs(), sorted({max(1, splits // 2), splits, 2 * splits})):
                 try:
                     got = decode_attention(q, *caches[0][:2], caches[0][2], lens, scale, None, n, config=config)
@@ -89,11 +90,12 @@ def main() -> None:
                     continue
                 torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
                 us = timed_us(run(config, n))
+                row["swept"].append({**config.__dict__, "splits": n, "us": round(us, 2)})
                 if best is None or us < best["us"]:
                     best = {"config": config.__dict__, "splits": n, "us": us, "fraction": roofline_us / us}
             row["best"] = best
         rows.append(row)
-        print(json.dumps(row), file=sys.stderr)
+        print(json.dumps({k: v for k, v in row.items() if k != "swept"}), file=sys.stderr)
         del caches
     print(json.dumps({"benchmark": "decode_attention", "device": torch.cuda.get_device_name(),
                       "copy_bandwidth_bytes_per_s": bandwidth, "by_case": rows}, indent=2))
