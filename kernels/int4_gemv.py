@@ -23,7 +23,10 @@ strided from x (which the L1 cache holds). A tile is multiplied either
     2j and 2j + 1 to mantissa bits 15..18 and 19..22, where under the exponents of 16 and of 1
     they read as 16 + q/16 and 1 + q/16: a shift per two weights, an and-or and a multiply-add
     per weight. A thread owns four columns and all rows of the tile, so the sum over the tile's
-    rows needs no shuffles; or
+    rows needs no shuffles. bf16 x comes four inputs to an 8-byte load (8r + 4h .. 8r + 4h + 3),
+    each input widened with one shift or and: a layer's four products on an H100 went from 71.2
+    to 69.3 us against one 2-byte load and conversion per input (benchmarks/int4_gemv.py), and
+    to 66.2 with the tiles below; or
   - on the tensor cores, rows padded to 16. One shift and and-or put nibbles i and i + 4 of a
     word into the two 16-bit halves of a register as 1 + q/16 (exact in bf16 and fp16), and the
     halves are consecutive inputs of the dot: [BLOCK_N, 16] += [BLOCK_N, BLOCK_K/4] @ x's inputs
@@ -62,20 +65,45 @@ def _x_sum(x_rows, start, BLOCK_K: tl.constexpr, STEP: tl.constexpr):
 
 
 @triton.jit
-def _fma_tile(words, x_rows, k0, one, sixteen, BLOCK_K: tl.constexpr):
+def _bf16_pair(word):
+    """int32 holding two bf16 values -> them in float32 (low half, high half)."""
+    return (word << 16).to(tl.float32, bitcast=True), (word & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _nibble_pair(words, j: tl.constexpr, one, sixteen):
+    """Nibbles 2j and 2j + 1 of each word as float32 16 + q/16 and 1 + q/16: one shift brings
+    them to mantissa bits 15..18 and 19..22."""
+    if j < 2:
+        pair = words << (15 - 8 * j)
+    else:
+        pair = words >> (8 * j - 15)  # arithmetic, but the sign's copies stay above bit 22
+    lower = ((pair & LOWER) | sixteen).to(tl.float32, bitcast=True)
+    upper = ((pair & UPPER) | one).to(tl.float32, bitcast=True)
+    return lower, upper
+
+
+@triton.jit
+def _fma_tile(words, x_rows, k0, one, sixteen, BLOCK_K: tl.constexpr, X_WORDS: tl.constexpr):
     """words [1, BLOCK_K/8, BLOCK_N] -> (sum_k x[m, k] q[k, n] [BLOCK_M, BLOCK_N], sum_k x[m, k]
-    [BLOCK_M]) over the tile's inputs k0 .., in float32 multiply-adds."""
-    x_at = x_rows[:, None] + k0 + 8 * tl.arange(0, words.shape[1])[None, :]  # [BLOCK_M, BLOCK_K/8]: inputs 8r
-    part = tl.zeros([x_rows.shape[0], words.shape[1], words.shape[2]], tl.float32)  # [BLOCK_M, BLOCK_K/8, BLOCK_N]
-    for j in tl.static_range(4):  # nibbles 2j and 2j + 1 to bits 15..22
-        if j < 2:
-            pair = words << (15 - 8 * j)
-        else:
-            pair = words >> (8 * j - 15)  # arithmetic, but the sign's copies stay above bit 22
-        lower = ((pair & LOWER) | sixteen).to(tl.float32, bitcast=True)  # 16 + q/16
-        upper = ((pair & UPPER) | one).to(tl.float32, bitcast=True)  # 1 + q/16
-        part = tl.fma(tl.load(x_at + 2 * j).to(tl.float32)[:, :, None], lower, part)
-        part = tl.fma(tl.load(x_at + 2 * j + 1).to(tl.float32)[:, :, None], upper, part)
+    [BLOCK_M]) over the tile's inputs k0 .., in float32 multiply-adds. X_WORDS: x (bf16) is
+    read four inputs to a load, else one."""
+    BLOCK_W: tl.constexpr = words.shape[1]
+    x_at = x_rows[:, None] + k0 + 8 * tl.arange(0, BLOCK_W)[None, :]  # [BLOCK_M, BLOCK_K/8]: inputs 8r
+    part = tl.zeros([x_rows.shape[0], BLOCK_W, words.shape[2]], tl.float32)  # [BLOCK_M, BLOCK_K/8, BLOCK_N]
+    for h in tl.static_range(2):  # inputs 8r + 4h .. 8r + 4h + 3: nibbles 4h .. 4h + 3
+        if X_WORDS:
+            four = tl.load(x_at.to(tl.pointer_type(tl.int64), bitcast=True) + h)
+            halves = (four.to(tl.int32), (four >> 32).to(tl.int32))  # bf16 pairs: low half first
+        for i in tl.static_range(2):
+            lower, upper = _nibble_pair(words, 2 * h + i, one, sixteen)
+            if X_WORDS:
+                xe, xo = _bf16_pair(halves[i])
+            else:
+                xe = tl.load(x_at + 4 * h + 2 * i).to(tl.float32)
+                xo = tl.load(x_at + 4 * h + 2 * i + 1).to(tl.float32)
+            part = tl.fma(xe[:, :, None], lower, part)
+            part = tl.fma(xo[:, :, None], upper, part)
     # part sums x_k (16 + q_k/16) over even k and x_k (1 + q_k/16) over odd k
     x_even = _x_sum(x_rows, k0, BLOCK_K, 2)
     x_odd = _x_sum(x_rows, k0 + 1, BLOCK_K, 2)
@@ -110,7 +138,8 @@ def _dot_tile(words, x_rows, k0, halves, BLOCK_K: tl.constexpr):
 def _int4_gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, out_ptr, partial_ptr, counters_ptr, M, N,
                       stride_xm, words_per_split, num_splits, K_WORDS, one, sixteen, halves,
                       GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr):
+                      BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr,
+                      X_WORDS: tl.constexpr):
     BLOCK_W: tl.constexpr = BLOCK_K // 8  # rows of words per tile
     block = tl.program_id(0)
     split = tl.program_id(1)
@@ -140,7 +169,7 @@ def _int4_gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, out_ptr, partia
             # loaded as a 3-d tile, which gives the product's layout: each thread a 16-byte run of
             # columns in every row of the tile, so that the sum over rows needs no shuffles
             words = tl.load(w_ptrs[None, :, :], mask=cmask[None, None, :], other=0)
-            q_sum, x_sum = _fma_tile(words, x_rows, k0, one, sixteen, BLOCK_K)
+            q_sum, x_sum = _fma_tile(words, x_rows, k0, one, sixteen, BLOCK_K, X_WORDS)
             acc += s[None, :] * (q_sum - z[None, :] * x_sum[:, None])
         w_ptrs += BLOCK_W * N
     if DOT:
@@ -189,9 +218,9 @@ def split_k_for(N: int, K: int, block_n: int, block_k: int, num_warps: int, warp
 def default_config(M: int, N: int, K: int, group_size: int) -> Int4GemvConfig:
     """One row (what decode batches of one use): multiply-adds, one warp a program, the tiles
     that benchmarks/int4_gemv.py found fastest on an H100 for each Mistral-7B weight (the four
-    products of a layer in 72.8 us, 2.03x the bf16 gemv): 64-input tiles where K is 4,096 and
-    128-input tiles two deep where it is longer, 256 columns a program for the wide gate_up,
-    and K split until about 2,048 warps (1,024 for the long down_proj) are in flight, each split
+    products of a layer in 67.0 us, 2.20x the bf16 gemv): 128 columns and 64-input tiles a
+    program; one tile in flight where K is 4,096, two for the wide gate_up and three for the long
+    down_proj; K split until about 2,048 warps (512 for down_proj) are in flight, each split
     keeping two tiles or more. More rows: the tensor cores (eight warps, a warp group for each
     64 columns) where a group holds a tile of 64 inputs or more; where it does not, multiply-adds
     over tiles small enough that a thread's float32 sums ([M, block_k/8, 4]) fit in 64 registers.
@@ -202,10 +231,9 @@ def default_config(M: int, N: int, K: int, group_size: int) -> Int4GemvConfig:
         tile = {"block_n": 128, "block_k": fits, "num_warps": 8, "num_stages": 3, "dot": True}
         warps = 1024
     elif M == 1:
-        long = K > 4096
-        tile = {"block_n": 256 if N >= 16384 else 128, "block_k": min(fits, 128 if long else 64), "num_warps": 1,
-                "num_stages": 2 if long else 1}
-        warps = 1024 if long else 2048
+        long, wide = K > 4096, N >= 16384
+        tile = {"block_n": 128, "block_k": min(fits, 64), "num_warps": 1, "num_stages": 3 if long else 2 if wide else 1}
+        warps = 512 if long else 2048
     else:
         tile = {"block_n": 128, "block_k": min(fits, 128 // triton.next_power_of_2(M)), "num_warps": 1, "num_stages": 1}
         warps = 1024
@@ -248,9 +276,11 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scale
         counters = split_counters(N, x.device) if counters is None else counters
         if counters.numel() * 16 < N:
             raise ValueError(f"{counters.numel()} split counters are too few for {N} columns")
+    # bf16 x read four inputs (8 bytes) to a load where its rows allow
+    x_words = x.dtype == torch.bfloat16 and x.data_ptr() % 8 == 0 and x.stride(0) % 4 == 0
     _int4_gemv_kernel[(blocks, split_k)](
         x, qweight, zeros, scales, out, partial, counters if split_k > 1 else out, M, N, x.stride(0),
         per_split, split_k, words, ONE, SIXTEEN, HALVES[x.dtype], GROUP_SIZE=group_size,
         BLOCK_M=MAX_ROWS if c.dot else triton.next_power_of_2(M), BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-        NUM_STAGES=c.num_stages, DOT=c.dot, SPLIT=split_k > 1, num_warps=c.num_warps)
+        NUM_STAGES=c.num_stages, DOT=c.dot, SPLIT=split_k > 1, X_WORDS=x_words, num_warps=c.num_warps)
     return out

@@ -15,7 +15,7 @@ sorted inputs still do not form whole groups (act-order under row parallelism), 
 reads each input's group from g_idx.
 
 On the GPU: a decode batch of one row through kernels/int4_gemv.py (shaped to read the packed
-words as fast as memory gives them; 2.03x the bf16 gemv on a Mistral-7B layer on an H100, while
+words as fast as memory gives them; 2.23x the bf16 gemv on a Mistral-7B layer on an H100, while
 its tensor-core tiles for 16 rows were slower than int4_matmul), batches of up to
 FUSED_MAX_ROWS through kernels/int4_matmul.py, and larger ones (the largest decode batches,
 prefill) as the weight dequantized to the activations' dtype and one dense matmul. On the CPU the weight is dequantized
