@@ -70,9 +70,10 @@ def decode_profile(engine: LLMEngine, batch: int, prompt_len: int, steps: int) -
     rng = random.Random(batch)
     # Sequences prefilled first decode while the others prefill: none may finish before the end.
     prefill_steps = -(-batch * prompt_len // engine.config.scheduler.max_batch_prefill_tokens)
+    max_tokens = prefill_steps + steps * 3 + 10
     for _ in range(batch):
         engine.add_request([rng.randrange(100, 32000) for _ in range(prompt_len)],
-                           SamplingParams(temperature=0, max_tokens=prefill_steps + steps * 3 + 10, ignore_eos=True))
+                           SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
     while any(s.num_computed_tokens < s.num_prompt_tokens for r in engine.requests.values() for s in r.sequences):
         engine.step()
     for _ in range(5):
@@ -93,8 +94,9 @@ def decode_profile(engine: LLMEngine, batch: int, prompt_len: int, steps: int) -
         engine.abort(request_id)
     gpu = sum(kernels.values())
     top = list(kernels.items())[:14]
-    return {"batch": batch, "running_at_end": running, "wall_ms_per_step": wall * 1000, "gpu_kernel_ms_per_step": gpu, "host_ms_per_step": host,
-            "idle_ms_per_step": wall * 1000 - gpu, "top_kernels_ms_per_step": dict(top)}
+    return {"batch": batch, "running_at_end": running, "wall_ms_per_step": wall * 1000,
+            "gpu_kernel_ms_per_step": gpu, "host_ms_per_step": host, "idle_ms_per_step": wall * 1000 - gpu,
+            "top_kernels_ms_per_step": dict(top)}
 
 
 def kernel_times(prof, steps: int) -> dict[str, float]:
