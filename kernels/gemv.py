@@ -149,8 +149,8 @@ def default_config(M: int, N: int, K: int, weight_bytes: int = 2, gated: bool = 
     rows on the tensor cores, 256-wide tiles for long rows, K never split. fp8 (`--fp8`): one
     row over 1024-wide tiles, 4 rows of W five deep for the wide weights (qkv, gate_up), else
     8 rows three deep (0.73-0.99 of the copy rate); more rows on 128-wide tiles three deep
-    with K split in four (0.52-0.73). The tensor-core pipeline is never deeper than shared memory holds (a gated
-    input's stage holds two tiles of x)."""
+    with K split in four (0.52-0.73). The tensor-core pipeline is never deeper than shared
+    memory holds (a gated input's stage holds two tiles of x)."""
     if M == 1:
         if weight_bytes == 1:
             wide = N > K  # qkv, gate_up

@@ -218,7 +218,7 @@ def split_k_for(N: int, K: int, block_n: int, block_k: int, num_warps: int, warp
 def default_config(M: int, N: int, K: int, group_size: int) -> Int4GemvConfig:
     """One row (what decode batches of one use): multiply-adds, one warp a program, the tiles
     that benchmarks/int4_gemv.py found fastest on an H100 for each Mistral-7B weight (the four
-    products of a layer in 67.0 us, 2.20x the bf16 gemv): 128 columns and 64-input tiles a
+    products of a layer in 66.2 us, 2.23x the bf16 gemv): 128 columns and 64-input tiles a
     program; one tile in flight where K is 4,096, two for the wide gate_up and three for the long
     down_proj; K split until about 2,048 warps (512 for down_proj) are in flight, each split
     keeping two tiles or more. More rows: the tensor cores (eight warps, a warp group for each

@@ -18,9 +18,10 @@ On the GPU: a decode batch of one row through kernels/int4_gemv.py (shaped to re
 words as fast as memory gives them; 2.23x the bf16 gemv on a Mistral-7B layer on an H100, while
 its tensor-core tiles for 16 rows were slower than int4_matmul), batches of up to
 FUSED_MAX_ROWS through kernels/int4_matmul.py, and larger ones (the largest decode batches,
-prefill) as the weight dequantized to the activations' dtype and one dense matmul. On the CPU the weight is dequantized
-with torch at every call rather than kept: the layer then holds only the 4-bit tensors, as on
-the GPU, and the CPU path (the tests' oracle) computes from exactly them.
+prefill) as the weight dequantized to the activations' dtype and one dense matmul. On the CPU
+the weight is dequantized with torch at every call rather than kept: the layer then holds only
+the 4-bit tensors, as on the GPU, and the CPU path (the tests' oracle) computes from exactly
+them.
 """
 from __future__ import annotations
 
