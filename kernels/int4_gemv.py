@@ -94,11 +94,11 @@ def _fma_tile(words, x_rows, k0, one, sixteen, BLOCK_K: tl.constexpr, X_WORDS: t
     for h in tl.static_range(2):  # inputs 8r + 4h .. 8r + 4h + 3: nibbles 4h .. 4h + 3
         if X_WORDS:
             four = tl.load(x_at.to(tl.pointer_type(tl.int64), bitcast=True) + h)
-            halves = (four.to(tl.int32), (four >> 32).to(tl.int32))  # bf16 pairs: low half first
+            pairs = (four.to(tl.int32), (four >> 32).to(tl.int32))  # two bf16 each, the lower input in the low half
         for i in tl.static_range(2):
             lower, upper = _nibble_pair(words, 2 * h + i, one, sixteen)
             if X_WORDS:
-                xe, xo = _bf16_pair(halves[i])
+                xe, xo = _bf16_pair(pairs[i])
             else:
                 xe = tl.load(x_at + 4 * h + 2 * i).to(tl.float32)
                 xo = tl.load(x_at + 4 * h + 2 * i + 1).to(tl.float32)
