@@ -4,9 +4,10 @@ For each weight of a layer and the LM head, and each decode batch of rows: the t
 (F.linear) and of the kernel under each configuration of a small sweep (each checked against
 cuBLAS before it is timed), as the rate at which the weight is read; the fastest
 configuration, the default's, their ratios to cuBLAS and to the device copy rate, and what
-the winners save on the weights of one decoder layer. Times are of calls replayed from a
-CUDA graph, as decode steps run, each call on the next of enough copies of the weight that
-the L2 cache cannot hold them.
+the winners save on the weights of one decoder layer. down_proj is timed as a layer calls it:
+gated, its input [gate | up] multiplied as silu(gate) * up (cuBLAS after silu_and_mul). Times
+are of calls replayed from a CUDA graph, as decode steps run, each call on the next of enough
+copies of the weight that the L2 cache cannot hold them.
 
     python benchmarks/gemv.py [--rows 1,2,4,8,16] [--shapes qkv,o_proj,gate_up,down,lm_head] [--fp8]
 """
@@ -25,11 +26,13 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.roofline import copy_bandwidth  # noqa: E402
+from kernels.activation import silu_and_mul  # noqa: E402
 from kernels.gemv import GemvConfig, default_config, gemv  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "lm_head": (32768, 4096)}  # name: (N, K)
 LAYER = ("qkv", "o_proj", "gate_up", "down")
+GATED = ("down",)  # shapes whose input is [gate | up], as the MLP's down_proj takes it
 CALLS, REPLAYS = 25, 2  # calls per graph; timed replays after one warm-up replay
 
 
@@ -66,8 +69,9 @@ def sweep_configs(M: int, K: int) -> list[GemvConfig]:
     block_m = triton.next_power_of_2(M)
     tiles = [GemvConfig(block_n=n, block_k=k, num_warps=4, num_stages=s)
              for n, k, s in [(4, 1024, 1), (8, 1024, 1), (4, 512, 5), (8, 512, 3)] if block_m * n * k <= 64 * 128]
-    tiles += [GemvConfig(block_n=n, block_k=k, num_warps=4, num_stages=s, dot=True)
-              for n, k, s in [(64, 128, 5), (64, 256, 5), (64, 128, 3), (64, 256, 3), (128, 128, 5), (128, 256, 3)]]
+    tiles += [GemvConfig(block_n=n, block_k=k, num_warps=w, num_stages=s, dot=True)
+              for n, k, s, w in [(64, 128, 5, 4), (64, 256, 5, 4), (64, 128, 3, 4), (64, 256, 3, 4), (64, 128, 6, 4),
+                                 (128, 128, 4, 4), (128, 128, 5, 4), (128, 256, 3, 4), (128, 128, 4, 8)]]
     return [GemvConfig(**{**t.__dict__, "split_k": split}) for t, split in itertools.product(tiles, (1, 2, 4))
             if split == 1 or K // (split * t.block_k) >= 4]
 
@@ -78,24 +82,27 @@ def timing(nbytes: int, us: float, config: GemvConfig | None = None) -> dict:
     return row if config is None else {"config": config.__dict__, **row}
 
 
-def measure(M: int, N: int, K: int, weights: list[torch.Tensor], with_sweep: bool) -> dict:
+def measure(M: int, N: int, K: int, weights: list[torch.Tensor], with_sweep: bool, gated: bool = False) -> dict:
     g = torch.Generator("cuda").manual_seed(M)
-    x = torch.randn(M, K, generator=g, device="cuda", dtype=torch.bfloat16)  # [M, K]
-    nbytes = N * K * 2 + (M * K + M * N) * 2
+    x = torch.randn(M, 2 * K if gated else K, generator=g, device="cuda", dtype=torch.bfloat16)  # [M, K] or [M, 2K]
+    nbytes = N * K * 2 + (M * x.shape[1] + M * N) * 2
 
-    expected = F.linear(x, weights[0])
-    row = {"cublas": timing(nbytes, timed_us(lambda i: F.linear(x, weights[i % len(weights)])))}
-    default = default_config(M, N, K)
-    row["default"] = timing(nbytes, timed_us(lambda i: gemv(x, weights[i % len(weights)])), default)
+    def cublas(i: int) -> torch.Tensor:
+        return F.linear(silu_and_mul(x) if gated else x, weights[i % len(weights)])
+
+    expected = cublas(0)
+    row = {"cublas": timing(nbytes, timed_us(cublas))}
+    default = default_config(M, N, K, gated=gated)
+    row["default"] = timing(nbytes, timed_us(lambda i: gemv(x, weights[i % len(weights)], gated=gated)), default)
     row["best"] = row["default"]
     for config in sweep_configs(M, K) if with_sweep else []:
         try:
-            got = gemv(x, weights[0], config)
+            got = gemv(x, weights[0], config, gated=gated)
         except Exception as error:  # a tile too large for shared memory or registers
             print(f"skip {config}: {type(error).__name__}", file=sys.stderr)
             continue
         torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
-        us = timed_us(lambda i: gemv(x, weights[i % len(weights)], config))
+        us = timed_us(lambda i: gemv(x, weights[i % len(weights)], config, gated=gated))
         if us < row["best"]["us"]:
             row["best"] = timing(nbytes, us, config)
     row["best_vs_cublas"] = row["cublas"]["us"] / row["best"]["us"]
@@ -103,7 +110,7 @@ def measure(M: int, N: int, K: int, weights: list[torch.Tensor], with_sweep: boo
     return row
 
 
-def measure_fp8(M: int, N: int, K: int, weights: list[torch.Tensor], with_sweep: bool) -> dict:
+def measure_fp8(M: int, N: int, K: int, weights: list[torch.Tensor], with_sweep: bool, gated: bool = False) -> dict:
     """The same product with the weight in e4m3 and per-channel scales: the kernel (weight-only,
     half the bytes) against what the fp8 layers do for larger batches (per-token fp8 inputs and
     torch._scaled_mm)."""
@@ -112,22 +119,22 @@ def measure_fp8(M: int, N: int, K: int, weights: list[torch.Tensor], with_sweep:
 
     quantized = [quantize_fp8_rows(w) for w in weights]
     g = torch.Generator("cuda").manual_seed(M)
-    x = torch.randn(M, K, generator=g, device="cuda", dtype=torch.bfloat16)
-    nbytes = N * K + (M * K + M * N) * 2
+    x = torch.randn(M, 2 * K if gated else K, generator=g, device="cuda", dtype=torch.bfloat16)
+    nbytes = N * K + (M * x.shape[1] + M * N) * 2
 
     def scaled_mm(i: int) -> torch.Tensor:
         q, scale = quantized[i % len(quantized)]
-        x_q, x_scale = quantize_fp8_per_token(x)
+        x_q, x_scale = quantize_fp8_per_token(silu_and_mul(x) if gated else x)
         return torch._scaled_mm(x_q, q.t(), scale_a=x_scale, scale_b=scale.view(1, -1), out_dtype=torch.bfloat16)
 
     def kernel(config: GemvConfig | None = None):
         def call(i: int) -> torch.Tensor:
             q, scale = quantized[i % len(quantized)]
-            return gemv(x, q, config, weight_scale=scale)
+            return gemv(x, q, config, weight_scale=scale, gated=gated)
         return call
 
     row = {"scaled_mm": timing(nbytes, timed_us(scaled_mm))}
-    row["default"] = timing(nbytes, timed_us(kernel()), default_config(M, N, K, weight_bytes=1))
+    row["default"] = timing(nbytes, timed_us(kernel()), default_config(M, N, K, weight_bytes=1, gated=gated))
     row["best"] = row["default"]
     expected = kernel()(0).float()
     wider = [GemvConfig(**{**c.__dict__, "block_k": c.block_k * 2}) for c in sweep_configs(M, K) if c.split_k == 1]
@@ -161,12 +168,12 @@ def main() -> None:
         N, K = SHAPES[name]
         weights = weight_copies(N, K, l2_bytes)
         for M in rows_list:
-            row = {"shape": name, "N": N, "K": K, "rows": M, "weight_copies": len(weights),
-                   **measure(M, N, K, weights, not args.no_sweep)}
+            row = {"shape": name, "N": N, "K": K, "rows": M, "weight_copies": len(weights), "gated": name in GATED,
+                   **measure(M, N, K, weights, not args.no_sweep, name in GATED)}
             for key in ("cublas", "default", "best"):
                 row[key]["fraction_of_copy"] = row[key]["bytes_per_s"] / bandwidth
             if args.fp8:
-                row["fp8"] = measure_fp8(M, N, K, weights, not args.no_sweep)
+                row["fp8"] = measure_fp8(M, N, K, weights, not args.no_sweep, name in GATED)
                 for key in ("scaled_mm", "default", "best"):
                     row["fp8"][key]["fraction_of_copy"] = row["fp8"][key]["bytes_per_s"] / bandwidth
                 row["fp8"]["default_vs_bf16_cublas"] = row["cublas"]["us"] / row["fp8"]["default"]["us"]

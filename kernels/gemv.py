@@ -142,27 +142,44 @@ class GemvConfig:
 
 
 def default_config(M: int, N: int, K: int, weight_bytes: int = 2, gated: bool = False) -> GemvConfig:
-    """The tiles that read Mistral-7B's weights fastest on an H100 in benchmarks/gemv.py's sweep.
-    bf16 (within 2% of the best for every weight and batch; 4 to 17% faster than cuBLAS): one
-    row in float32 multiply-adds over 4 rows of W (8 for long rows: down_proj) with 1024-wide
-    tiles and no pipelining, the 4 x 16-byte loads per thread being enough in flight; more
-    rows on the tensor cores, 256-wide tiles for long rows, K never split. fp8 (`--fp8`): one
-    row over 1024-wide tiles, 4 rows of W five deep for the wide weights (qkv, gate_up), else
-    8 rows three deep (0.73-0.99 of the copy rate); more rows on 128-wide tiles three deep
-    with K split in four (0.52-0.73). The tensor-core pipeline is never deeper than shared
-    memory holds (a gated input's stage holds two tiles of x)."""
+    """The tiles that read Mistral-7B's weights fastest on an H100 in benchmarks/gemv.py's sweep
+    (down_proj timed gated, as the layers call it).
+    One row: float32 multiply-adds. bf16 over 4 rows of W (8 for long rows: down_proj) with
+    1024-wide tiles and no pipelining, the 4 x 16-byte loads per thread being enough in flight;
+    fp8 over 1024-wide tiles, 4 rows of W five deep for the wide weights (qkv, gate_up), else 8
+    rows three deep (0.73-0.99 of the copy rate).
+    2-16 rows (bf16, one H100: a layer's four products in 152-157 us against cuBLAS's 162-167):
+    float32 multiply-adds over 512-wide tiles while their accumulators stay in 64 registers a
+    thread (2 rows of down_proj, up to 4 of the wide gate_up and LM head); else the tensor
+    cores, 64 rows of W 256 wide three deep for qkv, 128 wide six deep for o_proj, and 128 x 128
+    tiles over 8 warps for the wide weights and (K split in four) the gated down_proj. Before,
+    the gated down_proj took 96-107 us at 2-16 rows on 64 x 256 tiles four deep, against 42-45.
+    fp8 at 2-16 rows: 512-wide multiply-adds for 2 rows, else 64 x 128 tiles on the tensor
+    cores with K split in four (six deep for the gated down_proj, 27.6-41.8 us where 64 x 128
+    three deep took 52-74). The tensor-core pipeline is never deeper than shared memory holds
+    (a gated input's stage holds two tiles of x)."""
     if M == 1:
         if weight_bytes == 1:
             wide = N > K  # qkv, gate_up
             return GemvConfig(block_n=4 if wide else 8, block_k=1024, num_warps=4, num_stages=5 if wide else 3)
         return GemvConfig(block_n=8 if K > 4096 else 4, block_k=1024, num_warps=4, num_stages=1)
+    long, wide = gated or K > 4096, N >= 4 * K  # down_proj; gate_up and the LM head
+    if M <= 2 and long:
+        return GemvConfig(block_n=8, block_k=512, num_warps=4, num_stages=3)
+    if M <= 2 and weight_bytes == 1 or M <= 4 and wide and weight_bytes == 2:
+        return GemvConfig(block_n=4, block_k=512, num_warps=4, num_stages=5)
+    warps, split_k = 4, 1
     if weight_bytes == 1:
-        block_n, block_k, stages, split_k = 64, 128, 3, 4
-    else:
-        block_n, block_k, stages, split_k = 64, 256 if K > 4096 else 128, 5, 1
+        block_n, block_k, stages, split_k = 64, 128, 6 if gated else 3, 4
+    elif gated or wide:
+        block_n, block_k, stages, warps, split_k = 128, 128, 4, 8, 4 if gated else 1
+    elif long:
+        block_n, block_k, stages = 64, 256, 5
+    else:  # qkv, o_proj
+        block_n, block_k, stages = (64, 256, 3) if N > K else (64, 128, 6)
     stage_bytes = block_n * block_k * weight_bytes + MAX_ROWS * block_k * 2 * (2 if gated else 1)
     stages = min(stages, SHARED_MEMORY // stage_bytes)
-    return GemvConfig(block_n=block_n, block_k=block_k, num_warps=4, num_stages=stages, split_k=split_k, dot=True)
+    return GemvConfig(block_n=block_n, block_k=block_k, num_warps=warps, num_stages=stages, split_k=split_k, dot=True)
 
 
 def suits(x: torch.Tensor) -> bool:

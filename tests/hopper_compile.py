@@ -60,14 +60,14 @@ def compiled(jit: JITFunction, args: tuple, kwargs: dict):
 
 
 def decode_step_launches() -> None:
-    """The launches of a Mistral-7B layer's decode step (1 and 16 sequences, bf16, fp8 and
+    """The launches of a Mistral-7B layer's decode step (1, 2 and 16 sequences, bf16, fp8 and
     4-bit weights, bf16 and fp8 cache), its LM head, a prefill's attention, and Mixtral-8x7B's
     experts for each size of tiles (1 to 4,096 tokens)."""
     e = torch.empty
     bf16 = torch.bfloat16
     shapes = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
               "lm_head": (32768, 4096)}
-    for M in (1, 16):
+    for M in (1, 2, 16):
         for name, (N, K) in shapes.items():
             gated = name == "down"
             x = e(M, 2 * K if gated else K, dtype=bf16)
