@@ -205,6 +205,8 @@ def main() -> None:
     parser.add_argument("--min-output-len", type=int, default=None)
     parser.add_argument("--max-output-len", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-batch-prefill-tokens", type=int, default=4096, help="prompt tokens a step may take")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto, or fp8 (half the bytes a context reads)")
     parser.add_argument("--peer", choices=["generate", "generate_batch", "none"], default="generate")
     parser.add_argument("--peer-num-prompts", type=int, default=None,
                         help="run the peer on the first N prompts only (it can take many minutes)")
@@ -218,7 +220,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
     # Prefix caching off: repeats run the same prompts, and the peer has no such cache.
     llm = LLM(args.model, device=args.device, dtype=args.dtype, enable_prefix_caching=False,
-              max_num_seqs=args.max_num_seqs)
+              max_num_seqs=args.max_num_seqs, max_batch_prefill_tokens=args.max_batch_prefill_tokens,
+              kv_cache_dtype=args.kv_cache_dtype)
     config = llm.engine.config
     prompts = make_prompts(args.num_prompts, args.min_prompt_len, args.max_prompt_len,
                            config.model.vocab_size, args.seed)
@@ -239,6 +242,7 @@ def main() -> None:
         "dtype": config.dtype, "num_prompts": args.num_prompts,
         "prompt_len": [args.min_prompt_len, args.max_prompt_len],
         "output_len": [min(lens), max(lens)], "repeats": args.repeats, "kv_cache_tokens": kv_tokens,
+        "max_batch_prefill_tokens": args.max_batch_prefill_tokens, "kv_cache_dtype": args.kv_cache_dtype,
         "torch_threads": torch.get_num_threads(), "engine": engine,
     }
     if roofline is not None:
