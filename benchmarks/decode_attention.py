@@ -8,9 +8,9 @@ K and V it must read at the measured copy rate; with `--sweep`, every tile confi
 and split count of a small grid, each checked against the default's output before it is
 timed, and the fastest (all of them under "swept"). Times are of calls replayed from a CUDA
 graph, each call on the next of enough caches (one per layer) that the L2 cache cannot hold
-them.
+them. `--fp8-cache`: the cache in e4m3 (`--kv-cache-dtype fp8`), half the bytes to read.
 
-    python benchmarks/decode_attention.py [--cases 1x128,256x600] [--sweep]
+    python benchmarks/decode_attention.py [--cases 1x128,256x600] [--sweep] [--fp8-cache]
 """
 from __future__ import annotations
 
@@ -33,17 +33,17 @@ HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
 CASES = "1x128,1x4096,16x1000,64x600,256x600,256x1000"
 
 
-def layers(num_seqs: int, context: int, l2_bytes: int, seed: int = 0):
+def layers(num_seqs: int, context: int, l2_bytes: int, seed: int = 0, cache_dtype=torch.bfloat16):
     """q, and enough (k_cache, v_cache, block_tables) layers to fill the L2 cache three times."""
     g = torch.Generator("cuda").manual_seed(seed)
     blocks_each = -(-context // PAGE)
     num_blocks = num_seqs * blocks_each
-    layer_bytes = 2 * num_blocks * PAGE * KV_HEADS * HEAD_DIM * 2
+    layer_bytes = 2 * num_blocks * PAGE * KV_HEADS * HEAD_DIM * cache_dtype.itemsize
     out = []
     for _ in range(max(1, -(-3 * l2_bytes // layer_bytes))):
         shape = (num_blocks, PAGE, KV_HEADS, HEAD_DIM)
-        k = torch.randn(shape, generator=g, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn(shape, generator=g, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(shape, generator=g, device="cuda", dtype=torch.bfloat16).to(cache_dtype)
+        v = torch.randn(shape, generator=g, device="cuda", dtype=torch.bfloat16).to(cache_dtype)
         tables = torch.randperm(num_blocks, generator=g, device="cuda").view(num_seqs, blocks_each).int()
         out.append((k, v, tables))
     q = torch.randn(num_seqs, HEADS, HEAD_DIM, generator=g, device="cuda", dtype=torch.bfloat16)
@@ -58,25 +58,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", default=CASES, help="sequences x context tokens, comma-separated")
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--fp8-cache", action="store_true", help="an e4m3 cache (scales 0.5 and 0.25)")
     args = parser.parse_args()
+    cache_dtype = torch.float8_e4m3fn if args.fp8_cache else torch.bfloat16
+    scales = {"k_scale": 0.5, "v_scale": 0.25} if args.fp8_cache else {}
     props = torch.cuda.get_device_properties(0)
     bandwidth = copy_bandwidth()
     scale = HEAD_DIM ** -0.5
     rows = []
     for case in args.cases.split(","):
         num_seqs, context = map(int, case.split("x"))
-        q, caches = layers(num_seqs, context, props.L2_cache_size)
+        q, caches = layers(num_seqs, context, props.L2_cache_size, cache_dtype=cache_dtype)
         lens = torch.full((num_seqs,), context, dtype=torch.int32, device="cuda")
         out = torch.empty_like(q)
 
         def run(config: DecodeConfig, splits: int):
             return lambda i: decode_attention(q, *caches[i % len(caches)][:2], caches[i % len(caches)][2], lens,
-                                              scale, None, splits, out=out, config=config)
+                                              scale, None, splits, out=out, config=config, **scales)
 
-        roofline_us = 2 * num_seqs * context * KV_HEADS * HEAD_DIM * 2 / bandwidth * 1e6
+        roofline_us = 2 * num_seqs * context * KV_HEADS * HEAD_DIM * cache_dtype.itemsize / bandwidth * 1e6
         splits = decode_splits(num_seqs, KV_HEADS, props.multi_processor_count)
-        default = default_config(HEAD_DIM)
-        expected = decode_attention(q, *caches[0][:2], caches[0][2], lens, scale, None, splits).clone()
+        default = default_config(HEAD_DIM, args.fp8_cache)
+        expected = decode_attention(q, *caches[0][:2], caches[0][2], lens, scale, None, splits, **scales).clone()
         us = timed_us(run(default, splits))
         row = {"case": case, "roofline_us": roofline_us,
                "default": {"config": default.__dict__, "splits": splits, "us": us, "fraction": roofline_us / us}}
@@ -84,7 +87,8 @@ def main() -> None:
             best, row["swept"] = None, []
             for config, n in itertools.product(sweep_configs(), sorted({max(1, splits // 2), splits, 2 * splits})):
                 try:
-                    got = decode_attention(q, *caches[0][:2], caches[0][2], lens, scale, None, n, config=config)
+                    got = decode_attention(q, *caches[0][:2], caches[0][2], lens, scale, None, n, config=config,
+                                           **scales)
                 except Exception as error:  # a tile too large for shared memory
                     print(f"skip {config} splits {n}: {type(error).__name__}", file=sys.stderr)
                     continue
@@ -98,6 +102,7 @@ def main() -> None:
         print(json.dumps({k: v for k, v in row.items() if k != "swept"}), file=sys.stderr)
         del caches
     print(json.dumps({"benchmark": "decode_attention", "device": torch.cuda.get_device_name(),
+                      "cache_dtype": str(cache_dtype).removeprefix("torch."),
                       "copy_bandwidth_bytes_per_s": bandwidth, "by_case": rows}, indent=2))
 
 

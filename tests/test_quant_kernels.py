@@ -146,6 +146,22 @@ def test_decode_attention_reads_an_fp8_cache_like_the_reference(context_lens, pa
     torch.testing.assert_close(out.float(), ref.float(), **tol(dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_attention_multiplies_an_fp8_cache_with_half_precision_q_in_fp16(dtype):
+    """The half-precision path (the CPU's other tests run float32): e4m3 widened to fp16, q in
+    fp16, the scales on the sums; only the output's rounding stands between it and the reference."""
+    from kernels.decode_attention import decode_attention
+
+    k_cache, v_cache, tables = fp8_cache([5, 17, 40], 16, 2, 32, seed=2)
+    q = torch.randn(3, 8, 32, generator=torch.Generator().manual_seed(3)).to(dtype).to(DEVICE)
+    ctx = torch.tensor([5, 17, 40], device=DEVICE)
+    scales = dict(k_scale=0.25, v_scale=0.5)
+    out = decode_attention(q, k_cache, v_cache, tables, ctx, 32 ** -0.5, None, 2, **scales)
+    ref = decode_attention_reference(q.float(), k_cache, v_cache, tables.long(), ctx, 32 ** -0.5, None, **scales)
+    rounding = 2 ** -10 if dtype == torch.float16 else 2 ** -7
+    torch.testing.assert_close(out.float(), ref.float(), atol=2 * rounding * ref.abs().max().item(), rtol=rounding)
+
+
 @pytest.mark.parametrize("lens, page, heads, kv_heads, head_dim, window", [
     ([(5, 5), (3, 20), (17, 17)], 16, 4, 2, 16, None)] + [
     pytest.param([(128, 128), (37, 600), (1, 4097)], 16, 32, 8, 128, 256, marks=on_gpu)])
