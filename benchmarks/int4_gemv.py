@@ -40,7 +40,9 @@ FMA_TILES = [Int4GemvConfig(block_n=n, block_k=k, num_warps=w, num_stages=s)
              for n, k, w, s in [(128, 128, 1, 1), (128, 128, 1, 2), (128, 64, 1, 1), (256, 64, 1, 1),
                                 (256, 128, 2, 1), (512, 128, 4, 1),
                                 # deeper pipelines of the first H100 sweep's winners (64-input tiles)
-                                (128, 64, 1, 2), (128, 64, 1, 3), (256, 64, 1, 2), (256, 64, 2, 2)]]
+                                (128, 64, 1, 2), (128, 64, 1, 3), (256, 64, 1, 2), (256, 64, 2, 2),
+                                # 32-input tiles: a few rows' sums still fit
+                                (128, 32, 1, 1), (128, 32, 1, 2), (128, 32, 1, 3), (256, 32, 2, 2)]]
 DOT_TILES = [Int4GemvConfig(block_n=n, block_k=128, num_warps=w, num_stages=s, dot=True)
              for n, w, s in [(64, 4, 3), (64, 4, 5), (128, 8, 3), (256, 16, 3)]]
 

@@ -204,6 +204,7 @@ class Int4GemvConfig:
 
 
 PROGRAMS_IN_FLIGHT = 264  # two programs on each of an H100's 132 SMs
+GEMV_MAX_ROWS = 4  # the most rows the layers send here (int4_matmul takes more)
 
 
 def split_k_for(N: int, K: int, block_n: int, block_k: int, num_warps: int, warps: int = 1024) -> int:
@@ -221,19 +222,30 @@ def default_config(M: int, N: int, K: int, group_size: int) -> Int4GemvConfig:
     products of a layer in 66.2 us, 2.23x the bf16 gemv): 128 columns and 64-input tiles a
     program; one tile in flight where K is 4,096, two for the wide gate_up and three for the long
     down_proj; K split until about 2,048 warps (512 for down_proj) are in flight, each split
-    keeping two tiles or more. More rows: the tensor cores (eight warps, a warp group for each
-    64 columns) where a group holds a tile of 64 inputs or more; where it does not, multiply-adds
-    over tiles small enough that a thread's float32 sums ([M, block_k/8, 4]) fit in 64 registers.
-    (On the H100 the tensor-core tiles were 2.3-3.5x slower than int4_matmul at 16 rows, so the
-    layers send only single rows here.)"""
+    keeping two tiles or more. Two to four rows (GEMV_MAX_ROWS): multiply-adds still, on tiles
+    small enough that a thread's float32 sums ([rows, block_k/8, 4]) fit in 64 registers; the
+    sweep's fastest: for two rows 64-input tiles (256 columns over two warps where K is 4,096,
+    32-input tiles for down_proj), for three or four 32-input tiles; a layer in 82.0 and
+    133.1 us, against int4_matmul's 166.8 and 168.1 (and bf16's gemv 154.8 and 152.8). More
+    rows: the tensor cores (eight warps, a warp group for each 64 columns) where a group holds
+    a tile of 64 inputs or more, else multiply-adds over tiles whose sums fit. (On the H100 the
+    tensor-core tiles were slower than int4_matmul at 8 and 16 rows, so the layers send only up
+    to GEMV_MAX_ROWS rows here.)"""
     fits = min(128, group_size & -group_size, K & -K)  # the largest tile of K inside one group
-    if M > 1 and fits >= 64:
-        tile = {"block_n": 128, "block_k": fits, "num_warps": 8, "num_stages": 3, "dot": True}
-        warps = 1024
-    elif M == 1:
-        long, wide = K > 4096, N >= 16384
+    long, wide = K > 4096, N >= 16384
+    if M == 1:
         tile = {"block_n": 128, "block_k": min(fits, 64), "num_warps": 1, "num_stages": 3 if long else 2 if wide else 1}
         warps = 512 if long else 2048
+    elif M <= GEMV_MAX_ROWS:
+        if M == 2 and not long:
+            tile = {"block_n": 128, "block_k": min(fits, 64), "num_warps": 1, "num_stages": 3} if wide else \
+                {"block_n": 256, "block_k": min(fits, 64), "num_warps": 2, "num_stages": 2}
+        else:
+            tile = {"block_n": 128, "block_k": min(fits, 32), "num_warps": 1, "num_stages": 3 if wide or M == 2 else 2}
+        warps = 2048 if wide else 1024
+    elif fits >= 64:
+        tile = {"block_n": 128, "block_k": fits, "num_warps": 8, "num_stages": 3, "dot": True}
+        warps = 1024
     else:
         tile = {"block_n": 128, "block_k": min(fits, 128 // triton.next_power_of_2(M)), "num_warps": 1, "num_stages": 1}
         warps = 1024

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from benchmarks.make_checkpoint import int4_tensors
 from kernels.gemv import MAX_ROWS
-from kernels.int4_gemv import Int4GemvConfig, int4_gemv, split_counters
+from kernels.int4_gemv import GEMV_MAX_ROWS, Int4GemvConfig, int4_gemv, split_counters
 from kernels.quant_reference import dequantize_int4, group_of_each_input, unpack_int4
 from server.config import QuantConfig
 from server.layers.linear import MergedColumnParallelLinear
@@ -55,8 +55,8 @@ def test_int4_gemv_matches_the_dequantized_weight(M, config, dtype):
 def test_the_default_tiles_and_act_order_match_the_dequantized_weight(dtype):
     """Small groups too; g_idx (groups that are not runs of inputs) goes through int4_matmul."""
     skip_bf16_dots_in_the_interpreter(None, dtype)
-    for M, group_size, act_order in [(1, 128, False), (5, 128, False), (3, 64, False), (16, 32, False),
-                                     (2, 128, True)]:
+    for M, group_size, act_order in [(1, 128, False), (2, 128, False), (4, 128, False), (5, 128, False),
+                                     (3, 64, False), (16, 32, False), (2, 128, True)]:
         qweight, zeros, scales, g_idx, weight = int4_weights(512, 40, group_size, act_order, dtype, seed=M)
         x = torch.randn(M, 512).to(dtype).to(DEVICE)
         out = int4_gemv(x, qweight, zeros, scales, g_idx, group_size)
@@ -115,8 +115,8 @@ def test_int4_gemv_on_mistral_shapes(N, K, dtype):
             torch.testing.assert_close(out.float(), expected, **tolerance(dtype, K))
 
 
-@pytest.mark.parametrize("M", [1, MAX_ROWS, MAX_ROWS + 1])
-def test_4bit_layers_take_int4_gemv_for_cuda_batches_of_one_row_only(M, monkeypatch):
+@pytest.mark.parametrize("M", [1, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1, MAX_ROWS + 1])
+def test_4bit_layers_take_int4_gemv_for_cuda_batches_of_up_to_four_rows(M, monkeypatch):
     from server.layers import int4_linear
 
     calls = []
@@ -134,4 +134,4 @@ def test_4bit_layers_take_int4_gemv_for_cuda_batches_of_one_row_only(M, monkeypa
                              group_of_each_input(256, 128, DEVICE))
     x = torch.randn(M, 256).to(dtype).to(DEVICE)
     torch.testing.assert_close(layer(x).float(), reference(x, weight), **tolerance(dtype, 256))
-    assert len(calls) == (1 if CUDA and M == 1 else 0)
+    assert len(calls) == (1 if CUDA and M <= GEMV_MAX_ROWS else 0)

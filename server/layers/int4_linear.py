@@ -14,10 +14,11 @@ per tile; the activations' columns are gathered in the same order (`perm`). Wher
 sorted inputs still do not form whole groups (act-order under row parallelism), the kernel
 reads each input's group from g_idx.
 
-On the GPU: a decode batch of one row through kernels/int4_gemv.py (shaped to read the packed
-words as fast as memory gives them; 2.23x the bf16 gemv on a Mistral-7B layer on an H100, while
-its tensor-core tiles for 16 rows were slower than int4_matmul), batches of up to
-FUSED_MAX_ROWS through kernels/int4_matmul.py, and larger ones (the largest decode batches,
+On the GPU: a decode batch of one to GEMV_MAX_ROWS (4) rows through kernels/int4_gemv.py
+(shaped to read the packed words as fast as memory gives them; on a Mistral-7B layer on an H100
+2.23x the bf16 gemv at one row, 1.9x at two and 1.15x at four, while int4_matmul is no faster
+than bf16 there and int4_gemv's tensor-core tiles for 8 and 16 rows were slower still),
+batches of up to FUSED_MAX_ROWS through kernels/int4_matmul.py, and larger ones (the largest decode batches,
 prefill) as the weight dequantized to the activations' dtype and one dense matmul. On the CPU
 the weight is dequantized with torch at every call rather than kept: the layer then holds only
 the 4-bit tensors, as on the GPU, and the CPU path (the tests' oracle) computes from exactly
@@ -36,10 +37,11 @@ from server.layers.parallel import read_shard
 
 try:
     from kernels.gemv import suits
-    from kernels.int4_gemv import int4_gemv, split_counters
+    from kernels.int4_gemv import GEMV_MAX_ROWS, int4_gemv, split_counters
     from kernels.int4_matmul import int4_dequantize, int4_matmul
 except ImportError:  # pragma: no cover - no triton: the CPU path only
     int4_matmul = int4_dequantize = int4_gemv = split_counters = suits = None
+    GEMV_MAX_ROWS = 0
 
 # int4_matmul unpacks the words again for each block of 64 rows: on an H100 a Mistral-7B layer took
 # 335, 474 and 559 us through it at 128, 192 and 256 rows, and 381, 419 and 407 dequantized
@@ -146,7 +148,7 @@ class Int4Weight:
         if layer.perm is not None:
             x = x[:, layer.perm]
         tensors = (layer.qweight, layer.zeros, layer.scales, layer.g_idx, layer.group_size)
-        if x.is_cuda and x.shape[0] == 1 and suits(x):
+        if x.is_cuda and x.shape[0] <= GEMV_MAX_ROWS and suits(x):
             out = int4_gemv(x, *tensors, counters=layer.split_counters)
         elif x.is_cuda and x.shape[0] <= FUSED_MAX_ROWS:
             out = int4_matmul(x, *tensors, num_sms=layer.num_sms)
