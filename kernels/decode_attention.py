@@ -9,10 +9,11 @@ The number of splits depends only on the batch shape, never on the contexts, so 
 can be captured in a CUDA graph and replayed with other contexts. A sequence with context 0
 (a padding row of a captured batch) gets zeros. An fp8 cache is read as k_cache * k_scale
 (and v likewise): its e4m3 tiles widen to fp16 exactly, one instruction for two values, and
-are multiplied in fp16 with q in fp16 (bf16 values fit it exactly but for magnitudes under
-2^-14); the scales multiply the sums (scores, and the weighted sum of V). On an H100 widening
-each value to float32, scaling it and rounding it to bf16 read the cache at 0.62-0.67 of the
-copy rate (benchmarks/decode_attention.py --fp8-cache).
+are multiplied in fp16 with q in fp16 (which holds bf16 values exactly from 2^-14 to 65,504 in
+magnitude; a query past that, unseen in practice, would overflow); the scales multiply the
+sums (scores, and the weighted sum of V). On an H100 widening each value to float32, scaling
+it and rounding it to bf16 read the cache at 0.62-0.67 of the copy rate, 0.70-0.73 now
+(benchmarks/decode_attention.py --fp8-cache).
 """
 from __future__ import annotations
 

@@ -18,11 +18,11 @@ On the GPU: a decode batch of one to GEMV_MAX_ROWS (4) rows through kernels/int4
 (shaped to read the packed words as fast as memory gives them; on a Mistral-7B layer on an H100
 2.23x the bf16 gemv at one row, 1.9x at two and 1.15x at four, while int4_matmul is no faster
 than bf16 there and int4_gemv's tensor-core tiles for 8 and 16 rows were slower still),
-batches of up to FUSED_MAX_ROWS through kernels/int4_matmul.py, and larger ones (the largest decode batches,
-prefill) as the weight dequantized to the activations' dtype and one dense matmul. On the CPU
-the weight is dequantized with torch at every call rather than kept: the layer then holds only
-the 4-bit tensors, as on the GPU, and the CPU path (the tests' oracle) computes from exactly
-them.
+batches of up to FUSED_MAX_ROWS through kernels/int4_matmul.py, and larger ones (the largest
+decode batches, prefill) as the weight dequantized to the activations' dtype and one dense
+matmul. On the CPU the weight is dequantized with torch at every call rather than kept: the
+layer then holds only the 4-bit tensors, as on the GPU, and the CPU path (the tests' oracle)
+computes from exactly them.
 """
 from __future__ import annotations
 
