@@ -166,7 +166,7 @@ def default_config(M: int, N: int, K: int, weight_bytes: int = 2, gated: bool = 
     long, wide = gated or K > 4096, N >= 4 * K  # down_proj; gate_up and the LM head
     if M <= 2 and long:
         return GemvConfig(block_n=8, block_k=512, num_warps=4, num_stages=3)
-    if M <= 2 and weight_bytes == 1 or M <= 4 and wide and weight_bytes == 2:
+    if (M <= 2 and weight_bytes == 1) or (M <= 4 and wide and weight_bytes == 2):
         return GemvConfig(block_n=4, block_k=512, num_warps=4, num_stages=5)
     warps, split_k = 4, 1
     if weight_bytes == 1:
