@@ -82,9 +82,14 @@ def timing(nbytes: int, us: float, config: GemvConfig | None = None) -> dict:
     return row if config is None else {"config": config.__dict__, **row}
 
 
-def measure(M: int, N: int, K: int, weights: list[torch.Tensor], with_sweep: bool, gated: bool = False) -> dict:
+def activations(M: int, K: int, gated: bool) -> torch.Tensor:
+    """x [M, K], or [M, 2K] = [gate | up] for a gated product; seeded by M."""
     g = torch.Generator("cuda").manual_seed(M)
-    x = torch.randn(M, 2 * K if gated else K, generator=g, device="cuda", dtype=torch.bfloat16)  # [M, K] or [M, 2K]
+    return torch.randn(M, 2 * K if gated else K, generator=g, device="cuda", dtype=torch.bfloat16)
+
+
+def measure(M: int, N: int, K: int, weights: list[torch.Tensor], with_sweep: bool, gated: bool = False) -> dict:
+    x = activations(M, K, gated)
     nbytes = N * K * 2 + (M * x.shape[1] + M * N) * 2
 
     def cublas(i: int) -> torch.Tensor:
@@ -118,8 +123,7 @@ def measure_fp8(M: int, N: int, K: int, weights: list[torch.Tensor], with_sweep:
     from kernels.quant_reference import quantize_fp8_rows
 
     quantized = [quantize_fp8_rows(w) for w in weights]
-    g = torch.Generator("cuda").manual_seed(M)
-    x = torch.randn(M, 2 * K if gated else K, generator=g, device="cuda", dtype=torch.bfloat16)
+    x = activations(M, K, gated)
     nbytes = N * K + (M * x.shape[1] + M * N) * 2
 
     def scaled_mm(i: int) -> torch.Tensor:
