@@ -31,7 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.gemv import LAYER, SHAPES, timed_us  # noqa: E402
 from kernels.gemv import gemv  # noqa: E402
-from kernels.int4_gemv import Int4GemvConfig, default_config, int4_gemv, split_counters, split_k_for  # noqa: E402
+from kernels.int4_gemv import (MMA_MAX_ROWS, Int4GemvConfig, config_for, int4_gemv, split_counters,  # noqa: E402
+                                split_k_for)
 from kernels.int4_matmul import int4_matmul  # noqa: E402
 from kernels.quant_reference import dequantize_int4, group_of_each_input, unpack_int4  # noqa: E402
 
@@ -45,6 +46,7 @@ FMA_TILES = [Int4GemvConfig(block_n=n, block_k=k, num_warps=w, num_stages=s)
                                 (128, 32, 1, 1), (128, 32, 1, 2), (128, 32, 1, 3), (256, 32, 2, 2)]]
 DOT_TILES = [Int4GemvConfig(block_n=n, block_k=128, num_warps=w, num_stages=s, dot=True)
              for n, w, s in [(64, 4, 3), (64, 4, 5), (128, 8, 3), (256, 16, 3)]]
+MMA_TILES = [Int4GemvConfig(block_n=n, block_k=GROUP_SIZE, num_warps=1, num_stages=1, mma=True) for n in (32, 64)]
 
 
 def packed_copies(N: int, K: int, l2_bytes: int, device: str, dtype: torch.dtype, seed: int = 0) -> list[tuple]:
@@ -60,9 +62,10 @@ def packed_copies(N: int, K: int, l2_bytes: int, device: str, dtype: torch.dtype
 
 def sweep_tiles(M: int) -> list[Int4GemvConfig]:
     """Multiply-adds while their sums fit (a thread's float32 [rows, block_k/8, its columns] in
-    64 registers), the tensor cores for every batch."""
+    64 registers), the tensor cores for every batch, and the mma path for up to 8 rows."""
     rows = 1 << (M - 1).bit_length()
-    return [t for t in FMA_TILES if rows * t.block_k // 8 * t.block_n // (32 * t.num_warps) <= 64] + DOT_TILES
+    return [t for t in FMA_TILES if rows * t.block_k // 8 * t.block_n // (32 * t.num_warps) <= 64] + DOT_TILES + \
+        (MMA_TILES if M <= MMA_MAX_ROWS else [])
 
 
 def rate(nbytes: int, us: float, config: Int4GemvConfig | None = None) -> dict:
@@ -86,7 +89,7 @@ def measure(M: int, N: int, K: int, packed: list[tuple], dense: list[torch.Tenso
     row = {"bf16_cublas": rate(N * K * 2, time(lambda i: F.linear(x, dense[i % len(dense)]))),
            "bf16_gemv": rate(N * K * 2, time(lambda i: gemv(x, dense[i % len(dense)]))),
            "int4_matmul": rate(int4_bytes, time(lambda i: int4_matmul(x, *packed[i % len(packed)], None, GROUP_SIZE))),
-           "default": rate(int4_bytes, time(int4(None)), default_config(M, N, K, GROUP_SIZE)),
+           "default": rate(int4_bytes, time(int4(None)), config_for(x, qweight, GROUP_SIZE)),
            "failures": []}
 
     def timed(config: Int4GemvConfig) -> dict | None:

@@ -31,6 +31,11 @@ strided from x (which the L1 cache holds). A tile is multiplied either
     word into the two 16-bit halves of a register as 1 + q/16 (exact in bf16 and fp16), and the
     halves are consecutive inputs of the dot: [BLOCK_N, 16] += [BLOCK_N, BLOCK_K/4] @ x's inputs
     (8r + i, 8r + i + 4) transposed, the weight the dot's left operand, in registers.
+On CUDA, up to 8 rows take neither: `_int4_mma_kernel` (below) issues mma.sync itself, the
+weight going from its registers straight into the tensor cores' operands, at about 1.9
+instructions a weight where the multiply-adds take 3.5 and 8 rows cost little more than one
+(the layers send it 1 to GEMV_MAX_ROWS rows; Triton's interpreter runs it with the mma
+emulated).
 With few columns for many inputs, K is split over `split_k` programs per n block. Each writes
 its float32 sums, and the last to finish adds them up (counted at `split_counters`, which it
 sets back to zero): no second kernel. Every size follows from the shapes alone, so a step that
@@ -46,6 +51,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
 
 from kernels.gemv import MAX_ROWS
 from kernels.int4_matmul import int4_matmul
@@ -191,6 +197,173 @@ def _int4_gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, out_ptr, partia
         tl.store(out_ptr + at, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# -- up to 8 rows on the tensor cores, the weight never leaving registers ---------------------
+#
+# mma.sync m16n8k16 multiplies A [16, 16] by B [16, 8] with each operand spread over the warp's
+# registers in a fixed pattern. Lane 4g + c holds, in one register each, the A pairs
+# (row g, k 2c..2c+1), (row g + 8, k 2c..2c+1), (row g, k 2c+8..2c+9), (row g + 8, k 2c+8..2c+9),
+# the B pairs (k 2c..2c+1, col g), (k 2c+8..2c+9, col g), and gets D (row g, col 2c), (row g,
+# col 2c+1), (row g + 8, col 2c), (row g + 8, col 2c+1). Here A's rows are 16 output columns of
+# the weight and B's columns the rows of x, so a lane needs, for two output columns, 4 inputs
+# each: which inputs a k-slot stands for is ours to choose, as long as A and B agree. Lane 4g + c
+# takes word row 4t + c of each 4-row step t (8 inputs), one word for output column g and one
+# for g + 8. A word's nibbles p and p + 4 become one register with one shift (none for p = 0)
+# and one and-or: at the bottom of two 16-bit mantissas under the exponent of 1.0 they read as
+# 1 + q/E in each half (E = 128 for bf16, 1024 for fp16); B holds x's inputs (8r + p, 8r + p + 4)
+# to match. Two mma cover a step: nibble pairs 0 and 1, then 2 and 3. Over a group the products
+# (exact) sum in float32 to D = X + sum_k x_k q_k / E, X = sum_k x_k, and one more mma with A all
+# ones gives X in the same places, so that the group adds s (E D - (E + z) X) to the output.
+# A program is one warp over J blocks of 16 columns; a lane's J columns of each word row are
+# consecutive, one load. Every tensor the mma reads is [32], element i on lane i: the one layout
+# Triton gives a [32] tensor in one warp whatever it can prove of the addresses (a [32, J]
+# tensor's lanes would follow the alignment Triton can prove, and the mma would then pair the
+# wrong registers).
+
+@triton.jit
+def _halves(v, BF16: tl.constexpr):
+    """int32 holding two 16-bit floats -> them in float32 (low half, high half)."""
+    if BF16:
+        return (v << 16).to(tl.float32, bitcast=True), (v & -65536).to(tl.float32, bitcast=True)
+    low = (v & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    high = ((v >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return low, high
+
+
+@triton.jit
+def _nibbles(words, p: tl.constexpr, ones):
+    """Nibbles p and p + 4 of each word at the bottom of the two halves of an int32, or-ed with
+    the bits of 1.0 in both (`ones`, in a register, so that the and-or is one instruction)."""
+    return ((words >> (4 * p)) & 0x000F000F) | ones
+
+
+@triton.jit
+def _fragment(first, second, BF16: tl.constexpr):
+    """Emulation: the [32] registers of a fragment's two k-halves -> [8 (g), 16 (k-slot)]."""
+    lo, hi = _halves(first, BF16)
+    a = tl.reshape(tl.join(tl.reshape(lo, (8, 4)), tl.reshape(hi, (8, 4))), (8, 8))
+    lo, hi = _halves(second, BF16)
+    b = tl.reshape(tl.join(tl.reshape(lo, (8, 4)), tl.reshape(hi, (8, 4))), (8, 8))
+    return tl.reshape(tl.join(a, b), (8, 16))
+
+
+@triton.jit
+def _mma(a0, a1, a2, a3, b0, b1, d, BF16: tl.constexpr, EMULATE: tl.constexpr):
+    """D += A B on the warp's fragments: [32] tensors (element i on lane i), d a tuple of 4."""
+    if EMULATE:  # Triton's interpreter: the same sums from whole tensors
+        bt = _fragment(b0, b1, BF16)  # [8 (col), 16]
+        top = tl.sum(_fragment(a0, a2, BF16)[:, None, :] * bt[None, :, :], axis=2)  # [8 (row g), 8 (col)]
+        bottom = tl.sum(_fragment(a1, a3, BF16)[:, None, :] * bt[None, :, :], axis=2)
+        t0, t1 = tl.split(tl.reshape(top, (8, 4, 2)))  # col 2c, col 2c + 1
+        u0, u1 = tl.split(tl.reshape(bottom, (8, 4, 2)))
+        return (d[0] + tl.reshape(t0, (32,)), d[1] + tl.reshape(t1, (32,)), d[2] + tl.reshape(u0, (32,)),
+                d[3] + tl.reshape(u1, (32,)))
+    op: tl.constexpr = ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" if BF16 else
+                        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32") + \
+        " {$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};"
+    return tl.inline_asm_elementwise(op, "=f,=f,=f,=f,r,r,r,r,r,r,0,1,2,3", [a0, a1, a2, a3, b0, b1, d[0], d[1], d[2], d[3]],
+                                     dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _load_words(at, keep, J: tl.constexpr):
+    """The J consecutive words at `at` ([32] pointers) as J [32] tensors, zeros where `keep` is
+    false: one [32, J] load (16 bytes a lane where Triton can prove the alignment), split."""
+    words = tl.load(at[:, None] + tl.arange(0, J)[None, :], mask=keep[:, None], other=0)
+    if J == 1:
+        return (tl.reshape(words, (32,)),)
+    elif J == 2:
+        return tl.split(words)
+    else:
+        low, high = tl.split(tl.reshape(words, (32, 2, 2)))  # words (0, 2) and (1, 3)
+        w0, w2 = tl.split(low)
+        w1, w3 = tl.split(high)
+        return w0, w1, w2, w3
+
+
+@triton.jit
+def _x_pairs(x_words, row, s: tl.constexpr):
+    """B's two registers for nibble pairs 2s and 2s + 1 of word row `row`: x's inputs
+    (8r + 2s, 8r + 2s + 4) and (8r + 2s + 1, 8r + 2s + 5)."""
+    at = x_words + 4 * row + s  # inputs 8r + 2s, 8r + 2s + 1 (their word), and 4 further
+    lo = tl.load(at)
+    hi = tl.load(at + 2)
+    return (lo & 0xFFFF) | (hi << 16), ((lo >> 16) & 0xFFFF) | (hi & -65536)
+
+
+@triton.jit
+def _int4_mma_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, out_ptr, partial_ptr, counters_ptr, M, N,
+                     stride_xm, groups_per_split, num_splits, num_groups, ones, GROUP_SIZE: tl.constexpr,
+                     J: tl.constexpr, BLOCK_M: tl.constexpr, BF16: tl.constexpr, SPLIT: tl.constexpr,
+                     EMULATE: tl.constexpr):
+    E: tl.constexpr = 128.0 if BF16 else 1024.0  # 1 + q/E: q in the lowest bits of 7 mantissa bits, or 10
+    STEPS: tl.constexpr = GROUP_SIZE // 32  # 4 word rows (32 inputs) a step
+    block = tl.program_id(0)
+    split = tl.program_id(1)
+    lane = tl.arange(0, 32)
+    g, c = lane // 4, lane % 4
+    # A rows g and g + 8 of block j: columns col + j and col + 8 J + j (a lane's J columns, one load)
+    col = block * 16 * J + J * g
+    x_words = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + tl.minimum(g, M - 1) * (stride_xm // 2)  # B col g
+    all_ones = tl.zeros([32], tl.int32) + ones  # A of the mma that sums x
+    zero = tl.zeros([32], tl.float32)
+    acc = ()
+    for k in tl.static_range(4 * J):
+        acc += (zero,)
+    first = split * groups_per_split
+    for group in range(first, tl.minimum(first + groups_per_split, num_groups)):
+        e = (zero, zero, zero, zero)  # X of x row 2c, of 2c + 1, and both again
+        d = ()
+        for k in tl.static_range(4 * J):
+            d += (zero,)
+        for t in tl.static_range(STEPS):
+            row = group * (GROUP_SIZE // 8) + 4 * t + c  # this lane's word row
+            w0 = _load_words(qweight_ptr + row.to(tl.int64) * N + col, col < N, J)  # A row g
+            w1 = _load_words(qweight_ptr + row.to(tl.int64) * N + col + 8 * J, col + 8 * J < N, J)  # g + 8
+            for s in tl.static_range(2):  # nibble pairs (2s, 2s + 4) and (2s + 1, 2s + 5)
+                xa, xb = _x_pairs(x_words, row, s)
+                e = _mma(all_ones, all_ones, all_ones, all_ones, xa, xb, e, BF16, EMULATE)
+                summed = ()
+                for j in tl.static_range(J):
+                    summed += _mma(_nibbles(w0[j], 2 * s, ones), _nibbles(w1[j], 2 * s, ones),
+                                   _nibbles(w0[j], 2 * s + 1, ones), _nibbles(w1[j], 2 * s + 1, ones), xa, xb,
+                                   (d[4 * j], d[4 * j + 1], d[4 * j + 2], d[4 * j + 3]), BF16, EMULATE)
+                d = summed
+        scaled = ()
+        for j in tl.static_range(J):
+            z0 = E + tl.load(zeros_ptr + group * N + col + j, mask=col + j < N, other=0).to(tl.float32)
+            z1 = E + tl.load(zeros_ptr + group * N + col + 8 * J + j, mask=col + 8 * J + j < N, other=0).to(tl.float32)
+            s0 = tl.load(scales_ptr + group * N + col + j, mask=col + j < N, other=0).to(tl.float32)
+            s1 = tl.load(scales_ptr + group * N + col + 8 * J + j, mask=col + 8 * J + j < N, other=0).to(tl.float32)
+            scaled += (acc[4 * j] + s0 * (E * d[4 * j] - z0 * e[0]), acc[4 * j + 1] + s0 * (E * d[4 * j + 1] - z0 * e[1]),
+                       acc[4 * j + 2] + s1 * (E * d[4 * j + 2] - z1 * e[0]),
+                       acc[4 * j + 3] + s1 * (E * d[4 * j + 3] - z1 * e[1]))
+        acc = scaled
+    rows = 2 * c  # x rows of acc[4j] and acc[4j + 2]; acc[4j + 1] and acc[4j + 3] have the next
+    if SPLIT:
+        at = partial_ptr + split * M * N
+    else:
+        at = out_ptr
+    for j in tl.static_range(J):
+        for k in tl.static_range(4):  # (column col + j, row 2c), (that column, 2c + 1), 8 J columns on, ...
+            place = (rows + k % 2) * N + col + j + 8 * J * (k // 2)
+            keep = (rows + k % 2 < M) & (col + j + 8 * J * (k // 2) < N)
+            tl.store(at + place, acc[4 * j + k].to(at.dtype.element_ty), mask=keep)
+    if SPLIT:
+        # Each split writes its float32 sums; the last of a column block's splits to finish adds
+        # them up in split order (the same sums whichever finishes last) and resets the counter.
+        tl.debug_barrier()  # every lane's sums written before the count says so
+        if tl.atomic_add(counters_ptr + block, 1, sem="acq_rel") == num_splits - 1:
+            tile_rows = tl.arange(0, BLOCK_M)
+            tile_cols = block * 16 * J + tl.arange(0, 16 * J)
+            tile = tile_rows[:, None] * N + tile_cols[None, :]
+            inside = (tile_rows[:, None] < M) & (tile_cols[None, :] < N)
+            total = tl.zeros([BLOCK_M, 16 * J], tl.float32)
+            for other in range(num_splits):
+                total += tl.load(partial_ptr + other * M * N + tile, mask=inside, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + tile, total.to(out_ptr.dtype.element_ty), mask=inside)
+            tl.atomic_xchg(counters_ptr + block, 0)
+
+
 @dataclass(frozen=True)
 class Int4GemvConfig:
     """Tiles and launch shape of one product (benchmarks/int4_gemv.py sweeps them)."""
@@ -201,10 +374,11 @@ class Int4GemvConfig:
     num_stages: int = 3  # tiles in flight per program
     split_k: int = 1  # programs sharing one block of columns, each over its own run of K
     dot: bool = False  # the tensor cores (x's rows padded to 16) rather than float32 multiply-adds
+    mma: bool = False  # up to MMA_MAX_ROWS rows through mma.sync, one warp and a group of inputs a step
 
 
 PROGRAMS_IN_FLIGHT = 264  # two programs on each of an H100's 132 SMs
-GEMV_MAX_ROWS = 4  # the most rows the layers send here (int4_matmul takes more)
+GEMV_MAX_ROWS = 8  # the most rows the layers send here (int4_matmul takes more): the mma path's
 
 
 def split_k_for(N: int, K: int, block_n: int, block_k: int, num_warps: int, warps: int = 1024) -> int:
@@ -216,27 +390,46 @@ def split_k_for(N: int, K: int, block_n: int, block_k: int, num_warps: int, warp
     return max(1, min(wanted, K // (2 * block_k)))
 
 
+def mma_config(M: int, N: int, K: int, group_size: int) -> Int4GemvConfig:
+    """The mma path's tiles: the fastest of a sweep on an H100 (benchmarks/int4_gemv.py) for each
+    Mistral-7B weight at 1, 4 and 8 rows: 32 columns a program (64 for the wide gate_up at one
+    row), K split until about 4,096 warps, 2,048 for o_proj and for 8 rows of the others whose
+    K is 4,096. A layer's four products took 65.2, 72.0 and 83.7 us at 1, 4 and 8 rows, against
+    the multiply-adds' 67.5 and 133.7 at 1 and 4 and int4_matmul's 169 at 8."""
+    block_n = 64 if N >= 16384 and M == 1 else 32
+    warps = 2048 if K <= 4096 and (N <= 4096 or M > 4) else 4096
+    split = min(K // group_size, triton.cdiv(warps, triton.cdiv(N, block_n)))
+    return Int4GemvConfig(block_n=block_n, num_warps=1, num_stages=1, split_k=split, mma=True)
+
+
+def config_for(x: torch.Tensor, qweight: torch.Tensor, group_size: int) -> Int4GemvConfig:
+    """The tiles int4_gemv uses for this product when given none."""
+    (M, K), N = x.shape, qweight.shape[1]
+    if x.is_cuda and mma_suits(x, qweight, group_size):
+        return mma_config(M, N, K, group_size)
+    return default_config(M, N, K, group_size)
+
+
 def default_config(M: int, N: int, K: int, group_size: int) -> Int4GemvConfig:
-    """One row (what decode batches of one use): multiply-adds, one warp a program, the tiles
+    """Where the mma path does not take the product (mma_suits; the CPU): one row, multiply-adds, one warp a program, the tiles
     that benchmarks/int4_gemv.py found fastest on an H100 for each Mistral-7B weight (the four
     products of a layer in 66.2 us, 2.23x the bf16 gemv): 128 columns and 64-input tiles a
     program; one tile in flight where K is 4,096, two for the wide gate_up and three for the long
     down_proj; K split until about 2,048 warps (512 for down_proj) are in flight, each split
-    keeping two tiles or more. Two to four rows (GEMV_MAX_ROWS): multiply-adds still, on tiles
+    keeping two tiles or more. Two to four rows: multiply-adds still, on tiles
     small enough that a thread's float32 sums ([rows, block_k/8, 4]) fit in 64 registers; the
     sweep's fastest: for two rows 64-input tiles (256 columns over two warps where K is 4,096,
     32-input tiles for down_proj), for three or four 32-input tiles; a layer in 82.0 and
     133.1 us, against int4_matmul's 166.8 and 168.1 (and bf16's gemv 154.8 and 152.8). More
     rows: the tensor cores (eight warps, a warp group for each 64 columns) where a group holds
     a tile of 64 inputs or more, else multiply-adds over tiles whose sums fit. (On the H100 the
-    tensor-core tiles were slower than int4_matmul at 8 and 16 rows, so the layers send only up
-    to GEMV_MAX_ROWS rows here.)"""
+    tensor-core tiles were slower than int4_matmul at 8 and 16 rows.)"""
     fits = min(128, group_size & -group_size, K & -K)  # the largest tile of K inside one group
     long, wide = K > 4096, N >= 16384
     if M == 1:
         tile = {"block_n": 128, "block_k": min(fits, 64), "num_warps": 1, "num_stages": 3 if long else 2 if wide else 1}
         warps = 512 if long else 2048
-    elif M <= GEMV_MAX_ROWS:
+    elif M <= 4:
         if M == 2 and not long:
             tile = {"block_n": 128, "block_k": min(fits, 64), "num_warps": 1, "num_stages": 3} if wide else \
                 {"block_n": 256, "block_k": min(fits, 64), "num_warps": 2, "num_stages": 2}
@@ -273,7 +466,9 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scale
                          f"not {M} rows of {x.dtype}")
     if g_idx is not None:
         return int4_matmul(x, qweight, zeros, scales, g_idx, group_size)
-    c = config or default_config(M, N, K, group_size)
+    c = config or config_for(x, qweight, group_size)
+    if c.mma:
+        return _int4_mma(x, qweight, zeros, scales, group_size, c, counters)
     if group_size % c.block_k or K % c.block_k or (c.dot and c.block_k < 64) or c.block_n < 16:
         raise ValueError(f"a tile of {c.block_k} inputs must divide K ({K}) and the group size ({group_size}) "
                          f"and be 64 or more on the tensor cores, and one of {c.block_n} columns 16 or more")
@@ -295,4 +490,40 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scale
         per_split, split_k, words, ONE, SIXTEEN, HALVES[x.dtype], GROUP_SIZE=group_size,
         BLOCK_M=MAX_ROWS if c.dot else triton.next_power_of_2(M), BLOCK_N=c.block_n, BLOCK_K=c.block_k,
         NUM_STAGES=c.num_stages, DOT=c.dot, SPLIT=split_k > 1, X_WORDS=x_words, num_warps=c.num_warps)
+    return out
+
+
+MMA_MAX_ROWS = 8  # the columns of mma.sync's B
+
+
+def mma_suits(x: torch.Tensor, qweight: torch.Tensor, group_size: int) -> bool:
+    """Whether _int4_mma takes this product: up to 8 rows of x read two inputs (4 bytes) to a
+    load, words read four (16 bytes) to a load, groups of whole 32-input steps."""
+    return x.shape[0] <= MMA_MAX_ROWS and group_size % 32 == 0 and x.stride(1) == 1 and x.stride(0) % 2 == 0 \
+        and x.data_ptr() % 4 == 0 and qweight.shape[1] % 4 == 0 and qweight.data_ptr() % 16 == 0
+
+
+def _int4_mma(x, qweight, zeros, scales, group_size: int, c: Int4GemvConfig, counters) -> torch.Tensor:
+    M, K = x.shape
+    N = qweight.shape[1]
+    if not mma_suits(x, qweight, group_size) or c.block_n not in (16, 32, 64) or c.num_warps != 1 or K % group_size:
+        raise ValueError(f"the mma path takes up to {MMA_MAX_ROWS} rows, groups of a multiple of 32 inputs dividing "
+                         f"K, outputs in fours, one warp and 16, 32 or 64 columns; not {M} rows, {N} outputs, "
+                         f"group size {group_size}, K {K}, {c}")
+    groups = K // group_size
+    per_split = triton.cdiv(groups, c.split_k)
+    split_k = triton.cdiv(groups, per_split)
+    blocks = triton.cdiv(N, c.block_n)
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    partial = out
+    if split_k > 1:
+        partial = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
+        counters = split_counters(N, x.device) if counters is None else counters
+        if counters.numel() * 16 < N:
+            raise ValueError(f"{counters.numel()} split counters are too few for {N} columns")
+    _int4_mma_kernel[(blocks, split_k)](
+        x, qweight, zeros, scales, out, partial, counters if split_k > 1 else out, M, N, x.stride(0), per_split,
+        split_k, groups, HALVES[x.dtype], GROUP_SIZE=group_size, J=c.block_n // 16,
+        BLOCK_M=triton.next_power_of_2(M), BF16=x.dtype == torch.bfloat16, SPLIT=split_k > 1,
+        EMULATE=knobs.runtime.interpret, num_warps=1, num_stages=1)
     return out

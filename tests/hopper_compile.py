@@ -32,7 +32,7 @@ kernels.launch.PDL, kernels.launch.LAUNCH = True, {"launch_pdl": True}  # before
 from kernels.decode_attention import decode_attention  # noqa: E402
 from kernels.fused_moe import fused_moe  # noqa: E402
 from kernels.gemv import gemv  # noqa: E402
-from kernels.int4_gemv import int4_gemv  # noqa: E402
+from kernels.int4_gemv import MMA_MAX_ROWS, int4_gemv, mma_config  # noqa: E402
 from kernels.norm import rmsnorm  # noqa: E402
 from kernels.prefill_attention import prefill_attention  # noqa: E402
 from kernels.quant_reference import FP8  # noqa: E402
@@ -74,8 +74,10 @@ def decode_step_launches() -> None:
             gemv(x, e(N, K, dtype=bf16), gated=gated)
             gemv(x, e(N, K, dtype=FP8), weight_scale=e(N), gated=gated)
             if name != "lm_head":  # 4-bit, group 128 (the silu of a gated input made before)
-                int4_gemv(e(M, K, dtype=bf16), e(K // 8, N, dtype=torch.int32), e(K // 128, N, dtype=torch.uint8),
-                          e(K // 128, N, dtype=bf16), None, 128)
+                int4 = (e(K // 8, N, dtype=torch.int32), e(K // 128, N, dtype=torch.uint8), e(K // 128, N, dtype=bf16))
+                int4_gemv(e(M, K, dtype=bf16), *int4, None, 128)  # the multiply-adds (tiles for CPU tensors)
+                if M <= MMA_MAX_ROWS:  # and the mma path, which CUDA tensors take
+                    int4_gemv(e(M, K, dtype=bf16), *int4, None, 128, mma_config(M, N, K, 128))
         rmsnorm(e(M, 4096, dtype=bf16), e(4096, dtype=bf16), 1e-5, e(M, 4096, dtype=bf16))
         q, k, v = e(M, 6144, dtype=bf16).split([4096, 1024, 1024], dim=-1)
         q, k, v = (t.view(M, -1, 128) for t in (q, k, v))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from benchmarks.make_checkpoint import int4_tensors
 from kernels.gemv import MAX_ROWS
-from kernels.int4_gemv import GEMV_MAX_ROWS, Int4GemvConfig, int4_gemv, split_counters
+from kernels.int4_gemv import GEMV_MAX_ROWS, MMA_MAX_ROWS, Int4GemvConfig, int4_gemv, split_counters
 from kernels.quant_reference import dequantize_int4, group_of_each_input, unpack_int4
 from server.config import QuantConfig
 from server.layers.linear import MergedColumnParallelLinear
@@ -26,6 +26,9 @@ DTYPES = [torch.bfloat16, torch.float16]
 FMA = [Int4GemvConfig(block_n=32, block_k=32, num_warps=1, num_stages=1),
        Int4GemvConfig(block_n=16, block_k=32, num_warps=2, num_stages=2, split_k=3)]
 DOT = [Int4GemvConfig(block_n=32, block_k=128, dot=True), Int4GemvConfig(block_n=16, block_k=64, dot=True, split_k=2)]
+# mma.sync (emulated in the interpreter): one and two blocks of 16 columns, with and without splits
+MMA = [Int4GemvConfig(block_n=32, num_warps=1, mma=True), Int4GemvConfig(block_n=16, num_warps=1, mma=True, split_k=3),
+       Int4GemvConfig(block_n=64, num_warps=1, mma=True, split_k=2)]
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -38,11 +41,13 @@ def skip_bf16_dots_in_the_interpreter(config: Int4GemvConfig | None, dtype: torc
         pytest.skip("Triton's interpreter gets bf16 dots wrong")
 
 
-@pytest.mark.parametrize("config", FMA + DOT, ids=str)
-@pytest.mark.parametrize("M", [1, 3, MAX_ROWS])
+@pytest.mark.parametrize("config", FMA + DOT + MMA, ids=str)
+@pytest.mark.parametrize("M", [1, 3, MMA_MAX_ROWS, MAX_ROWS])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_int4_gemv_matches_the_dequantized_weight(M, config, dtype):
     skip_bf16_dots_in_the_interpreter(config, dtype)
+    if config.mma and M > MMA_MAX_ROWS:
+        pytest.skip("mma.sync's B has 8 columns")
     K, N, group_size = 256, 72, 128 if config.dot else 32
     qweight, zeros, scales, _, weight = int4_weights(K, N, group_size, False, dtype, seed=M)
     x = torch.randn(M, K).to(dtype).to(DEVICE)
@@ -61,6 +66,24 @@ def test_the_default_tiles_and_act_order_match_the_dequantized_weight(dtype):
         x = torch.randn(M, 512).to(dtype).to(DEVICE)
         out = int4_gemv(x, qweight, zeros, scales, g_idx, group_size)
         torch.testing.assert_close(out.float(), reference(x, weight), **tolerance(dtype, 512))
+
+
+def test_many_splits_are_summed_over_several_loads():
+    """12 splits of 4 rows by 64 columns: the last split adds them up four to a load, the last
+    load partly past the splits."""
+    dtype = torch.float16
+    qweight, zeros, scales, _, weight = int4_weights(1024, 72, 32, False, dtype, seed=7)
+    x = torch.randn(4, 1024).to(dtype).to(DEVICE)
+    config = Int4GemvConfig(block_n=64, block_k=32, num_warps=1, split_k=12)
+    out = int4_gemv(x, qweight, zeros, scales, None, 32, config)
+    torch.testing.assert_close(out.float(), reference(x, weight), **tolerance(dtype, 1024))
+
+
+def test_the_mma_path_refuses_more_rows_than_it_has_columns():
+    qweight, zeros, scales, _, _ = int4_weights(256, 32, 32, False, torch.float16)
+    x = torch.randn(MMA_MAX_ROWS + 1, 256).to(torch.float16).to(DEVICE)
+    with pytest.raises(ValueError, match="up to 8 rows"):
+        int4_gemv(x, qweight, zeros, scales, None, 32, MMA[0])
 
 
 def test_the_splits_leave_their_counters_at_zero_for_the_next_call():
@@ -116,7 +139,7 @@ def test_int4_gemv_on_mistral_shapes(N, K, dtype):
 
 
 @pytest.mark.parametrize("M", [1, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1, MAX_ROWS + 1])
-def test_4bit_layers_take_int4_gemv_for_cuda_batches_of_up_to_four_rows(M, monkeypatch):
+def test_4bit_layers_take_int4_gemv_for_cuda_batches_of_up_to_eight_rows(M, monkeypatch):
     from server.layers import int4_linear
 
     calls = []
