@@ -2,11 +2,14 @@
 context in the cache (prefix-cached blocks, earlier chunks of a chunked prefill, and this
 step's tokens, which are written to the cache first).
 
-Program (seq, head, m_block) takes BLOCK_M query rows of one sequence; query row r sits at
-position ctx - q_len + r. It walks the keys from the window's start to its last row's
-position in BLOCK_N tiles, gathering each key's slot through the block table, with an online
-softmax (exp2 in log2 units). Rows that see no key yet in a tile keep their running state:
-the max is read as 0 there, so no -inf minus -inf appears. An fp8 cache is read as
+Program (head, seq, m_block) takes BLOCK_M query rows of one sequence; query row r sits at
+position ctx - q_len + r. It walks the keys from the window's start to its last row's position
+in BLOCK_N tiles, gathering each key's slot through the block table, with an online softmax
+(exp2 in log2 units). The heads vary fastest in the grid, so that the GROUP heads sharing a KV
+head run at once and read its tiles from L2 after the first (the 256-request workload on an
+H100: 8,883 and 8,896 tokens/s with the sequences fastest, 8,935 and 8,933 so, alternated; its
+prefill steps 3.74 s against 3.70). Rows that see no key yet in a tile keep their running
+state: the max is read as 0 there, so no -inf minus -inf appears. An fp8 cache is read as
 k_cache * k_scale (and v likewise), rounded to q's dtype.
 """
 from __future__ import annotations
@@ -27,8 +30,8 @@ def _prefill_kernel(
         stride_cb, stride_cs, stride_ch,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, FP8_CACHE: tl.constexpr):
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
+    head = tl.program_id(0)  # the fastest: the heads that share a KV head run together and read it once
+    seq = tl.program_id(1)
     m_block = tl.program_id(2)
     q_start = tl.load(cu_query_lens_ptr + seq).to(tl.int32)
     q_len = tl.load(cu_query_lens_ptr + seq + 1).to(tl.int32) - q_start
@@ -84,7 +87,7 @@ def prefill_attention(q, k_cache, v_cache, block_tables, cu_query_lens, context_
     if out is None:
         out = torch.empty_like(q)
     block_m = 64 if max_query_len > 32 else 16
-    _prefill_kernel[(num_seqs, num_heads, triton.cdiv(max_query_len, block_m))](
+    _prefill_kernel[(num_heads, num_seqs, triton.cdiv(max_query_len, block_m))](
         q, k_cache, v_cache, block_tables, cu_query_lens, context_lens, out,
         scale * LOG2E, window or 0, k_scale, v_scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
