@@ -266,8 +266,8 @@ def _mma(a0, a1, a2, a3, b0, b1, d, BF16: tl.constexpr, EMULATE: tl.constexpr):
 
 @triton.jit
 def _load_words(at, keep, J: tl.constexpr):
-    """The J consecutive words at `at` ([32] pointers) as J [32] tensors, zeros where `keep` is
-    false: one [32, J] load (16 bytes a lane where Triton can prove the alignment), split."""
+    """The J consecutive values at `at` ([32] pointers) as J [32] tensors, zeros where `keep` is
+    false: one [32, J] load (a vector a lane where Triton can prove the alignment), split."""
     words = tl.load(at[:, None] + tl.arange(0, J)[None, :], mask=keep[:, None], other=0)
     if J == 1:
         return (tl.reshape(words, (32,)),)
@@ -328,15 +328,17 @@ def _int4_mma_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, out_ptr, partial
                                    _nibbles(w0[j], 2 * s + 1, ones), _nibbles(w1[j], 2 * s + 1, ones), xa, xb,
                                    (d[4 * j], d[4 * j + 1], d[4 * j + 2], d[4 * j + 3]), BF16, EMULATE)
                 d = summed
+        z0 = _load_words(zeros_ptr + group * N + col, col < N, J)  # the zero points and scales of A rows g
+        z1 = _load_words(zeros_ptr + group * N + col + 8 * J, col + 8 * J < N, J)  # and g + 8
+        s0 = _load_words(scales_ptr + group * N + col, col < N, J)
+        s1 = _load_words(scales_ptr + group * N + col + 8 * J, col + 8 * J < N, J)
         scaled = ()
         for j in tl.static_range(J):
-            z0 = E + tl.load(zeros_ptr + group * N + col + j, mask=col + j < N, other=0).to(tl.float32)
-            z1 = E + tl.load(zeros_ptr + group * N + col + 8 * J + j, mask=col + 8 * J + j < N, other=0).to(tl.float32)
-            s0 = tl.load(scales_ptr + group * N + col + j, mask=col + j < N, other=0).to(tl.float32)
-            s1 = tl.load(scales_ptr + group * N + col + 8 * J + j, mask=col + 8 * J + j < N, other=0).to(tl.float32)
-            scaled += (acc[4 * j] + s0 * (E * d[4 * j] - z0 * e[0]), acc[4 * j + 1] + s0 * (E * d[4 * j + 1] - z0 * e[1]),
-                       acc[4 * j + 2] + s1 * (E * d[4 * j + 2] - z1 * e[0]),
-                       acc[4 * j + 3] + s1 * (E * d[4 * j + 3] - z1 * e[1]))
+            za, zb = E + z0[j].to(tl.float32), E + z1[j].to(tl.float32)
+            sa, sb = s0[j].to(tl.float32), s1[j].to(tl.float32)
+            scaled += (acc[4 * j] + sa * (E * d[4 * j] - za * e[0]), acc[4 * j + 1] + sa * (E * d[4 * j + 1] - za * e[1]),
+                       acc[4 * j + 2] + sb * (E * d[4 * j + 2] - zb * e[0]),
+                       acc[4 * j + 3] + sb * (E * d[4 * j + 3] - zb * e[1]))
         acc = scaled
     rows = 2 * c  # x rows of acc[4j] and acc[4j + 2]; acc[4j + 1] and acc[4j + 3] have the next
     if SPLIT:
@@ -394,8 +396,8 @@ def mma_config(M: int, N: int, K: int, group_size: int) -> Int4GemvConfig:
     """The mma path's tiles: the fastest of a sweep on an H100 (benchmarks/int4_gemv.py) for each
     Mistral-7B weight at 1, 4 and 8 rows: 32 columns a program (64 for the wide gate_up at one
     row), K split until about 4,096 warps, 2,048 for o_proj and for 8 rows of the others whose
-    K is 4,096. A layer's four products took 65.2, 72.0 and 83.7 us at 1, 4 and 8 rows, against
-    the multiply-adds' 67.5 and 133.7 at 1 and 4 and int4_matmul's 169 at 8."""
+    K is 4,096. A layer's four products took 64.0 and 79.7 us at 1 and 8 rows (72.0 at 4 in an
+    earlier sweep), against the multiply-adds' 67.5, 133.7 and 434 and int4_matmul's 169."""
     block_n = 64 if N >= 16384 and M == 1 else 32
     warps = 2048 if K <= 4096 and (N <= 4096 or M > 4) else 4096
     split = min(K // group_size, triton.cdiv(warps, triton.cdiv(N, block_n)))
@@ -525,5 +527,5 @@ def _int4_mma(x, qweight, zeros, scales, group_size: int, c: Int4GemvConfig, cou
         x, qweight, zeros, scales, out, partial, counters if split_k > 1 else out, M, N, x.stride(0), per_split,
         split_k, groups, HALVES[x.dtype], GROUP_SIZE=group_size, J=c.block_n // 16,
         BLOCK_M=triton.next_power_of_2(M), BF16=x.dtype == torch.bfloat16, SPLIT=split_k > 1,
-        EMULATE=knobs.runtime.interpret, num_warps=1, num_stages=1)
+        EMULATE=knobs.runtime.interpret, num_warps=1, num_stages=c.num_stages)
     return out

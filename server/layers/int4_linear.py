@@ -16,7 +16,7 @@ reads each input's group from g_idx.
 
 On the GPU: a decode batch of one to GEMV_MAX_ROWS (8) rows through kernels/int4_gemv.py
 (its mma path, the weight going from registers into the tensor cores: on a Mistral-7B layer on
-an H100 65.2, 72.0 and 83.7 us at 1, 4 and 8 rows, against bf16's gemv at about 150 and
+an H100 64.0, 72.0 and 79.7 us at 1, 4 and 8 rows, against bf16's gemv at about 150 and
 int4_matmul's 169),
 batches of up to FUSED_MAX_ROWS through kernels/int4_matmul.py, and larger ones (the largest
 decode batches, prefill) as the weight dequantized to the activations' dtype and one dense
