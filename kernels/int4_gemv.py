@@ -260,7 +260,8 @@ def _mma(a0, a1, a2, a3, b0, b1, d, BF16: tl.constexpr, EMULATE: tl.constexpr):
     op: tl.constexpr = ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" if BF16 else
                         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32") + \
         " {$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};"
-    return tl.inline_asm_elementwise(op, "=f,=f,=f,=f,r,r,r,r,r,r,0,1,2,3", [a0, a1, a2, a3, b0, b1, d[0], d[1], d[2], d[3]],
+    return tl.inline_asm_elementwise(op, "=f,=f,=f,=f,r,r,r,r,r,r,0,1,2,3",  # D in C's registers
+                                     [a0, a1, a2, a3, b0, b1, d[0], d[1], d[2], d[3]],
                                      dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
 
 
@@ -336,7 +337,8 @@ def _int4_mma_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, out_ptr, partial
         for j in tl.static_range(J):
             za, zb = E + z0[j].to(tl.float32), E + z1[j].to(tl.float32)
             sa, sb = s0[j].to(tl.float32), s1[j].to(tl.float32)
-            scaled += (acc[4 * j] + sa * (E * d[4 * j] - za * e[0]), acc[4 * j + 1] + sa * (E * d[4 * j + 1] - za * e[1]),
+            scaled += (acc[4 * j] + sa * (E * d[4 * j] - za * e[0]),
+                       acc[4 * j + 1] + sa * (E * d[4 * j + 1] - za * e[1]),
                        acc[4 * j + 2] + sb * (E * d[4 * j + 2] - zb * e[0]),
                        acc[4 * j + 3] + sb * (E * d[4 * j + 3] - zb * e[1]))
         acc = scaled
@@ -413,19 +415,20 @@ def config_for(x: torch.Tensor, qweight: torch.Tensor, group_size: int) -> Int4G
 
 
 def default_config(M: int, N: int, K: int, group_size: int) -> Int4GemvConfig:
-    """Where the mma path does not take the product (mma_suits; the CPU): one row, multiply-adds, one warp a program, the tiles
-    that benchmarks/int4_gemv.py found fastest on an H100 for each Mistral-7B weight (the four
-    products of a layer in 66.2 us, 2.23x the bf16 gemv): 128 columns and 64-input tiles a
-    program; one tile in flight where K is 4,096, two for the wide gate_up and three for the long
-    down_proj; K split until about 2,048 warps (512 for down_proj) are in flight, each split
-    keeping two tiles or more. Two to four rows: multiply-adds still, on tiles
-    small enough that a thread's float32 sums ([rows, block_k/8, 4]) fit in 64 registers; the
-    sweep's fastest: for two rows 64-input tiles (256 columns over two warps where K is 4,096,
-    32-input tiles for down_proj), for three or four 32-input tiles; a layer in 82.0 and
-    133.1 us, against int4_matmul's 166.8 and 168.1 (and bf16's gemv 154.8 and 152.8). More
-    rows: the tensor cores (eight warps, a warp group for each 64 columns) where a group holds
-    a tile of 64 inputs or more, else multiply-adds over tiles whose sums fit. (On the H100 the
-    tensor-core tiles were slower than int4_matmul at 8 and 16 rows.)"""
+    """Where the mma path does not take the product (mma_suits; the CPU): one row,
+    multiply-adds, one warp a program, the tiles that benchmarks/int4_gemv.py found fastest on
+    an H100 for each Mistral-7B weight (the four products of a layer in 66.2 us, 2.23x the bf16
+    gemv): 128 columns and 64-input tiles a program; one tile in flight where K is 4,096, two
+    for the wide gate_up and three for the long down_proj; K split until about 2,048 warps (512
+    for down_proj) are in flight, each split keeping two tiles or more. Two to four rows:
+    multiply-adds still, on tiles small enough that a thread's float32 sums ([rows, block_k/8,
+    4]) fit in 64 registers; the sweep's fastest: for two rows 64-input tiles (256 columns over
+    two warps where K is 4,096, 32-input tiles for down_proj), for three or four 32-input
+    tiles; a layer in 82.0 and 133.1 us, against int4_matmul's 166.8 and 168.1 (and bf16's gemv
+    154.8 and 152.8). More rows: the tensor cores (eight warps, a warp group for each 64
+    columns) where a group holds a tile of 64 inputs or more, else multiply-adds over tiles
+    whose sums fit. (On the H100 the tensor-core tiles were slower than int4_matmul at 8 and 16
+    rows.)"""
     fits = min(128, group_size & -group_size, K & -K)  # the largest tile of K inside one group
     long, wide = K > 4096, N >= 16384
     if M == 1:
