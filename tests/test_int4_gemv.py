@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from benchmarks.make_checkpoint import int4_tensors
 from kernels.gemv import MAX_ROWS
-from kernels.int4_gemv import GEMV_MAX_ROWS, MMA_MAX_ROWS, Int4GemvConfig, int4_gemv, split_counters
+from kernels.int4_gemv import GEMV_MAX_ROWS, MMA_MAX_ROWS, Int4GemvConfig, int4_gemv, mma_suits, split_counters
 from kernels.quant_reference import dequantize_int4, group_of_each_input, unpack_int4
 from server.config import QuantConfig
 from server.layers.linear import MergedColumnParallelLinear
@@ -77,6 +77,19 @@ def test_many_splits_are_summed_over_several_loads():
     config = Int4GemvConfig(block_n=64, block_k=32, num_warps=1, split_k=12)
     out = int4_gemv(x, qweight, zeros, scales, None, 32, config)
     torch.testing.assert_close(out.float(), reference(x, weight), **tolerance(dtype, 1024))
+
+
+def test_the_mma_path_takes_only_products_it_can_read():
+    """Up to 8 rows, x's rows 4-byte aligned, words four to a 16-byte load, groups of whole
+    32-input steps; anything else goes to the multiply-adds."""
+    x = torch.randn(2, 256).to(torch.bfloat16)
+    qweight = torch.zeros(32, 64, dtype=torch.int32)
+    assert mma_suits(x, qweight, 128) and mma_suits(x, qweight, 32)
+    assert not mma_suits(torch.randn(MMA_MAX_ROWS + 1, 256).to(torch.bfloat16), qweight, 128)
+    assert not mma_suits(x, qweight, 16)
+    assert not mma_suits(x, torch.zeros(32, 66, dtype=torch.int32), 128)
+    assert not mma_suits(torch.randn(2, 257).to(torch.bfloat16)[:, :256], qweight, 128)  # an odd row stride
+    assert not mma_suits(x, torch.zeros(32 * 64 + 1, dtype=torch.int32)[1:].view(32, 64), 128)  # words off 16 bytes
 
 
 def test_the_mma_path_refuses_more_rows_than_it_has_columns():
