@@ -141,6 +141,22 @@ def _dot_tile(words, x_rows, k0, halves, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _sum_splits(partial_ptr, out_ptr, counters_ptr, block, num_splits, M, N, rows, cols):
+    """After a split has written its float32 sums of rows x cols to partial[split]: the last of
+    a column block's splits to finish adds them all up, in split order (the same sums whichever
+    finishes last), writes the output and sets the block's counter back to zero."""
+    tl.debug_barrier()  # every thread's sums written before the count says so
+    if tl.atomic_add(counters_ptr + block, 1, sem="acq_rel") == num_splits - 1:
+        at = rows[:, None] * N + cols[None, :]
+        inside = (rows[:, None] < M) & (cols[None, :] < N)
+        total = tl.zeros([rows.shape[0], cols.shape[0]], tl.float32)
+        for other in range(num_splits):
+            total += tl.load(partial_ptr + other * M * N + at, mask=inside, other=0.0, cache_modifier=".cg")
+        tl.store(out_ptr + at, total.to(out_ptr.dtype.element_ty), mask=inside)
+        tl.atomic_xchg(counters_ptr + block, 0)
+
+
+@triton.jit
 def _int4_gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, out_ptr, partial_ptr, counters_ptr, M, N,
                       stride_xm, words_per_split, num_splits, K_WORDS, one, sixteen, halves,
                       GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -183,16 +199,8 @@ def _int4_gemv_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, out_ptr, partia
     at = rows[:, None] * N + cols[None, :]
     mask = rmask[:, None] & cmask[None, :]
     if SPLIT:
-        # Each split writes its float32 sums; the last of a column block's splits to finish adds
-        # them up in split order (the same sums whichever finishes last) and resets the counter.
         tl.store(partial_ptr + split * M * N + at, acc, mask=mask)
-        tl.debug_barrier()  # every thread's sums written before the count says so
-        if tl.atomic_add(counters_ptr + block, 1, sem="acq_rel") == num_splits - 1:
-            total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for other in range(num_splits):
-                total += tl.load(partial_ptr + other * M * N + at, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptr + at, total.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(counters_ptr + block, 0)
+        _sum_splits(partial_ptr, out_ptr, counters_ptr, block, num_splits, M, N, rows, cols)
     else:
         tl.store(out_ptr + at, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -353,19 +361,8 @@ def _int4_mma_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, out_ptr, partial
             keep = (rows + k % 2 < M) & (col + j + 8 * J * (k // 2) < N)
             tl.store(at + place, acc[4 * j + k].to(at.dtype.element_ty), mask=keep)
     if SPLIT:
-        # Each split writes its float32 sums; the last of a column block's splits to finish adds
-        # them up in split order (the same sums whichever finishes last) and resets the counter.
-        tl.debug_barrier()  # every lane's sums written before the count says so
-        if tl.atomic_add(counters_ptr + block, 1, sem="acq_rel") == num_splits - 1:
-            tile_rows = tl.arange(0, BLOCK_M)
-            tile_cols = block * 16 * J + tl.arange(0, 16 * J)
-            tile = tile_rows[:, None] * N + tile_cols[None, :]
-            inside = (tile_rows[:, None] < M) & (tile_cols[None, :] < N)
-            total = tl.zeros([BLOCK_M, 16 * J], tl.float32)
-            for other in range(num_splits):
-                total += tl.load(partial_ptr + other * M * N + tile, mask=inside, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptr + tile, total.to(out_ptr.dtype.element_ty), mask=inside)
-            tl.atomic_xchg(counters_ptr + block, 0)
+        _sum_splits(partial_ptr, out_ptr, counters_ptr, block, num_splits, M, N, tl.arange(0, BLOCK_M),
+                    block * 16 * J + tl.arange(0, 16 * J))
 
 
 @dataclass(frozen=True)
@@ -382,7 +379,8 @@ class Int4GemvConfig:
 
 
 PROGRAMS_IN_FLIGHT = 264  # two programs on each of an H100's 132 SMs
-GEMV_MAX_ROWS = 8  # the most rows the layers send here (int4_matmul takes more): the mma path's
+MMA_MAX_ROWS = 8  # the columns of mma.sync's B
+GEMV_MAX_ROWS = MMA_MAX_ROWS  # the most rows the layers send here (int4_matmul takes more)
 
 
 def split_k_for(N: int, K: int, block_n: int, block_k: int, num_warps: int, warps: int = 1024) -> int:
@@ -456,6 +454,18 @@ def split_counters(N: int, device) -> torch.Tensor:
     return torch.zeros(triton.cdiv(N, 16), dtype=torch.int32, device=device)
 
 
+def _split_sums(out: torch.Tensor, split_k: int, counters: torch.Tensor | None):
+    """Where the splits of K write their float32 sums, and their counters (made for this call
+    if none are given); `out` twice where K is whole (neither is read then)."""
+    if split_k == 1:
+        return out, out
+    M, N = out.shape
+    counters = split_counters(N, out.device) if counters is None else counters
+    if counters.numel() * 16 < N:
+        raise ValueError(f"{counters.numel()} split counters are too few for {N} columns")
+    return torch.empty((split_k, M, N), dtype=torch.float32, device=out.device), counters
+
+
 def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
               g_idx: torch.Tensor | None, group_size: int, config: Int4GemvConfig | None = None,
               counters: torch.Tensor | None = None) -> torch.Tensor:
@@ -482,23 +492,15 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scale
     split_k = triton.cdiv(words, per_split)  # no split left without words
     blocks = triton.cdiv(N, c.block_n)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)  # [M, N]
-    partial = out  # and the counters: not read when K is whole
-    if split_k > 1:
-        partial = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
-        counters = split_counters(N, x.device) if counters is None else counters
-        if counters.numel() * 16 < N:
-            raise ValueError(f"{counters.numel()} split counters are too few for {N} columns")
+    partial, counters = _split_sums(out, split_k, counters)
     # bf16 x read four inputs (8 bytes) to a load where its rows allow
     x_words = x.dtype == torch.bfloat16 and x.data_ptr() % 8 == 0 and x.stride(0) % 4 == 0
     _int4_gemv_kernel[(blocks, split_k)](
-        x, qweight, zeros, scales, out, partial, counters if split_k > 1 else out, M, N, x.stride(0),
+        x, qweight, zeros, scales, out, partial, counters, M, N, x.stride(0),
         per_split, split_k, words, ONE, SIXTEEN, HALVES[x.dtype], GROUP_SIZE=group_size,
         BLOCK_M=MAX_ROWS if c.dot else triton.next_power_of_2(M), BLOCK_N=c.block_n, BLOCK_K=c.block_k,
         NUM_STAGES=c.num_stages, DOT=c.dot, SPLIT=split_k > 1, X_WORDS=x_words, num_warps=c.num_warps)
     return out
-
-
-MMA_MAX_ROWS = 8  # the columns of mma.sync's B
 
 
 def mma_suits(x: torch.Tensor, qweight: torch.Tensor, group_size: int) -> bool:
@@ -520,14 +522,9 @@ def _int4_mma(x, qweight, zeros, scales, group_size: int, c: Int4GemvConfig, cou
     split_k = triton.cdiv(groups, per_split)
     blocks = triton.cdiv(N, c.block_n)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    partial = out
-    if split_k > 1:
-        partial = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
-        counters = split_counters(N, x.device) if counters is None else counters
-        if counters.numel() * 16 < N:
-            raise ValueError(f"{counters.numel()} split counters are too few for {N} columns")
+    partial, counters = _split_sums(out, split_k, counters)
     _int4_mma_kernel[(blocks, split_k)](
-        x, qweight, zeros, scales, out, partial, counters if split_k > 1 else out, M, N, x.stride(0), per_split,
+        x, qweight, zeros, scales, out, partial, counters, M, N, x.stride(0), per_split,
         split_k, groups, HALVES[x.dtype], GROUP_SIZE=group_size, J=c.block_n // 16,
         BLOCK_M=triton.next_power_of_2(M), BF16=x.dtype == torch.bfloat16, SPLIT=split_k > 1,
         EMULATE=knobs.runtime.interpret, num_warps=1, num_stages=c.num_stages)
