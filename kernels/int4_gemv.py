@@ -32,10 +32,10 @@ strided from x (which the L1 cache holds). A tile is multiplied either
     halves are consecutive inputs of the dot: [BLOCK_N, 16] += [BLOCK_N, BLOCK_K/4] @ x's inputs
     (8r + i, 8r + i + 4) transposed, the weight the dot's left operand, in registers.
 On CUDA, up to 8 rows take neither: `_int4_mma_kernel` (below) issues mma.sync itself, the
-weight going from its registers straight into the tensor cores' operands, at about 1.9
-instructions a weight where the multiply-adds take 3.5 and 8 rows cost little more than one
-(the layers send it 1 to GEMV_MAX_ROWS rows; Triton's interpreter runs it with the mma
-emulated).
+weight going from its registers straight into the tensor cores' operands, at 1.9 (64 columns a
+program) to 2.5 (32) instructions a weight where the multiply-adds take 3.5, and 8 rows cost
+about a quarter more than one (the layers send it 1 to GEMV_MAX_ROWS rows; Triton's
+interpreter runs it with the mma emulated).
 With few columns for many inputs, K is split over `split_k` programs per n block. Each writes
 its float32 sums, and the last to finish adds them up (counted at `split_counters`, which it
 sets back to zero): no second kernel. Every size follows from the shapes alone, so a step that
