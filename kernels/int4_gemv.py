@@ -71,12 +71,6 @@ def _x_sum(x_rows, start, BLOCK_K: tl.constexpr, STEP: tl.constexpr):
 
 
 @triton.jit
-def _bf16_pair(word):
-    """int32 holding two bf16 values -> them in float32 (low half, high half)."""
-    return (word << 16).to(tl.float32, bitcast=True), (word & -65536).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _nibble_pair(words, j: tl.constexpr, one, sixteen):
     """Nibbles 2j and 2j + 1 of each word as float32 16 + q/16 and 1 + q/16: one shift brings
     them to mantissa bits 15..18 and 19..22."""
@@ -104,7 +98,7 @@ def _fma_tile(words, x_rows, k0, one, sixteen, BLOCK_K: tl.constexpr, X_WORDS: t
         for i in tl.static_range(2):
             lower, upper = _nibble_pair(words, 2 * h + i, one, sixteen)
             if X_WORDS:
-                xe, xo = _bf16_pair(pairs[i])
+                xe, xo = _halves(pairs[i], True)
             else:
                 xe = tl.load(x_at + 4 * h + 2 * i).to(tl.float32)
                 xo = tl.load(x_at + 4 * h + 2 * i + 1).to(tl.float32)
@@ -315,15 +309,11 @@ def _int4_mma_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, out_ptr, partial
     x_words = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + tl.minimum(g, M - 1) * (stride_xm // 2)  # B col g
     all_ones = tl.zeros([32], tl.int32) + ones  # A of the mma that sums x
     zero = tl.zeros([32], tl.float32)
-    acc = ()
-    for k in tl.static_range(4 * J):
-        acc += (zero,)
+    acc = (zero,) * (4 * J)  # per block j: (row g, x row 2c), (g, 2c + 1), (g + 8, 2c), (g + 8, 2c + 1)
     first = split * groups_per_split
     for group in range(first, tl.minimum(first + groups_per_split, num_groups)):
         e = (zero, zero, zero, zero)  # X of x row 2c, of 2c + 1, and both again
-        d = ()
-        for k in tl.static_range(4 * J):
-            d += (zero,)
+        d = (zero,) * (4 * J)
         for t in tl.static_range(STEPS):
             row = group * (GROUP_SIZE // 8) + 4 * t + c  # this lane's word row
             w0 = _load_words(qweight_ptr + row.to(tl.int64) * N + col, col < N, J)  # A row g
