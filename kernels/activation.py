@@ -1,11 +1,26 @@
 """SiLU-and-multiply over a fused gate/up projection: out = silu(gate) * up, where the input
-row is [gate | up]. Each product is rounded to the model dtype as the unfused code rounds it."""
+row is [gate | up]. Each product is rounded to the model dtype as the unfused code rounds it.
+The input may be a 4-bit product's deferred sums (int64, kernels/int4_gemv.py): read as values
+in `dtype`, as finish_sums rounds them, and set back to zero."""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels.quant_reference import SUM_UNIT
+
+UNIT = tl.constexpr(SUM_UNIT)  # a deferred sum's unit, in the kernel
+
+
+@triton.jit
+def _read(at, mask, dtype: tl.constexpr):
+    """Values at `at` in `dtype`; deferred sums are read so and set back to zero."""
+    x = tl.load(at, mask=mask, other=0)
+    if x.dtype == tl.int64:
+        tl.store(at, tl.zeros_like(x), mask=mask)
+        x = (x.to(tl.float32) * UNIT).to(dtype)
+    return x
 
 
 @triton.jit
@@ -13,17 +28,18 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, WIDTH: tl.constexpr, BLOCK: t
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < WIDTH
-    gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
-    up = tl.load(x_ptr + row * stride_x + WIDTH + offs, mask=mask, other=0.0)
+    gate = _read(x_ptr + row * stride_x + offs, mask, out_ptr.dtype.element_ty)
+    up = _read(x_ptr + row * stride_x + WIDTH + offs, mask, out_ptr.dtype.element_ty)
     g = gate.to(tl.float32)
     silu = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
     tl.store(out_ptr + row * WIDTH + offs, (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype), mask=mask)
 
 
-def silu_and_mul(x):
+def silu_and_mul(x, dtype=None):
+    """`dtype`: of the output where x holds deferred sums (else x's)."""
     num_tokens, double = x.shape
     width = double // 2
-    out = torch.empty((num_tokens, width), dtype=x.dtype, device=x.device)
+    out = torch.empty((num_tokens, width), dtype=dtype if x.dtype == torch.int64 else x.dtype, device=x.device)
     block = min(1024, triton.next_power_of_2(width))
     _silu_and_mul_kernel[(num_tokens, triton.cdiv(width, block))](x, out, x.stride(0), WIDTH=width, BLOCK=block)
     return out

@@ -2,6 +2,9 @@
 
     s = x + residual            (rounded to the model dtype, as the unfused code does)
     y = weight * dtype(s * rsqrt(mean(s^2) + eps))   (the norm in float32)
+
+x may be a 4-bit product's deferred sums (int64, kernels/int4_gemv.py): read as values in the
+model dtype (`dtype`), as finish_sums rounds them, and set back to zero.
 """
 from __future__ import annotations
 
@@ -10,6 +13,9 @@ import triton
 import triton.language as tl
 
 from kernels.launch import LAUNCH, PDL, wait_for_inputs
+from kernels.quant_reference import SUM_UNIT
+
+UNIT = tl.constexpr(SUM_UNIT)  # a deferred sum's unit, in the kernel
 
 @triton.jit
 def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, stride_x, stride_r,
@@ -19,7 +25,10 @@ def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, 
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < HIDDEN
-    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0)
+    if x.dtype == tl.int64:  # deferred sums: their values, and zeros left for the next product
+        tl.store(x_ptr + row * stride_x + offs, tl.zeros_like(x), mask=mask)
+        x = (x.to(tl.float32) * UNIT).to(out_ptr.dtype.element_ty)
     if HAS_RESIDUAL:
         r = tl.load(residual_ptr + row * stride_r + offs, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
@@ -32,10 +41,11 @@ def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, 
     tl.store(out_ptr + row * HIDDEN + offs, y.to(x.dtype), mask=mask)
 
 
-def rmsnorm(x, weight, eps, residual=None):
-    """x [num_tokens, hidden] (rows may be strided); same results as the reference."""
+def rmsnorm(x, weight, eps, residual=None, dtype=None):
+    """x [num_tokens, hidden] (rows may be strided); same results as the reference. `dtype`:
+    of the outputs where x holds deferred sums (else x's)."""
     num_tokens, hidden = x.shape
-    out = torch.empty((num_tokens, hidden), dtype=x.dtype, device=x.device)
+    out = torch.empty((num_tokens, hidden), dtype=dtype if x.dtype == torch.int64 else x.dtype, device=x.device)
     residual_out = torch.empty_like(out) if residual is not None else out
     _rmsnorm_kernel[(num_tokens,)](
         x, residual if residual is not None else x, weight, out, residual_out,

@@ -27,6 +27,19 @@ FP8_MAX = 448.0  # the largest finite e4m3 value
 FP8_MIN_SCALE = 1e-12  # a row of zeros still gets a positive scale (and quantizes to zeros)
 
 
+# Deferred sums (kernels/int4_gemv.py): a product's outputs as int64 counts of SUM_UNIT, which its
+# splits of K add up in any order and the kernel that reads them turns into the activations' dtype.
+SUM_UNIT = 2.0 ** -32
+
+
+def finish_sums(sums: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Deferred sums -> their values in `dtype` (through float32, rounded as the kernels round
+    them); the sums are set back to zero, ready for the next product."""
+    values = (sums.to(torch.float32) * SUM_UNIT).to(dtype)
+    sums.zero_()
+    return values
+
+
 def unpack_int4(packed: torch.Tensor, dim: int, order=tuple(range(8))) -> torch.Tensor:
     """int32 words -> their nibbles (uint8), eight per word along `dim`; `order[i]` is the
     position (of 8) that nibble i holds."""

@@ -9,29 +9,34 @@ its own: one launch where a decode step's layer had three (rotate q, rotate k, s
 and each value is rounded exactly as that sequence rounded it. k itself is left as it was:
 the attention kernels read every key from the cache. The store follows kernels/cache.py (slot
 -1: a padding token, nothing stored; an fp8 cache gets the clamped value times 1 / scale).
+q, k and v may be a 4-bit product's deferred sums (int64, kernels/int4_gemv.py): they are read
+as values in q_out's dtype, as finish_sums rounds them, and set back to zero; q then goes to
+q_out rotated.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
 from kernels.cache import to_cache
 from kernels.launch import LAUNCH, PDL, wait_for_inputs
+from kernels.activation import _read
 from kernels.quant_reference import FP8, FP8_MAX
 
 
 @triton.jit
-def _rotated(base, cos, sin, mask, HALF: tl.constexpr):
-    """The two rotated halves of the head vectors at `base`, in their dtype."""
-    x1 = tl.load(base, mask=mask, other=0.0)
-    x2 = tl.load(base + HALF, mask=mask, other=0.0)
+def _rotated(base, cos, sin, mask, HALF: tl.constexpr, dtype: tl.constexpr):
+    """The two rotated halves of the head vectors at `base`, in `dtype`."""
+    x1 = _read(base, mask, dtype)
+    x2 = _read(base + HALF, mask, dtype)
     a, b = x1.to(tl.float32), x2.to(tl.float32)
-    return (a * cos - b * sin).to(x1.dtype), (b * cos + a * sin).to(x1.dtype)
+    return (a * cos - b * sin).to(dtype), (b * cos + a * sin).to(dtype)
 
 
 @triton.jit
-def _rotate_and_store_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
-                             stride_q, stride_k, stride_v, k_inv_scale, v_inv_scale,
+def _rotate_and_store_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, pos_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr,
+                             slot_ptr, stride_q, stride_k, stride_v, stride_qo, k_inv_scale, v_inv_scale,
                              NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                              BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_HALF: tl.constexpr,
                              QUANTIZE: tl.constexpr, FP8_MAX: tl.constexpr, PDL: tl.constexpr):
@@ -46,39 +51,45 @@ def _rotate_and_store_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, k_cache_
 
     heads = tl.arange(0, BLOCK_H)[:, None]
     mask = (heads < NUM_HEADS) & dmask[None, :]
-    base = q_ptr + token * stride_q + heads * HEAD_DIM + dims[None, :]
-    q1, q2 = _rotated(base, cos, sin, mask, HALF)
-    tl.store(base, q1, mask=mask)
-    tl.store(base + HALF, q2, mask=mask)
+    dtype: tl.constexpr = q_out_ptr.dtype.element_ty
+    q1, q2 = _rotated(q_ptr + token * stride_q + heads * HEAD_DIM + dims[None, :], cos, sin, mask, HALF, dtype)
+    rotated = q_out_ptr + token * stride_qo + heads * HEAD_DIM + dims[None, :]
+    tl.store(rotated, q1, mask=mask)
+    tl.store(rotated + HALF, q2, mask=mask)
 
+    # k and v are read even for a padding token (slot -1), whose deferred sums are zeroed too
     slot = tl.load(slot_ptr + token)
-    if slot >= 0:
-        kv_heads = tl.arange(0, BLOCK_KV)[:, None]
-        kv_mask = (kv_heads < NUM_KV_HEADS) & dmask[None, :]
-        offs = kv_heads * HEAD_DIM + dims[None, :]  # within a token's [kv_heads, head_dim]
-        cached = slot * (NUM_KV_HEADS * HEAD_DIM) + offs
-        k1, k2 = _rotated(k_ptr + token * stride_k + offs, cos, sin, kv_mask, HALF)
-        tl.store(k_cache_ptr + cached, to_cache(k1, k_inv_scale, k_cache_ptr, QUANTIZE, FP8_MAX), mask=kv_mask)
-        tl.store(k_cache_ptr + cached + HALF, to_cache(k2, k_inv_scale, k_cache_ptr, QUANTIZE, FP8_MAX),
-                 mask=kv_mask)
-        for half in tl.static_range(2):
-            v = tl.load(v_ptr + token * stride_v + offs + half * HALF, mask=kv_mask, other=0.0)
-            tl.store(v_cache_ptr + cached + half * HALF, to_cache(v, v_inv_scale, v_cache_ptr, QUANTIZE, FP8_MAX),
-                     mask=kv_mask)
+    kv_heads = tl.arange(0, BLOCK_KV)[:, None]
+    kv_mask = (kv_heads < NUM_KV_HEADS) & dmask[None, :]
+    stored = kv_mask & (slot >= 0)
+    offs = kv_heads * HEAD_DIM + dims[None, :]  # within a token's [kv_heads, head_dim]
+    cached = slot * (NUM_KV_HEADS * HEAD_DIM) + offs
+    k1, k2 = _rotated(k_ptr + token * stride_k + offs, cos, sin, kv_mask, HALF, dtype)
+    tl.store(k_cache_ptr + cached, to_cache(k1, k_inv_scale, k_cache_ptr, QUANTIZE, FP8_MAX), mask=stored)
+    tl.store(k_cache_ptr + cached + HALF, to_cache(k2, k_inv_scale, k_cache_ptr, QUANTIZE, FP8_MAX), mask=stored)
+    for half in tl.static_range(2):
+        v = _read(v_ptr + token * stride_v + offs + half * HALF, kv_mask, dtype)
+        tl.store(v_cache_ptr + cached + half * HALF, to_cache(v, v_inv_scale, v_cache_ptr, QUANTIZE, FP8_MAX),
+                 mask=stored)
 
 
 def rotate_and_store(positions, q, k, v, cos_sin, k_cache, v_cache, slot_mapping,
-                     k_scale: float = 1.0, v_scale: float = 1.0) -> None:
-    """Rotate q [num_tokens, heads, head_dim] in place; rotate k and store it and v [num_tokens,
-    kv_heads, head_dim] into their slots of the caches [num_blocks, block_size, kv_heads,
-    head_dim]. q, k and v may be strided views (of a fused QKV output) with contiguous heads."""
+                     k_scale: float = 1.0, v_scale: float = 1.0, q_out=None):
+    """Rotate q [num_tokens, heads, head_dim] into q_out (default: q itself, in place); rotate
+    k and store it and v [num_tokens, kv_heads, head_dim] into their slots of the caches
+    [num_blocks, block_size, kv_heads, head_dim]. q, k and v may be strided views (of a fused
+    QKV output) with contiguous heads; deferred sums need a q_out. Returns the rotated q."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
-    for x in (q, k, v):
+    q_out = q if q_out is None else q_out
+    if q_out.dtype == torch.int64:
+        raise ValueError("rotating deferred sums needs a q_out of the model dtype")
+    for x in (q, k, v, q_out):
         assert x.stride(2) == 1 and x.stride(1) == head_dim
     _rotate_and_store_kernel[(num_tokens,)](
-        q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, q.stride(0), k.stride(0), v.stride(0),
-        1.0 / k_scale, 1.0 / v_scale, NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
-        BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_KV=triton.next_power_of_2(num_kv_heads),
+        q, k, v, q_out, positions, cos_sin, k_cache, v_cache, slot_mapping, q.stride(0), k.stride(0), v.stride(0),
+        q_out.stride(0), 1.0 / k_scale, 1.0 / v_scale, NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
+        HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_KV=triton.next_power_of_2(num_kv_heads),
         BLOCK_HALF=triton.next_power_of_2(head_dim // 2), QUANTIZE=k_cache.dtype == FP8, FP8_MAX=FP8_MAX,
         PDL=PDL, **LAUNCH)
+    return q_out

@@ -29,6 +29,7 @@ import kernels.launch  # noqa: E402
 
 kernels.launch.PDL, kernels.launch.LAUNCH = True, {"launch_pdl": True}  # before the kernels import them
 
+from kernels.activation import silu_and_mul  # noqa: E402
 from kernels.decode_attention import decode_attention  # noqa: E402
 from kernels.fused_moe import fused_moe  # noqa: E402
 from kernels.gemv import gemv  # noqa: E402
@@ -76,12 +77,19 @@ def decode_step_launches() -> None:
             if name != "lm_head":  # 4-bit, group 128 (the silu of a gated input made before)
                 int4 = (e(K // 8, N, dtype=torch.int32), e(K // 128, N, dtype=torch.uint8), e(K // 128, N, dtype=bf16))
                 int4_gemv(e(M, K, dtype=bf16), *int4, None, 128)  # the multiply-adds (tiles for CPU tensors)
-                if M <= MMA_MAX_ROWS:  # and the mma path, which CUDA tensors take
+                if M <= MMA_MAX_ROWS:  # and the mma path, which CUDA tensors take, also leaving deferred sums
                     int4_gemv(e(M, K, dtype=bf16), *int4, None, 128, mma_config(M, N, K, 128))
-        rmsnorm(e(M, 4096, dtype=bf16), e(4096, dtype=bf16), 1e-5, e(M, 4096, dtype=bf16))
+                    int4_gemv(e(M, K, dtype=bf16), *int4, None, 128, mma_config(M, N, K, 128),
+                              sums=e(M, N, dtype=torch.int64))
+        for x_dtype in (bf16, torch.int64):  # int64: deferred sums
+            rmsnorm(e(M, 4096, dtype=x_dtype), e(4096, dtype=bf16), 1e-5, e(M, 4096, dtype=bf16), dtype=bf16)
+            silu_and_mul(e(M, 28672, dtype=x_dtype), bf16)
+        positions, slots = torch.zeros(M, dtype=torch.int64), torch.zeros(M, dtype=torch.int64)
+        q, k, v = (t.view(M, -1, 128) for t in e(M, 6144, dtype=torch.int64).split([4096, 1024, 1024], dim=-1))
+        rotate_and_store(positions, q, k, v, e(4096, 128), e(64, 16, 8, 128, dtype=bf16), e(64, 16, 8, 128, dtype=bf16),
+                         slots, q_out=e(M, 32, 128, dtype=bf16))
         q, k, v = e(M, 6144, dtype=bf16).split([4096, 1024, 1024], dim=-1)
         q, k, v = (t.view(M, -1, 128) for t in (q, k, v))
-        positions, slots = torch.zeros(M, dtype=torch.int64), torch.zeros(M, dtype=torch.int64)
         for cache_dtype in (bf16, FP8):
             caches = e(64, 16, 8, 128, dtype=cache_dtype), e(64, 16, 8, 128, dtype=cache_dtype)
             rotate_and_store(positions, q, k, v, e(4096, 128), *caches, slots)

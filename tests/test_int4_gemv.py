@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from benchmarks.make_checkpoint import int4_tensors
 from kernels.gemv import MAX_ROWS
 from kernels.int4_gemv import GEMV_MAX_ROWS, MMA_MAX_ROWS, Int4GemvConfig, int4_gemv, mma_suits, split_counters
-from kernels.quant_reference import dequantize_int4, group_of_each_input, unpack_int4
+from kernels.quant_reference import dequantize_int4, finish_sums, group_of_each_input, unpack_int4
 from server.config import QuantConfig
 from server.layers.linear import MergedColumnParallelLinear
 from test_gemv import tolerance
@@ -75,6 +75,34 @@ def test_many_splits_are_summed_over_several_loads():
     config = Int4GemvConfig(block_n=64, block_k=32, num_warps=1, split_k=12)
     out = int4_gemv(x, qweight, zeros, scales, None, 32, config)
     torch.testing.assert_close(out.float(), reference(x, weight), **tolerance(dtype, 1024))
+
+
+@pytest.mark.parametrize("M,config", [(M, config) for config in MMA for M in (1, 3, MMA_MAX_ROWS)], ids=str)
+def test_deferred_sums_hold_the_product_in_units_of_2_to_the_minus_32(M, config):
+    """Given int64 zeros, the mma path leaves each split's sums added there (what the norm,
+    silu_and_mul and the rotary kernel read), the rows past M untouched."""
+    dtype = torch.float16
+    qweight, zeros, scales, _, weight = int4_weights(256, 72, 32, False, dtype, seed=M)
+    x = torch.randn(M, 256).to(dtype).to(DEVICE)
+    sums = torch.zeros(MMA_MAX_ROWS, 72, dtype=torch.int64, device=DEVICE)
+    out = int4_gemv(x, qweight, zeros, scales, None, 32, config, sums=sums)
+    assert out.dtype == torch.int64 and out.shape == (M, 72) and out.data_ptr() == sums.data_ptr()
+    assert out.any() and not sums[M:].any()
+    again = int4_gemv(x, qweight, zeros, scales, None, 32, config, sums=torch.zeros_like(sums))
+    assert torch.equal(again, out)  # integer sums: the same whichever split adds first
+    plain = int4_gemv(x, qweight, zeros, scales, None, 32, config)
+    torch.testing.assert_close(finish_sums(out, dtype).float(), reference(x, weight), **tolerance(dtype, 256))
+    assert not sums.any()  # finish_sums leaves zeros for the next product
+    torch.testing.assert_close(finish_sums(again, dtype), plain, atol=1e-5, rtol=2.0 ** -9)  # an ulp or two
+
+
+def test_deferred_sums_are_refused_where_they_do_not_fit():
+    qweight, zeros, scales, _, _ = int4_weights(256, 32, 32, False, torch.float16)
+    x = torch.randn(3, 256).to(torch.float16).to(DEVICE)
+    for sums in (torch.zeros(2, 32, dtype=torch.int64, device=DEVICE), torch.zeros(8, 32, dtype=torch.int32,
+                 device=DEVICE), torch.zeros(8, 64, dtype=torch.int64, device=DEVICE)[:, :32]):
+        with pytest.raises(ValueError, match="deferred sums"):
+            int4_gemv(x, qweight, zeros, scales, None, 32, MMA[0], sums=sums)
 
 
 def test_the_mma_path_takes_only_products_it_can_read():
@@ -147,6 +175,12 @@ def test_int4_gemv_on_mistral_shapes(N, K, dtype):
         for config in (None, other):
             out = int4_gemv(x, qweight, zeros, scales, None, 128, config)
             torch.testing.assert_close(out.float(), expected, **tolerance(dtype, K))
+        if M <= MMA_MAX_ROWS:  # deferred: atomics from many splits in any order, the same integers
+            sums = [int4_gemv(x, qweight, zeros, scales, None, 128, sums=torch.zeros(M, N, dtype=torch.int64,
+                                                                                      device=DEVICE))
+                    for _ in range(2)]
+            assert torch.equal(sums[0], sums[1])
+            torch.testing.assert_close(finish_sums(sums[0], dtype).float(), expected, **tolerance(dtype, K))
 
 
 @pytest.mark.parametrize("M", [1, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1, MAX_ROWS + 1])

@@ -197,6 +197,67 @@ def test_rotate_and_store_is_rotary_then_the_cache_store(heads, kv_heads, head_d
                                    rtol=2.0 ** -3 if fp8 else step)
 
 
+def as_deferred_sums(values: torch.Tensor) -> torch.Tensor:
+    """float32 values as a 4-bit product's deferred sums: int64 counts of SUM_UNIT."""
+    from kernels.quant_reference import SUM_UNIT
+
+    return (values.double() / SUM_UNIT).round().long().to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16] if CUDA else [torch.float16])
+def test_kernels_read_deferred_sums_as_finish_sums_does_and_leave_zeros(dtype):
+    """The norm, silu_and_mul and the rotary kernel given int64 sums: the same results as given
+    the values finish_sums makes of them, and the sums zero for the next product. (Triton's
+    interpreter rounds float32 to bf16 by truncation, so on the CPU fp16 only.)"""
+    from kernels.activation import silu_and_mul
+    from kernels.norm import rmsnorm
+    from kernels.quant_reference import finish_sums
+    from kernels.rotary import rotate_and_store
+
+    torch.manual_seed(0)
+    sums = as_deferred_sums(torch.randn(3, 100) * 3)
+    residual, weight = torch.randn(3, 100).to(dtype).to(DEVICE), torch.rand(100).to(dtype).to(DEVICE)
+    expected = rmsnorm(finish_sums(sums.clone(), dtype), weight, 1e-5, residual)
+    got = rmsnorm(sums, weight, 1e-5, residual, dtype=dtype)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected)) and not sums.any()
+    sums = as_deferred_sums(torch.randn(4, 96))
+    expected = silu_and_mul(finish_sums(sums.clone(), dtype))
+    assert torch.equal(silu_and_mul(sums, dtype), expected) and not sums.any()
+
+    heads, kv_heads, head_dim = 4, 2, 16
+    qkv = as_deferred_sums(torch.randn(3, (heads + 2 * kv_heads) * head_dim))
+    positions, slots = torch.tensor([0, 7, 30], device=DEVICE), torch.tensor([5, -1, 2], device=DEVICE)
+    cos_sin = torch.cat([torch.rand(32, head_dim // 2), torch.rand(32, head_dim // 2)], dim=-1).to(DEVICE)
+    caches = [torch.zeros(2, 8, kv_heads, head_dim, dtype=dtype, device=DEVICE) for _ in range(4)]
+
+    def views(x):
+        q, k, v = x.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+        return [t.view(3, -1, head_dim) for t in (q, k, v)]
+
+    q, k, v = views(finish_sums(qkv.clone(), dtype))
+    rotate_and_store(positions, q, k, v, cos_sin, caches[2], caches[3], slots)
+    q_out = torch.empty(3, heads, head_dim, dtype=dtype, device=DEVICE)
+    rotated = rotate_and_store(positions, *views(qkv), cos_sin, caches[0], caches[1], slots, q_out=q_out)
+    assert rotated is q_out and torch.equal(q_out, q) and not qkv.any()
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    with pytest.raises(ValueError, match="q_out"):
+        rotate_and_store(positions, *views(qkv), cos_sin, caches[0], caches[1], slots)
+
+
+def test_the_norm_and_silu_layers_read_deferred_sums_on_the_cpu_too():
+    from kernels.quant_reference import finish_sums
+    from server.layers.activation import silu_and_mul as silu_layer
+    from server.layers.norm import RMSNorm
+
+    norm = RMSNorm(64, 1e-5).to(torch.bfloat16).to(DEVICE)
+    sums, residual = as_deferred_sums(torch.randn(2, 64)), torch.randn(2, 64).to(torch.bfloat16).to(DEVICE)
+    expected = norm(finish_sums(sums.clone(), torch.bfloat16), residual)
+    assert all(torch.equal(a, b) for a, b in zip(norm(sums, residual), expected)) and not sums.any()
+    sums = as_deferred_sums(torch.randn(2, 64))
+    expected = silu_layer(finish_sums(sums.clone(), torch.bfloat16))
+    assert torch.equal(silu_layer(sums, torch.bfloat16), expected) and not sums.any()
+
+
 MOE_CASES = [(1, 4, 2, 64, 48), (2, 3, 2, 64, 40), (7, 4, 2, 32, 40), (40, 8, 2, 64, 96)] + [
     pytest.param(*case, marks=gpu_only) for case in
     [(1, 8, 2, 4096, 14336), (2, 8, 2, 4096, 14336), (64, 8, 2, 4096, 14336), (4096, 8, 2, 1024, 2048), (300, 8, 2, 4096, 1792)]]

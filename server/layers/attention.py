@@ -13,7 +13,9 @@ so a prefill chunk sees its cached prefix and itself the same way. A layer given
 rotary embedding rotates q and k first; on CUDA in the kernel that stores K and V
 (kernels/rotary.py), one launch instead of three. An fp8 (e4m3) cache stores K / k_scale and
 V / v_scale, one scale per layer: the checkpoint's `k_scale`/`v_scale` when it has them, 1.0
-otherwise (K and V of the usual models stay well inside e4m3's range of +-448).
+otherwise (K and V of the usual models stay well inside e4m3's range of +-448). q, k and v may
+come as a 4-bit product's deferred sums (int64, kernels/int4_gemv.py), which the rotary kernel
+reads (q then rotated into a new tensor of the model dtype).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 from kernels.attention_reference import decode_attention_reference, prefill_attention_reference
+from kernels.quant_reference import finish_sums
 from kernels.reference import store_kv_reference
 
 try:  # triton is optional where only the CPU path runs
@@ -102,28 +105,32 @@ class Attention(nn.Module):
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: AttentionMetadata, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                positions: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """q [num_tokens, heads, head_dim], k and v [num_tokens, kv_heads, head_dim] (views of
         the QKV projection may be rotated in place); `positions` [num_tokens] with a rotary
-        embedding."""
+        embedding. `dtype`: the model's, in which deferred sums are read."""
+        if q.dtype == torch.int64 and (self.backend == "torch" or self.rotary is None):
+            q, k, v = (finish_sums(x, dtype) for x in (q, k, v))
         if self.backend == "torch":
             if self.rotary is not None:
                 q, k = self.rotary(positions, q, k)
             out = self._torch(q, k, v, meta)
         else:
-            self._store(q, k, v, meta, positions)
+            q = self._store(q, k, v, meta, positions, dtype)
             out = self._triton(q, meta) if self.backend == "triton" else self._flash(q, meta)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
-    def _store(self, q, k, v, meta: AttentionMetadata, positions) -> None:
-        """K and V into their cache slots (rotating q and k on the way, with a rotary embedding)."""
+    def _store(self, q, k, v, meta: AttentionMetadata, positions, dtype) -> torch.Tensor:
+        """K and V into their cache slots (rotating q and k on the way, with a rotary embedding);
+        -> q as rotated."""
         scales = dict(k_scale=self.k_scale, v_scale=self.v_scale)
-        if self.rotary is not None:
-            rotate_and_store(positions, q, k, v, self.rotary.cos_sin, self.k_cache, self.v_cache,
-                             meta.slot_mapping, **scales)
-        else:
+        if self.rotary is None:
             store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, **scales)
+            return q
+        q_out = torch.empty(q.shape, dtype=dtype, device=q.device) if q.dtype == torch.int64 else None
+        return rotate_and_store(positions, q, k, v, self.rotary.cos_sin, self.k_cache, self.v_cache,
+                                meta.slot_mapping, **scales, q_out=q_out)
 
     def _triton(self, q, meta: AttentionMetadata) -> torch.Tensor:
         scales = dict(k_scale=self.k_scale, v_scale=self.v_scale)

@@ -23,6 +23,15 @@ decode batches, prefill) as the weight dequantized to the activations' dtype and
 matmul. On the CPU the weight is dequantized with torch at every call rather than kept: the
 layer then holds only the 4-bit tensors, as on the GPU, and the CPU path (the tests' oracle)
 computes from exactly them.
+
+A layer made with `deferred=True` (each of a Llama layer's four) whose decode product runs on
+the mma path returns its outputs as deferred sums (int64; kernels/int4_gemv.py), which the
+kernel reading them (the norm, silu_and_mul, the rotary embedding) turns into the model dtype:
+a product's splits then end without adding their sums up themselves (a Mistral-7B layer's four
+at one row: 51.3 us against 62.4 in a decode step on an H100). The sums go to one buffer per
+width, which every layer of that width shares (each is read, and zeroed, before the next layer
+writes it), made with the layer and so before any CUDA graph is captured; `clear_deferred_sums`
+zeroes them after a forward pass that stopped between a product and its reader.
 """
 from __future__ import annotations
 
@@ -47,6 +56,22 @@ except ImportError:  # pragma: no cover - no triton: the CPU path only
 # 335, 474 and 559 us through it at 128, 192 and 256 rows, and 381, 419 and 407 dequantized
 # first (`python benchmarks/int4_gemv.py --batched 128,192,256`)
 FUSED_MAX_ROWS = 128
+_DEFERRED: dict[tuple[int, torch.device], torch.Tensor] = {}  # (width, device) -> int64 [GEMV_MAX_ROWS, width]
+
+
+def deferred_sums(width: int, device: torch.device) -> torch.Tensor:
+    """The zeroed buffer that the deferred products of this width share on `device`."""
+    key = (width, torch.device(device))
+    if key not in _DEFERRED:
+        _DEFERRED[key] = torch.zeros(GEMV_MAX_ROWS, width, dtype=torch.int64, device=device)
+    return _DEFERRED[key]
+
+
+def clear_deferred_sums() -> None:
+    """Zero every deferred-sum buffer: after a forward pass cut short, sums may be left unread."""
+    for sums in _DEFERRED.values():
+        sums.zero_()
+
 GROUP = 0  # in a layout below: one entry per group of inputs
 # checkpoint tensor -> (outputs per entry along dim 1, inputs per entry along dim 0)
 _AWQ = {"qweight": (8, 1), "qzeros": (8, GROUP), "scales": (1, GROUP)}
@@ -121,6 +146,8 @@ class Int4Weight:
             if ints.is_cuda else 0
         # made here, before any CUDA graph is captured; int4_gemv keeps them zero between calls
         layer.split_counters = split_counters(layer.qweight.shape[1], ints.device) if ints.is_cuda else None
+        layer.sums = deferred_sums(layer.qweight.shape[1], ints.device) \
+            if ints.is_cuda and getattr(layer, "deferred", False) else None
 
     def _sorted_groups(self, layer: nn.Module, ints: torch.Tensor):
         """-> (g_idx or None when input k is in group k // group_size, ints, perm or None)."""
@@ -142,14 +169,16 @@ class Int4Weight:
         return g_idx, ints, perm
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, gated: bool = False) -> torch.Tensor:
-        """gated: x is [gate | up], multiplied as silu(gate) * up (see linear.py)."""
+        """gated: x is [gate | up] (possibly deferred sums), multiplied as silu(gate) * up (see
+        linear.py). Deferred sums come back where the layer's are (the module's docstring)."""
         if gated:
-            x = silu_and_mul(x)
+            x = silu_and_mul(x, dtype=layer.scales.dtype)
         if layer.perm is not None:
             x = x[:, layer.perm]
         tensors = (layer.qweight, layer.zeros, layer.scales, layer.g_idx, layer.group_size)
         if x.is_cuda and x.shape[0] <= GEMV_MAX_ROWS and suits(x):
-            out = int4_gemv(x, *tensors, counters=layer.split_counters)
+            sums = layer.sums if bias is None else None
+            out = int4_gemv(x, *tensors, counters=layer.split_counters, sums=sums)
         elif x.is_cuda and x.shape[0] <= FUSED_MAX_ROWS:
             out = int4_matmul(x, *tensors, num_sms=layer.num_sms)
         elif x.is_cuda:

@@ -22,6 +22,10 @@ CUDA with kernels/gemv.py: it reads the weight faster than cuBLAS's matrix-vecto
 A `RowParallelLinear(gated=True)` (the MLP's down_proj) takes the gate/up projection's output
 [gate | up] and multiplies silu(gate) * up: inside the gemv kernel where it runs, else first
 (`silu_and_mul`), so that a decode step's layer has one launch fewer.
+
+`deferred=True` tells a layer that what reads its output (the norm, silu_and_mul, the rotary
+embedding) also takes a 4-bit product's deferred sums (int64; server/layers/int4_linear.py);
+other schemes ignore it.
 """
 from __future__ import annotations
 
@@ -77,9 +81,10 @@ def weight_scheme(quant: QuantConfig | None):
 
 class MergedColumnParallelLinear(nn.Module):
     def __init__(self, in_features: int, pieces: list[tuple[int, int]], bias: bool = False,
-                 quant: QuantConfig | None = None):
+                 quant: QuantConfig | None = None, deferred: bool = False):
         """`pieces`: (rows in the checkpoint, parts it is cut into) for each stacked matrix."""
         super().__init__()
+        self.deferred = deferred
         tp = tensor_parallel()
         self.shares = [tp.part(rows, parts) for rows, parts in pieces]  # (start, length) each
         self.offsets = [sum(length for _, length in self.shares[:i]) for i in range(len(pieces) + 1)]
@@ -104,10 +109,10 @@ class MergedColumnParallelLinear(nn.Module):
 
 class RowParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 quant: QuantConfig | None = None, gated: bool = False):
+                 quant: QuantConfig | None = None, gated: bool = False, deferred: bool = False):
         """gated: the input is [gate | up] (twice in_features wide), multiplied as silu(gate) * up."""
         super().__init__()
-        self.gated = gated
+        self.gated, self.deferred = gated, deferred
         self.in_share = tensor_parallel().part(in_features)  # (start, length)
         self.out_features = out_features
         self.scheme = weight_scheme(quant)

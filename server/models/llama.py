@@ -29,9 +29,11 @@ class LlamaAttention(nn.Module):
         q_size, kv_size = config.num_heads * self.head_dim, config.num_kv_heads * self.head_dim
         kv_parts = min(config.num_kv_heads, tp.size)
         quant = config.quantization
+        # Their outputs go to the rotary kernel and to the norm, which read deferred sums.
         self.qkv_proj = MergedColumnParallelLinear(
-            config.hidden_size, [(q_size, tp.size), (kv_size, kv_parts), (kv_size, kv_parts)], quant=quant)
-        self.o_proj = RowParallelLinear(q_size, config.hidden_size, quant=quant)
+            config.hidden_size, [(q_size, tp.size), (kv_size, kv_parts), (kv_size, kv_parts)], quant=quant,
+            deferred=True)
+        self.o_proj = RowParallelLinear(q_size, config.hidden_size, quant=quant, deferred=True)
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim,
                               config.sliding_window, backend, rotary)
 
@@ -43,7 +45,7 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        return self.o_proj(self.attn(q, k, v, meta, positions))  # rotary applied there
+        return self.o_proj(self.attn(q, k, v, meta, positions, hidden.dtype))  # rotary applied there
 
     def load(self, loaded, name: str) -> None:
         """The scales of an fp8 KV cache (`k_scale`, `v_scale`, or one `kv_scale` for both)."""
@@ -62,9 +64,11 @@ class LlamaMLP(nn.Module):
         parts = tensor_parallel().size
         quant = config.quantization
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [(config.intermediate_size, parts)] * 2,
-                                                       quant=quant)
-        # silu(gate) * up is taken inside down_proj (in its decode kernel on CUDA)
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, quant=quant, gated=True)
+                                                       quant=quant, deferred=True)
+        # silu(gate) * up is taken inside down_proj (in its decode kernel on CUDA); down_proj's
+        # output goes to the next norm. Both read deferred sums.
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, quant=quant, gated=True,
+                                           deferred=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.gate_up_proj(x))

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from kernels.quant_reference import FP8
 from server.config import CacheConfig, ModelConfig
 from server.layers.attention import Attention, AttentionMetadata, resolve_backend
+from server.layers.int4_linear import clear_deferred_sums
 from server.layers.parallel import TensorParallel
 from server.models.loader import ModelSource, fill_random_weights, iter_weights
 from server.models.registry import model_class
@@ -275,7 +276,11 @@ class ModelRunner:
         if self.graphs is not None and meta.decode_only and packed.num_chunks <= self.graphs.max_size:
             hidden = self.graphs.run(token_ids, positions, meta.slot_mapping, meta.block_tables, meta.context_lens)
         else:
-            hidden = self.model(token_ids, positions, meta)
+            try:
+                hidden = self.model(token_ids, positions, meta)
+            except BaseException:  # e.g. out of memory: a product's deferred sums may be left unread
+                clear_deferred_sums()
+                raise
         return hidden, sample_rows
 
     @torch.inference_mode()
