@@ -4,10 +4,11 @@ For each head vector x = [x1 | x2] at position p, with cos/sin of the angles p *
     x <- [x1 cos - x2 sin | x2 cos + x1 sin]      (computed in float32, rounded to x's dtype)
 `cos_sin` is the [max_position, head_dim] float32 table: cos in the first half, sin in the second.
 
-One program per token rotates q in place, rotates k into its cache slot and copies v into
-its own: one launch where a decode step's layer had three (rotate q, rotate k, store k and v),
-and each value is rounded exactly as that sequence rounded it. k itself is left as it was:
-the attention kernels read every key from the cache. The store follows kernels/cache.py (slot
+One program per token and KV head rotates the query heads that share that KV head in place,
+rotates k into its cache slot and copies v into its own: one launch where a decode step's layer
+had three (rotate q, rotate k, store k and v), and each value is rounded exactly as that
+sequence rounded it. k itself is left as it was: the attention kernels read every key from
+the cache. The store follows kernels/cache.py (slot
 -1: a padding token, nothing stored; an fp8 cache gets the clamped value times 1 / scale).
 q, k and v may be a 4-bit product's deferred sums (int64, kernels/int4_gemv.py): they are read
 as values in q_out's dtype, as finish_sums rounds them, and set back to zero; q then goes to
@@ -37,38 +38,38 @@ def _rotated(base, cos, sin, mask, HALF: tl.constexpr, dtype: tl.constexpr):
 @triton.jit
 def _rotate_and_store_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, pos_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr,
                              slot_ptr, stride_q, stride_k, stride_v, stride_qo, k_inv_scale, v_inv_scale,
-                             NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                             BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                             QUANTIZE: tl.constexpr, FP8_MAX: tl.constexpr, PDL: tl.constexpr):
+                             GROUP: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             BLOCK_G: tl.constexpr, BLOCK_HALF: tl.constexpr, QUANTIZE: tl.constexpr,
+                             FP8_MAX: tl.constexpr, PDL: tl.constexpr):
     wait_for_inputs(PDL)
     HALF: tl.constexpr = HEAD_DIM // 2
     token = tl.program_id(0)
+    kv_head = tl.program_id(1)  # with the GROUP query heads that share it
     pos = tl.load(pos_ptr + token)
-    dims = tl.arange(0, BLOCK_HALF)
+    dims = tl.arange(0, BLOCK_HALF)[None, :]
     dmask = dims < HALF
-    cos = tl.load(cos_sin_ptr + pos * HEAD_DIM + dims, mask=dmask, other=0.0)[None, :]
-    sin = tl.load(cos_sin_ptr + pos * HEAD_DIM + HALF + dims, mask=dmask, other=0.0)[None, :]
+    cos = tl.load(cos_sin_ptr + pos * HEAD_DIM + dims, mask=dmask, other=0.0)
+    sin = tl.load(cos_sin_ptr + pos * HEAD_DIM + HALF + dims, mask=dmask, other=0.0)
 
-    heads = tl.arange(0, BLOCK_H)[:, None]
-    mask = (heads < NUM_HEADS) & dmask[None, :]
+    g = tl.arange(0, BLOCK_G)[:, None]
+    mask = (g < GROUP) & dmask
+    heads = kv_head * GROUP + g
     dtype: tl.constexpr = q_out_ptr.dtype.element_ty
-    q1, q2 = _rotated(q_ptr + token * stride_q + heads * HEAD_DIM + dims[None, :], cos, sin, mask, HALF, dtype)
-    rotated = q_out_ptr + token * stride_qo + heads * HEAD_DIM + dims[None, :]
+    q1, q2 = _rotated(q_ptr + token * stride_q + heads * HEAD_DIM + dims, cos, sin, mask, HALF, dtype)
+    rotated = q_out_ptr + token * stride_qo + heads * HEAD_DIM + dims
     tl.store(rotated, q1, mask=mask)
     tl.store(rotated + HALF, q2, mask=mask)
 
     # k and v are read even for a padding token (slot -1), whose deferred sums are zeroed too
     slot = tl.load(slot_ptr + token)
-    kv_heads = tl.arange(0, BLOCK_KV)[:, None]
-    kv_mask = (kv_heads < NUM_KV_HEADS) & dmask[None, :]
-    stored = kv_mask & (slot >= 0)
-    offs = kv_heads * HEAD_DIM + dims[None, :]  # within a token's [kv_heads, head_dim]
+    stored = dmask & (slot >= 0)
+    offs = kv_head * HEAD_DIM + dims  # within a token's [kv_heads, head_dim]
     cached = slot * (NUM_KV_HEADS * HEAD_DIM) + offs
-    k1, k2 = _rotated(k_ptr + token * stride_k + offs, cos, sin, kv_mask, HALF, dtype)
+    k1, k2 = _rotated(k_ptr + token * stride_k + offs, cos, sin, dmask, HALF, dtype)
     tl.store(k_cache_ptr + cached, to_cache(k1, k_inv_scale, k_cache_ptr, QUANTIZE, FP8_MAX), mask=stored)
     tl.store(k_cache_ptr + cached + HALF, to_cache(k2, k_inv_scale, k_cache_ptr, QUANTIZE, FP8_MAX), mask=stored)
     for half in tl.static_range(2):
-        v = _read(v_ptr + token * stride_v + offs + half * HALF, kv_mask, dtype)
+        v = _read(v_ptr + token * stride_v + offs + half * HALF, dmask, dtype)
         tl.store(v_cache_ptr + cached + half * HALF, to_cache(v, v_inv_scale, v_cache_ptr, QUANTIZE, FP8_MAX),
                  mask=stored)
 
@@ -86,10 +87,12 @@ def rotate_and_store(positions, q, k, v, cos_sin, k_cache, v_cache, slot_mapping
         raise ValueError("rotating deferred sums needs a q_out of the model dtype")
     for x in (q, k, v, q_out):
         assert x.stride(2) == 1 and x.stride(1) == head_dim
-    _rotate_and_store_kernel[(num_tokens,)](
+    group = num_heads // num_kv_heads
+    if group * num_kv_heads != num_heads:
+        raise ValueError(f"{num_heads} query heads do not share {num_kv_heads} KV heads evenly")
+    _rotate_and_store_kernel[(num_tokens, num_kv_heads)](
         q, k, v, q_out, positions, cos_sin, k_cache, v_cache, slot_mapping, q.stride(0), k.stride(0), v.stride(0),
-        q_out.stride(0), 1.0 / k_scale, 1.0 / v_scale, NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads,
-        HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_KV=triton.next_power_of_2(num_kv_heads),
-        BLOCK_HALF=triton.next_power_of_2(head_dim // 2), QUANTIZE=k_cache.dtype == FP8, FP8_MAX=FP8_MAX,
-        PDL=PDL, **LAUNCH)
+        q_out.stride(0), 1.0 / k_scale, 1.0 / v_scale, GROUP=group, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+        BLOCK_G=triton.next_power_of_2(group), BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
+        QUANTIZE=k_cache.dtype == FP8, FP8_MAX=FP8_MAX, PDL=PDL, **LAUNCH)
     return q_out
