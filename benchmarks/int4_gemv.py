@@ -4,7 +4,9 @@ For each weight of a decoder layer (group size 128, random GPTQ-packed words) an
 batch of rows: the time of bf16 cuBLAS (F.linear on a dense weight of the same shape), of the
 bf16 gemv kernel (kernels/gemv.py), of int4_matmul, and of int4_gemv under its default
 configuration and a small sweep (each configuration checked against x times the dequantized
-weight before it is timed; one that fails or does not compile is recorded, not fatal). Rates
+weight before it is timed; one that fails or does not compile is recorded, not fatal), and up
+to 8 rows the mma path leaving deferred sums (`deferred`, a memset standing in for the zeroing
+that the kernel reading them does in a step). Rates
 are of the bytes each reads: the packed weight (qweight + scales + zeros) for 4-bit, the dense
 weight for bf16. The sweep: each tile below at its default split of K, then the fastest tile
 at a quarter, half and twice that split. Times are of calls replayed from a CUDA graph, as
@@ -31,10 +33,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.gemv import LAYER, SHAPES, timed_us  # noqa: E402
 from kernels.gemv import gemv  # noqa: E402
-from kernels.int4_gemv import (MMA_MAX_ROWS, Int4GemvConfig, config_for, int4_gemv, split_counters,  # noqa: E402
-                                split_k_for)
+from kernels.int4_gemv import (MMA_MAX_ROWS, Int4GemvConfig, config_for, int4_gemv, mma_config,  # noqa: E402
+                                split_counters, split_k_for)
 from kernels.int4_matmul import int4_matmul  # noqa: E402
-from kernels.quant_reference import dequantize_int4, group_of_each_input, unpack_int4  # noqa: E402
+from kernels.quant_reference import dequantize_int4, finish_sums, group_of_each_input, unpack_int4  # noqa: E402
 
 GROUP_SIZE = 128
 FMA_TILES = [Int4GemvConfig(block_n=n, block_k=k, num_warps=w, num_stages=s)
@@ -91,6 +93,15 @@ def measure(M: int, N: int, K: int, packed: list[tuple], dense: list[torch.Tenso
            "int4_matmul": rate(int4_bytes, time(lambda i: int4_matmul(x, *packed[i % len(packed)], None, GROUP_SIZE))),
            "default": rate(int4_bytes, time(int4(None)), config_for(x, qweight, GROUP_SIZE)),
            "failures": []}
+    if M <= MMA_MAX_ROWS:  # the mma path leaving deferred sums, as a decode step's layers run it
+        sums, mma = torch.zeros(M, N, dtype=torch.int64, device=device), mma_config(M, N, K, GROUP_SIZE)
+        torch.testing.assert_close(finish_sums(int4_gemv(x, qweight, zeros, scales, None, GROUP_SIZE, mma, sums=sums),
+                                               torch.float32), expected, rtol=2e-2, atol=2e-2)
+
+        def deferred(i):
+            int4_gemv(x, *packed[i % len(packed)], None, GROUP_SIZE, mma, sums=sums)
+            sums.zero_()  # in a step, the kernel that reads the sums zeroes them: here a memset of ~1 us
+        row["deferred"] = rate(int4_bytes, time(deferred), mma)
 
     def timed(config: Int4GemvConfig) -> dict | None:
         try:
@@ -182,8 +193,9 @@ def main() -> None:
             row = {"shape": name, "N": N, "K": K, "rows": M, "copies": len(packed),
                    **measure(M, N, K, packed, dense, time)}
             if bandwidth:
-                for key in ("bf16_cublas", "bf16_gemv", "int4_matmul", "default", "best"):
-                    row[key]["fraction_of_copy"] = row[key]["bytes_per_s"] / bandwidth
+                for key in ("bf16_cublas", "bf16_gemv", "int4_matmul", "default", "best", "deferred"):
+                    if key in row:
+                        row[key]["fraction_of_copy"] = row[key]["bytes_per_s"] / bandwidth
             results.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "swept"}), file=sys.stderr)
         del packed, dense
@@ -192,7 +204,8 @@ def main() -> None:
         mine = [r for r in results if r["rows"] == M]
         if len(mine) == len(LAYER):
             layer[M] = {key: round(sum(r[key]["us"] for r in mine), 2)
-                        for key in ("bf16_cublas", "bf16_gemv", "int4_matmul", "default", "best")}
+                        for key in ("bf16_cublas", "bf16_gemv", "int4_matmul", "default", "best", "deferred")
+                        if key in mine[0]}
             layer[M]["best_vs_bf16_gemv"] = layer[M]["bf16_gemv"] / layer[M]["best"]
     report = {"benchmark": "int4_gemv", "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
               "copy_bandwidth_bytes_per_s": bandwidth, "l2_bytes": l2_bytes, "group_size": GROUP_SIZE,
