@@ -8,19 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.quant_reference import SUM_UNIT
-
-UNIT = tl.constexpr(SUM_UNIT)  # a deferred sum's unit, in the kernel
-
-
-@triton.jit
-def _read(at, mask, dtype: tl.constexpr):
-    """Values at `at` in `dtype`; deferred sums are read so and set back to zero."""
-    x = tl.load(at, mask=mask, other=0)
-    if x.dtype == tl.int64:
-        tl.store(at, tl.zeros_like(x), mask=mask)
-        x = (x.to(tl.float32) * UNIT).to(dtype)
-    return x
+from kernels.deferred import read_values
 
 
 @triton.jit
@@ -28,8 +16,8 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, WIDTH: tl.constexpr, BLOCK: t
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < WIDTH
-    gate = _read(x_ptr + row * stride_x + offs, mask, out_ptr.dtype.element_ty)
-    up = _read(x_ptr + row * stride_x + WIDTH + offs, mask, out_ptr.dtype.element_ty)
+    gate = read_values(x_ptr + row * stride_x + offs, mask, out_ptr.dtype.element_ty)
+    up = read_values(x_ptr + row * stride_x + WIDTH + offs, mask, out_ptr.dtype.element_ty)
     g = gate.to(tl.float32)
     silu = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
     tl.store(out_ptr + row * WIDTH + offs, (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype), mask=mask)

@@ -12,10 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.deferred import read_values
 from kernels.launch import LAUNCH, PDL, wait_for_inputs
-from kernels.quant_reference import SUM_UNIT
 
-UNIT = tl.constexpr(SUM_UNIT)  # a deferred sum's unit, in the kernel
 
 @triton.jit
 def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, stride_x, stride_r,
@@ -25,10 +24,7 @@ def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, 
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < HIDDEN
-    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0)
-    if x.dtype == tl.int64:  # deferred sums: their values, and zeros left for the next product
-        tl.store(x_ptr + row * stride_x + offs, tl.zeros_like(x), mask=mask)
-        x = (x.to(tl.float32) * UNIT).to(out_ptr.dtype.element_ty)
+    x = read_values(x_ptr + row * stride_x + offs, mask, out_ptr.dtype.element_ty)
     if HAS_RESIDUAL:
         r = tl.load(residual_ptr + row * stride_r + offs, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)

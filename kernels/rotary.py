@@ -21,16 +21,16 @@ import triton
 import triton.language as tl
 
 from kernels.cache import to_cache
+from kernels.deferred import read_values
 from kernels.launch import LAUNCH, PDL, wait_for_inputs
-from kernels.activation import _read
 from kernels.quant_reference import FP8, FP8_MAX
 
 
 @triton.jit
 def _rotated(base, cos, sin, mask, HALF: tl.constexpr, dtype: tl.constexpr):
     """The two rotated halves of the head vectors at `base`, in `dtype`."""
-    x1 = _read(base, mask, dtype)
-    x2 = _read(base + HALF, mask, dtype)
+    x1 = read_values(base, mask, dtype)
+    x2 = read_values(base + HALF, mask, dtype)
     a, b = x1.to(tl.float32), x2.to(tl.float32)
     return (a * cos - b * sin).to(dtype), (b * cos + a * sin).to(dtype)
 
@@ -69,7 +69,7 @@ def _rotate_and_store_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, pos_ptr, cos_sin_pt
     tl.store(k_cache_ptr + cached, to_cache(k1, k_inv_scale, k_cache_ptr, QUANTIZE, FP8_MAX), mask=stored)
     tl.store(k_cache_ptr + cached + HALF, to_cache(k2, k_inv_scale, k_cache_ptr, QUANTIZE, FP8_MAX), mask=stored)
     for half in tl.static_range(2):
-        v = _read(v_ptr + token * stride_v + offs + half * HALF, dmask, dtype)
+        v = read_values(v_ptr + token * stride_v + offs + half * HALF, dmask, dtype)
         tl.store(v_cache_ptr + cached + half * HALF, to_cache(v, v_inv_scale, v_cache_ptr, QUANTIZE, FP8_MAX),
                  mask=stored)
 

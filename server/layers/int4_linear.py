@@ -147,7 +147,7 @@ class Int4Weight:
         # made here, before any CUDA graph is captured; int4_gemv keeps them zero between calls
         layer.split_counters = split_counters(layer.qweight.shape[1], ints.device) if ints.is_cuda else None
         layer.sums = deferred_sums(layer.qweight.shape[1], ints.device) \
-            if ints.is_cuda and getattr(layer, "deferred", False) else None
+            if ints.is_cuda and layer.deferred else None
 
     def _sorted_groups(self, layer: nn.Module, ints: torch.Tensor):
         """-> (g_idx or None when input k is in group k // group_size, ints, perm or None)."""
