@@ -12,6 +12,7 @@ import triton.language as tl
 from kernels.quant_reference import SUM_UNIT
 
 UNIT = tl.constexpr(SUM_UNIT)
+PER_UNIT = tl.constexpr(1 / SUM_UNIT)  # the units in 1.0, for the product that writes the sums
 
 
 @triton.jit

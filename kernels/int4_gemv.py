@@ -65,14 +65,13 @@ from triton import knobs
 
 from kernels.gemv import MAX_ROWS
 from kernels.int4_matmul import int4_matmul
-from kernels.quant_reference import SUM_UNIT
+from kernels.deferred import PER_UNIT
 
 ONE = 0x3F800000  # the bits of 1.0 in float32
 SIXTEEN = 0x41800000  # and of 16.0
 HALVES = {torch.bfloat16: 0x3F803F80, torch.float16: 0x3C003C00}  # of 1.0 twice, in x's dtype
 UPPER = tl.constexpr(0x780000)  # mantissa bits 19..22: under 1.0's exponent a nibble reads as 1 + q/16
 LOWER = tl.constexpr(0x78000)  # mantissa bits 15..18: under 16.0's, as 16 + q/16
-PER_UNIT = tl.constexpr(1 / SUM_UNIT)  # a deferred sum's units in 1.0
 
 
 @triton.jit

@@ -8,8 +8,9 @@ One program per token and KV head rotates the query heads that share that KV hea
 rotates k into its cache slot and copies v into its own: one launch where a decode step's layer
 had three (rotate q, rotate k, store k and v), and each value is rounded exactly as that
 sequence rounded it. k itself is left as it was: the attention kernels read every key from
-the cache. The store follows kernels/cache.py (slot
--1: a padding token, nothing stored; an fp8 cache gets the clamped value times 1 / scale).
+the cache. The store follows kernels/cache.py (slot -1: a padding token, nothing stored; an
+fp8 cache gets the clamped value times 1 / scale).
+
 q, k and v may be a 4-bit product's deferred sums (int64, kernels/int4_gemv.py): they are read
 as values in q_out's dtype, as finish_sums rounds them, and set back to zero; q then goes to
 q_out rotated.
