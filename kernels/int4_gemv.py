@@ -63,9 +63,9 @@ import triton
 import triton.language as tl
 from triton import knobs
 
+from kernels.deferred import PER_UNIT
 from kernels.gemv import MAX_ROWS
 from kernels.int4_matmul import int4_matmul
-from kernels.deferred import PER_UNIT
 
 ONE = 0x3F800000  # the bits of 1.0 in float32
 SIXTEEN = 0x41800000  # and of 16.0
