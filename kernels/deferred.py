@@ -3,6 +3,14 @@
 Deferred sums are int64 counts of SUM_UNIT (kernels/quant_reference.py) that the product's
 splits of K added up atomically. The reader turns them into values as finish_sums does (int64
 -> float32 -> the model dtype) and sets them back to zero, ready for the next product.
+
+The zeros are stored only after a barrier that every thread of the program reaches once its
+loads are done: the compiler may give the store another mapping of elements to threads than
+the load (in the norm at Mistral-7B's width it gave the load 8 elements a thread and the store
+2), and without the barrier a thread could zero sums that another has not read yet. Triton's
+interpreter (the CPU tests) runs a program as whole-tensor steps and cannot show that race; on
+an H100 it corrupted the norm's output in every row. tests/test_kernels.py has the GPU test;
+tests/hopper_compile.py looks for zeros stored without the barrier in the compiled code.
 """
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ def read_values(at, mask, dtype: tl.constexpr):
     sums zeroed)."""
     x = tl.load(at, mask=mask, other=0)
     if x.dtype == tl.int64:
+        tl.debug_barrier()  # every thread's loads performed before any thread's zeros (above)
         tl.store(at, tl.zeros_like(x), mask=mask)
         x = (x.to(tl.float32) * UNIT).to(dtype)
     return x

@@ -5,7 +5,8 @@ the compiler refuses, or whose pipeline needs more shared memory than a Hopper S
 there and fails only on the GPU. Here every kernel is launched as a Mistral-7B decode step (and
 a prefill) launches it, on empty CPU tensors of the real shapes; the launches are recorded
 instead of run, and each is compiled for sm_90 (with programmatic dependent launch, as an
-H100 launches them: kernels/launch.py). Prints one JSON line: each kernel variant's shared memory.
+H100 launches them: kernels/launch.py). Prints one JSON line: each kernel variant's shared memory
+and its unguarded zeroing stores (`unguarded_zeroing`).
 
     python tests/hopper_compile.py        (run by tests/test_kernels_compile.py)
 """
@@ -57,7 +58,8 @@ def compiled(jit: JITFunction, args: tuple, kwargs: dict):
     bound_args, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound_args, specialization, options)
     source = ASTSource(jit, signature, constexprs, attrs)
-    return triton.compile(source, target=HOPPER, options=options.__dict__), constexprs
+    pointers = [kind for kind in signature.values() if isinstance(kind, str) and kind.startswith("*")]
+    return triton.compile(source, target=HOPPER, options=options.__dict__), list(constexprs.values()) + pointers
 
 
 def decode_step_launches() -> None:
@@ -104,16 +106,35 @@ def decode_step_launches() -> None:
         fused_moe(e(tokens, 4096, dtype=bf16), w13, w2, torch.ones(tokens, 2), ids)
 
 
+def unguarded_zeroing(ttgir: str) -> int:
+    """Stores of int64 zeros (a reader of deferred sums setting them back: kernels/deferred.py)
+    with an int64 load before them and no barrier in between. The compiler may map the store to
+    other threads than the load, so without a barrier a thread can zero what another has yet to
+    read; the interpreter runs a program as whole-tensor steps and never shows it."""
+    zeros, count, loaded = set(), 0, False
+    for line in ttgir.splitlines():
+        if "arith.constant dense<0>" in line and "xi64" in line:
+            zeros.add(line.split("=")[0].strip())
+        elif "tt.load" in line and "!tt.ptr<i64>" in line:
+            loaded = True
+        elif "gpu.barrier" in line:
+            loaded = False
+        elif "tt.store" in line and "!tt.ptr<i64>" in line:
+            value = line.split("tt.store")[1].split(",")[1].strip()
+            count += loaded and value in zeros
+    return count
+
+
 def main() -> None:
     JITFunction.run = record
     decode_step_launches()
     report, seen = {}, set()
     for jit, args, kwargs in launches:
-        kernel, constexprs = compiled(jit, args, dict(kwargs))
-        key = f"{jit.fn.__name__}({', '.join(str(v) for v in constexprs.values())})"
+        kernel, variant = compiled(jit, args, dict(kwargs))
+        key = f"{jit.fn.__name__}({', '.join(str(v) for v in variant)})"
         if key not in seen:
             seen.add(key)
-            report[key] = kernel.metadata.shared
+            report[key] = [kernel.metadata.shared, unguarded_zeroing(kernel.asm["ttgir"])]
     print(json.dumps(report))
 
 

@@ -204,39 +204,50 @@ def as_deferred_sums(values: torch.Tensor) -> torch.Tensor:
     return (values.double() / SUM_UNIT).round().long().to(DEVICE)
 
 
+# rows, hidden, intermediate, heads, kv heads, head dim
+DEFERRED_SHAPES = [(3, 100, 48, 4, 2, 16),
+                   pytest.param((8, 4096, 14336, 32, 8, 128), marks=[pytest.mark.gpu, gpu_only], id="mistral-7b")]
+
+
+@pytest.mark.parametrize("shape", DEFERRED_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16] if CUDA else [torch.float16])
-def test_kernels_read_deferred_sums_as_finish_sums_does_and_leave_zeros(dtype):
+def test_kernels_read_deferred_sums_as_finish_sums_does_and_leave_zeros(dtype, shape):
     """The norm, silu_and_mul and the rotary kernel given int64 sums: the same results as given
     the values finish_sums makes of them, and the sums zero for the next product. (Triton's
-    interpreter rounds float32 to bf16 by truncation, so on the CPU fp16 only.)"""
+    interpreter rounds float32 to bf16 by truncation, so on the CPU fp16 only.) At Mistral-7B's
+    widths on the GPU, where the compiler maps a program's loads and its zeroing stores to its
+    threads differently: a reader that zeroed sums before all its threads had read them gave
+    another norm in every row."""
     from kernels.activation import silu_and_mul
     from kernels.norm import rmsnorm
     from kernels.quant_reference import finish_sums
     from kernels.rotary import rotate_and_store
 
+    rows, hidden, intermediate, heads, kv_heads, head_dim = shape
     torch.manual_seed(0)
-    sums = as_deferred_sums(torch.randn(3, 100) * 3)
-    residual, weight = torch.randn(3, 100).to(dtype).to(DEVICE), torch.rand(100).to(dtype).to(DEVICE)
-    expected = rmsnorm(finish_sums(sums.clone(), dtype), weight, 1e-5, residual)
-    got = rmsnorm(sums, weight, 1e-5, residual, dtype=dtype)
-    assert all(torch.equal(a, b) for a, b in zip(got, expected)) and not sums.any()
-    sums = as_deferred_sums(torch.randn(4, 96))
-    expected = silu_and_mul(finish_sums(sums.clone(), dtype))
-    assert torch.equal(silu_and_mul(sums, dtype), expected) and not sums.any()
+    for _ in range(3):  # a race need not show on every run
+        sums = as_deferred_sums(torch.randn(rows, hidden) * 3)
+        residual, weight = torch.randn(rows, hidden).to(dtype).to(DEVICE), torch.rand(hidden).to(dtype).to(DEVICE)
+        expected = rmsnorm(finish_sums(sums.clone(), dtype), weight, 1e-5, residual)
+        got = rmsnorm(sums, weight, 1e-5, residual, dtype=dtype)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected)) and not sums.any()
+        sums = as_deferred_sums(torch.randn(rows, 2 * intermediate))
+        expected = silu_and_mul(finish_sums(sums.clone(), dtype))
+        assert torch.equal(silu_and_mul(sums, dtype), expected) and not sums.any()
 
-    heads, kv_heads, head_dim = 4, 2, 16
-    qkv = as_deferred_sums(torch.randn(3, (heads + 2 * kv_heads) * head_dim))
-    positions, slots = torch.tensor([0, 7, 30], device=DEVICE), torch.tensor([5, -1, 2], device=DEVICE)
+    qkv = as_deferred_sums(torch.randn(rows, (heads + 2 * kv_heads) * head_dim))
+    positions = torch.tensor([0, 7, 30] + [3 * i for i in range(rows - 3)], device=DEVICE)
+    slots = torch.tensor([5, -1, 2] + [8 + i for i in range(rows - 3)], device=DEVICE)
     cos_sin = torch.cat([torch.rand(32, head_dim // 2), torch.rand(32, head_dim // 2)], dim=-1).to(DEVICE)
-    caches = [torch.zeros(2, 8, kv_heads, head_dim, dtype=dtype, device=DEVICE) for _ in range(4)]
+    caches = [torch.zeros(4, 8, kv_heads, head_dim, dtype=dtype, device=DEVICE) for _ in range(4)]
 
     def views(x):
         q, k, v = x.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-        return [t.view(3, -1, head_dim) for t in (q, k, v)]
+        return [t.view(rows, -1, head_dim) for t in (q, k, v)]
 
     q, k, v = views(finish_sums(qkv.clone(), dtype))
     rotate_and_store(positions, q, k, v, cos_sin, caches[2], caches[3], slots)
-    q_out = torch.empty(3, heads, head_dim, dtype=dtype, device=DEVICE)
+    q_out = torch.empty(rows, heads, head_dim, dtype=dtype, device=DEVICE)
     rotated = rotate_and_store(positions, *views(qkv), cos_sin, caches[0], caches[1], slots, q_out=q_out)
     assert rotated is q_out and torch.equal(q_out, q) and not qkv.any()
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
