@@ -287,8 +287,11 @@ def test_4bit_greedy_on_mistral_7b_shapes_equals_transformers_up_to_near_ties(me
 def test_fp8_greedy_on_mistral_7b_shapes_follows_transformers_on_the_rounded_weights(tmp_path):
     """fp8 weights quantized at load, fp8 activations per token and an fp8 KV cache, against
     transformers in bf16 on the fp8-rounded weights (no activation rounding): a step may differ
-    where the two top tokens were within 0.3 (the activations' rounding moves logits of spread
-    ~1.3 by a few hundredths); a wrong layout or scale moves them by whole units."""
+    where the two top tokens were within 0.75. Rounding the activations to e4m3 (3 mantissa
+    bits) moves these logits by up to about half a unit: on an H100, transformers in float32
+    with its activations rounded as ours are picked tokens up to 0.49 below the top of its own
+    unrounded run on these prompts, and ours came within 0.46 of it at every step (0.23 with
+    a bf16 cache). A wrong layout or scale moves them by whole units."""
     from benchmarks.make_checkpoint import make
     from kernels.quant_reference import quantize_fp8_rows
     from test_parity import assert_bf16_parity
@@ -296,14 +299,16 @@ def test_fp8_greedy_on_mistral_7b_shapes_follows_transformers_on_the_rounded_wei
     model_dir = make(tmp_path / "bf16", num_layers=2)
     oracle = write_oracle(model_dir, tmp_path / "oracle", lambda layer, parts: dequantize_fp8(
         *quantize_fp8_rows(parts["weight"])))
-    assert_bf16_parity(str(model_dir), mistral_7b_prompts(0), oracle_dir=oracle, margin_allowed=0.3,
+    assert_bf16_parity(str(model_dir), mistral_7b_prompts(0), oracle_dir=oracle, margin_allowed=0.75,
                        quantization="fp8", kv_cache_dtype="fp8")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_an_fp8_layer_on_the_gpu_equals_its_emulation():
-    """The layer's wiring of torch._scaled_mm (the weight's transpose, the scales' shapes)."""
+    """The layer's wiring of torch._scaled_mm (the weight's transpose, the scales' shapes) for
+    a batch past the decode kernel's 16 rows, and of that kernel (kernels/gemv.py: the weight
+    widened as it is read, the activations as they are) for 7 rows."""
     from kernels.quant_reference import fp8_matmul_reference, quantize_fp8_rows
     from server.layers.linear import MergedColumnParallelLinear
 
@@ -317,7 +322,9 @@ def test_an_fp8_layer_on_the_gpu_equals_its_emulation():
     layer.load_piece(1, (torch.randn(1024, 4096) * 0.02).to(torch.float8_e4m3fn))
     layer.load_piece(1, torch.tensor(0.5), "weight_scale")
     layer.finish_loading()
-    x = torch.randn(7, 4096, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(40, 4096, device="cuda", dtype=torch.bfloat16)
     expected = fp8_matmul_reference(*quantize_fp8_rows(x), layer.weight, layer.weight_scale, torch.float32)
     torch.testing.assert_close(layer(x).float(), expected, atol=2e-2, rtol=2e-2)
+    weight = dequantize_fp8(layer.weight, layer.weight_scale)
+    torch.testing.assert_close(layer(x[:7]).float(), x[:7].float() @ weight.t(), atol=2e-2, rtol=2e-2)
     assert (layer.weight_scale[4096:] == 0.5).all()
