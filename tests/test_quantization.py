@@ -289,9 +289,9 @@ def test_fp8_greedy_on_mistral_7b_shapes_follows_transformers_on_the_rounded_wei
     transformers in bf16 on the fp8-rounded weights (no activation rounding): a step may differ
     where the two top tokens were within 0.75. Rounding the activations to e4m3 (3 mantissa
     bits) moves these logits by up to about half a unit: on an H100, transformers in float32
-    with its activations rounded as ours are picked tokens up to 0.49 below the top of its own
-    unrounded run on these prompts, and ours came within 0.46 of it at every step (0.23 with
-    a bf16 cache). A wrong layout or scale moves them by whole units."""
+    with its activations rounded as ours are put the tokens of its own unrounded run up to 0.49
+    below its top on these prompts, and ours came within 0.46 of the unrounded run's top at
+    every step (0.23 with a bf16 cache). A wrong layout or scale moves them by whole units."""
     from benchmarks.make_checkpoint import make
     from kernels.quant_reference import quantize_fp8_rows
     from test_parity import assert_bf16_parity
