@@ -30,15 +30,31 @@ from kernels.quant_reference import FP8
 
 
 @triton.jit
+def sequence_and_row(index, seq_ids_ptr, cu_query_ptr, INDEXED: tl.constexpr):
+    """The sequence a launch's `index`-th program takes, and its query's row of q: the same
+    in a decode step; in a mixed step (INDEXED) the index-th of `seq_ids`, whose one token
+    starts at its cu_query_lens."""
+    if INDEXED:
+        seq = tl.load(seq_ids_ptr + index).to(tl.int32)
+        row = tl.load(cu_query_ptr + seq).to(tl.int32)
+    else:
+        seq = index
+        row = index
+    return seq, row
+
+
+@triton.jit
 def _decode_split_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, part_out_ptr, part_lse_ptr, out_ptr,
+        seq_ids_ptr, cu_query_ptr,
         scale_log2, window, k_scale, v_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_cb,
         stride_cs, stride_ch,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
-        FP8_CACHE: tl.constexpr, PDL: tl.constexpr):
+        FP8_CACHE: tl.constexpr, INDEXED: tl.constexpr, PDL: tl.constexpr):
     wait_for_inputs(PDL)
-    seq = tl.program_id(0)
+    index = tl.program_id(0)  # of the sequence among those this launch takes
+    seq, row = sequence_and_row(index, seq_ids_ptr, cu_query_ptr, INDEXED)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     num_heads = tl.num_programs(1) * GROUP
@@ -55,7 +71,7 @@ def _decode_split_kernel(
     heads = kv_head * GROUP + g
     gmask = g < GROUP
     dmask = d < HEAD_DIM
-    q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + d[None, :],
+    q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + d[None, :],
                 mask=gmask[:, None] & dmask[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
     if FP8_CACHE:
         scale_log2 *= k_scale
@@ -86,22 +102,23 @@ def _decode_split_kernel(
     out = tl.where(has_keys, acc / tl.where(l > 0, l, 1.0)[:, None], 0.0)
     lse = tl.where(has_keys, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))
     if NUM_SPLITS == 1:  # the whole context: the output itself, no merge
-        tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + d[None, :],
+        tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
     else:
-        part = (seq * num_heads + heads) * NUM_SPLITS + split  # [BLOCK_G]
+        part = (index * num_heads + heads) * NUM_SPLITS + split  # [BLOCK_G]
         tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=gmask[:, None] & dmask[None, :])
         tl.store(part_lse_ptr + part, lse, mask=gmask)
 
 
 @triton.jit
-def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_oh,
+def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, seq_ids_ptr, cu_query_ptr, stride_ot, stride_oh,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                         BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+                         BLOCK_S: tl.constexpr, INDEXED: tl.constexpr, PDL: tl.constexpr):
     wait_for_inputs(PDL)
-    seq = tl.program_id(0)
+    index = tl.program_id(0)
     head = tl.program_id(1)
-    row = seq * tl.num_programs(1) + head
+    _, out_row = sequence_and_row(index, seq_ids_ptr, cu_query_ptr, INDEXED)
+    row = index * tl.num_programs(1) + head
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
     smask = s < NUM_SPLITS
@@ -113,7 +130,7 @@ def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, stride_ot, stride_
     parts = tl.load(part_out_ptr + (row * NUM_SPLITS + s)[:, None] * HEAD_DIM + d[None, :],
                     mask=smask[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
     out = tl.sum(parts * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + seq * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + out_row * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty),
              mask=d < HEAD_DIM)
 
 
@@ -137,12 +154,20 @@ def default_config(head_dim: int, fp8_cache: bool = False) -> DecodeConfig:
 
 def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float,
                      window: int | None, num_splits: int, out=None, k_scale: float = 1.0, v_scale: float = 1.0,
-                     config: DecodeConfig | None = None):
+                     config: DecodeConfig | None = None, seq_ids=None, cu_query_lens=None):
     """q [num_seqs, heads, head_dim] -> [num_seqs, heads, head_dim]; block_tables [num_seqs,
     max_blocks] and context_lens [num_seqs] are integer tensors on the device. With one split
     (a batch large enough to fill the GPU without splitting) the split kernel writes the output
-    itself and the merge is not launched."""
-    num_seqs, num_heads, head_dim = q.shape
+    itself and the merge is not launched.
+
+    In a mixed step, `seq_ids` picks the sequences of one token (q then holds every token of the
+    step, sequence i's from cu_query_lens[i]); their rows of `out` are written, no others."""
+    num_heads, head_dim = q.shape[1:]
+    indexed = seq_ids is not None
+    if indexed and (out is None or cu_query_lens is None):
+        raise ValueError("decode_attention over some sequences of a step takes their cu_query_lens and out")
+    num_seqs = seq_ids.shape[0] if indexed else q.shape[0]
+    ids = (seq_ids, cu_query_lens) if indexed else (context_lens, context_lens)  # unread unless indexed
     _, page, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
     c = config or default_config(head_dim, k_cache.dtype == FP8)
@@ -154,14 +179,14 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: flo
                            dtype=torch.float32, device=q.device)
     block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse, out,
+        q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse, out, *ids,
         scale * LOG2E, window or 0, k_scale, v_scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         PAGE=page, BLOCK_N=c.block_n, NUM_SPLITS=num_splits, PRECISION=dot_precision(q.dtype),
-        FP8_CACHE=k_cache.dtype == FP8, PDL=PDL, num_warps=c.num_warps, num_stages=c.num_stages, **LAUNCH)
+        FP8_CACHE=k_cache.dtype == FP8, INDEXED=indexed, PDL=PDL, num_warps=c.num_warps, num_stages=c.num_stages, **LAUNCH)
     if num_splits > 1:
         _merge_splits_kernel[(num_seqs, num_heads)](
-            part_out, part_lse, out, out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_D=block_d,
-            NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), PDL=PDL, **LAUNCH)
+            part_out, part_lse, out, *ids, out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_D=block_d,
+            NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), INDEXED=indexed, PDL=PDL, **LAUNCH)
     return out

@@ -11,8 +11,20 @@ H100: 8,883 and 8,896 tokens/s with the sequences fastest, 8,935 and 8,933 so, a
 prefill steps 3.74 s against 3.70). Rows that see no key yet in a tile keep their running
 state: the max is read as 0 there, so no -inf minus -inf appears. An fp8 cache is read as
 k_cache * k_scale (and v likewise), rounded to q's dtype.
+
+In a mixed step (server/layers/attention.py) the sequences of one token go to the decode
+kernel, which reads a context once for all the query heads of a KV head, and this kernel takes
+the others (`seq_ids`): here a one-token sequence would cost a whole 64-row tile per key tile
+and per query head. One layer's attention for 7 prompts of 585 tokens beside 74 decoding
+sequences of 100-1,100 tokens took 222 us that way against 402 here alone (320 against 786
+beside 200), and the 256-request workload's 34 prefill steps went from 106 to 99 ms each.
+Tiles of 64 rows by 32 keys: on an H100 prompts of 7 x 585, 1,024, 4,096 and 8,192 tokens
+took 122, 55, 553 and 2,065 us a layer, against 137, 57, 614 and 2,255 with 64 keys
+(`benchmarks/prefill_attention.py --sweep`, one session; 128-row tiles with 8 warps were slower still).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -25,13 +37,16 @@ from kernels.quant_reference import FP8
 
 @triton.jit
 def _prefill_kernel(
-        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_query_lens_ptr, context_lens_ptr, out_ptr,
+        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_query_lens_ptr, context_lens_ptr, out_ptr, seq_ids_ptr,
         scale_log2, window, k_scale, v_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
         stride_cb, stride_cs, stride_ch,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, FP8_CACHE: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, FP8_CACHE: tl.constexpr,
+        INDEXED: tl.constexpr):
     head = tl.program_id(0)  # the fastest: the heads that share a KV head run together and read it once
     seq = tl.program_id(1)
+    if INDEXED:  # a mixed step: the sequences of more than one token, listed
+        seq = tl.load(seq_ids_ptr + seq).to(tl.int32)
     m_block = tl.program_id(2)
     q_start = tl.load(cu_query_lens_ptr + seq).to(tl.int32)
     q_len = tl.load(cu_query_lens_ptr + seq + 1).to(tl.int32) - q_start
@@ -78,20 +93,33 @@ def _prefill_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
 
 
+@dataclass(frozen=True)
+class PrefillConfig:
+    """Tiles and launch shape (benchmarks/prefill_attention.py sweeps them)."""
+
+    block_m: int = 64  # query rows a program (16 for chunks of up to 32 tokens)
+    block_n: int = 32  # keys a tile
+    num_warps: int = 4
+    num_stages: int = 2
+
+
 def prefill_attention(q, k_cache, v_cache, block_tables, cu_query_lens, context_lens, max_query_len: int,
-                      scale: float, window: int | None, out=None, k_scale: float = 1.0, v_scale: float = 1.0):
-    """q [num_tokens, heads, head_dim] (sequence i owns rows cu_query_lens[i]:cu_query_lens[i+1])."""
+                      scale: float, window: int | None, out=None, k_scale: float = 1.0, v_scale: float = 1.0,
+                      seq_ids=None, config: PrefillConfig | None = None):
+    """q [num_tokens, heads, head_dim] (sequence i owns rows cu_query_lens[i]:cu_query_lens[i+1]).
+    `seq_ids`: only these sequences' rows (of at most max_query_len tokens) are computed."""
     num_tokens, num_heads, head_dim = q.shape
-    num_seqs = context_lens.shape[0]
+    num_seqs = context_lens.shape[0] if seq_ids is None else seq_ids.shape[0]
     _, page, num_kv_heads, _ = k_cache.shape
     if out is None:
         out = torch.empty_like(q)
-    block_m = 64 if max_query_len > 32 else 16
-    _prefill_kernel[(num_heads, num_seqs, triton.cdiv(max_query_len, block_m))](
+    c = config or PrefillConfig(block_m=64 if max_query_len > 32 else 16)
+    _prefill_kernel[(num_heads, num_seqs, triton.cdiv(max_query_len, c.block_m))](
         q, k_cache, v_cache, block_tables, cu_query_lens, context_lens, out,
+        seq_ids if seq_ids is not None else context_lens,  # unread unless INDEXED
         scale * LOG2E, window or 0, k_scale, v_scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        PAGE=page, BLOCK_M=block_m, BLOCK_N=64, PRECISION=dot_precision(q.dtype),
-        FP8_CACHE=k_cache.dtype == FP8, num_warps=4, num_stages=2)
+        PAGE=page, BLOCK_M=c.block_m, BLOCK_N=c.block_n, PRECISION=dot_precision(q.dtype),
+        FP8_CACHE=k_cache.dtype == FP8, INDEXED=seq_ids is not None, num_warps=c.num_warps, num_stages=c.num_stages)
     return out

@@ -118,6 +118,42 @@ def test_prefill_attention_reads_cached_prefixes_like_the_reference(lens, page, 
     torch.testing.assert_close(out.float(), ref, **tol(dtype))
 
 
+MIXED_CASES = [  # (query_len, context_len) per sequence (one-token ones beside longer), window, splits
+    ([(1, 20), (6, 6), (1, 45), (9, 30)], None, 1),
+    ([(3, 19), (1, 33), (1, 2), (1, 64)], 7, 3),
+] + [pytest.param(*case, marks=gpu_only) for case in [
+    ([(1, 700), (585, 585), (1, 1100), (1, 5), (300, 900), (1, 130)], None, 4),
+    ([(1, 4097), (64, 64), (1, 1000)], 1024, 16),
+]]
+
+
+@pytest.mark.parametrize("lens, window, splits", MIXED_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_mixed_step_splits_between_the_decode_and_prefill_kernels_like_the_reference(lens, window, splits, dtype):
+    """The layer's mixed step: the one-token sequences through the decode kernel (indexed into
+    the step's rows), the rest through the prefill kernel (indexed too); every row written once."""
+    from kernels.decode_attention import decode_attention
+    from kernels.prefill_attention import prefill_attention
+
+    query_lens = [q for q, _ in lens]
+    context_lens = [c for _, c in lens]
+    heads, kv_heads, head_dim = (32, 8, 128) if CUDA else (4, 2, 16)
+    k_cache, v_cache, tables = paged_cache(context_lens, 16, kv_heads, head_dim, dtype, seed=2)
+    q = torch.randn(sum(query_lens), heads, head_dim).to(dtype).to(DEVICE)
+    cu = torch.tensor([0] + torch.tensor(query_lens).cumsum(0).tolist(), device=DEVICE)  # int64, as the runner's
+    ctx = torch.tensor(context_lens, device=DEVICE)
+    singles = torch.tensor([i for i, n in enumerate(query_lens) if n == 1], device=DEVICE)
+    multis = torch.tensor([i for i, n in enumerate(query_lens) if n > 1], device=DEVICE)
+    scale = head_dim ** -0.5
+    out = torch.full_like(q, float("nan"))
+    decode_attention(q, k_cache, v_cache, tables, ctx, scale, window, splits, out=out, seq_ids=singles,
+                     cu_query_lens=cu)
+    prefill_attention(q, k_cache, v_cache, tables, cu, ctx, max(query_lens), scale, window, out=out, seq_ids=multis)
+    ref = prefill_attention_reference(q.float(), k_cache.float(), v_cache.float(), tables.long(),
+                                      query_lens, context_lens, scale, window)
+    torch.testing.assert_close(out.float(), ref, **tol(dtype))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_store_kv_writes_slots_from_strided_views_and_skips_padding(dtype):
     from kernels.cache import store_kv

@@ -84,6 +84,10 @@ class AttentionMetadata:
     decode_only: bool
     max_query_len: int
     num_splits: int = 1  # context splits of the decode kernel (fixed per batch size)
+    # A mixed step (sequences of one token beside longer ones), for the triton backend: the
+    # sequences of one token, which the decode kernel takes, and the others (prefill kernel).
+    single_seqs: torch.Tensor | None = None
+    multi_seqs: torch.Tensor | None = None
     cu_context_lens: torch.Tensor | None = None  # [num_seqs + 1] int32: flash-attn's cu_seqlens_k
     max_context_len: int = 0
 
@@ -137,8 +141,15 @@ class Attention(nn.Module):
         if meta.decode_only:
             return decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
                                     self.scale, self.sliding_window, meta.num_splits, **scales)
+        out = None
+        if meta.single_seqs is not None:  # the decode kernel reads a context once for a KV head's query heads
+            out = torch.empty_like(q)
+            decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale,
+                             self.sliding_window, meta.num_splits, out=out, seq_ids=meta.single_seqs,
+                             cu_query_lens=meta.cu_query_lens, **scales)
         return prefill_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.cu_query_lens,
-                                 meta.context_lens, meta.max_query_len, self.scale, self.sliding_window, **scales)
+                                 meta.context_lens, meta.max_query_len, self.scale, self.sliding_window, out=out,
+                                 seq_ids=meta.multi_seqs, **scales)
 
     def _flash(self, q, meta: AttentionMetadata) -> torch.Tensor:
         """flash-attn's paged kernels (int32 metadata, a cache in the model's dtype). Its window

@@ -188,7 +188,8 @@ class ModelRunner:
     def _pack(self, chunks: list[SequenceChunk]) -> "PackedStep":
         """The step's inputs in one int64 array (on the host): token ids, positions, slots,
         context lengths, query starts, the rows to sample, the pending tokens' places and
-        rows, context starts, then the block tables padded to one width."""
+        rows, context starts, in a mixed step the chunks of one token and the others (empty
+        otherwise), then the block tables padded to one width."""
         size = self.block_size
         token_ids, positions, slots, sample_rows, scored = [], [], [], [], []
         pending_at, pending_rows = [], []  # token index <- row of the previous step's picks
@@ -216,8 +217,12 @@ class ModelRunner:
         for n, context in zip(query_lens, context_lens):
             cu_query_lens.append(cu_query_lens[-1] + n)
             cu_context_lens.append(cu_context_lens[-1] + context)
+        singles = [i for i, n in enumerate(query_lens) if n == 1]
+        multis = [i for i, n in enumerate(query_lens) if n > 1] if 0 < len(singles) < len(chunks) else []
+        if not multis:
+            singles = []
         sections = (token_ids, positions, slots, context_lens, cu_query_lens, sample_rows, pending_at, pending_rows,
-                    cu_context_lens)
+                    cu_context_lens, singles, multis)
         values = array("q")
         for section in sections:  # each section starts on 16 bytes (PackedStep.starts)
             values.extend(section)
@@ -235,7 +240,7 @@ class ModelRunner:
         ranks have the driver's last picks)."""
         device_values = self._to_device(packed.values)
         (ids_d, positions_d, slots_d, context_d, cu_query_d, sample_d, pending_at_d, pending_rows_d,
-         cu_context_d) = packed.sections(device_values)
+         cu_context_d, singles_d, multis_d) = packed.sections(device_values)
         tables = device_values[packed.starts()[-1]:].view(packed.num_chunks, packed.width)
         if self.attention_backend == "flash_attn":  # its kernels take int32 metadata
             tables, context_d, cu_query_d, cu_context_d = tables.int(), context_d.int(), cu_query_d.int(), \
@@ -248,11 +253,14 @@ class ModelRunner:
             ids_d[pending_at_d] = picks[pending_rows_d]
         query_lens, context_lens = packed.query_lens, packed.context_lens
         decode_only = all(n == 1 for n in query_lens)
+        mixed = packed.lengths[9] > 0  # sequences of one token beside longer ones
+        singles = packed.lengths[9] if mixed else packed.num_chunks
         meta = AttentionMetadata(
             slot_mapping=slots_d, block_tables=tables, context_lens=context_d, cu_query_lens=cu_query_d,
             query_lens=query_lens, context_lens_list=context_lens, decode_only=decode_only,
-            max_query_len=max(query_lens), num_splits=self._num_splits(packed.num_chunks) if decode_only else 1,
-            cu_context_lens=cu_context_d, max_context_len=max(context_lens))
+            max_query_len=max(query_lens), num_splits=self._num_splits(singles) if decode_only or mixed else 1,
+            cu_context_lens=cu_context_d, max_context_len=max(context_lens),
+            single_seqs=singles_d if mixed else None, multi_seqs=multis_d if mixed else None)
         return ids_d, positions_d, meta, sample_d
 
     def _to_device(self, values: array | torch.Tensor) -> torch.Tensor:
@@ -397,7 +405,7 @@ class PackedStep:
     """A step's inputs as the device reads them (see `ModelRunner._pack`), and what rank 0
     sends the other ranks: `values` after a header of the sizes and the scored prompt rows."""
 
-    values: array | torch.Tensor  # int64: the nine sections of `lengths` (see `starts`), then the block tables
+    values: array | torch.Tensor  # int64: the eleven sections of `lengths` (see `starts`), then the block tables
     lengths: list[int]
     num_chunks: int
     width: int  # of the padded block tables
@@ -405,7 +413,7 @@ class PackedStep:
     query_lens: list[int]
     context_lens: list[int]
 
-    SECTIONS = 9  # of `values`, each of `lengths[i]` entries
+    SECTIONS = 11  # of `values`, each of `lengths[i]` entries
     HEADER = SECTIONS + 3  # num_chunks, width, the lengths, len(scored); then 3 per scored entry
 
     def starts(self) -> list[int]:
