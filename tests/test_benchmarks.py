@@ -71,3 +71,12 @@ def test_profile_step_profiles_decode_and_prefill_steps(mistral_v03_dir):
     decode, prefill = json.loads(done.stdout)
     assert decode["batch"] == 2 and decode["wall_ms_per_step"] > 0 and "forward" in decode["host_ms_per_step"]
     assert prefill["prefill_tokens_per_step"] == 4096 and prefill["wall_ms_per_step"] > 0
+
+
+def test_capture_effect_times_decode_before_and_after(mistral_v03_dir):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "capture_effect.py"), "--model",
+                           mistral_v03_dir, "--decode-tokens", "4"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    for timing in (report["before"], report["after_one_more_capture"]):
+        assert len(timing["tokens_per_s"]) == 3 and timing["host_us_a_step"] > 0 and timing["wait_us_a_step"] >= 0

@@ -300,7 +300,7 @@ def test_every_view_of_a_steps_inputs_starts_on_16_bytes(mistral_v03_dir):
     from server.runtime.model_runner import PackedStep, SequenceChunk
 
     runner = LLM(mistral_v03_dir, max_batch_total_tokens=512).engine.runner
-    for lengths in ([1], [3], [1, 1, 1], [5, 2, 7], [16, 1]):
+    for lengths in ([1], [3], [1, 1, 1], [5, 2, 7], [16, 1], [1, 4, 1]):
         chunks = [SequenceChunk(list(range(10, 10 + n)), 0, [i, i + 1]) for i, n in enumerate(lengths)]
         packed = runner._pack(chunks)
         assert all(start % 2 == 0 for start in packed.starts())
@@ -311,6 +311,13 @@ def test_every_view_of_a_steps_inputs_starts_on_16_bytes(mistral_v03_dir):
         assert context_lens.tolist() == lengths and cu_query_lens.tolist()[-1] == sum(lengths)
         tables = values[packed.starts()[-1]:].view(len(lengths), packed.width)
         assert tables.tolist() == [[i, i + 1] for i in range(len(lengths))]
+        # A mixed step lists its one-token chunks (the decode kernel's) and the others apart.
+        singles, multis = (x.tolist() for x in packed.sections(values)[9:11])
+        mixed = 1 in lengths and any(n > 1 for n in lengths)
+        assert singles == ([i for i, n in enumerate(lengths) if n == 1] if mixed else [])
+        assert multis == ([i for i, n in enumerate(lengths) if n > 1] if mixed else [])
+        meta = runner._unpack(packed)[2]
+        assert (meta.single_seqs is not None) == mixed and (meta.multi_seqs is not None) == mixed
         message = torch.frombuffer(packed.message(), dtype=torch.int64)
         other = PackedStep.read(message)  # as another tensor-parallel rank reads it
         assert other.query_lens == lengths and other.context_lens == lengths
