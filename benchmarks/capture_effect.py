@@ -14,7 +14,10 @@ or `torch.cuda.empty_cache()` alone did not; bf16 decode stayed at 186.8. So one
 decode in an engine with the default ladder of 35 graphs runs at about 411, not 435.
 
     python benchmarks/make_checkpoint.py /tmp/mistral-7b-gptq --quantize gptq
-    python benchmarks/capture_effect.py --model /tmp/mistral-7b-gptq
+    python benchmarks/capture_effect.py --model /tmp/mistral-7b-gptq [--plain-sums]
+
+`--plain-sums` runs the 4-bit products without deferred sums (each product's last split adds
+the others' up), to tell whether the int64 atomic sums are what slows down.
 """
 from __future__ import annotations
 
@@ -72,7 +75,13 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=4, help="the engine's (4: graphs of 4, 2 and 1)")
     parser.add_argument("--decode-tokens", type=int, default=256)
     parser.add_argument("--quantize", help="the engine's --quantize (fp8 for a bf16 checkpoint)")
+    parser.add_argument("--plain-sums", action="store_true",
+                        help="4-bit products add their splits' sums themselves (no deferred int64 sums)")
     args = parser.parse_args()
+    if args.plain_sums:  # before the layers are made: they take their sums buffer then
+        import server.layers.int4_linear as int4_linear
+
+        int4_linear.deferred_sums = lambda width, device: None
     cuda = torch.cuda.is_available()  # (a CPU run only checks the script)
     engine = LLMEngine(EngineArgs(model=args.model, dtype="bfloat16", max_num_seqs=args.max_num_seqs,
                                   device="cuda" if cuda else "cpu", enable_prefix_caching=False,

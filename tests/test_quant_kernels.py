@@ -181,3 +181,31 @@ def test_prefill_attention_reads_an_fp8_cache_like_the_reference(lens, page, hea
     ref = prefill_attention_reference(q.float(), k_cache, v_cache, tables.long(), query_lens, context_lens,
                                       head_dim ** -0.5, window, **scales)
     torch.testing.assert_close(out.float(), ref.float(), **tol(dtype))
+
+
+@pytest.mark.parametrize("lens, heads, kv_heads, head_dim, window, splits", [
+    ([(1, 20), (6, 6), (1, 45)], 4, 2, 16, None, 2)] + [
+    pytest.param([(1, 700), (300, 300), (1, 4097), (37, 600)], 32, 8, 128, 256, 4, marks=on_gpu)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_mixed_step_reads_an_fp8_cache_like_the_reference(lens, heads, kv_heads, head_dim, window, splits, dtype):
+    """One-token sequences through the decode kernel, the rest through the prefill kernel, as
+    the attention layer splits a mixed step, over an e4m3 cache."""
+    from kernels.decode_attention import decode_attention
+    from kernels.prefill_attention import prefill_attention
+
+    query_lens, context_lens = [q for q, _ in lens], [c for _, c in lens]
+    k_cache, v_cache, tables = fp8_cache(context_lens, 16, kv_heads, head_dim, seed=3)
+    q = torch.randn(sum(query_lens), heads, head_dim).to(dtype).to(DEVICE)
+    cu = torch.tensor([0] + torch.tensor(query_lens).cumsum(0).tolist(), device=DEVICE)
+    ctx = torch.tensor(context_lens, device=DEVICE)
+    singles = torch.tensor([i for i, n in enumerate(query_lens) if n == 1], device=DEVICE)
+    multis = torch.tensor([i for i, n in enumerate(query_lens) if n > 1], device=DEVICE)
+    scales = dict(k_scale=0.25, v_scale=0.5)
+    out = torch.full_like(q, float("nan"))
+    decode_attention(q, k_cache, v_cache, tables, ctx, head_dim ** -0.5, window, splits, out=out, seq_ids=singles,
+                     cu_query_lens=cu, **scales)
+    prefill_attention(q, k_cache, v_cache, tables, cu, ctx, max(query_lens), head_dim ** -0.5, window, out=out,
+                      seq_ids=multis, **scales)
+    ref = prefill_attention_reference(q.float(), k_cache, v_cache, tables.long(), query_lens, context_lens,
+                                      head_dim ** -0.5, window, **scales)
+    torch.testing.assert_close(out.float(), ref.float(), **tol(dtype))
