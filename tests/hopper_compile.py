@@ -98,6 +98,13 @@ def decode_step_launches() -> None:
             tables, lens = torch.zeros(M, 8, dtype=torch.int32), torch.zeros(M, dtype=torch.int32)
             for splits in (32,) if M == 1 else (1, 4):  # one split: no merge, the output written as it is
                 decode_attention(q, *caches, tables, lens, 0.088, None, splits)
+            if M > 1:  # a mixed step: some sequences through each kernel, indexed
+                ids = torch.zeros(M // 2, dtype=torch.int64)
+                cu = torch.zeros(M + 1, dtype=torch.int64)
+                decode_attention(q, *caches, tables, lens, 0.088, None, 4, out=e(M, 32, 128, dtype=bf16),
+                                 seq_ids=ids, cu_query_lens=cu)
+                prefill_attention(e(512, 32, 128, dtype=bf16), *caches, tables, cu, lens, 64, 0.088, None,
+                                  seq_ids=ids)
             prefill_attention(e(512, 32, 128, dtype=bf16), *caches, tables[:1], torch.zeros(2, dtype=torch.int32),
                               lens[:1], 512, 0.088, None)
     w13, w2 = e(8, 2 * 14336, 4096, dtype=bf16), e(8, 4096, 14336, dtype=bf16)
