@@ -16,11 +16,12 @@ In a mixed step (server/layers/attention.py) the sequences of one token go to th
 kernel, which reads a context once for all the query heads of a KV head, and this kernel takes
 the others (`seq_ids`): here a one-token sequence would cost a whole 64-row tile per key tile
 and per query head. One layer's attention for 7 prompts of 585 tokens beside 74 decoding
-sequences of 100-1,100 tokens took 222 us that way against 402 here alone (320 against 786
-beside 200), and the 256-request workload's 34 prefill steps went from 106 to 99 ms each.
-Tiles of 64 rows by 32 keys: on an H100 prompts of 7 x 585, 1,024, 4,096 and 8,192 tokens
-took 122, 55, 553 and 2,065 us a layer, against 137, 57, 614 and 2,255 with 64 keys
-(`benchmarks/prefill_attention.py --sweep`, one session; 128-row tiles with 8 warps were slower still).
+sequences of 100-1,100 tokens took 197 us that way against 329 here alone (300 against 663
+beside 200; `benchmarks/prefill_attention.py`, one H100), and the 256-request workload's 34
+prefill steps went from 106 to 99 ms each. Tiles of 64 rows by 32 keys: in a sweep like
+`benchmarks/prefill_attention.py --sweep` (one session) prompts of 7 x 585, 1,024, 4,096 and
+8,192 tokens took 122, 55, 553 and 2,065 us a layer, against 137, 57, 614 and 2,255 with 64
+keys; 128-row tiles over 8 warps were slower at every length.
 """
 from __future__ import annotations
 

@@ -218,9 +218,9 @@ class ModelRunner:
             cu_query_lens.append(cu_query_lens[-1] + n)
             cu_context_lens.append(cu_context_lens[-1] + context)
         singles = [i for i, n in enumerate(query_lens) if n == 1]
-        multis = [i for i, n in enumerate(query_lens) if n > 1] if 0 < len(singles) < len(chunks) else []
-        if not multis:
-            singles = []
+        multis = [i for i, n in enumerate(query_lens) if n > 1]
+        if not (singles and multis):  # not a mixed step
+            singles = multis = []
         sections = (token_ids, positions, slots, context_lens, cu_query_lens, sample_rows, pending_at, pending_rows,
                     cu_context_lens, singles, multis)
         values = array("q")
@@ -254,11 +254,11 @@ class ModelRunner:
         query_lens, context_lens = packed.query_lens, packed.context_lens
         decode_only = all(n == 1 for n in query_lens)
         mixed = packed.lengths[9] > 0  # sequences of one token beside longer ones
-        singles = packed.lengths[9] if mixed else packed.num_chunks
+        decoding = packed.lengths[9] if mixed else packed.num_chunks if decode_only else 0
         meta = AttentionMetadata(
             slot_mapping=slots_d, block_tables=tables, context_lens=context_d, cu_query_lens=cu_query_d,
             query_lens=query_lens, context_lens_list=context_lens, decode_only=decode_only,
-            max_query_len=max(query_lens), num_splits=self._num_splits(singles) if decode_only or mixed else 1,
+            max_query_len=max(query_lens), num_splits=self._num_splits(decoding) if decoding else 1,
             cu_context_lens=cu_context_d, max_context_len=max(context_lens),
             single_seqs=singles_d if mixed else None, multi_seqs=multis_d if mixed else None)
         return ids_d, positions_d, meta, sample_d
