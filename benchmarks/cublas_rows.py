@@ -1,0 +1,66 @@
+"""cuBLAS's products on Mistral-7B's weights at the decode batch sizes above the gemv kernel's
+(kernels/gemv.py takes 1-16 rows), against reading each weight once at the copy rate (or its
+FLOPs at the matmul rate, where that is longer).
+
+For each weight and number of rows: F.linear (W stored [N, K], as the layers hold it) and
+x @ W with W stored [K, N] (another of cuBLAS's layouts), each from a CUDA graph with the weight
+rotated over enough copies that L2 cannot hold them (benchmarks/gemv.py's timing); then a
+decode step's products (32 layers and the LM head) for each number of rows. `--blas
+cublaslt` times through torch.backends.cuda.preferred_blas_library("cublaslt") instead. On
+one H100 a scratch version of this script (the same products and layouts, the weights rotated
+over 300 MB, the best of five replays) had a step's products at 32, 128, 192 and 256 rows in
+5.3, 5.7, 6.1 and 6.4 ms against 4.7 for the weights' bytes, qkv_proj and o_proj at 0.6-0.8 of
+the copy rate, and cuBLASLt no faster (the README's figures); this script has not run yet.
+
+    python benchmarks/cublas_rows.py [--rows 32,64,96,128,160,192,224,256] [--blas cublaslt]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.gemv import SHAPES, timed_us, weight_copies  # noqa: E402
+from benchmarks.roofline import copy_bandwidth, matmul_rate  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", default="32,64,96,128,160,192,224,256")
+    parser.add_argument("--blas", help="torch.backends.cuda.preferred_blas_library's choice (e.g. cublaslt)")
+    args = parser.parse_args()
+    if args.blas:
+        torch.backends.cuda.preferred_blas_library(args.blas)
+    rows = [int(m) for m in args.rows.split(",")]
+    bandwidth, rate = copy_bandwidth(), matmul_rate()
+    l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size
+    report = {"device": torch.cuda.get_device_name(), "copy_bytes_per_s": bandwidth, "matmul_flops_per_s": rate,
+              "products": {}, "step_ms": {}}
+    for name, (N, K) in SHAPES.items():
+        weights = weight_copies(N, K, l2_bytes)
+        transposed = [w.t().contiguous() for w in weights]
+        for M in rows:
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            floor_us = max(N * K * 2 / bandwidth, 2 * M * N * K / rate) * 1e6
+            nk = timed_us(lambda i: F.linear(x, weights[i % len(weights)]))
+            kn = timed_us(lambda i: x @ transposed[i % len(transposed)])
+            report["products"][f"{name}@{M}"] = {"nk_us": round(nk, 1), "kn_us": round(kn, 1),
+                                                 "floor_us": round(floor_us, 1),
+                                                 "floor_over_best": round(floor_us / min(nk, kn), 2)}
+            step = report["step_ms"].setdefault(M, {"nk": 0.0, "best": 0.0, "floor": 0.0})
+            layers = 1 if name == "lm_head" else 32
+            for key, us in (("nk", nk), ("best", min(nk, kn)), ("floor", floor_us)):
+                step[key] = round(step[key] + layers * us / 1000, 3)
+        del weights, transposed
+        torch.cuda.empty_cache()
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
