@@ -6,7 +6,8 @@ Cases: prompts alone (`7x585`: seven fresh prompts of 585 tokens), and mixed ste
 100-1,100 tokens), each timed as one layer's attention from a CUDA graph. A mixed step is timed
 both ways: as the attention layer runs it (the decode kernel for the one-token sequences, the
 prefill kernel for the rest) and through the prefill kernel alone; the two outputs are
-compared. With `--sweep`, a grid of tile configurations on each prompts-only case, checked
+compared. The cache is one layer's, so the prompts' K/V may stay in L2 between calls, as a
+step's do after the rotary kernel writes them just before. With `--sweep`, a grid of tile configurations on each prompts-only case, checked
 against the default's output, fastest first; FLOPs are those of causal attention.
 
     python benchmarks/prefill_attention.py [--cases 7x585,1x1024,1x4096,1x8192,mixed74,mixed200] [--sweep]

@@ -217,10 +217,10 @@ class ModelRunner:
         for n, context in zip(query_lens, context_lens):
             cu_query_lens.append(cu_query_lens[-1] + n)
             cu_context_lens.append(cu_context_lens[-1] + context)
-        singles = [i for i, n in enumerate(query_lens) if n == 1]
         multis = [i for i, n in enumerate(query_lens) if n > 1]
-        if not (singles and multis):  # not a mixed step
-            singles = multis = []
+        singles = [i for i, n in enumerate(query_lens) if n == 1] if multis else []  # a decode step: none
+        if not singles:  # not a mixed step
+            multis = []
         sections = (token_ids, positions, slots, context_lens, cu_query_lens, sample_rows, pending_at, pending_rows,
                     cu_context_lens, singles, multis)
         values = array("q")
@@ -254,6 +254,7 @@ class ModelRunner:
         query_lens, context_lens = packed.query_lens, packed.context_lens
         decode_only = all(n == 1 for n in query_lens)
         mixed = packed.lengths[9] > 0  # sequences of one token beside longer ones
+        # the sequences the decode kernel takes: all of a decode step, a mixed step's one-token ones
         decoding = packed.lengths[9] if mixed else packed.num_chunks if decode_only else 0
         meta = AttentionMetadata(
             slot_mapping=slots_d, block_tables=tables, context_lens=context_d, cu_query_lens=cu_query_d,
