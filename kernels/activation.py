@@ -9,10 +9,12 @@ import triton
 import triton.language as tl
 
 from kernels.deferred import read_values
+from kernels.launch import LAUNCH, PDL, wait_for_inputs
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, WIDTH: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < WIDTH
@@ -29,5 +31,6 @@ def silu_and_mul(x, dtype=None):
     width = double // 2
     out = torch.empty((num_tokens, width), dtype=dtype if x.dtype == torch.int64 else x.dtype, device=x.device)
     block = min(1024, triton.next_power_of_2(width))
-    _silu_and_mul_kernel[(num_tokens, triton.cdiv(width, block))](x, out, x.stride(0), WIDTH=width, BLOCK=block)
+    _silu_and_mul_kernel[(num_tokens, triton.cdiv(width, block))](x, out, x.stride(0), WIDTH=width, BLOCK=block,
+                                                                 PDL=PDL, **LAUNCH)
     return out

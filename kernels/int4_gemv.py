@@ -51,6 +51,9 @@ sequence decode from 370-384 to 409-429 tokens/s. Integer sums are the same in a
 the output does not depend on which split finished first (as float32 atomics would); they are
 exact below 2^31 in magnitude, where activations are.
 
+The mma path is launched with programmatic dependent launch (kernels/launch.py): its
+programs wait for the kernel ahead before reading x, and the kernel after it launches early.
+
 Under act-order with groups that are not runs of inputs (g_idx given: a row-parallel rank's
 slice), int4_matmul does the product; that case is rare enough not to need its own tiles.
 """
@@ -66,6 +69,7 @@ from triton import knobs
 from kernels.deferred import PER_UNIT
 from kernels.gemv import MAX_ROWS
 from kernels.int4_matmul import int4_matmul
+from kernels.launch import LAUNCH, PDL, wait_for_inputs
 
 ONE = 0x3F800000  # the bits of 1.0 in float32
 SIXTEEN = 0x41800000  # and of 16.0
@@ -308,7 +312,7 @@ def _x_pairs(x_words, row, s: tl.constexpr):
 def _int4_mma_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, out_ptr, partial_ptr, counters_ptr, M, N,
                      stride_xm, groups_per_split, num_splits, num_groups, ones, GROUP_SIZE: tl.constexpr,
                      J: tl.constexpr, BLOCK_M: tl.constexpr, BF16: tl.constexpr, SPLIT: tl.constexpr,
-                     SUMS: tl.constexpr, EMULATE: tl.constexpr):
+                     SUMS: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr):
     E: tl.constexpr = 128.0 if BF16 else 1024.0  # 1 + q/E: q in the lowest bits of 7 mantissa bits, or 10
     STEPS: tl.constexpr = GROUP_SIZE // 32  # 4 word rows (32 inputs) a step
     block = tl.program_id(0)
@@ -317,6 +321,7 @@ def _int4_mma_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, out_ptr, partial
     g, c = lane // 4, lane % 4
     # A rows g and g + 8 of block j: columns col + j and col + 8 J + j (a lane's J columns, one load)
     col = block * 16 * J + J * g
+    wait_for_inputs(PDL)
     x_words = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + tl.minimum(g, M - 1) * (stride_xm // 2)  # B col g
     all_ones = tl.zeros([32], tl.int32) + ones  # A of the mma that sums x
     zero = tl.zeros([32], tl.float32)
@@ -401,7 +406,12 @@ def mma_config(M: int, N: int, K: int, group_size: int) -> Int4GemvConfig:
     Mistral-7B weight at 1, 4 and 8 rows: 32 columns a program (64 for the wide gate_up at one
     row), K split until about 4,096 warps, 2,048 for o_proj and for 8 rows of the others whose
     K is 4,096. A layer's four products took 64.0 and 79.7 us at 1 and 8 rows (72.0 at 4 in an
-    earlier sweep), against the multiply-adds' 67.5, 133.7 and 434 and int4_matmul's 169."""
+    earlier sweep), against the multiply-adds' 67.5, 133.7 and 434 and int4_matmul's 169. In
+    the engine (4-bit one-sequence decode, engines made under each setting in one process, runs
+    alternated, one H100): 428.1 tokens/s as here, 354.7 with half the warps, 410.5 with twice
+    as many, 424.1 with gate_up at 32 columns. In another run, with a scratch variant that asks
+    for all of a group's words, x pairs, zero points and scales before multiplying: 425.5, 425.7
+    with two stages, 422.2 with the next group's asked for before the current one's products."""
     block_n = 64 if N >= 16384 and M == 1 else 32
     warps = 2048 if K <= 4096 and (N <= 4096 or M > 4) else 4096
     split = min(K // group_size, triton.cdiv(warps, triton.cdiv(N, block_n)))
@@ -540,5 +550,6 @@ def _int4_mma(x, qweight, zeros, scales, group_size: int, c: Int4GemvConfig, cou
         x, qweight, zeros, scales, out, partial, counters, M, N, x.stride(0), per_split,
         split_k, groups, HALVES[x.dtype], GROUP_SIZE=group_size, J=c.block_n // 16,
         BLOCK_M=triton.next_power_of_2(M), BF16=x.dtype == torch.bfloat16, SPLIT=split_k > 1,
-        SUMS=sums is not None, EMULATE=knobs.runtime.interpret, num_warps=1, num_stages=c.num_stages)
+        SUMS=sums is not None, EMULATE=knobs.runtime.interpret, PDL=PDL, num_warps=1,
+        num_stages=c.num_stages, **LAUNCH)
     return out

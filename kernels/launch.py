@@ -15,10 +15,13 @@ environment (a profile's kernel times then exclude the waits: benchmarks/profile
 On one H100, one-sequence decode of a Mistral-7B-shaped model went from 179.7 to 185.5
 tokens/s with it (benchmarks/latency.py, without and with, on one machine; 183.0 and 185.5 in
 a later pair of runs; with fp8 weights whose products alone were launched without it, 310.8
-against 315.3). The 4-bit decode kernel (kernels/int4_gemv.py) is launched without it: with
-it, 4-bit decode measured 333-337 tokens/s, against 340 without it (one H100, one session);
-its mma path with deferred sums 394-419 with it (and 399-417 with its first group's words
-prefetched into L2 before the wait), against 391-429 without (one H100, alternated twice).
+against 315.3). The 4-bit products (kernels/int4_gemv.py's mma path) and silu_and_mul joined
+them later, measured with two or more engines made in one process, each capturing its graphs
+under its own setting, and their runs alternated (4-bit one-sequence decode, one H100): 408.9
+tokens/s without either, 416.6 with the products, 427.7 with both. Earlier measurements, each
+from a process of its own, had moved between runs by more than the difference (394-419 with
+against 391-429 without); asking L2 for a program's first words before its wait added nothing
+(415.3 against 416.6).
 """
 from __future__ import annotations
 

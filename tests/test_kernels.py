@@ -40,6 +40,7 @@ DECODE_CASES = [  # context_lens, page, heads, kv_heads, head_dim, window, split
     ([40, 3], 16, 4, 1, 32, 8, 3),
     ([70], 8, 2, 2, 16, None, 4),
     ([9, 20], 4, 8, 2, 8, None, 2),  # head_dim 8: tiles padded to what tl.dot needs
+    ([33, 7, 0], 8, 6, 2, 16, None, 5),  # three query heads a KV head; splits past a power of two
 ] + [pytest.param(*case, marks=gpu_only) for case in [
     ([1, 15, 16, 17, 300, 4097], 16, 32, 8, 128, None, 8),
     ([128, 1000], 16, 32, 32, 128, None, 1),
@@ -82,7 +83,7 @@ def test_decode_attention_tiles_change_no_result():
     ctx = torch.tensor([45, 130], device=DEVICE)
     ref = decode_attention_reference(q.float(), k_cache.float(), v_cache.float(), tables.long(), ctx, 0.25, None)
     for config in (DecodeConfig(block_n=16, num_warps=2, num_stages=1), DecodeConfig(block_n=128, num_stages=3)):
-        for splits in (1, 3):
+        for splits in (1, 3, 12):
             out = decode_attention(q, k_cache, v_cache, tables, ctx, 0.25, None, splits, config=config)
             torch.testing.assert_close(out.float(), ref, **tol(DTYPES[0]))
 
