@@ -13,6 +13,13 @@ did the same to 4-bit decode, with programmatic dependent launch off too; an eag
 or `torch.cuda.empty_cache()` alone did not; bf16 decode stayed at 186.8. So one-sequence 4-bit
 decode in an engine with the default ladder of 35 graphs runs at about 411, not 435.
 
+The cause is outside our kernels (a later session): benchmarks/graph_captures.py times a graph of
+320 one-program kernels at 294 us after up to three captures in the process and 351 us from the
+fourth on, about 0.18 us more a kernel, whatever the later graphs were or whether they were
+kept. A 4-bit step's kernels take a few microseconds each, so it shows there; bf16's and
+fp8's are long enough to hide it. `--plain-sums` moved 4-bit decode from 373-388 to 361-368
+tokens/s with the same capture: not the int64 atomics either.
+
     python benchmarks/make_checkpoint.py /tmp/mistral-7b-gptq --quantize gptq
     python benchmarks/capture_effect.py --model /tmp/mistral-7b-gptq [--plain-sums]
 
