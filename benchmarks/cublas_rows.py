@@ -7,10 +7,12 @@ x @ W with W stored [K, N] (another of cuBLAS's layouts), each from a CUDA graph
 rotated over enough copies that L2 cannot hold them (benchmarks/gemv.py's timing); then a
 decode step's products (32 layers and the LM head) for each number of rows. `--blas
 cublaslt` times through torch.backends.cuda.preferred_blas_library("cublaslt") instead. On
-one H100 a scratch version of this script (the same products and layouts, the weights rotated
-over 300 MB, the best of five replays) had a step's products at 32, 128, 192 and 256 rows in
-5.3, 5.7, 6.1 and 6.4 ms against 4.7 for the weights' bytes, qkv_proj and o_proj at 0.6-0.8 of
-the copy rate, and cuBLASLt no faster (the README's figures); this script has not run yet.
+one H100 (copy rate 2.99 TB/s, matmul 791 TFLOP/s, measured in the run) a step's products at
+32, 128, 192 and 256 rows took 5.38, 5.75, 6.09 and 6.58 ms as the layers hold the weights
+(5.18, 5.60, 6.02 and 6.40 with the faster layout of each product) against 4.76 for the
+weights' bytes; at 256 rows qkv_proj, o_proj and down_proj ran at 0.65-0.71 of their floor and
+gate_up at 0.81, at 32 rows 0.78-0.98. (A scratch version of it, cuBLASLt included, gave the
+README's earlier figures.)
 
     python benchmarks/cublas_rows.py [--rows 32,64,96,128,160,192,224,256] [--blas cublaslt]
 """
