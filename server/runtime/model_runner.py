@@ -26,7 +26,11 @@ from server.runtime.sampler import (AllowedTokens, DeviceSample, SampledToken, S
 
 def decode_splits(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
     """Context splits of the decode kernel: enough programs for about two per SM (at most 32
-    splits); a function of the batch shape only, so that graphs can be captured."""
+    splits); a function of the batch shape only, so that graphs can be captured. Fewer splits
+    suit short contexts and cost long ones: 4-bit one-sequence decode of a Mistral-7B-shaped
+    model on one H100 at 128 tokens of context ran at 431.2, 437.6 and 438.5 tokens/s with at
+    most 32, 16 and 8 splits, at 4,000 tokens at 388.4, 374.1 and 340.7 (engines in one
+    process, runs alternated)."""
     return max(1, min(32, -(-2 * num_sms // (num_seqs * num_kv_heads))))
 
 
