@@ -8,8 +8,8 @@ What one run does (about 6 minutes on an H100, most of it loading and capturing 
     bf16, and GPTQ 4-bit (group 128, symmetric); fp8 is the bf16 one quantized as it loads;
  2. runs each variant in its own process, so that each gets the whole GPU (this one touches
     CUDA only afterwards): weight bytes, KV cache tokens, decode tokens/s of one sequence at
-    128 tokens of context (the median of three runs), and the throughput of 256 requests with prompts and outputs of
-    100-1,024 tokens (throughput.py's GPU workload, prefix caching off);
+    128 tokens of context (the median of three runs), and the throughput of 256 requests with
+    prompts and outputs of 100-1,024 tokens (throughput.py's GPU workload, prefix caching off);
  3. times one decoder layer's four matmuls (qkv, o, gate_up, down) alone, replayed in a CUDA
     graph, for 1 and 256 rows: the kernels against the bytes they read.
 Each variant's figures are also given over bf16's, and its decode rate over the byte roofline

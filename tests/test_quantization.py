@@ -345,11 +345,11 @@ def test_fp8_decode_on_mistral_7b_shapes_follows_transformers_on_the_rounded_wei
     average, and a near-tie can go either way: our greedy tokens came up to 0.81 below
     transformers' top on these prompts, where a comparison of greedy tokens would stop (a
     change of the prefill kernel's tiles alone moved that from 0.34 to 0.81). So the test
-    compares averages over all 96 generated tokens. On one H100: mean
-    drift 0.11, mean gap 0.05, largest gap 0.81; with every down_proj's scales 1.5 times too
-    large 0.18, 0.07 and 1.0; with one o_proj's 1.25 times 0.16, 0.07 and 0.81; a wrong layout
-    moves them by whole units (mean drift 5.2 with the query heads' rows rolled by one head, in
-    one bf16 layer of these shapes on the CPU)."""
+    compares averages over all 96 generated tokens. On one H100: mean drift 0.11, mean gap
+    0.05, largest gap 0.81; with every down_proj's scales 1.5 times too large 0.18, 0.07 and
+    1.0; with one o_proj's 1.25 times 0.16, 0.07 and 0.81. A wrong layout moves them by whole
+    units (mean drift 5.2 with the query heads' rows rolled by one head, in one bf16 layer of
+    these shapes on the CPU)."""
     from benchmarks.make_checkpoint import make
     from kernels.quant_reference import quantize_fp8_rows
 
