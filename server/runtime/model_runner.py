@@ -257,9 +257,10 @@ class ModelRunner:
             ids_d[pending_at_d] = picks[pending_rows_d]
         query_lens, context_lens = packed.query_lens, packed.context_lens
         decode_only = all(n == 1 for n in query_lens)
-        mixed = packed.lengths[9] > 0  # sequences of one token beside longer ones
+        singles = packed.lengths[PackedStep.SINGLES]
+        mixed = singles > 0  # sequences of one token beside longer ones
         # the sequences the decode kernel takes: all of a decode step, a mixed step's one-token ones
-        decoding = packed.lengths[9] if mixed else packed.num_chunks if decode_only else 0
+        decoding = singles if mixed else packed.num_chunks if decode_only else 0
         meta = AttentionMetadata(
             slot_mapping=slots_d, block_tables=tables, context_lens=context_d, cu_query_lens=cu_query_d,
             query_lens=query_lens, context_lens_list=context_lens, decode_only=decode_only,
@@ -419,6 +420,7 @@ class PackedStep:
     context_lens: list[int]
 
     SECTIONS = 11  # of `values`, each of `lengths[i]` entries
+    SINGLES = 9  # the section of a mixed step's one-token chunks
     HEADER = SECTIONS + 3  # num_chunks, width, the lengths, len(scored); then 3 per scored entry
 
     def starts(self) -> list[int]:
