@@ -25,6 +25,7 @@ def release_cuda_memory():
     garbage collector would starve the next test's allocations (and Triton's module loads)."""
     yield
     if torch.cuda.is_available():
+        gc.unfreeze()  # an engine freezes what exists when it is made (LLMEngine.__init__)
         gc.collect()
         torch.cuda.empty_cache()
 

@@ -334,3 +334,62 @@ def test_the_warm_up_steps_run_and_sample(mistral_v03_dir):
     for chunks in steps:
         [result] = runner.execute(chunks)
         assert 0 <= result.sampled.token_id < llm.engine.config.model.vocab_size
+
+
+def test_the_decode_kernel_takes_fewer_splits_where_every_context_is_short():
+    """Splits fill the GPU for the batch; past 32 or over short contexts they would hold no
+    64-key tile, so a step whose contexts are all short takes at most SHORT_SPLITS."""
+    from server.runtime.model_runner import SHORT_CONTEXT, SHORT_SPLITS, decode_splits
+
+    assert decode_splits(1, 8, 132) == decode_splits(1, 8, 132, SHORT_CONTEXT + 1) == 32
+    assert decode_splits(1, 8, 132, SHORT_CONTEXT) == decode_splits(1, 8, 132, 1) == SHORT_SPLITS
+    assert decode_splits(3, 8, 132) == 11 and decode_splits(3, 8, 132, 100) == SHORT_SPLITS
+    assert decode_splits(6, 8, 132) == decode_splits(6, 8, 132, 100) == 6
+    assert decode_splits(64, 8, 132, 100) == decode_splits(64, 8, 132) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_decode_graphs_for_short_and_long_contexts_give_the_eager_tokens(mistral_v03_dir):
+    """Batches of 1 and 2 decoding across SHORT_CONTEXT: their graphs switch from the short
+    contexts' splits to the long ones', with the tokens and logprobs of steps run without graphs."""
+    from server.runtime.model_runner import SHORT_CONTEXT
+
+    prompts = [[(7 * i + 3) % 900 + 50 for i in range(SHORT_CONTEXT - 20)], [(5 * i + 1) % 700 + 9 for i in range(40)]]
+    params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True, logprobs=1)
+    from server.config import EngineArgs
+    from server.engine.llm_engine import LLMEngine
+
+    results = {}
+    for eager in (False, True):
+        engine = LLMEngine(EngineArgs(model=mistral_v03_dir, device="cuda", dtype="bfloat16", enforce_eager=eager))
+        assert (engine.runner.graphs is None) == eager
+        results[eager] = []
+        for batch in ([prompts[0]], prompts):
+            for prompt in batch:
+                engine.add_request(prompt, params)
+            finished = {}
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        finished[out.request_id] = (out.outputs[0].token_ids, out.outputs[0].logprobs)
+            results[eager].append([finished[key] for key in sorted(finished, key=int)])
+        del engine
+    assert results[False] == results[True]
+
+
+def test_an_engine_dropped_before_the_next_is_made_is_collected(mistral_v03_dir):
+    """An engine freezes what exists when it is made (out of the collector's scans); one in a
+    reference cycle dropped since, with its cache on the GPU, must still be collected when
+    the next is made."""
+    import weakref
+
+    from server.config import EngineArgs
+    from server.engine.llm_engine import LLMEngine
+
+    first = LLMEngine(EngineArgs(model=mistral_v03_dir, device="cpu"))
+    first.runner.engine = first  # a cycle, which only the collector can free
+    gone = weakref.ref(first.runner.model)
+    del first
+    second = LLMEngine(EngineArgs(model=mistral_v03_dir, device="cpu"))
+    assert gone() is None and second.runner.model is not None

@@ -67,6 +67,9 @@ class LLMEngine:
         self._in_flight = None  # (batch, launched step) queued and not yet read back
         # The model, its cache and the tokenizer live as long as the engine: keep them out of
         # the garbage collector's scans, which otherwise grow with every step's small objects.
+        # What an earlier engine froze is unfrozen first, so that one dropped since (in a
+        # reference cycle, with its cache on the GPU) is collected now rather than never.
+        gc.unfreeze()
         gc.collect()
         gc.freeze()
         self._seq_ids = itertools.count()

@@ -3,7 +3,8 @@
 A decode step of a few sequences is hundreds of small kernel launches; replaying a graph
 issues them at once. The graph of size B reads static input buffers, so a batch of n <= B
 sequences is copied into them and padded: padding rows write no KV (slot -1) and attend to
-nothing (context 0). All sizes share one memory pool.
+nothing (context 0). A size whose decode kernel takes fewer context splits when every context is
+short (model_runner.decode_splits) has a second graph for such steps. All share one memory pool.
 """
 from __future__ import annotations
 
@@ -19,8 +20,11 @@ DEFAULT_SIZES = (1, 2, 4, 8) + tuple(range(16, 257, 8))
 
 
 class DecodeGraphs:
-    def __init__(self, model, sizes: list[int], max_blocks: int, num_splits, device: torch.device):
-        """`num_splits(batch_size)` gives the decode kernel's context splits for a size."""
+    def __init__(self, model, sizes: list[int], max_blocks: int, num_splits, short_context: int,
+                 device: torch.device):
+        """`num_splits(batch_size, max_context)` gives the decode kernel's context splits for a
+        size, where every context is at most max_context tokens (None: any); it may take fewer
+        where max_context <= short_context."""
         self.sizes = sorted(sizes)
         biggest = self.sizes[-1]
         self.token_ids = torch.zeros(biggest, dtype=torch.int64, device=device)
@@ -29,23 +33,25 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(biggest, max_blocks, dtype=torch.int32, device=device)
         self.context_lens = torch.zeros(biggest, dtype=torch.int32, device=device)
         self.cu_query_lens = torch.arange(biggest + 1, dtype=torch.int32, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.num_splits = num_splits
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (size, splits) ->
+        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
         pool = None
         for size in reversed(self.sizes):  # the biggest first, so the pool fits them all
-            meta = AttentionMetadata(
-                slot_mapping=self.slot_mapping[:size], block_tables=self.block_tables[:size],
-                context_lens=self.context_lens[:size], cu_query_lens=self.cu_query_lens[:size + 1],
-                query_lens=[1] * size, context_lens_list=[1] * size, decode_only=True, max_query_len=1,
-                num_splits=num_splits(size))
-            args = (self.token_ids[:size], self.positions[:size], meta)
-            model(*args)  # warm-up: compiles and autotunes outside the capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[size] = model(*args)
-            pool = graph.pool()
-            self.graphs[size] = graph
+            for splits in sorted({num_splits(size, None), num_splits(size, short_context)}, reverse=True):
+                meta = AttentionMetadata(
+                    slot_mapping=self.slot_mapping[:size], block_tables=self.block_tables[:size],
+                    context_lens=self.context_lens[:size], cu_query_lens=self.cu_query_lens[:size + 1],
+                    query_lens=[1] * size, context_lens_list=[1] * size, decode_only=True, max_query_len=1,
+                    num_splits=splits)
+                args = (self.token_ids[:size], self.positions[:size], meta)
+                model(*args)  # warm-up: compiles and autotunes outside the capture
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.outputs[size, splits] = model(*args)
+                pool = graph.pool()
+                self.graphs[size, splits] = graph
         torch.cuda.synchronize()
 
     @property
@@ -53,10 +59,12 @@ class DecodeGraphs:
         return self.sizes[-1]
 
     def run(self, token_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-            block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
-        """One decode step of n <= max_size sequences -> hidden states [n, hidden]."""
+            block_tables: torch.Tensor, context_lens: torch.Tensor, max_context: int) -> torch.Tensor:
+        """One decode step of n <= max_size sequences, none with more than `max_context` tokens
+        of context -> hidden states [n, hidden]."""
         n = token_ids.shape[0]
         size = self.sizes[bisect.bisect_left(self.sizes, n)]
+        key = size, self.num_splits(size, max_context)
         self.token_ids[:n].copy_(token_ids)
         self.positions[:n].copy_(positions)
         self.slot_mapping[:n].copy_(slot_mapping)
@@ -65,5 +73,5 @@ class DecodeGraphs:
         self.context_lens[n:size].zero_()
         width = block_tables.shape[1]
         self.block_tables[:n, :width].copy_(block_tables)
-        self.graphs[size].replay()
-        return self.outputs[size][:n]
+        self.graphs[key].replay()
+        return self.outputs[key][:n]

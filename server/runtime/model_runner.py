@@ -24,14 +24,25 @@ from server.runtime.sampler import (AllowedTokens, DeviceSample, SampledToken, S
                                    prompt_logprobs, sample_on_device, sampled_tokens, to_host)
 
 
-def decode_splits(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
+SHORT_CONTEXT = 512  # tokens: the longest context a step may have to take SHORT_SPLITS
+SHORT_SPLITS = 8
+
+
+def decode_splits(num_seqs: int, num_kv_heads: int, num_sms: int, max_context: int | None = None) -> int:
     """Context splits of the decode kernel: enough programs for about two per SM (at most 32
-    splits); a function of the batch shape only, so that graphs can be captured. Fewer splits
-    suit short contexts and cost long ones: 4-bit one-sequence decode of a Mistral-7B-shaped
-    model on one H100 at 128 tokens of context ran at 431.2, 437.6 and 438.5 tokens/s with at
-    most 32, 16 and 8 splits, at 4,000 tokens at 388.4, 374.1 and 340.7 (engines in one
-    process, runs alternated)."""
-    return max(1, min(32, -(-2 * num_sms // (num_seqs * num_kv_heads))))
+    splits); a function of the batch shape, so that graphs can be captured, and of whether
+    every context is at most SHORT_CONTEXT tokens: then at most SHORT_SPLITS. A split's range
+    is a whole number of 64-key tiles, so that over a context of 512 tokens or fewer 32 splits
+    leave all but 8 without keys, yet each is launched, stores an empty result and is merged.
+    Fewer splits suit short
+    contexts and cost long ones: 4-bit one-sequence decode of a Mistral-7B-shaped model on one
+    H100 at 128 tokens of context ran at 431.2, 437.6 and 438.5 tokens/s with at most 32, 16
+    and 8 splits, at 4,000 tokens at 388.4, 374.1 and 340.7 (engines in one process, runs
+    alternated). `max_context` None: any context."""
+    splits = max(1, min(32, -(-2 * num_sms // (num_seqs * num_kv_heads))))
+    if max_context is not None and max_context <= SHORT_CONTEXT:
+        splits = min(splits, SHORT_SPLITS)
+    return splits
 
 
 @dataclass
@@ -161,7 +172,9 @@ class ModelRunner:
             return
         sizes = [s for s in DEFAULT_SIZES if s <= max_batch_size] or [1]
         max_blocks = -(-max_model_len // self.block_size)
-        self.graphs = DecodeGraphs(self.model, sizes, max_blocks, self._num_splits, self.device)
+        kv_heads, sms = self.num_kv_heads, self.num_sms  # the graphs keep no reference to the runner
+        self.graphs = DecodeGraphs(self.model, sizes, max_blocks, lambda size, context: decode_splits(
+            size, kv_heads, sms, context), SHORT_CONTEXT, self.device)
 
     @torch.inference_mode()
     def warm_up(self) -> None:
@@ -186,8 +199,8 @@ class ModelRunner:
                 steps.append([SequenceChunk([0] * length, 0, table, sampling=SamplingOptions())])
         return steps
 
-    def _num_splits(self, num_seqs: int) -> int:
-        return decode_splits(num_seqs, self.num_kv_heads, self.num_sms)
+    def _num_splits(self, num_seqs: int, max_context: int | None = None) -> int:
+        return decode_splits(num_seqs, self.num_kv_heads, self.num_sms, max_context)
 
     def _pack(self, chunks: list[SequenceChunk]) -> "PackedStep":
         """The step's inputs in one int64 array (on the host): token ids, positions, slots,
@@ -264,7 +277,7 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=slots_d, block_tables=tables, context_lens=context_d, cu_query_lens=cu_query_d,
             query_lens=query_lens, context_lens_list=context_lens, decode_only=decode_only,
-            max_query_len=max(query_lens), num_splits=self._num_splits(decoding) if decoding else 1,
+            max_query_len=max(query_lens), num_splits=self._num_splits(decoding, max(context_lens)) if decoding else 1,
             cu_context_lens=cu_context_d, max_context_len=max(context_lens),
             single_seqs=singles_d if mixed else None, multi_seqs=multis_d if mixed else None)
         return ids_d, positions_d, meta, sample_d
@@ -288,7 +301,8 @@ class ModelRunner:
         """Hidden states [num_tokens, hidden] and the rows to sample from."""
         token_ids, positions, meta, sample_rows = self._unpack(packed, previous)
         if self.graphs is not None and meta.decode_only and packed.num_chunks <= self.graphs.max_size:
-            hidden = self.graphs.run(token_ids, positions, meta.slot_mapping, meta.block_tables, meta.context_lens)
+            hidden = self.graphs.run(token_ids, positions, meta.slot_mapping, meta.block_tables, meta.context_lens,
+                                     meta.max_context_len)
         else:
             try:
                 hidden = self.model(token_ids, positions, meta)
