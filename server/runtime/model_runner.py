@@ -31,14 +31,14 @@ SHORT_SPLITS = 8
 def decode_splits(num_seqs: int, num_kv_heads: int, num_sms: int, max_context: int | None = None) -> int:
     """Context splits of the decode kernel: enough programs for about two per SM (at most 32
     splits); a function of the batch shape, so that graphs can be captured, and of whether
-    every context is at most SHORT_CONTEXT tokens: then at most SHORT_SPLITS. A split's range
-    is a whole number of 64-key tiles, so that over a context of 512 tokens or fewer 32 splits
-    leave all but 8 without keys, yet each is launched, stores an empty result and is merged.
-    Fewer splits suit short
-    contexts and cost long ones: 4-bit one-sequence decode of a Mistral-7B-shaped model on one
-    H100 at 128 tokens of context ran at 431.2, 437.6 and 438.5 tokens/s with at most 32, 16
-    and 8 splits, at 4,000 tokens at 388.4, 374.1 and 340.7 (engines in one process, runs
-    alternated). `max_context` None: any context."""
+    every context is at most SHORT_CONTEXT tokens (`max_context`; None: any), then at most
+    SHORT_SPLITS. A split's range is whole 64-key tiles, so that over 512 tokens or fewer 32
+    splits leave all but 8 without keys, each still launched, storing an empty result and
+    merged. 4-bit one-sequence decode of a Mistral-7B-shaped model on one H100 (engines in one
+    process, runs alternated), with 32, 16 and 8 splits: 422.0, 437.2 and 437.4 tokens/s at
+    128-385 tokens of context (4, 2 and 1: 413.2, 411.3, 400.1), 422.5, 393.4 and 407.5 at
+    1,000-1,257, 393.8, 387.3 and 346.9 at 3,000-3,257; with and without SHORT_SPLITS, 437.6
+    and 430.0 at 128-385."""
     splits = max(1, min(32, -(-2 * num_sms // (num_seqs * num_kv_heads))))
     if max_context is not None and max_context <= SHORT_CONTEXT:
         splits = min(splits, SHORT_SPLITS)
@@ -277,8 +277,8 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=slots_d, block_tables=tables, context_lens=context_d, cu_query_lens=cu_query_d,
             query_lens=query_lens, context_lens_list=context_lens, decode_only=decode_only,
-            max_query_len=max(query_lens), num_splits=self._num_splits(decoding, max(context_lens)) if decoding else 1,
-            cu_context_lens=cu_context_d, max_context_len=max(context_lens),
+            max_query_len=max(query_lens), cu_context_lens=cu_context_d, max_context_len=max(context_lens),
+            num_splits=self._num_splits(decoding, max(context_lens)) if decoding else 1,
             single_seqs=singles_d if mixed else None, multi_seqs=multis_d if mixed else None)
         return ids_d, positions_d, meta, sample_d
 
