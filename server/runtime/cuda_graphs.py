@@ -20,11 +20,10 @@ DEFAULT_SIZES = (1, 2, 4, 8) + tuple(range(16, 257, 8))
 
 
 class DecodeGraphs:
-    def __init__(self, model, sizes: list[int], max_blocks: int, num_splits, short_context: int,
-                 device: torch.device):
+    def __init__(self, model, sizes: list[int], max_blocks: int, num_splits, device: torch.device):
         """`num_splits(batch_size, max_context)` gives the decode kernel's context splits for a
-        size, where every context is at most max_context tokens (None: any); it may take fewer
-        where max_context <= short_context."""
+        size, where every context is at most max_context tokens (None: any): a size is captured
+        with those of any context and with those of the shortest, where they differ."""
         self.sizes = sorted(sizes)
         biggest = self.sizes[-1]
         self.token_ids = torch.zeros(biggest, dtype=torch.int64, device=device)
@@ -38,7 +37,7 @@ class DecodeGraphs:
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
         pool = None
         for size in reversed(self.sizes):  # the biggest first, so the pool fits them all
-            for splits in sorted({num_splits(size, None), num_splits(size, short_context)}, reverse=True):
+            for splits in sorted({num_splits(size, None), num_splits(size, 0)}, reverse=True):
                 meta = AttentionMetadata(
                     slot_mapping=self.slot_mapping[:size], block_tables=self.block_tables[:size],
                     context_lens=self.context_lens[:size], cu_query_lens=self.cu_query_lens[:size + 1],

@@ -174,7 +174,7 @@ class ModelRunner:
         max_blocks = -(-max_model_len // self.block_size)
         kv_heads, sms = self.num_kv_heads, self.num_sms  # the graphs keep no reference to the runner
         self.graphs = DecodeGraphs(self.model, sizes, max_blocks, lambda size, context: decode_splits(
-            size, kv_heads, sms, context), SHORT_CONTEXT, self.device)
+            size, kv_heads, sms, context), self.device)
 
     @torch.inference_mode()
     def warm_up(self) -> None:
