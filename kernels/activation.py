@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.deferred import read_values
+from kernels.deferred import released, settle
 from kernels.launch import LAUNCH, PDL, wait_for_inputs
 
 
@@ -18,8 +18,12 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, WIDTH: tl.constexpr, BLOCK: t
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < WIDTH
-    gate = read_values(x_ptr + row * stride_x + offs, mask, out_ptr.dtype.element_ty)
-    up = read_values(x_ptr + row * stride_x + WIDTH + offs, mask, out_ptr.dtype.element_ty)
+    at = x_ptr + row * stride_x + offs
+    gate = tl.load(at, mask=mask, other=0)
+    up = tl.load(at + WIDTH, mask=mask, other=0)
+    settle(gate)  # both halves in flight together
+    gate = released(at, gate, mask, out_ptr.dtype.element_ty)
+    up = released(at + WIDTH, up, mask, out_ptr.dtype.element_ty)
     g = gate.to(tl.float32)
     silu = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
     tl.store(out_ptr + row * WIDTH + offs, (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype), mask=mask)

@@ -26,10 +26,28 @@ PER_UNIT = tl.constexpr(1 / SUM_UNIT)  # the units in 1.0, for the product that 
 @triton.jit
 def read_values(at, mask, dtype: tl.constexpr):
     """The values at `at`: as they are, or, where they are deferred sums, in `dtype` (and the
-    sums zeroed)."""
+    sums zeroed). A kernel that reads several tensors loads them all first and then calls
+    `settle` once, so that their loads are in flight together (each read_values waits for
+    its loads at the barrier)."""
     x = tl.load(at, mask=mask, other=0)
+    settle(x)
+    return released(at, x, mask, dtype)
+
+
+@triton.jit
+def settle(x):
+    """After the loads of every deferred read of a kernel (x: any of them): a barrier, so that
+    every thread's loads are performed before any thread's zeros (above). Nothing for values
+    that are not sums."""
     if x.dtype == tl.int64:
-        tl.debug_barrier()  # every thread's loads performed before any thread's zeros (above)
+        tl.debug_barrier()
+
+
+@triton.jit
+def released(at, x, mask, dtype: tl.constexpr):
+    """x as loaded from `at`, after `settle`: in `dtype`, and the sums set back to zero where
+    they are deferred sums; else x as it is."""
+    if x.dtype == tl.int64:
         tl.store(at, tl.zeros_like(x), mask=mask)
         x = (x.to(tl.float32) * UNIT).to(dtype)
     return x

@@ -5,6 +5,10 @@
 
 x may be a 4-bit product's deferred sums (int64, kernels/int4_gemv.py): read as values in the
 model dtype (`dtype`), as finish_sums rounds them, and set back to zero.
+
+A norm of a decode step is one program a row, and its time is the latency of its reads: the
+weight (a constant) is read before the wait for the kernel ahead (kernels/launch.py), x and
+the residual after it, together.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.deferred import read_values
+from kernels.deferred import released, settle
 from kernels.launch import LAUNCH, PDL, wait_for_inputs
 
 
@@ -20,19 +24,23 @@ from kernels.launch import LAUNCH, PDL, wait_for_inputs
 def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, stride_x, stride_r,
                     eps, HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                     PDL: tl.constexpr):
-    wait_for_inputs(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < HIDDEN
-    x = read_values(x_ptr + row * stride_x + offs, mask, out_ptr.dtype.element_ty)
+    w = tl.load(weight_ptr + offs, mask=mask, other=0.0)  # a constant: read before the wait
+    wait_for_inputs(PDL)
+    at = x_ptr + row * stride_x + offs
+    x = tl.load(at, mask=mask, other=0)
     if HAS_RESIDUAL:
         r = tl.load(residual_ptr + row * stride_r + offs, mask=mask, other=0.0)
+    settle(x)  # x and the residual in flight together
+    x = released(at, x, mask, out_ptr.dtype.element_ty)
+    if HAS_RESIDUAL:
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
         tl.store(residual_out_ptr + row * HIDDEN + offs, x, mask=mask)
     x32 = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x32 * x32, axis=0) / HIDDEN + eps)
     normed = (x32 * rstd).to(x.dtype)
-    w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
     y = normed.to(tl.float32) * w.to(tl.float32)
     tl.store(out_ptr + row * HIDDEN + offs, y.to(x.dtype), mask=mask)
 

@@ -14,6 +14,10 @@ fp8 cache gets the clamped value times 1 / scale).
 q, k and v may be a 4-bit product's deferred sums (int64, kernels/int4_gemv.py): they are read
 as values in q_out's dtype, as finish_sums rounds them, and set back to zero; q then goes to
 q_out rotated.
+
+A decode step's rotation is a few programs whose time is the latency of their reads: the
+position, slot and angles (the step's inputs, written before the forward starts) are read
+before the wait for the kernel ahead (kernels/launch.py), q, k and v after it, all at once.
 """
 from __future__ import annotations
 
@@ -22,16 +26,14 @@ import triton
 import triton.language as tl
 
 from kernels.cache import to_cache
-from kernels.deferred import read_values
+from kernels.deferred import released, settle
 from kernels.launch import LAUNCH, PDL, wait_for_inputs
 from kernels.quant_reference import FP8, FP8_MAX
 
 
 @triton.jit
-def _rotated(base, cos, sin, mask, HALF: tl.constexpr, dtype: tl.constexpr):
-    """The two rotated halves of the head vectors at `base`, in `dtype`."""
-    x1 = read_values(base, mask, dtype)
-    x2 = read_values(base + HALF, mask, dtype)
+def _rotate(x1, x2, cos, sin, dtype: tl.constexpr):
+    """The two halves of head vectors, rotated, in `dtype`."""
     a, b = x1.to(tl.float32), x2.to(tl.float32)
     return (a * cos - b * sin).to(dtype), (b * cos + a * sin).to(dtype)
 
@@ -42,37 +44,45 @@ def _rotate_and_store_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, pos_ptr, cos_sin_pt
                              GROUP: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                              BLOCK_G: tl.constexpr, BLOCK_HALF: tl.constexpr, QUANTIZE: tl.constexpr,
                              FP8_MAX: tl.constexpr, PDL: tl.constexpr):
-    wait_for_inputs(PDL)
     HALF: tl.constexpr = HEAD_DIM // 2
     token = tl.program_id(0)
     kv_head = tl.program_id(1)  # with the GROUP query heads that share it
+    # the step's inputs and the table are written before the forward starts: read before the wait
     pos = tl.load(pos_ptr + token)
+    slot = tl.load(slot_ptr + token)
     dims = tl.arange(0, BLOCK_HALF)[None, :]
     dmask = dims < HALF
     cos = tl.load(cos_sin_ptr + pos * HEAD_DIM + dims, mask=dmask, other=0.0)
     sin = tl.load(cos_sin_ptr + pos * HEAD_DIM + HALF + dims, mask=dmask, other=0.0)
+    wait_for_inputs(PDL)
 
     g = tl.arange(0, BLOCK_G)[:, None]
     mask = (g < GROUP) & dmask
     heads = kv_head * GROUP + g
+    offs = kv_head * HEAD_DIM + dims  # within a token's [kv_heads, head_dim]
+    q_at = q_ptr + token * stride_q + heads * HEAD_DIM + dims
+    k_at = k_ptr + token * stride_k + offs
+    v_at = v_ptr + token * stride_v + offs
+    # every read in flight at once; k and v are read even for a padding token (slot -1), whose
+    # deferred sums are zeroed too
+    q1, q2 = tl.load(q_at, mask=mask, other=0), tl.load(q_at + HALF, mask=mask, other=0)
+    k1, k2 = tl.load(k_at, mask=dmask, other=0), tl.load(k_at + HALF, mask=dmask, other=0)
+    v1, v2 = tl.load(v_at, mask=dmask, other=0), tl.load(v_at + HALF, mask=dmask, other=0)
+    settle(q1)
     dtype: tl.constexpr = q_out_ptr.dtype.element_ty
-    q1, q2 = _rotated(q_ptr + token * stride_q + heads * HEAD_DIM + dims, cos, sin, mask, HALF, dtype)
+    q1, q2 = _rotate(released(q_at, q1, mask, dtype), released(q_at + HALF, q2, mask, dtype), cos, sin, dtype)
     rotated = q_out_ptr + token * stride_qo + heads * HEAD_DIM + dims
     tl.store(rotated, q1, mask=mask)
     tl.store(rotated + HALF, q2, mask=mask)
 
-    # k and v are read even for a padding token (slot -1), whose deferred sums are zeroed too
-    slot = tl.load(slot_ptr + token)
     stored = dmask & (slot >= 0)
-    offs = kv_head * HEAD_DIM + dims  # within a token's [kv_heads, head_dim]
     cached = slot * (NUM_KV_HEADS * HEAD_DIM) + offs
-    k1, k2 = _rotated(k_ptr + token * stride_k + offs, cos, sin, dmask, HALF, dtype)
+    k1, k2 = _rotate(released(k_at, k1, dmask, dtype), released(k_at + HALF, k2, dmask, dtype), cos, sin, dtype)
     tl.store(k_cache_ptr + cached, to_cache(k1, k_inv_scale, k_cache_ptr, QUANTIZE, FP8_MAX), mask=stored)
     tl.store(k_cache_ptr + cached + HALF, to_cache(k2, k_inv_scale, k_cache_ptr, QUANTIZE, FP8_MAX), mask=stored)
-    for half in tl.static_range(2):
-        v = read_values(v_ptr + token * stride_v + offs + half * HALF, dmask, dtype)
-        tl.store(v_cache_ptr + cached + half * HALF, to_cache(v, v_inv_scale, v_cache_ptr, QUANTIZE, FP8_MAX),
-                 mask=stored)
+    v1, v2 = released(v_at, v1, dmask, dtype), released(v_at + HALF, v2, dmask, dtype)
+    tl.store(v_cache_ptr + cached, to_cache(v1, v_inv_scale, v_cache_ptr, QUANTIZE, FP8_MAX), mask=stored)
+    tl.store(v_cache_ptr + cached + HALF, to_cache(v2, v_inv_scale, v_cache_ptr, QUANTIZE, FP8_MAX), mask=stored)
 
 
 def rotate_and_store(positions, q, k, v, cos_sin, k_cache, v_cache, slot_mapping,
