@@ -41,6 +41,7 @@ DECODE_CASES = [  # context_lens, page, heads, kv_heads, head_dim, window, split
     ([70], 8, 2, 2, 16, None, 4),
     ([9, 20], 4, 8, 2, 8, None, 2),  # head_dim 8: tiles padded to what tl.dot needs
     ([33, 7, 0], 8, 6, 2, 16, None, 5),  # three query heads a KV head; splits past a power of two
+    ([5, 1, 40, 17, 2, 64, 3, 9, 30], 8, 4, 2, 16, 24, 2),  # more than EARLY_SEQS: no tile read before the wait
 ] + [pytest.param(*case, marks=gpu_only) for case in [
     ([1, 15, 16, 17, 300, 4097], 16, 32, 8, 128, None, 8),
     ([128, 1000], 16, 32, 32, 128, None, 1),
