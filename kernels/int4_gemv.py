@@ -53,6 +53,12 @@ exact below 2^31 in magnitude, where activations are.
 
 The mma path is launched with programmatic dependent launch (kernels/launch.py): its
 programs wait for the kernel ahead before reading x, and the kernel after it launches early.
+The weight is never written, so a program reads its first group (words, zero points and
+scales; `early`: one or two groups) before that wait, while the kernel ahead (a norm, the
+attention's merge, silu_and_mul: a few microseconds of latency with the memory idle) runs.
+4-bit one-sequence decode of a Mistral-7B-shaped model on one H100: 467.6 -> 473.9 tokens/s
+with one group early (engines in one process, runs alternated); with the splits retuned for
+it (mma_config), 500.5.
 
 Under act-order with groups that are not runs of inputs (g_idx given: a row-parallel rank's
 slice), int4_matmul does the product; that case is rare enough not to need its own tiles.
@@ -309,53 +315,87 @@ def _x_pairs(x_words, row, s: tl.constexpr):
 
 
 @triton.jit
+def _group_words(qweight_ptr, zeros_ptr, scales_ptr, group, col, c, N, GROUP_SIZE: tl.constexpr, J: tl.constexpr):
+    """A lane's words of one group, step by step (w0 then w1, J each), then its zero points and
+    scales (z0, z1, s0, s1, J each): one flat tuple."""
+    words = ()
+    for t in tl.static_range(GROUP_SIZE // 32):
+        row = group * (GROUP_SIZE // 8) + 4 * t + c  # this lane's word row
+        words += _load_words(qweight_ptr + row.to(tl.int64) * N + col, col < N, J)  # A row g
+        words += _load_words(qweight_ptr + row.to(tl.int64) * N + col + 8 * J, col + 8 * J < N, J)  # g + 8
+    words += _load_words(zeros_ptr + group * N + col, col < N, J)  # the zero points and scales of A rows g
+    words += _load_words(zeros_ptr + group * N + col + 8 * J, col + 8 * J < N, J)  # and g + 8
+    words += _load_words(scales_ptr + group * N + col, col < N, J)
+    words += _load_words(scales_ptr + group * N + col + 8 * J, col + 8 * J < N, J)
+    return words
+
+
+@triton.jit
+def _group_product(acc, words, x_words, group, c, ones, all_ones, zero, GROUP_SIZE: tl.constexpr, J: tl.constexpr,
+                   BF16: tl.constexpr, EMULATE: tl.constexpr):
+    """acc (the tuple below) plus one group's products, from its words (_group_words)."""
+    E: tl.constexpr = 128.0 if BF16 else 1024.0  # 1 + q/E: q in the lowest bits of 7 mantissa bits, or 10
+    STEPS: tl.constexpr = GROUP_SIZE // 32  # 4 word rows (32 inputs) a step
+    e = (zero, zero, zero, zero)  # X of x row 2c, of 2c + 1, and both again
+    d = (zero,) * (4 * J)
+    for t in tl.static_range(STEPS):
+        row = group * (GROUP_SIZE // 8) + 4 * t + c
+        for s in tl.static_range(2):  # nibble pairs (2s, 2s + 4) and (2s + 1, 2s + 5)
+            xa, xb = _x_pairs(x_words, row, s)
+            e = _mma(all_ones, all_ones, all_ones, all_ones, xa, xb, e, BF16, EMULATE)
+            summed = ()
+            for j in tl.static_range(J):
+                w0, w1 = words[2 * J * t + j], words[2 * J * t + J + j]
+                summed += _mma(_nibbles(w0, 2 * s, ones), _nibbles(w1, 2 * s, ones),
+                               _nibbles(w0, 2 * s + 1, ones), _nibbles(w1, 2 * s + 1, ones), xa, xb,
+                               (d[4 * j], d[4 * j + 1], d[4 * j + 2], d[4 * j + 3]), BF16, EMULATE)
+            d = summed
+    at: tl.constexpr = 2 * J * STEPS  # the zero points and scales
+    scaled = ()
+    for j in tl.static_range(J):
+        za, zb = E + words[at + j].to(tl.float32), E + words[at + J + j].to(tl.float32)
+        sa, sb = words[at + 2 * J + j].to(tl.float32), words[at + 3 * J + j].to(tl.float32)
+        scaled += (acc[4 * j] + sa * (E * d[4 * j] - za * e[0]),
+                   acc[4 * j + 1] + sa * (E * d[4 * j + 1] - za * e[1]),
+                   acc[4 * j + 2] + sb * (E * d[4 * j + 2] - zb * e[0]),
+                   acc[4 * j + 3] + sb * (E * d[4 * j + 3] - zb * e[1]))
+    return scaled
+
+
+@triton.jit
 def _int4_mma_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, out_ptr, partial_ptr, counters_ptr, M, N,
                      stride_xm, groups_per_split, num_splits, num_groups, ones, GROUP_SIZE: tl.constexpr,
                      J: tl.constexpr, BLOCK_M: tl.constexpr, BF16: tl.constexpr, SPLIT: tl.constexpr,
-                     SUMS: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr):
-    E: tl.constexpr = 128.0 if BF16 else 1024.0  # 1 + q/E: q in the lowest bits of 7 mantissa bits, or 10
-    STEPS: tl.constexpr = GROUP_SIZE // 32  # 4 word rows (32 inputs) a step
+                     SUMS: tl.constexpr, EARLY: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr):
     block = tl.program_id(0)
     split = tl.program_id(1)
     lane = tl.arange(0, 32)
     g, c = lane // 4, lane % 4
     # A rows g and g + 8 of block j: columns col + j and col + 8 J + j (a lane's J columns, one load)
     col = block * 16 * J + J * g
+    first = split * groups_per_split
+    end = tl.minimum(first + groups_per_split, num_groups)
+    # The weight is never written: a program's first EARLY groups are read before the wait (a
+    # second group past the program's last is its last again, read and not used).
+    if EARLY >= 1:
+        words = _group_words(qweight_ptr, zeros_ptr, scales_ptr, first, col, c, N, GROUP_SIZE, J)
+    if EARLY >= 2:
+        more = _group_words(qweight_ptr, zeros_ptr, scales_ptr, tl.minimum(first + 1, end - 1), col, c, N,
+                            GROUP_SIZE, J)
     wait_for_inputs(PDL)
     x_words = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + tl.minimum(g, M - 1) * (stride_xm // 2)  # B col g
     all_ones = tl.zeros([32], tl.int32) + ones  # A of the mma that sums x
     zero = tl.zeros([32], tl.float32)
     acc = (zero,) * (4 * J)  # per block j: (row g, x row 2c), (g, 2c + 1), (g + 8, 2c), (g + 8, 2c + 1)
-    first = split * groups_per_split
-    for group in range(first, tl.minimum(first + groups_per_split, num_groups)):
-        e = (zero, zero, zero, zero)  # X of x row 2c, of 2c + 1, and both again
-        d = (zero,) * (4 * J)
-        for t in tl.static_range(STEPS):
-            row = group * (GROUP_SIZE // 8) + 4 * t + c  # this lane's word row
-            w0 = _load_words(qweight_ptr + row.to(tl.int64) * N + col, col < N, J)  # A row g
-            w1 = _load_words(qweight_ptr + row.to(tl.int64) * N + col + 8 * J, col + 8 * J < N, J)  # g + 8
-            for s in tl.static_range(2):  # nibble pairs (2s, 2s + 4) and (2s + 1, 2s + 5)
-                xa, xb = _x_pairs(x_words, row, s)
-                e = _mma(all_ones, all_ones, all_ones, all_ones, xa, xb, e, BF16, EMULATE)
-                summed = ()
-                for j in tl.static_range(J):
-                    summed += _mma(_nibbles(w0[j], 2 * s, ones), _nibbles(w1[j], 2 * s, ones),
-                                   _nibbles(w0[j], 2 * s + 1, ones), _nibbles(w1[j], 2 * s + 1, ones), xa, xb,
-                                   (d[4 * j], d[4 * j + 1], d[4 * j + 2], d[4 * j + 3]), BF16, EMULATE)
-                d = summed
-        z0 = _load_words(zeros_ptr + group * N + col, col < N, J)  # the zero points and scales of A rows g
-        z1 = _load_words(zeros_ptr + group * N + col + 8 * J, col + 8 * J < N, J)  # and g + 8
-        s0 = _load_words(scales_ptr + group * N + col, col < N, J)
-        s1 = _load_words(scales_ptr + group * N + col + 8 * J, col + 8 * J < N, J)
-        scaled = ()
-        for j in tl.static_range(J):
-            za, zb = E + z0[j].to(tl.float32), E + z1[j].to(tl.float32)
-            sa, sb = s0[j].to(tl.float32), s1[j].to(tl.float32)
-            scaled += (acc[4 * j] + sa * (E * d[4 * j] - za * e[0]),
-                       acc[4 * j + 1] + sa * (E * d[4 * j + 1] - za * e[1]),
-                       acc[4 * j + 2] + sb * (E * d[4 * j + 2] - zb * e[0]),
-                       acc[4 * j + 3] + sb * (E * d[4 * j + 3] - zb * e[1]))
-        acc = scaled
+    if EARLY >= 1:
+        acc = _group_product(acc, words, x_words, first, c, ones, all_ones, zero, GROUP_SIZE, J, BF16, EMULATE)
+    if EARLY >= 2:
+        if first + 1 < end:
+            acc = _group_product(acc, more, x_words, first + 1, c, ones, all_ones, zero, GROUP_SIZE, J, BF16,
+                                 EMULATE)
+    for group in range(first + EARLY, end):
+        words = _group_words(qweight_ptr, zeros_ptr, scales_ptr, group, col, c, N, GROUP_SIZE, J)
+        acc = _group_product(acc, words, x_words, group, c, ones, all_ones, zero, GROUP_SIZE, J, BF16, EMULATE)
     rows = 2 * c  # x rows of acc[4j] and acc[4j + 2]; acc[4j + 1] and acc[4j + 3] have the next
     if SPLIT and not SUMS:
         at = partial_ptr + split * M * N
@@ -385,6 +425,7 @@ class Int4GemvConfig:
     split_k: int = 1  # programs sharing one block of columns, each over its own run of K
     dot: bool = False  # the tensor cores (x's rows padded to 16) rather than float32 multiply-adds
     mma: bool = False  # up to MMA_MAX_ROWS rows through mma.sync, one warp and a group of inputs a step
+    early: int = 1  # mma: the groups (0-2) a program reads before it waits for the kernel ahead
 
 
 PROGRAMS_IN_FLIGHT = 264  # two programs on each of an H100's 132 SMs
@@ -402,20 +443,33 @@ def split_k_for(N: int, K: int, block_n: int, block_k: int, num_warps: int, warp
 
 
 def mma_config(M: int, N: int, K: int, group_size: int) -> Int4GemvConfig:
-    """The mma path's tiles: the fastest of a sweep on an H100 (benchmarks/int4_gemv.py) for each
-    Mistral-7B weight at 1, 4 and 8 rows: 32 columns a program (64 for the wide gate_up at one
-    row), K split until about 4,096 warps, 2,048 for o_proj and for 8 rows of the others whose
-    K is 4,096. A layer's four products took 64.0 and 79.7 us at 1 and 8 rows (72.0 at 4 in an
-    earlier sweep), against the multiply-adds' 67.5, 133.7 and 434 and int4_matmul's 169. In
-    the engine (4-bit one-sequence decode, engines made under each setting in one process, runs
-    alternated, one H100): 428.1 tokens/s as here, 354.7 with half the warps, 410.5 with twice
-    as many, 424.1 with gate_up at 32 columns. In another run, with a scratch variant that asks
-    for all of a group's words, x pairs, zero points and scales before multiplying: 425.5, 425.7
-    with two stages, 422.2 with the next group's asked for before the current one's products."""
-    block_n = 64 if N >= 16384 and M == 1 else 32
-    warps = 2048 if K <= 4096 and (N <= 4096 or M > 4) else 4096
-    split = min(K // group_size, triton.cdiv(warps, triton.cdiv(N, block_n)))
-    return Int4GemvConfig(block_n=block_n, num_warps=1, num_stages=1, split_k=split, mma=True)
+    """The mma path's tiles: 32 columns a program; K split for one row into programs of 2
+    groups where K and N are at most 4,096 and 8,192 (qkv_proj and o_proj of Mistral-7B), else
+    4 (gate_up_proj, down_proj); for more rows until about 4,096 warps, 2,048 for o_proj and
+    for 8 rows of the others whose K is 4,096. A program reads its first group before it waits
+    for the kernel ahead, and its second too where the launch has at most 2,048 programs (each
+    then needs 76 registers a lane, 25 programs an SM: one wave on an H100).
+
+    Measured in the engine (4-bit one-sequence decode of a Mistral-7B-shaped model at 128-385
+    tokens of context; engines made under each setting in one process, runs alternated, one
+    H100): with one group read early, gate_up_proj split into programs of 4 groups gave 497.4
+    tokens/s, of 7 (about 4,096 warps) 476.7, of 8 494.2, of 2 493.2, of 1 408.8; down_proj
+    in programs of 2 or 8 groups, 493.4 and 454.8 against 497.4; qkv_proj and o_proj in
+    programs of 1 group, 471.3 and 495.2; two groups early for o_proj 500.5, for qkv_proj
+    471.3 against 476.7. Before any group was read early: 428.1 tokens/s with gate_up at 64
+    columns a program (4 groups, about 4,096 warps), 424.1 at 32; 354.7 and 410.5 with half and
+    twice the warps. The sweep in benchmarks/int4_gemv.py (the products alone) had a layer's
+    four products at 64.0 and 79.7 us at 1 and 8 rows, against the multiply-adds' 67.5 and
+    133.7 and int4_matmul's 169."""
+    blocks, groups = triton.cdiv(N, 32), K // group_size
+    if M == 1:
+        split = triton.cdiv(groups, 2 if K <= 4096 and N <= 8192 else 4)
+    else:
+        warps = 2048 if K <= 4096 and (N <= 4096 or M > 4) else 4096
+        split = min(groups, triton.cdiv(warps, blocks))
+    split = triton.cdiv(groups, triton.cdiv(groups, split))  # the splits that have groups
+    return Int4GemvConfig(block_n=32, num_warps=1, num_stages=1, split_k=split, mma=True,
+                          early=2 if blocks * split <= 2048 else 1)
 
 
 def config_for(x: torch.Tensor, qweight: torch.Tensor, group_size: int) -> Int4GemvConfig:
@@ -529,10 +583,11 @@ def mma_suits(x: torch.Tensor, qweight: torch.Tensor, group_size: int) -> bool:
 def _int4_mma(x, qweight, zeros, scales, group_size: int, c: Int4GemvConfig, counters, sums) -> torch.Tensor:
     M, K = x.shape
     N = qweight.shape[1]
-    if not mma_suits(x, qweight, group_size) or c.block_n not in (16, 32, 64) or c.num_warps != 1 or K % group_size:
+    if not mma_suits(x, qweight, group_size) or c.block_n not in (16, 32, 64) or c.num_warps != 1 or K % group_size \
+            or c.early not in (0, 1, 2):
         raise ValueError(f"the mma path takes up to {MMA_MAX_ROWS} rows, groups of a multiple of 32 inputs dividing "
-                         f"K, outputs in fours, one warp and 16, 32 or 64 columns; not {M} rows, {N} outputs, "
-                         f"group size {group_size}, K {K}, {c}")
+                         f"K, outputs in fours, one warp, 16, 32 or 64 columns and 0-2 early groups; not {M} rows, "
+                         f"{N} outputs, group size {group_size}, K {K}, {c}")
     groups = K // group_size
     per_split = triton.cdiv(groups, c.split_k)
     split_k = triton.cdiv(groups, per_split)
@@ -550,6 +605,6 @@ def _int4_mma(x, qweight, zeros, scales, group_size: int, c: Int4GemvConfig, cou
         x, qweight, zeros, scales, out, partial, counters, M, N, x.stride(0), per_split,
         split_k, groups, HALVES[x.dtype], GROUP_SIZE=group_size, J=c.block_n // 16,
         BLOCK_M=triton.next_power_of_2(M), BF16=x.dtype == torch.bfloat16, SPLIT=split_k > 1,
-        SUMS=sums is not None, EMULATE=knobs.runtime.interpret, PDL=PDL, num_warps=1,
+        SUMS=sums is not None, EARLY=c.early, EMULATE=knobs.runtime.interpret, PDL=PDL, num_warps=1,
         num_stages=c.num_stages, **LAUNCH)
     return out

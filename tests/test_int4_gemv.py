@@ -26,9 +26,12 @@ DTYPES = [torch.bfloat16, torch.float16]
 FMA = [Int4GemvConfig(block_n=32, block_k=32, num_warps=1, num_stages=1),
        Int4GemvConfig(block_n=16, block_k=32, num_warps=2, num_stages=2, split_k=3)]
 DOT = [Int4GemvConfig(block_n=32, block_k=128, dot=True), Int4GemvConfig(block_n=16, block_k=64, dot=True, split_k=2)]
-# mma.sync (emulated in the interpreter): one and two blocks of 16 columns, with and without splits
-MMA = [Int4GemvConfig(block_n=32, num_warps=1, mma=True), Int4GemvConfig(block_n=16, num_warps=1, mma=True, split_k=3),
-       Int4GemvConfig(block_n=64, num_warps=1, mma=True, split_k=2)]
+# mma.sync (emulated in the interpreter): one and two blocks of 16 columns, with and without splits,
+# with 0, 1 or 2 groups read before the wait (the last: one group a program, read twice)
+MMA = [Int4GemvConfig(block_n=32, num_warps=1, mma=True),
+       Int4GemvConfig(block_n=16, num_warps=1, mma=True, split_k=3, early=2),
+       Int4GemvConfig(block_n=64, num_warps=1, mma=True, split_k=2, early=0),
+       Int4GemvConfig(block_n=32, num_warps=1, mma=True, split_k=8, early=2)]
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
