@@ -24,21 +24,11 @@ PER_UNIT = tl.constexpr(1 / SUM_UNIT)  # the units in 1.0, for the product that 
 
 
 @triton.jit
-def read_values(at, mask, dtype: tl.constexpr):
-    """The values at `at`: as they are, or, where they are deferred sums, in `dtype` (and the
-    sums zeroed). A kernel that reads several tensors loads them all first and then calls
-    `settle` once, so that their loads are in flight together (each read_values waits for
-    its loads at the barrier)."""
-    x = tl.load(at, mask=mask, other=0)
-    settle(x)
-    return released(at, x, mask, dtype)
-
-
-@triton.jit
 def settle(x):
     """After the loads of every deferred read of a kernel (x: any of them): a barrier, so that
     every thread's loads are performed before any thread's zeros (above). Nothing for values
-    that are not sums."""
+    that are not sums. A kernel that reads several tensors loads them all and then settles
+    once, so that their loads are in flight together (a barrier waits for the loads before it)."""
     if x.dtype == tl.int64:
         tl.debug_barrier()
 

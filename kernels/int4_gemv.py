@@ -455,8 +455,8 @@ def mma_config(M: int, N: int, K: int, group_size: int) -> Int4GemvConfig:
     H100): with one group read early, gate_up_proj split into programs of 4 groups gave 497.4
     tokens/s, of 7 (about 4,096 warps) 476.7, of 8 494.2, of 2 493.2, of 1 408.8; down_proj
     in programs of 2 or 8 groups, 493.4 and 454.8 against 497.4; qkv_proj and o_proj in
-    programs of 1 group, 471.3 and 495.2; two groups early for o_proj 500.5, for qkv_proj
-    471.3 against 476.7. Before any group was read early: 428.1 tokens/s with gate_up at 64
+    programs of 1 group, 471.3 and 495.2; two groups early for o_proj 500.5 against 497.4
+    (478.9 against 476.7 with gate_up's 7), for qkv_proj 471.3 against 476.7. Before any group was read early: 428.1 tokens/s with gate_up at 64
     columns a program (4 groups, about 4,096 warps), 424.1 at 32; 354.7 and 410.5 with half and
     twice the warps. The sweep in benchmarks/int4_gemv.py (the products alone) had a layer's
     four products at 64.0 and 79.7 us at 1 and 8 rows, against the multiply-adds' 67.5 and
