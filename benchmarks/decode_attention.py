@@ -8,9 +8,12 @@ K and V it must read at the measured copy rate; with `--sweep`, every tile confi
 and split count of a small grid, each checked against the default's output before it is
 timed, and the fastest (all of them under "swept"). Times are of calls replayed from a CUDA
 graph, each call on the next of enough caches (one per layer) that the L2 cache cannot hold
-them. `--fp8-cache`: the cache in e4m3 (`--kv-cache-dtype fp8`), half the bytes to read.
+them. A case `256x100-1300` draws each sequence's context from that range (seeded) and
+passes them longest first, as the engine does (ModelRunner._pack); `--given-order` keeps
+them as drawn. `--fp8-cache`: the cache in e4m3 (`--kv-cache-dtype fp8`), half the bytes to
+read.
 
-    python benchmarks/decode_attention.py [--cases 1x128,256x600] [--sweep] [--fp8-cache]
+    python benchmarks/decode_attention.py [--cases 1x128,256x100-1300] [--sweep] [--fp8-cache]
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import argparse
 import itertools
 import json
 import os
+import random
 import sys
 
 import torch
@@ -26,15 +30,27 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.gemv import timed_us  # noqa: E402
 from benchmarks.roofline import copy_bandwidth  # noqa: E402
-from kernels.decode_attention import DecodeConfig, decode_attention, default_config  # noqa: E402
+from kernels.decode_attention import DecodeConfig, decode_attention, default_config, device_limits  # noqa: E402
 from server.runtime.model_runner import decode_splits  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
-CASES = "1x128,1x4096,16x1000,64x600,256x600,256x1000"
+CASES = "1x128,1x4096,16x1000,64x600-2000,160x400-1700,256x600,256x100-1300"
+
+
+def contexts(case: str, given_order: bool, seed: int = 0) -> list[int]:
+    """A case's context lengths: `NxC` (N of C tokens) or `NxLO-HI` (drawn, longest first
+    unless `given_order`)."""
+    num_seqs, lengths = case.split("x")
+    if "-" not in lengths:
+        return [int(lengths)] * int(num_seqs)
+    rng = random.Random(seed)
+    drawn = [rng.randint(*map(int, lengths.split("-"))) for _ in range(int(num_seqs))]
+    return drawn if given_order else sorted(drawn, reverse=True)
 
 
 def layers(num_seqs: int, context: int, l2_bytes: int, seed: int = 0, cache_dtype=torch.bfloat16):
-    """q, and enough (k_cache, v_cache, block_tables) layers to fill the L2 cache three times."""
+    """q, and enough (k_cache, v_cache, block_tables) layers to fill the L2 cache three times
+    (tables `context` tokens wide)."""
     g = torch.Generator("cuda").manual_seed(seed)
     blocks_each = -(-context // PAGE)
     num_blocks = num_seqs * blocks_each
@@ -51,13 +67,14 @@ def layers(num_seqs: int, context: int, l2_bytes: int, seed: int = 0, cache_dtyp
 
 
 def sweep_configs() -> list[DecodeConfig]:
-    return [DecodeConfig(n, w, s) for n, w, s in itertools.product([32, 64, 128], [4, 8], [1, 2, 3])]
+    return [DecodeConfig(n, w, s) for n, w, s in itertools.product([32, 64, 128], [4, 8], [2, 3])]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", default=CASES, help="sequences x context tokens, comma-separated")
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--given-order", action="store_true", help="drawn contexts as drawn, not longest first")
     parser.add_argument("--fp8-cache", action="store_true", help="an e4m3 cache (scales 0.5 and 0.25)")
     args = parser.parse_args()
     cache_dtype = torch.float8_e4m3fn if args.fp8_cache else torch.bfloat16
@@ -67,18 +84,21 @@ def main() -> None:
     scale = HEAD_DIM ** -0.5
     rows = []
     for case in args.cases.split(","):
-        num_seqs, context = map(int, case.split("x"))
-        q, caches = layers(num_seqs, context, props.L2_cache_size, cache_dtype=cache_dtype)
-        lens = torch.full((num_seqs,), context, dtype=torch.int32, device="cuda")
+        lengths = contexts(case, args.given_order)
+        num_seqs = len(lengths)
+        q, caches = layers(num_seqs, max(lengths), props.L2_cache_size, cache_dtype=cache_dtype)
+        lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
         out = torch.empty_like(q)
 
         def run(config: DecodeConfig, splits: int):
             return lambda i: decode_attention(q, *caches[i % len(caches)][:2], caches[i % len(caches)][2], lens,
                                               scale, None, splits, out=out, config=config, **scales)
 
-        roofline_us = 2 * num_seqs * context * KV_HEADS * HEAD_DIM * cache_dtype.itemsize / bandwidth * 1e6
+        roofline_us = 2 * sum(lengths) * KV_HEADS * HEAD_DIM * cache_dtype.itemsize / bandwidth * 1e6
         splits = decode_splits(num_seqs, KV_HEADS, props.multi_processor_count)
-        default = default_config(HEAD_DIM, args.fp8_cache)
+        sms, shared_memory = device_limits(q.device)
+        default = default_config(HEAD_DIM, args.fp8_cache, num_seqs * KV_HEADS / sms if splits == 1 else None,
+                                 shared_memory)  # what decode_attention picks
         expected = decode_attention(q, *caches[0][:2], caches[0][2], lens, scale, None, splits, **scales).clone()
         us = timed_us(run(default, splits))
         row = {"case": case, "roofline_us": roofline_us,

@@ -323,6 +323,36 @@ def test_every_view_of_a_steps_inputs_starts_on_16_bytes(mistral_v03_dir):
         assert other.query_lens == lengths and other.context_lens == lengths
 
 
+def test_a_decode_step_reaches_the_device_longest_context_first(mistral_v03_dir):
+    """A decode step's sequences are packed longest context first (the decode kernel's
+    programs then end together), while each chunk's sampled token is still its own: the same
+    as that chunk's step alone, and the rows to sample keep the chunks' order."""
+    from server.runtime.model_runner import SequenceChunk
+    from server.runtime.sampler import SamplingOptions
+
+    runner = LLM(mistral_v03_dir, max_batch_total_tokens=512).engine.runner
+    prompts = [list(range(10, 10 + n)) for n in (3, 12, 7)]
+    first = [runner.execute([SequenceChunk(p, 0, [i], sampling=SamplingOptions())])[0].sampled.token_id
+             for i, p in enumerate(prompts)]
+
+    def decode(indices):
+        return [SequenceChunk([first[i]], len(prompts[i]), [i], sampling=SamplingOptions(num_logprobs=2))
+                for i in indices]
+
+    packed = runner._pack(decode(range(3)))
+    values = runner._to_device(packed.values)
+    ids, positions, _, context_lens, _, sample_rows = (x.tolist() for x in packed.sections(values)[:6])
+    assert context_lens == [13, 8, 4] and positions == [12, 7, 3] and ids == [first[1], first[2], first[0]]
+    assert sample_rows == [2, 0, 1]  # chunk 0's token is the packed step's third
+    tables = values[packed.starts()[-1]:].view(3, packed.width)
+    assert tables[:, 0].tolist() == [1, 2, 0]
+    together = runner.execute(decode(range(3)))
+    for i in range(3):
+        [alone] = runner.execute(decode([i]))  # writes the same K/V into the same slot
+        assert together[i].sampled.token_id == alone.sampled.token_id
+        assert together[i].sampled.top_logprobs == pytest.approx(alone.sampled.top_logprobs, abs=1e-4)
+
+
 def test_the_warm_up_steps_run_and_sample(mistral_v03_dir):
     """What start-up runs on CUDA (ModelRunner.warm_up), run here on the CPU path (by an engine
     of its own: the steps write over cache blocks, which start-up does before any request)."""

@@ -206,15 +206,28 @@ class ModelRunner:
         """The step's inputs in one int64 array (on the host): token ids, positions, slots,
         context lengths, query starts, the rows to sample, the pending tokens' places and
         rows, context starts, in a mixed step the chunks of one token and the others (empty
-        otherwise), then the block tables padded to one width."""
+        otherwise), then the block tables padded to one width.
+
+        The sequences that the decode kernel takes go to it longest context first: those of a
+        decode step are packed in that order, a mixed step's one-token chunks are listed so.
+        Its programs (one per sequence and KV head, dispatched in that order) then end about
+        together, instead of a few long ones running on after the rest
+        (kernels/decode_attention.py). The rows sampled keep the chunks' order, so results and
+        pending rows are the engine's."""
         size = self.block_size
-        token_ids, positions, slots, sample_rows, scored = [], [], [], [], []
+        token_ids, positions, slots, scored = [], [], [], []
         pending_at, pending_rows = [], []  # token index <- row of the previous step's picks
-        for index, chunk in enumerate(chunks):
+        order = range(len(chunks))
+        if all(len(chunk.token_ids) == 1 for chunk in chunks):  # a decode step
+            order = sorted(order, key=lambda i: -chunks[i].start_pos)
+        last = [0] * len(chunks)  # each chunk's last token
+        for index in order:
+            chunk = chunks[index]
             start, ids, table = chunk.start_pos, chunk.token_ids, chunk.block_table
             if chunk.prompt_targets:
                 scored.append((index, len(token_ids), len(chunk.prompt_targets)))
             token_ids += ids
+            last[index] = len(token_ids) - 1
             if chunk.pending_row >= 0:
                 pending_at.append(len(token_ids) - 1)
                 pending_rows.append(chunk.pending_row)
@@ -225,17 +238,18 @@ class ModelRunner:
                 span = range(start, start + len(ids))
                 positions += span
                 slots += [table[pos // size] * size + pos % size for pos in span]
-            if chunk.sampling is not None:
-                sample_rows.append(len(token_ids) - 1)
-        width = max(len(c.block_table) for c in chunks)
-        query_lens = [len(c.token_ids) for c in chunks]
-        context_lens = [c.start_pos + n for c, n in zip(chunks, query_lens)]
+        sample_rows = [last[i] for i, chunk in enumerate(chunks) if chunk.sampling is not None]
+        packed = [chunks[i] for i in order]
+        width = max(len(c.block_table) for c in packed)
+        query_lens = [len(c.token_ids) for c in packed]
+        context_lens = [c.start_pos + n for c, n in zip(packed, query_lens)]
         cu_query_lens, cu_context_lens = [0], [0]
         for n, context in zip(query_lens, context_lens):
             cu_query_lens.append(cu_query_lens[-1] + n)
             cu_context_lens.append(cu_context_lens[-1] + context)
         multis = [i for i, n in enumerate(query_lens) if n > 1]
-        singles = [i for i, n in enumerate(query_lens) if n == 1] if multis else []  # a decode step: none
+        singles = sorted((i for i, n in enumerate(query_lens) if n == 1), key=lambda i: -context_lens[i]) \
+            if multis else []  # a decode step: none
         if not singles:  # not a mixed step
             multis = []
         sections = (token_ids, positions, slots, context_lens, cu_query_lens, sample_rows, pending_at, pending_rows,
@@ -246,7 +260,7 @@ class ModelRunner:
             if len(section) % 2:
                 values.append(0)
         padding = array("q", bytes(8 * width))
-        for chunk in chunks:  # block tables are arrays: copied as bytes, not int by int
+        for chunk in packed:  # block tables are arrays: copied as bytes, not int by int
             values.extend(chunk.block_table)
             values.extend(padding[:width - len(chunk.block_table)])
         return PackedStep(values, [len(x) for x in sections], len(chunks), width, scored, query_lens, context_lens)
