@@ -6,13 +6,17 @@ heads that share that KV head (GQA), and keeps an online softmax (running max m,
 the weighted sum of V). A second kernel merges the splits by their log-sum-exps:
     out = sum_s exp(lse_s - max lse) * out_s / sum_s exp(lse_s - max lse)
 The number of splits depends only on the batch shape, never on the contexts, so a decode step
-can be captured in a CUDA graph and replayed with other contexts. A sequence with context 0
+can be captured in a CUDA graph and replayed with other contexts. It is an argument of both
+kernels, not a compile-time constant: the one-token sequences of mixed steps (run without
+graphs) come in every number, each with its split count, and each count was a variant
+compiled when first met (the 256-request workload's first run on a fresh H100 compiled six
+of the split kernel and three of the merge, and took 22.3 s against 15.9 for the next). A sequence with context 0
 (a padding row of a captured batch) gets zeros. The KV head is the grid's first axis, so
 that the GPU dispatches a sequence's programs one after another (they read the same cache
 rows, where each token's heads lie side by side), and the sequences in the order given: the
 engine gives them longest context first (ModelRunner._pack), so that no long program starts
 last. On an H100, 256 sequences of 100-1,300 tokens drawn at random read their K/V at 0.925
-of the copy rate with the sequence first, 0.940 with the head first, 0.990 with the head
+of the copy rate with the sequence first, 0.940 with the head first, 0.987 with the head
 first and the longest first (benchmarks/decode_attention.py). An fp8 cache is read as k_cache * k_scale
 (and v likewise): its e4m3 tiles widen to fp16 exactly, one instruction for two values, and
 are multiplied in fp16 with q in fp16 (which holds bf16 values exactly from 2^-14 to 65,504 in
@@ -69,14 +73,14 @@ def _attend(q, k, v, pmask, m, l, acc, scale_log2, PRECISION: tl.constexpr):
     return m_new, l * alpha + tl.sum(p, axis=1), acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_split_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, part_out_ptr, part_lse_ptr, out_ptr,
         seq_ids_ptr, cu_query_ptr,
         scale_log2, window, k_scale, v_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_cb,
-        stride_cs, stride_ch,
+        stride_cs, stride_ch, num_splits,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-        PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+        PAGE: tl.constexpr, BLOCK_N: tl.constexpr, ONE_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
         FP8_CACHE: tl.constexpr, INDEXED: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr):
     # Before the wait for the kernel ahead (kernels/launch.py): the step's inputs (written
     # before the forward starts) and, with EARLY, the first tile of this split's keys and
@@ -91,7 +95,7 @@ def _decode_split_kernel(
     start = 0
     if window > 0:
         start = tl.maximum(ctx - window, 0)
-    per_split = tl.cdiv(tl.cdiv(ctx - start, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    per_split = tl.cdiv(tl.cdiv(ctx - start, num_splits), BLOCK_N) * BLOCK_N
     lo = start + split * per_split
     hi = tl.minimum(lo + per_split, ctx)
 
@@ -142,19 +146,19 @@ def _decode_split_kernel(
         acc *= v_scale
     out = tl.where(has_keys, acc / tl.where(l > 0, l, 1.0)[:, None], 0.0)
     lse = tl.where(has_keys, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))
-    if NUM_SPLITS == 1:  # the whole context: the output itself, no merge
+    if ONE_SPLIT:  # the whole context: the output itself, no merge
         tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
     else:
-        part = (index * num_heads + heads) * NUM_SPLITS + split  # [BLOCK_G]
+        part = (index * num_heads + heads) * num_splits + split  # [BLOCK_G]
         tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=gmask[:, None] & dmask[None, :])
         tl.store(part_lse_ptr + part, lse, mask=gmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, seq_ids_ptr, cu_query_ptr, stride_ot, stride_oh,
-                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                         BLOCK_S: tl.constexpr, INDEXED: tl.constexpr, PDL: tl.constexpr):
+                         num_splits, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                         INDEXED: tl.constexpr, PDL: tl.constexpr):
     wait_for_inputs(PDL)
     index = tl.program_id(0)
     head = tl.program_id(1)
@@ -162,13 +166,13 @@ def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, seq_ids_ptr, cu_qu
     row = index * tl.num_programs(1) + head
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
-    smask = s < NUM_SPLITS
-    lse = tl.load(part_lse_ptr + row * NUM_SPLITS + s, mask=smask, other=float("-inf"))
+    smask = s < num_splits
+    lse = tl.load(part_lse_ptr + row * num_splits + s, mask=smask, other=float("-inf"))
     top = tl.max(lse, axis=0)
     safe_top = tl.where(top == float("-inf"), 0.0, top)
     weight = tl.where(smask, tl.exp2(lse - safe_top), 0.0)
     total = tl.sum(weight, axis=0)
-    parts = tl.load(part_out_ptr + (row * NUM_SPLITS + s)[:, None] * HEAD_DIM + d[None, :],
+    parts = tl.load(part_out_ptr + (row * num_splits + s)[:, None] * HEAD_DIM + d[None, :],
                     mask=smask[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
     out = tl.sum(parts * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + out_row * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty),
@@ -222,6 +226,21 @@ def device_limits(device: torch.device) -> tuple[int, int]:
     return props.multi_processor_count, props.shared_memory_per_block_optin
 
 
+MAX_SPLITS = 32  # the merge kernel's tile of splits; more take a larger one (a variant of their own)
+
+
+def kernel_choice(num_seqs: int, num_kv_heads: int, num_splits: int, head_dim: int, fp8_cache: bool,
+                  device: torch.device) -> tuple[DecodeConfig, bool]:
+    """The split kernel's tiles for a launch, and whether its programs read their first tile
+    before their wait (EARLY). With whether it is one split and whether it is indexed, that is
+    what picks the compiled variant a launch runs (the split count itself is an argument; the
+    alignment of pointers and the block tables' stride aside): ModelRunner.warm_up compiles
+    each variant a mixed step can take before the first request."""
+    sms, shared_memory = device_limits(device)
+    programs_per_sm = num_seqs * num_kv_heads / sms if num_splits == 1 else None
+    return default_config(head_dim, fp8_cache, programs_per_sm, shared_memory), num_seqs <= EARLY_SEQS
+
+
 def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float,
                      window: int | None, num_splits: int, out=None, k_scale: float = 1.0, v_scale: float = 1.0,
                      config: DecodeConfig | None = None, seq_ids=None, cu_query_lens=None):
@@ -240,11 +259,8 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: flo
     ids = (seq_ids, cu_query_lens) if indexed else (context_lens, context_lens)  # unread unless indexed
     _, page, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
-    if config is None:
-        sms, shared_memory = device_limits(q.device)
-        programs_per_sm = num_seqs * num_kv_heads / sms if num_splits == 1 else None
-        config = default_config(head_dim, k_cache.dtype == FP8, programs_per_sm, shared_memory)
-    c = config
+    chosen, early = kernel_choice(num_seqs, num_kv_heads, num_splits, head_dim, k_cache.dtype == FP8, q.device)
+    c = config or chosen
     if out is None:
         out = torch.empty_like(q)
     part_out = torch.empty((num_seqs, num_heads, num_splits, head_dim) if num_splits > 1 else (0,),
@@ -255,13 +271,14 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: flo
     _decode_split_kernel[(num_kv_heads, num_seqs, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse, out, *ids,
         scale * LOG2E, window or 0, k_scale, v_scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), num_splits,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
-        PAGE=page, BLOCK_N=c.block_n, NUM_SPLITS=num_splits, PRECISION=dot_precision(q.dtype),
-        FP8_CACHE=k_cache.dtype == FP8, INDEXED=indexed, EARLY=num_seqs <= EARLY_SEQS, PDL=PDL,
+        PAGE=page, BLOCK_N=c.block_n, ONE_SPLIT=num_splits == 1, PRECISION=dot_precision(q.dtype),
+        FP8_CACHE=k_cache.dtype == FP8, INDEXED=indexed, EARLY=early, PDL=PDL,
         num_warps=c.num_warps, num_stages=c.num_stages, **LAUNCH)
     if num_splits > 1:
         _merge_splits_kernel[(num_seqs, num_heads)](
-            part_out, part_lse, out, *ids, out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_D=block_d,
-            NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), INDEXED=indexed, PDL=PDL, **LAUNCH)
+            part_out, part_lse, out, *ids, out.stride(0), out.stride(1), num_splits, HEAD_DIM=head_dim,
+            BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(max(num_splits, MAX_SPLITS)), INDEXED=indexed, PDL=PDL,
+            **LAUNCH)
     return out

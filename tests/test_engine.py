@@ -269,11 +269,8 @@ def test_a_watermark_makes_most_tokens_green_and_a_plain_text_does_not(llm):
     assert green_share(plain) < 0.65
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
-def test_after_warm_up_no_prompt_waits_for_a_kernel_to_compile(mistral_v03_dir):
-    """Triton compiles a kernel once per specialization of its integer arguments; start-up
-    compiles every variant a prompt of any length can ask for (ModelRunner.warm_up)."""
+def _compiled_variants() -> dict[str, int]:
+    """How many variants of each of our Triton kernels have been compiled in this process."""
     import importlib
 
     from triton.runtime.jit import JITFunction
@@ -281,15 +278,41 @@ def test_after_warm_up_no_prompt_waits_for_a_kernel_to_compile(mistral_v03_dir):
     modules = [importlib.import_module(f"kernels.{name}")
                for name in ("prefill_attention", "decode_attention", "norm", "rotary", "activation", "gemv")]
     kernels = [k for m in modules for k in vars(m).values() if isinstance(k, JITFunction)]
+    return {k.fn.__name__: sum(len(cache[0]) for cache in k.device_caches.values()) for k in kernels}
 
-    def variants() -> dict[str, int]:
-        return {k.fn.__name__: sum(len(cache[0]) for cache in k.device_caches.values()) for k in kernels}
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_after_warm_up_no_prompt_waits_for_a_kernel_to_compile(mistral_v03_dir):
+    """Triton compiles a kernel once per specialization of its integer arguments; start-up
+    compiles every variant a prompt of any length can ask for (ModelRunner.warm_up)."""
     llm = LLM(mistral_v03_dir, device="cuda", dtype="bfloat16")
-    before = variants()
+    before = _compiled_variants()
     for n in (3, 17, 30, 45, 100, 256, 300):
         llm.generate([list(range(10, 10 + n))], SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)
-    after = variants()
+    after = _compiled_variants()
+    assert after == before, {name: (before[name], count) for name, count in after.items() if count != before[name]}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_after_warm_up_no_mixed_step_waits_for_a_kernel_to_compile(mistral_v03_dir):
+    """Nor does a mixed step: a prompt (of each table width and tile height) beside any number
+    of decoding sequences, which the attention kernels take indexed, the decode kernel with
+    its split count as an argument and its tiles by the number of sequences."""
+    llm = LLM(mistral_v03_dir, device="cuda", dtype="bfloat16")
+    engine = llm.engine
+    before = _compiled_variants()
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    for count, prompt_len in ((1, 10), (5, 45), (9, 20), (20, 256), (40, 10), (100, 45), (140, 300), (200, 20)):
+        for _ in range(count):
+            engine.add_request(list(range(10, 14)), params)
+        engine.step()  # their prefill
+        engine.add_request(list(range(10, 10 + prompt_len)), params)
+        engine.step()  # the prompt beside `count` sequences of one token
+        while engine.has_unfinished_requests():
+            engine.step()
+    after = _compiled_variants()
     assert after == before, {name: (before[name], count) for name, count in after.items() if count != before[name]}
 
 
@@ -355,15 +378,25 @@ def test_a_decode_step_reaches_the_device_longest_context_first(mistral_v03_dir)
 
 def test_the_warm_up_steps_run_and_sample(mistral_v03_dir):
     """What start-up runs on CUDA (ModelRunner.warm_up), run here on the CPU path (by an engine
-    of its own: the steps write over cache blocks, which start-up does before any request)."""
+    of its own: the steps write over cache blocks, which start-up does before any request):
+    prefills of each table width and tile height, then mixed steps with one-token sequences in
+    each number that takes another variant of the decode kernel, at each width."""
+    from kernels.decode_attention import EARLY_SEQS
+
     llm = LLM(mistral_v03_dir, max_batch_total_tokens=512)
     runner = llm.engine.runner
-    steps = runner.warm_up_steps()
+    counts = runner._decode_variant_counts(40)
+    assert counts[0] == 1 and EARLY_SEQS + 1 in counts  # the first tile read early, or not
+    steps = runner.warm_up_steps(max_num_seqs=41)
     widths = {len(chunks[0].block_table) for chunks in steps}
     assert widths == {1, 3, 16} and any(len(chunks[0].token_ids) > 32 for chunks in steps)
+    mixed = {(len(chunks[0].block_table), len(chunks) - 1) for chunks in steps if len(chunks) > 1}
+    assert mixed == {(width, count) for width in (1, 3, 16) for count in counts}
     for chunks in steps:
-        [result] = runner.execute(chunks)
-        assert 0 <= result.sampled.token_id < llm.engine.config.model.vocab_size
+        results = runner.execute(chunks)
+        assert len(results) == len(chunks)
+        assert all(0 <= r.sampled.token_id < llm.engine.config.model.vocab_size for r in results)
+    assert all(len(chunks) == 1 for chunks in runner.warm_up_steps(max_num_seqs=1))  # no mixed step fits
 
 
 def test_the_decode_kernel_takes_fewer_splits_where_every_context_is_short():

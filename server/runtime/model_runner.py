@@ -177,27 +177,55 @@ class ModelRunner:
             size, kv_heads, sms, context), self.device)
 
     @torch.inference_mode()
-    def warm_up(self) -> None:
+    def warm_up(self, max_num_seqs: int = 1) -> None:
         """Compile, before the first request, the kernel variants that the graph capture and the
         activation profile leave out. Triton compiles a kernel anew for each specialization of
         its integer arguments (equal to 1, divisible by 16): prefill attention takes the block
         tables' width as a stride (one block, a multiple of 16 blocks, any other width) and
-        16-row tiles for chunks of up to 32 tokens. Each compile takes the better part of a
-        second, which the first request of its kind would wait for. Every rank runs this, in
-        lockstep, as it runs the profile; the cache's blocks are written with nothing that
-        outlives it."""
+        16-row tiles for chunks of up to 32 tokens. Mixed steps (one-token sequences beside a
+        prompt chunk, run without graphs) take an indexed variant of each attention kernel,
+        the decode kernel's varying with the number of one-token sequences (its tiles, and
+        whether it splits contexts). Each compile takes the better part of a second, which the
+        first request of its kind would wait for: the 256-request workload's first run on a
+        fresh H100 took 22.3 s where the next took 15.9, before mixed steps were warmed up
+        here. Every rank runs this, in lockstep, as it runs the profile; the cache's blocks
+        are written with nothing that outlives it."""
         if self.device.type == "cuda" and self.attention_backend == "triton":
-            for chunks in self.warm_up_steps():
+            for chunks in self.warm_up_steps(max_num_seqs):
                 self.execute(chunks)
 
-    def warm_up_steps(self) -> list[list[SequenceChunk]]:
-        """One prefill for each block-table width (1, 3 and 16 blocks) and tile height."""
+    def warm_up_steps(self, max_num_seqs: int = 1) -> list[list[SequenceChunk]]:
+        """One prefill for each block-table width (1, 3 and 16 blocks) and tile height; then at
+        each width, beside such a prefill, one-token sequences in each number that picks
+        another variant of the decode kernel (up to `max_num_seqs` sequences in all), so that
+        each width meets each variant and the prefill's tile heights."""
         steps = []
+        counts = self._decode_variant_counts(max_num_seqs - 1)
         for width in (1, 3, 16):
             table = [block % self.num_blocks for block in range(width)]
-            for length in sorted({min(8, width * self.block_size), min(40, width * self.block_size)}):
+            lengths = sorted({min(8, width * self.block_size), min(40, width * self.block_size)})
+            for length in lengths:
                 steps.append([SequenceChunk([0] * length, 0, table, sampling=SamplingOptions())])
+            context = width * self.block_size
+            for i in range(max(len(counts), len(lengths)) if counts else 0):
+                prompt = SequenceChunk([0] * lengths[i % len(lengths)], 0, table, sampling=SamplingOptions())
+                singles = [SequenceChunk([0], context - 1, table, sampling=SamplingOptions())
+                           for _ in range(counts[i % len(counts)])]
+                steps.append([prompt, *singles])
         return steps
+
+    def _decode_variant_counts(self, max_seqs: int) -> list[int]:
+        """The smallest number of one-token sequences, up to `max_seqs`, that takes each variant
+        of the decode kernel (kernels/decode_attention.py: kernel_choice)."""
+        from kernels.decode_attention import kernel_choice
+
+        m = self.model_config
+        first: dict[tuple, int] = {}
+        for count in range(1, max_seqs + 1):
+            splits = self._num_splits(count)
+            choice = kernel_choice(count, self.num_kv_heads, splits, m.head_dim, self.kv_dtype == FP8, self.device)
+            first.setdefault((choice, splits == 1), count)
+        return sorted(first.values())
 
     def _num_splits(self, num_seqs: int, max_context: int | None = None) -> int:
         return decode_splits(num_seqs, self.num_kv_heads, self.num_sms, max_context)

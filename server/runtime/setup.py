@@ -140,5 +140,5 @@ def start_runner(args: EngineArgs, rank: int = 0, port: int = 0) -> StartedRunne
     runner.allocate_kv_cache(cache)
     if not args.enforce_eager:
         runner.capture_decode_graphs(args.max_num_seqs, max_model_len)
-    runner.warm_up()
+    runner.warm_up(args.max_num_seqs)
     return StartedRunner(runner, model, source, cache, max_model_len, device, dtype)
