@@ -10,20 +10,23 @@ can be captured in a CUDA graph and replayed with other contexts. It is an argum
 kernels, not a compile-time constant: the one-token sequences of mixed steps (run without
 graphs) come in every number, each with its split count, and each count was a variant
 compiled when first met (the 256-request workload's first run on a fresh H100 compiled six
-of the split kernel and three of the merge, and took 22.3 s against 15.9 for the next). A sequence with context 0
-(a padding row of a captured batch) gets zeros. The KV head is the grid's first axis, so
-that the GPU dispatches a sequence's programs one after another (they read the same cache
-rows, where each token's heads lie side by side), and the sequences in the order given: the
-engine gives them longest context first (ModelRunner._pack), so that no long program starts
-last. On an H100, 256 sequences of 100-1,300 tokens drawn at random read their K/V at 0.925
-of the copy rate with the sequence first, 0.940 with the head first, 0.987 with the head
-first and the longest first (benchmarks/decode_attention.py). An fp8 cache is read as k_cache * k_scale
-(and v likewise): its e4m3 tiles widen to fp16 exactly, one instruction for two values, and
-are multiplied in fp16 with q in fp16 (which holds bf16 values exactly from 2^-14 to 65,504 in
-magnitude; a query past that, unseen in practice, would overflow); the scales multiply the
-sums (scores, and the weighted sum of V). On an H100 widening each value to float32, scaling
-it and rounding it to bf16 read the cache at 0.62-0.67 of the copy rate, 0.70-0.73 now
-(benchmarks/decode_attention.py --fp8-cache).
+of the split kernel and three of the merge, and took 22.3 s against 15.9 for the next). A
+sequence with context 0 (a padding row of a captured batch) gets zeros.
+
+The KV head is the grid's first axis, so that the GPU dispatches a sequence's programs one
+after another (they read the same cache rows, where each token's heads lie side by side),
+and the sequences in the order given: the engine gives them longest context first
+(ModelRunner._pack), so that no long program starts last. On an H100, 256 sequences of
+100-1,300 tokens drawn at random read their K/V at 0.925 of the copy rate with the sequence
+first, 0.940 with the head first, 0.987 with the head first and the longest first
+(benchmarks/decode_attention.py).
+
+An fp8 cache is read as k_cache * k_scale (and v likewise): its e4m3 tiles widen to fp16
+exactly, one instruction for two values, and are multiplied in fp16 with q in fp16 (which
+holds bf16 values exactly from 2^-14 to 65,504 in magnitude; a query past that, unseen in
+practice, would overflow); the scales multiply the sums (scores, and the weighted sum of V).
+On an H100 widening each value to float32, scaling it and rounding it to bf16 read the cache
+at 0.62-0.67 of the copy rate, 0.70-0.73 now (benchmarks/decode_attention.py --fp8-cache).
 
 A decode step of a few sequences is latency: its programs start before the kernel ahead (the
 rotary kernel that stores the newest K/V) has finished (kernels/launch.py) and read what they
@@ -211,8 +214,9 @@ def default_config(head_dim: int, fp8_cache: bool = False, programs_per_sm: floa
     if fp8_cache and head_dim <= 128:
         return DecodeConfig(block_n=128, num_stages=3)
     wide = DecodeConfig(block_n=128)
+    wide_stages_bytes = wide.num_stages * 2 * wide.block_n * 128 * 2  # K and V tiles of bf16, heads <= 128
     if head_dim <= 128 and programs_per_sm is not None and programs_per_sm <= 8 and \
-            shared_memory >= 2 * wide.num_stages * wide.block_n * 128 * 2:
+            shared_memory >= wide_stages_bytes:
         return wide
     return DecodeConfig(block_n=64 if head_dim <= 128 else 32)
 
