@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.gemv import timed_us  # noqa: E402
 from benchmarks.roofline import copy_bandwidth  # noqa: E402
-from kernels.decode_attention import DecodeConfig, decode_attention, default_config, device_limits  # noqa: E402
+from kernels.decode_attention import DecodeConfig, decode_attention, kernel_choice  # noqa: E402
 from server.runtime.model_runner import decode_splits  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
@@ -96,9 +96,7 @@ def main() -> None:
 
         roofline_us = 2 * sum(lengths) * KV_HEADS * HEAD_DIM * cache_dtype.itemsize / bandwidth * 1e6
         splits = decode_splits(num_seqs, KV_HEADS, props.multi_processor_count)
-        sms, shared_memory = device_limits(q.device)
-        default = default_config(HEAD_DIM, args.fp8_cache, num_seqs * KV_HEADS / sms if splits == 1 else None,
-                                 shared_memory)  # what decode_attention picks
+        default, _ = kernel_choice(num_seqs, KV_HEADS, splits, HEAD_DIM, args.fp8_cache, q.device)  # as the engine
         expected = decode_attention(q, *caches[0][:2], caches[0][2], lens, scale, None, splits, **scales).clone()
         us = timed_us(run(default, splits))
         row = {"case": case, "roofline_us": roofline_us,
