@@ -65,10 +65,10 @@ def prompts_case(q, caches, meta, sweep: bool) -> dict:
     if sweep:
         expected = run(None)(0)
         swept = {}
-        for bm, bn, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)):
-            config = PrefillConfig(bm, bn, warps, stages)
+        for bm, bn, warps, stages, heads in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3), (1, 2, 4)):
+            config = PrefillConfig(bm, bn, warps, stages, heads)
             torch.testing.assert_close(run(config)(0), expected, atol=2e-2, rtol=2e-2)
-            swept[f"{bm}x{bn} w{warps} s{stages}"] = round(timed_us(run(config)), 1)
+            swept[f"{bm}x{bn} w{warps} s{stages} h{heads}"] = round(timed_us(run(config)), 1)
         report["swept"] = dict(sorted(swept.items(), key=lambda item: item[1]))
     return report
 

@@ -93,6 +93,7 @@ PREFILL_CASES = [  # (query_len, context_len) per sequence, page, heads, kv_head
     ([(5, 5), (3, 20), (17, 17)], 16, 4, 2, 16, None),
     ([(9, 30), (1, 1)], 8, 2, 1, 32, 6),
     ([(7, 7), (3, 12)], 4, 8, 2, 8, None),
+    ([(5, 5), (20, 41)], 16, 6, 2, 16, 9),  # a group of 3: one query head a program
 ] + [pytest.param(*case, marks=gpu_only) for case in [
     ([(128, 128), (1000, 1000), (37, 600), (1, 4097)], 16, 32, 8, 128, None),
     ([(300, 300), (64, 2048)], 32, 16, 16, 64, None),
@@ -118,6 +119,27 @@ def test_prefill_attention_reads_cached_prefixes_like_the_reference(lens, page, 
     ref = prefill_attention_reference(q.float(), k_cache.float(), v_cache.float(), tables.long(),
                                       query_lens, context_lens, scale, window)
     torch.testing.assert_close(out.float(), ref, **tol(dtype))
+
+
+def test_prefill_attention_tiles_and_packed_heads_change_no_result():
+    """A program takes `heads` query heads of one KV head (rows: tokens x heads); every packing
+    and tile gives the reference's output, chunks that end mid-tile included."""
+    from kernels.prefill_attention import PrefillConfig, prefill_attention
+
+    query_lens, context_lens = [13, 1, 6], [13, 30, 40]
+    k_cache, v_cache, tables = paged_cache(context_lens, 8, 2, 16, DTYPES[0], seed=3)
+    q = torch.randn(sum(query_lens), 8, 16).to(DTYPES[0]).to(DEVICE)
+    cu = torch.tensor([0, 13, 14, 20], device=DEVICE)
+    ctx = torch.tensor(context_lens, device=DEVICE)
+    ref = prefill_attention_reference(q.float(), k_cache.float(), v_cache.float(), tables.long(),
+                                      query_lens, context_lens, 0.25, None)
+    for heads in (1, 2, 4):
+        for block_m, block_n in ((16, 16), (64, 32)):
+            config = PrefillConfig(block_m=block_m, block_n=block_n, heads=heads)
+            out = prefill_attention(q, k_cache, v_cache, tables, cu, ctx, 13, 0.25, None, config=config)
+            torch.testing.assert_close(out.float(), ref, **tol(DTYPES[0]))
+    with pytest.raises(ValueError, match="not a divisor"):
+        prefill_attention(q, k_cache, v_cache, tables, cu, ctx, 13, 0.25, None, config=PrefillConfig(heads=8))
 
 
 MIXED_CASES = [  # (query_len, context_len) per sequence (one-token ones beside longer), window, splits
