@@ -202,16 +202,71 @@ def test_directory_holding_one_gguf_file_is_that_gguf(tmp_path):
     assert resolve_model(str(tmp_path)) == ModelSource(str(tmp_path.resolve()), str(gguf_file), str(tmp_path))
 
 
-def test_non_llama_gguf_is_a_value_error(tmp_path):
-    path = tmp_path / "qwen.gguf"
-    writer = gguf.GGUFWriter(path, arch="qwen2")
-    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+def write_gguf(path: Path, arch: str, fill) -> Path:
+    """A GGUF file holding what `fill(writer)` adds to it."""
+    writer = gguf.GGUFWriter(path, arch=arch)
+    fill(writer)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return path
+
+
+def test_non_llama_gguf_is_a_value_error(tmp_path):
+    path = write_gguf(tmp_path / "qwen.gguf", "qwen2",
+                      lambda writer: writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32)))
     with pytest.raises(ValueError, match="'qwen2' is not supported"):
         load_config(resolve_model(str(path)))
+
+
+def test_gguf_file_reads_what_gguf_reader_reads(tmp_path):
+    """Our one-pass reader against gguf's own: scalar metadata, tensors' names, shapes, types and
+    bytes, with arrays of strings and numbers (stepped over) before them, and an alignment of 64."""
+    from server.models.gguf_checkpoint import GGUFFile
+
+    f32 = np.arange(24, dtype=np.float32).reshape(4, 6)
+    q8 = gguf.quants.quantize(np.linspace(-1, 1, 64, dtype=np.float32).reshape(2, 32), gguf.GGMLQuantizationType.Q8_0)
+
+    def fill(writer):
+        writer.add_custom_alignment(64)
+        writer.add_token_list(["<s>", "é", "a b"] * 5)
+        writer.add_array("llama.some_floats", [0.5, 1.5, -2.0])
+        writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+        writer.add_string("tokenizer.chat_template", "{{ messages }}")
+        writer.add_bool("general.flag", True)
+        writer.add_tensor("token_embd.weight", f32)
+        writer.add_tensor("output_norm.weight", np.ones(6, dtype=np.float16))
+        writer.add_tensor("blk.0.attn_q.weight", q8, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+
+    path = write_gguf(tmp_path / "model.gguf", "llama", fill)
+
+    ours, theirs = GGUFFile(str(path)), gguf.GGUFReader(path)
+    for key, field in theirs.fields.items():
+        if not key.startswith("GGUF."):
+            expected = field.contents()
+            assert ours.metadata[key] == (None if isinstance(expected, list) else expected), key
+    assert ours.metadata["general.alignment"] == 64 and ours.metadata["general.flag"] is True
+    assert [(t.name, t.tensor_type) for t in ours.tensors] == [(t.name, t.tensor_type) for t in theirs.tensors]
+    for a, b in zip(ours.tensors, theirs.tensors):
+        assert a.shape == tuple(int(n) for n in b.shape)
+        assert bytes(np.ascontiguousarray(a.data)) == bytes(np.ascontiguousarray(b.data))
+    assert np.array_equal(gguf.quants.dequantize(ours.tensors[0].data, ours.tensors[0].tensor_type), f32)
+
+
+def test_gguf_file_refuses_what_is_not_a_whole_gguf_file(tmp_path):
+    from server.models.gguf_checkpoint import GGUFFile
+
+    not_gguf = tmp_path / "model.gguf"
+    not_gguf.write_bytes(b"PK\x03\x04" + bytes(60))
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        GGUFFile(str(not_gguf))
+    whole = write_gguf(tmp_path / "whole.gguf", "llama",
+                       lambda writer: writer.add_tensor("token_embd.weight", np.zeros((64, 64), dtype=np.float32)))
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(whole.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="runs past the end of the file"):
+        GGUFFile(str(cut))
 
 
 def test_unpermute_inverts_llama_cpp_rotary_permutation():

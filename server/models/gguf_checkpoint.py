@@ -6,13 +6,16 @@ This module turns all of that back into an HF config dict and float32 tensors
 under HF parameter names, so the model code never learns that GGUF exists.
 """
 
+import math
 import re
+import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
-from gguf import GGUFReader
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 from tqdm import tqdm
 
@@ -37,19 +40,104 @@ _GLOBAL_TENSORS = {
 _LAYER_TENSOR_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 
 
+# GGUF's metadata value types: the fixed-size ones by their struct format, then string and array.
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    name: str
+    shape: tuple[int, ...]  # innermost first, as GGUF lists dimensions
+    tensor_type: GGMLQuantizationType
+    data: np.ndarray  # its bytes in the memory-mapped file: [..., bytes of one innermost row]
+
+
+class GGUFFile:
+    """A GGUF file's metadata and tensors, read from the memory-mapped file in one pass.
+
+    Layout (GGUF v2/v3, little-endian): "GGUF", version, tensor count, metadata count; the
+    metadata as (key, type, value); each tensor's name, dimensions, type and offset; then,
+    aligned to `general.alignment` (32 by default), the tensors' data. Arrays in the metadata
+    (the vocabulary, its scores and merges) are stepped over, not kept: the tokenizer reads them
+    through transformers. gguf's own GGUFReader makes a numpy view of every entry of every
+    array, which for SmolLM2's 49,152-token vocabulary took 8-10 s of each load on 2 CPU cores;
+    this reads the same file in well under a second."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._file = np.memmap(path, dtype=np.uint8, mode="r")
+        self._buffer = memoryview(self._file)
+        if bytes(self._buffer[:4]) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        (version,) = struct.unpack_from("<I", self._buffer, 4)
+        if version < 2:
+            raise ValueError(f"{path}: GGUF version {version} is not supported (2 and later are)")
+        num_tensors, num_metadata = struct.unpack_from("<QQ", self._buffer, 8)
+        self._pos = 24
+        self.metadata: dict[str, object] = {}
+        for _ in range(num_metadata):
+            key = self._string()
+            self.metadata[key] = self._value(self._unpack("<I"))
+        infos = []
+        for _ in range(num_tensors):
+            name = self._string()
+            shape = tuple(self._unpack("<Q") for _ in range(self._unpack("<I")))
+            infos.append((name, shape, GGMLQuantizationType(self._unpack("<I")), self._unpack("<Q")))
+        alignment = int(self.metadata.get("general.alignment", 32))
+        data_start = -(-self._pos // alignment) * alignment
+        self.tensors = [self._tensor(data_start, *info) for info in infos]
+
+    def _unpack(self, fmt: str):
+        (value,) = struct.unpack_from(fmt, self._buffer, self._pos)
+        self._pos += struct.calcsize(fmt)
+        return value
+
+    def _string(self) -> str:
+        length = self._unpack("<Q")
+        text = bytes(self._buffer[self._pos:self._pos + length]).decode("utf-8", errors="replace")
+        self._pos += length
+        return text
+
+    def _value(self, value_type: int):
+        if value_type in _SCALARS:
+            return self._unpack(_SCALARS[value_type])
+        if value_type == _STRING:
+            return self._string()
+        if value_type != _ARRAY:
+            raise ValueError(f"{self.path}: unknown GGUF metadata type {value_type}")
+        item_type, count = self._unpack("<I"), self._unpack("<Q")
+        if item_type in _SCALARS:
+            self._pos += count * struct.calcsize(_SCALARS[item_type])
+        else:
+            for _ in range(count):
+                self._value(item_type)
+        return None  # stepped over
+
+    def _tensor(self, data_start: int, name: str, shape: tuple[int, ...], tensor_type, offset: int) -> GGUFTensor:
+        block_size, type_size = GGML_QUANT_SIZES[tensor_type]
+        row_bytes = shape[0] // block_size * type_size
+        start = data_start + offset
+        rows = math.prod(shape[1:])
+        if start + rows * row_bytes > len(self._file):
+            raise ValueError(f"{self.path}: tensor {name!r} runs past the end of the file")
+        data = self._file[start:start + rows * row_bytes].reshape(*reversed(shape[1:]), row_bytes)
+        return GGUFTensor(name, shape, tensor_type, data)
+
+
 @lru_cache(maxsize=1)
-def open_gguf(path: str) -> GGUFReader:
-    """Parse a GGUF file's header once: parsing the ~50k-entry vocabulary takes seconds,
-    and loading asks for the config, generation config and weights one after another."""
-    return GGUFReader(path)
+def open_gguf(path: str) -> GGUFFile:
+    """A GGUF file's header, read once: loading asks for the config, generation config and
+    weights one after another."""
+    return GGUFFile(path)
 
 
-def _metadata(reader: GGUFReader, key: str, default=None):
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
+def _metadata(reader: GGUFFile, key: str, default=None):
+    value = reader.metadata.get(key)
+    return default if value is None else value
 
 
-def gguf_config(reader: GGUFReader) -> dict:
+def gguf_config(reader: GGUFFile) -> dict:
     """The HF `config.json` equivalent of a llama GGUF's metadata."""
     architecture = _metadata(reader, "general.architecture")
     if architecture != "llama":
@@ -84,7 +172,7 @@ def gguf_config(reader: GGUFReader) -> dict:
     }
 
 
-def gguf_generation_config(reader: GGUFReader) -> dict:
+def gguf_generation_config(reader: GGUFFile) -> dict:
     """The special token ids that HF keeps in `generation_config.json`."""
     token_ids = {
         "bos_token_id": _metadata(reader, "tokenizer.ggml.bos_token_id"),
@@ -104,7 +192,7 @@ def hf_tensor_name(gguf_name: str) -> str:
     return f"model.layers.{layer}.{_LAYER_TENSORS[kind]}.weight"
 
 
-def iter_gguf_weights(reader: GGUFReader, config: dict) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gguf_weights(reader: GGUFFile, config: dict) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield every tensor dequantized to float32, under its HF name and in HF's shape."""
     rotary_heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     for tensor in tqdm(reader.tensors, desc="Dequantizing GGUF tensors"):
