@@ -29,11 +29,11 @@ def run(model_dir, tp, params, **kwargs):
         llm.engine.shutdown()
 
 
-@pytest.mark.parametrize("fixture", ["mistral_v03_dir", "llama31_dir"])
-@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("fixture, tp", [("mistral_v03_dir", 4), ("llama31_dir", 2)])
 def test_ranks_give_the_tokens_of_one_rank(fixture, tp, request):
-    # mistral: 4 heads, 2 KV heads (4 ranks share KV heads); llama31: 8 heads, 2 KV heads, tied
-    # embeddings, llama3 rope. Chunked prefill (budget 16) and the prefix cache run too.
+    # mistral: 4 heads, 2 KV heads, over 4 ranks (two ranks share each KV head); llama31: 8 heads,
+    # 2 KV heads (one a rank), tied embeddings, llama3 rope. Chunked prefill (budget 16) and the
+    # prefix cache run too.
     model_dir = request.getfixturevalue(fixture)
     for params in (GREEDY, SEEDED):
         expected, whole = run(model_dir, 1, params, max_batch_prefill_tokens=16)
