@@ -267,6 +267,9 @@ def test_gguf_file_refuses_what_is_not_a_whole_gguf_file(tmp_path):
     cut.write_bytes(whole.read_bytes()[:-100])
     with pytest.raises(ValueError, match="runs past the end of the file"):
         GGUFFile(str(cut))
+    cut.write_bytes(whole.read_bytes()[:60])
+    with pytest.raises(ValueError, match="header is cut short"):
+        GGUFFile(str(cut))
 
 
 def test_unpermute_inverts_llama_cpp_rotary_permutation():

@@ -61,8 +61,8 @@ class GGUFFile:
     aligned to `general.alignment` (32 by default), the tensors' data. Arrays in the metadata
     (the vocabulary, its scores and merges) are stepped over, not kept: the tokenizer reads them
     through transformers. gguf's own GGUFReader makes a numpy view of every entry of every
-    array, which for SmolLM2's 49,152-token vocabulary took 8-10 s of each load on 2 CPU cores;
-    this reads the same file in well under a second."""
+    array, which for SmolLM2's 49,152-token vocabulary took 4-5 s of each load on 2 CPU cores;
+    this reads the same file in 0.1 s."""
 
     def __init__(self, path: str):
         self.path = path
@@ -70,20 +70,23 @@ class GGUFFile:
         self._buffer = memoryview(self._file)
         if bytes(self._buffer[:4]) != b"GGUF":
             raise ValueError(f"{path} is not a GGUF file")
-        (version,) = struct.unpack_from("<I", self._buffer, 4)
-        if version < 2:
-            raise ValueError(f"{path}: GGUF version {version} is not supported (2 and later are)")
-        num_tensors, num_metadata = struct.unpack_from("<QQ", self._buffer, 8)
-        self._pos = 24
+        self._pos = 4
         self.metadata: dict[str, object] = {}
-        for _ in range(num_metadata):
-            key = self._string()
-            self.metadata[key] = self._value(self._unpack("<I"))
         infos = []
-        for _ in range(num_tensors):
-            name = self._string()
-            shape = tuple(self._unpack("<Q") for _ in range(self._unpack("<I")))
-            infos.append((name, shape, GGMLQuantizationType(self._unpack("<I")), self._unpack("<Q")))
+        try:
+            version = self._unpack("<I")
+            if version < 2:
+                raise ValueError(f"{path}: GGUF version {version} is not supported (2 and later are)")
+            num_tensors, num_metadata = self._unpack("<Q"), self._unpack("<Q")
+            for _ in range(num_metadata):
+                key = self._string()
+                self.metadata[key] = self._value(self._unpack("<I"))
+            for _ in range(num_tensors):
+                name = self._string()
+                shape = tuple(self._unpack("<Q") for _ in range(self._unpack("<I")))
+                infos.append((name, shape, GGMLQuantizationType(self._unpack("<I")), self._unpack("<Q")))
+        except struct.error:
+            raise ValueError(f"{path}: the GGUF header is cut short") from None
         alignment = int(self.metadata.get("general.alignment", 32))
         data_start = -(-self._pos // alignment) * alignment
         self.tensors = [self._tensor(data_start, *info) for info in infos]
