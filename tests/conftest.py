@@ -153,6 +153,14 @@ def smollm2_transformers():
     return AutoTokenizer.from_pretrained(SMOLLM2_DIR, gguf_file=SMOLLM2_GGUF)
 
 
+@pytest.fixture(scope="session")
+def smollm2_transformers_model():
+    """The oracle for the default model: transformers' own reading of its GGUF (float32)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(SMOLLM2_DIR, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+
+
 @pytest.fixture(params=["hf_v1", "mistral_v3", "tekken", "smollm2"])
 def any_tokenizer(request) -> Tokenizer:
     return request.getfixturevalue(request.param)

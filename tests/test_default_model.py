@@ -7,7 +7,7 @@ from mistral_common.protocol.instruct.messages import UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from conftest import MISTRAL_DATA, SMOLLM2_DIR, SMOLLM2_GGUF
+from conftest import MISTRAL_DATA
 from server import LLM, SamplingParams
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -26,15 +26,11 @@ def test_the_default_model_answers_paris(default_llm):
     assert output.prompt.startswith("<|im_start|>")
 
 
-def test_the_default_model_greedy_tokens_equal_transformers(default_llm):
-    from transformers import AutoModelForCausalLM
-
+def test_the_default_model_greedy_tokens_equal_transformers(default_llm, smollm2_transformers_model):
     prompt = default_llm.get_tokenizer().apply_chat_template(QUESTION)
     ours = default_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16,
                                                          ignore_eos=True), use_tqdm=False)[0]
-    model = AutoModelForCausalLM.from_pretrained(SMOLLM2_DIR, gguf_file=SMOLLM2_GGUF,
-                                                 dtype=torch.float32)
-    expected = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
+    expected = smollm2_transformers_model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
                               eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
     assert ours.outputs[0].token_ids == expected
 

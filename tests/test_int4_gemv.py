@@ -85,11 +85,11 @@ def test_deferred_sums_hold_the_product_in_units_of_2_to_the_minus_32(M, config)
     """Given int64 zeros, the mma path leaves each split's sums added there (what the norm,
     silu_and_mul and the rotary kernel read), the rows past M untouched."""
     dtype = torch.float16
-    qweight, zeros, scales, _, weight = int4_weights(256, 72, 32, False, dtype, seed=M)
+    qweight, zeros, scales, _, weight = int4_weights(256, 40, 32, False, dtype, seed=M)  # N: a part block
     x = torch.randn(M, 256).to(dtype).to(DEVICE)
-    sums = torch.zeros(MMA_MAX_ROWS, 72, dtype=torch.int64, device=DEVICE)
+    sums = torch.zeros(MMA_MAX_ROWS, 40, dtype=torch.int64, device=DEVICE)
     out = int4_gemv(x, qweight, zeros, scales, None, 32, config, sums=sums)
-    assert out.dtype == torch.int64 and out.shape == (M, 72) and out.data_ptr() == sums.data_ptr()
+    assert out.dtype == torch.int64 and out.shape == (M, 40) and out.data_ptr() == sums.data_ptr()
     assert out.any() and not sums[M:].any()
     again = int4_gemv(x, qweight, zeros, scales, None, 32, config, sums=torch.zeros_like(sums))
     assert torch.equal(again, out)  # integer sums: the same whichever split adds first

@@ -63,15 +63,6 @@ def hub_cache(single_file_checkpoint, tmp_path) -> Path:
     return tmp_path / "hub"
 
 
-@pytest.fixture(scope="module")
-def smollm2_transformers() -> transformers.PreTrainedModel:
-    """The oracle: transformers' own reading of the embedded default GGUF."""
-    source = resolve_model(None)
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        source.path, gguf_file=Path(source.gguf_file).name
-    )
-
-
 def assert_weights_equal(source: ModelSource, model: torch.nn.Module) -> None:
     expected = model.state_dict()
     loaded = {name: tensor[:] for name, tensor in iter_weights(source)}  # slices read in place
@@ -298,9 +289,9 @@ def test_default_model_without_its_package_asks_to_install_it(monkeypatch):
         resolve_model(None)
 
 
-def test_default_model_config_matches_transformers(smollm2_transformers):
+def test_default_model_config_matches_transformers(smollm2_transformers_model):
     config = load_config(resolve_model(None))
-    expected = smollm2_transformers.config
+    expected = smollm2_transformers_model.config
     for field in [
         "hidden_size",
         "intermediate_size",
@@ -321,8 +312,8 @@ def test_default_model_config_matches_transformers(smollm2_transformers):
     assert config["tie_word_embeddings"] is True
 
 
-def test_default_model_weights_equal_transformers_dequantized_weights(smollm2_transformers):
-    expected = smollm2_transformers.state_dict()
+def test_default_model_weights_equal_transformers_dequantized_weights(smollm2_transformers_model):
+    expected = smollm2_transformers_model.state_dict()
     names = set()
     for name, tensor in iter_weights(resolve_model(None)):
         assert tensor.dtype == torch.float32

@@ -137,6 +137,7 @@ def test_a_gguf_tokenizer_is_made_once_and_read_back_alike(smollm2_transformers,
 
 
 def test_a_gguf_tokenizer_folder_is_named_by_the_file_it_came_from(tmp_path, monkeypatch):
+    import server.engine.tokenizer as module
     from server.engine.tokenizer import gguf_tokenizer_folder
 
     path = tmp_path / "model.gguf"
@@ -146,7 +147,7 @@ def test_a_gguf_tokenizer_folder_is_named_by_the_file_it_came_from(tmp_path, mon
     os.utime(path, ns=(0, 10**18))
     touched = gguf_tokenizer_folder(path)
     assert touched != named  # the file rewritten in place
-    monkeypatch.setattr("transformers.__version__", "0.0.1")
+    monkeypatch.setattr(module.transformers, "__version__", "0.0.1")  # the module it reads, whatever sys.modules holds
     assert gguf_tokenizer_folder(path) not in (named, touched)  # made by another transformers
 
 
