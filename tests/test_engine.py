@@ -411,10 +411,11 @@ def test_the_decode_kernel_takes_fewer_splits_where_every_context_is_short():
     assert decode_splits(64, 8, 132, 100) == decode_splits(64, 8, 132) == 1
 
 
-
 def test_a_cpu_kv_cache_is_zeros_whose_pages_are_taken_when_touched():
     """The CPU cache (2 GiB by default) reads as zeros in every KV dtype and takes its memory
     only as blocks are written: a GiB of it leaves the process's resident memory nearly flat."""
+    import os
+
     from server.runtime.model_runner import zeroed
 
     for dtype in (torch.float32, torch.bfloat16, torch.float8_e4m3fn):
@@ -426,13 +427,14 @@ def test_a_cpu_kv_cache_is_zeros_whose_pages_are_taken_when_touched():
 
     def resident() -> int:
         with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     before = resident()
     cache = zeroed((1 << 14, 16, 8, 128), torch.float32, torch.device("cpu"))  # 1 GiB
     assert resident() - before < 128 << 20
     cache[:8].fill_(1.0)  # 8 blocks: 512 KiB
     assert resident() - before < 128 << 20 and cache[:8].all() and not cache[8:16].any()
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
