@@ -6,6 +6,8 @@ typical-p, min-p, then a draw.
 The draw is the exponential race: argmax(p / E) with E ~ Exp(1) picks token i with
 probability p_i, and E comes from a counter-based hash of (seed, step), so a seeded row gives
 the same token wherever it sits in the batch. Logprobs are those of the raw model output.
+On CUDA the random rows' temperature, top-k, top-p, min-p and draw run as one Triton kernel
+(kernels/sampling.py) unless a row asks for typical-p; the torch code here is its reference.
 """
 from __future__ import annotations
 
@@ -14,6 +16,11 @@ from dataclasses import dataclass, field
 import torch
 
 from server.runtime.random import exponential_noise, watermark_greenlist
+
+try:  # triton is optional where only the CPU path runs
+    from kernels.sampling import sample_rows
+except ImportError:  # pragma: no cover - depends on the install
+    sample_rows = None
 
 
 @dataclass
@@ -157,6 +164,19 @@ def _min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(probs < floor, float("-inf"))
 
 
+# The warps of a random row, in order: (option, warp, the value that leaves a row alone).
+WARPS = (("top_k", _top_k, 0), ("top_p", _top_p, 1.0), ("typical_p", _typical_p, 1.0), ("min_p", _min_p, 0.0))
+
+
+def draw(scaled: torch.Tensor, keys: torch.Tensor, warps: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Token ids [rows] from logits over their temperatures [rows, vocab]: the warps named in
+    `warps` (each a column of the rows' settings) in WARPS' order, then the exponential race."""
+    for name, warp, _ in WARPS:
+        if name in warps:
+            scaled = warp(scaled, warps[name])
+    return (scaled.softmax(dim=-1) / exponential_noise(keys, scaled.shape[1])).argmax(dim=-1)
+
+
 @dataclass
 class DeviceSample:
     """A step's picks, still on the device: reading them is what waits for the GPU."""
@@ -220,15 +240,14 @@ def sample_on_device(logits: torch.Tensor, rows: list[SamplingOptions],
     if random_rows:
         picked = [rows[i] for i in random_rows]
         index = _on_device(random_rows, device, torch.int64)
-        scaled = logits[index] / _column(picked, "temperature", device)[:, None]
-        for name, warp, neutral in (("top_k", _top_k, 0), ("top_p", _top_p, 1.0),
-                                    ("typical_p", _typical_p, 1.0), ("min_p", _min_p, 0.0)):
-            if any(getattr(r, name) != neutral for r in picked):
-                dtype = torch.int64 if name == "top_k" else torch.float32
-                scaled = warp(scaled, _column(picked, name, device, dtype))
+        temperature = _column(picked, "temperature", device)
         keys = _on_device([r.key for r in picked], device, torch.int64)
-        noise = exponential_noise(keys, logits.shape[1])
-        next_ids[index] = (scaled.softmax(dim=-1) / noise).argmax(dim=-1)
+        warps = {name: _column(picked, name, device, torch.int64 if name == "top_k" else torch.float32)
+                 for name, _, neutral in WARPS if any(getattr(r, name) != neutral for r in picked)}
+        if logits.is_cuda and sample_rows is not None and "typical_p" not in warps:
+            next_ids[index] = sample_rows(logits.contiguous(), index, temperature, keys, **warps)
+        else:
+            next_ids[index] = draw(logits[index] / temperature[:, None], keys, warps)
     chosen = raw_logprobs.gather(1, next_ids[:, None])[:, 0]
     top_n = max(r.num_logprobs for r in rows)
     top = raw_logprobs.topk(top_n, dim=-1) if top_n else None

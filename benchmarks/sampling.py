@@ -1,0 +1,71 @@
+"""The sampling step's random rows: the Triton kernel (kernels/sampling.py) against the torch
+sampler it replaces on CUDA (two sorts of the vocabulary and a [rows, vocab] noise tensor),
+side by side in one run, and against reading the logits once at the copy rate.
+
+    python benchmarks/sampling.py [--rows 1,8,64,256] [--vocab 32768]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.roofline import copy_bandwidth  # noqa: E402
+from kernels.sampling import sample_rows  # noqa: E402
+from server.runtime import sampler  # noqa: E402
+from server.runtime.random import row_key  # noqa: E402
+
+SETTINGS = {  # name: (top_k, top_p, min_p), each at temperature 0.7
+    "temperature": (0, 1.0, 0.0),
+    "top_k=50, top_p=0.9": (50, 0.9, 0.0),
+    "top_p=0.95, min_p=0.05": (0, 0.95, 0.05),
+}
+
+
+def timed(fn, repeats: int = 50) -> float:
+    """Milliseconds a call, from CUDA events around `repeats` calls after a warm-up."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 64, 256])
+    parser.add_argument("--vocab", type=int, default=32768)
+    args = parser.parse_args()
+    bandwidth = copy_bandwidth()
+    results = []
+    for count in args.rows:
+        logits = torch.randn(count, args.vocab, device="cuda") * 3
+        rows = torch.arange(count, device="cuda")
+        temperature = torch.full((count,), 0.7, device="cuda")
+        keys = torch.tensor([row_key(1, step) for step in range(count)], device="cuda")
+        for name, (top_k, top_p, min_p) in SETTINGS.items():
+            values = {"top_k": top_k, "top_p": top_p, "min_p": min_p}
+            neutral = {"top_k": 0, "top_p": 1.0, "min_p": 0.0}
+            warps = {k: torch.full((count,), v, device="cuda") for k, v in values.items() if v != neutral[k]}
+            ours = sample_rows(logits, rows, temperature, keys, **warps)
+            reference = sampler.draw(logits[rows] / temperature[:, None], keys, warps)
+            kernel_ms = timed(lambda: sample_rows(logits, rows, temperature, keys, **warps))
+            torch_ms = timed(lambda: sampler.draw(logits[rows] / temperature[:, None], keys, warps))
+            results.append({"rows": count, "settings": name, "kernel_ms": kernel_ms, "torch_ms": torch_ms,
+                            "speedup": torch_ms / kernel_ms, "same_tokens": bool(torch.equal(ours, reference)),
+                            "read_once_ms": logits.numel() * 4 / bandwidth * 1000})
+    print(json.dumps({"benchmark": "sampling", "device": torch.cuda.get_device_name(), "vocab": args.vocab,
+                      "copy_bandwidth_bytes_per_s": bandwidth, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
