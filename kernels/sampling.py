@@ -3,22 +3,30 @@ the exponential race's draw, one program per row and nothing sorted.
 
 The reference is `server.runtime.sampler`'s torch path, which sorts the vocabulary once for
 top-k and once more for top-p, and builds the row's Exp(1) noise as a [rows, vocab] tensor of
-int64 hashes. Here each filter is a threshold on the row's scaled logits, found by bisection
-over their float32 bit patterns (ordered as the values: `_order_key`), each step one pass over
-the row (in L2 after the first):
+int64 hashes. Here each filter is a threshold on the row's logits (a positive temperature
+keeps their order), found by bisection over their float32 bit patterns (ordered as the
+values: `_order_key`), each step one pass over the row (in L2 after the first):
   - top-k keeps the logits at or above the k-th largest (ties kept, as the reference keeps
     them): the largest key with at least k logits at or above it;
   - top-p drops the least likely logits whose probabilities add up to at most 1 - top_p of
     the top-k survivors' (the reference's cumulative sum in ascending order, read as a
     threshold): the largest key whose mass at or below it is within that budget, never the
     most likely token's;
-  - min-p drops probabilities below min_p times the largest, that is exp(s - max) < min_p.
-Each search takes 33 passes. Trying 16 keys a pass (9 passes) was no faster on an H100: 0.72
-against 0.76 ms for one row of 32,768 with top-k and top-p, 1.43 against 1.02 for 256 rows
-(benchmarks/sampling.py): the 16 comparisons a logit cost more than the passes they saved.
-The draw is argmax(exp(s - max) / E) over the survivors (the reference's softmax without its
-common divisor), with E made in the kernel from the same counter-based hash as
+  - min-p drops probabilities below min_p times the largest, that is exp((x - max) / T) <
+    min_p.
+The draw is argmax(exp((x - max) / T) / E) over the survivors (the reference's softmax
+without its common divisor), with E made in the kernel from the same counter-based hash as
 `server.runtime.random.exponential_noise`: a seeded row draws the same noise either way.
+
+Each search takes 33 passes over the row, each pass a compare (and for top-p an exp2) a
+logit. On one H100, 32,768 logits a row at temperature 0.7, top-k 50 and top-p 0.9: one row
+in 0.34 ms and 256 in 0.57, where the reference took 1.40 and 4.18 in the same run, with the
+same tokens (benchmarks/sampling.py). Variants, each timed in one run with this one:
+dividing each logit by the temperature in every pass, as the reference does once, 0.77 and
+1.02 ms; blocks of 1,024-2,048 logits or 4-8 warps, slower with top-k and top-p at 1, 8 and
+256 rows; 8,192-16,384 on 16-32 warps, 0.26-0.29 and 0.51-0.58 ms (not checked against the
+reference there). Trying 16 keys a pass (9 passes, not 33), in a run of its own against the
+dividing kernel: no faster at one row and slower at 256 (1.43 against 1.02 ms).
 """
 from __future__ import annotations
 
@@ -50,11 +58,10 @@ def _mix32(x):
 
 
 @triton.jit
-def _scaled(base, start, offs, vocab, temperature):
-    """A block of the row's logits over the temperature, -inf past the vocabulary."""
+def _logits(base, start, offs, vocab):
+    """A block of the row's logits, -inf past the vocabulary."""
     inside = start + offs < vocab
-    x = tl.load(base + start + offs, mask=inside, other=float("-inf"))
-    return tl.math.div_rn(x, temperature), inside
+    return tl.load(base + start + offs, mask=inside, other=float("-inf")), inside
 
 
 @triton.jit
@@ -67,9 +74,10 @@ def _sample_kernel(logits_ptr, stride, rows_ptr, temperature_ptr, top_k_ptr, top
     offs = tl.arange(0, BLOCK)
     top = tl.full([], float("-inf"), tl.float32)
     for start in range(0, vocab, BLOCK):
-        s, inside = _scaled(base, start, offs, vocab, temperature)
+        s, inside = _logits(base, start, offs, vocab)
         top = tl.maximum(top, tl.max(s, axis=0))
     top_key = _order_key(top)
+    scale = 1.4426950408889634 / temperature  # exp((x - max) / T) = 2 ** ((x - max) * scale)
 
     kth = tl.full([], LOWEST_KEY, tl.int64)  # keys below it are dropped by top-k
     if TOP_K:
@@ -79,7 +87,7 @@ def _sample_kernel(logits_ptr, stride, rows_ptr, temperature_ptr, top_k_ptr, top
             mid = (lo + hi + 1) >> 1
             count = 0
             for start in range(0, vocab, BLOCK):
-                s, inside = _scaled(base, start, offs, vocab, temperature)
+                s, inside = _logits(base, start, offs, vocab)
                 count += tl.sum((inside & (_order_key(s) >= mid)).to(tl.int32), axis=0)
             enough = count >= k
             lo = tl.where(enough, mid, lo)
@@ -91,19 +99,19 @@ def _sample_kernel(logits_ptr, stride, rows_ptr, temperature_ptr, top_k_ptr, top
         p = tl.load(top_p_ptr + i)
         total = 0.0
         for start in range(0, vocab, BLOCK):
-            s, inside = _scaled(base, start, offs, vocab, temperature)
+            s, inside = _logits(base, start, offs, vocab)
             kept = inside & (_order_key(s) >= kth)
-            total += tl.sum(tl.where(kept, tl.exp(s - top), 0.0), axis=0)
+            total += tl.sum(tl.where(kept, tl.exp2((s - top) * scale), 0.0), axis=0)
         budget = (1.0 - p) * total
         lo, hi = cut, top_key - 1
         for _ in range(33):
             mid = (lo + hi + 1) >> 1
             mass = 0.0
             for start in range(0, vocab, BLOCK):
-                s, inside = _scaled(base, start, offs, vocab, temperature)
+                s, inside = _logits(base, start, offs, vocab)
                 key = _order_key(s)
                 below = inside & (key >= kth) & (key <= mid)
-                mass += tl.sum(tl.where(below, tl.exp(s - top), 0.0), axis=0)
+                mass += tl.sum(tl.where(below, tl.exp2((s - top) * scale), 0.0), axis=0)
             within = mass <= budget
             lo = tl.where(within, mid, lo)
             hi = tl.where(within, hi, mid - 1)
@@ -117,9 +125,9 @@ def _sample_kernel(logits_ptr, stride, rows_ptr, temperature_ptr, top_k_ptr, top
     best = tl.full([], -1.0, tl.float32)
     best_id = tl.full([], 0, tl.int64)
     for start in range(0, vocab, BLOCK):
-        s, inside = _scaled(base, start, offs, vocab, temperature)
+        s, inside = _logits(base, start, offs, vocab)
         key = _order_key(s)
-        e = tl.exp(s - top)
+        e = tl.exp2((s - top) * scale)
         kept = inside & (key >= kth) & (key > cut) & (e >= floor)
         ids = (start + offs).to(tl.int64)
         bits = _mix32(_mix32(row_key ^ ids) ^ row_key)
@@ -135,7 +143,7 @@ def _sample_kernel(logits_ptr, stride, rows_ptr, temperature_ptr, top_k_ptr, top
 
 def sample_rows(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor,
                 top_k: torch.Tensor | None = None, top_p: torch.Tensor | None = None,
-                min_p: torch.Tensor | None = None, block: int = 2048) -> torch.Tensor:
+                min_p: torch.Tensor | None = None, block: int = 4096, warps: int = 16) -> torch.Tensor:
     """Token ids [len(rows)] (int64) drawn from logits[rows] (float32 [*, vocab]).
 
     temperature, top_p, min_p: float32 [len(rows)]; top_k: int32 or int64 (0: off for the row);
@@ -150,5 +158,5 @@ def sample_rows(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Ten
         unused if top_k is None else top_k.to(torch.int32), unused if top_p is None else top_p,
         unused if min_p is None else min_p, keys, out, vocab,
         BLOCK=min(block, triton.next_power_of_2(vocab)), TOP_K=top_k is not None, TOP_P=top_p is not None,
-        MIN_P=min_p is not None, num_warps=8)
+        MIN_P=min_p is not None, num_warps=warps)
     return out
