@@ -39,10 +39,10 @@ MASK32 = tl.constexpr(0xFFFFFFFF)
 
 
 @triton.jit
-def _order_key(s):
-    """int64 keys ordered as the float32 values `s` (NaN aside): a negative float's magnitude
+def _order_key(x):
+    """int64 keys ordered as the float32 values `x` (NaN aside): a negative float's magnitude
     bits are flipped, so that more negative is smaller."""
-    bits = s.to(tl.int32, bitcast=True)
+    bits = x.to(tl.int32, bitcast=True)
     return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
 
 
@@ -74,8 +74,8 @@ def _sample_kernel(logits_ptr, stride, rows_ptr, temperature_ptr, top_k_ptr, top
     offs = tl.arange(0, BLOCK)
     top = tl.full([], float("-inf"), tl.float32)
     for start in range(0, vocab, BLOCK):
-        s, inside = _logits(base, start, offs, vocab)
-        top = tl.maximum(top, tl.max(s, axis=0))
+        x, inside = _logits(base, start, offs, vocab)
+        top = tl.maximum(top, tl.max(x, axis=0))
     top_key = _order_key(top)
     scale = 1.4426950408889634 / temperature  # exp((x - max) / T) = 2 ** ((x - max) * scale)
 
@@ -87,8 +87,8 @@ def _sample_kernel(logits_ptr, stride, rows_ptr, temperature_ptr, top_k_ptr, top
             mid = (lo + hi + 1) >> 1
             count = 0
             for start in range(0, vocab, BLOCK):
-                s, inside = _logits(base, start, offs, vocab)
-                count += tl.sum((inside & (_order_key(s) >= mid)).to(tl.int32), axis=0)
+                x, inside = _logits(base, start, offs, vocab)
+                count += tl.sum((inside & (_order_key(x) >= mid)).to(tl.int32), axis=0)
             enough = count >= k
             lo = tl.where(enough, mid, lo)
             hi = tl.where(enough, hi, mid - 1)
@@ -99,19 +99,19 @@ def _sample_kernel(logits_ptr, stride, rows_ptr, temperature_ptr, top_k_ptr, top
         p = tl.load(top_p_ptr + i)
         total = 0.0
         for start in range(0, vocab, BLOCK):
-            s, inside = _logits(base, start, offs, vocab)
-            kept = inside & (_order_key(s) >= kth)
-            total += tl.sum(tl.where(kept, tl.exp2((s - top) * scale), 0.0), axis=0)
+            x, inside = _logits(base, start, offs, vocab)
+            kept = inside & (_order_key(x) >= kth)
+            total += tl.sum(tl.where(kept, tl.exp2((x - top) * scale), 0.0), axis=0)
         budget = (1.0 - p) * total
         lo, hi = cut, top_key - 1
         for _ in range(33):
             mid = (lo + hi + 1) >> 1
             mass = 0.0
             for start in range(0, vocab, BLOCK):
-                s, inside = _logits(base, start, offs, vocab)
-                key = _order_key(s)
+                x, inside = _logits(base, start, offs, vocab)
+                key = _order_key(x)
                 below = inside & (key >= kth) & (key <= mid)
-                mass += tl.sum(tl.where(below, tl.exp2((s - top) * scale), 0.0), axis=0)
+                mass += tl.sum(tl.where(below, tl.exp2((x - top) * scale), 0.0), axis=0)
             within = mass <= budget
             lo = tl.where(within, mid, lo)
             hi = tl.where(within, hi, mid - 1)
@@ -125,9 +125,9 @@ def _sample_kernel(logits_ptr, stride, rows_ptr, temperature_ptr, top_k_ptr, top
     best = tl.full([], -1.0, tl.float32)
     best_id = tl.full([], 0, tl.int64)
     for start in range(0, vocab, BLOCK):
-        s, inside = _logits(base, start, offs, vocab)
-        key = _order_key(s)
-        e = tl.exp2((s - top) * scale)
+        x, inside = _logits(base, start, offs, vocab)
+        key = _order_key(x)
+        e = tl.exp2((x - top) * scale)
         kept = inside & (key >= kth) & (key > cut) & (e >= floor)
         ids = (start + offs).to(tl.int64)
         bits = _mix32(_mix32(row_key ^ ids) ^ row_key)
@@ -143,7 +143,7 @@ def _sample_kernel(logits_ptr, stride, rows_ptr, temperature_ptr, top_k_ptr, top
 
 def sample_rows(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor, keys: torch.Tensor,
                 top_k: torch.Tensor | None = None, top_p: torch.Tensor | None = None,
-                min_p: torch.Tensor | None = None, block: int = 4096, warps: int = 16) -> torch.Tensor:
+                min_p: torch.Tensor | None = None, block: int = 4096) -> torch.Tensor:
     """Token ids [len(rows)] (int64) drawn from logits[rows] (float32 [*, vocab]).
 
     temperature, top_p, min_p: float32 [len(rows)]; top_k: int32 or int64 (0: off for the row);
@@ -158,5 +158,5 @@ def sample_rows(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Ten
         unused if top_k is None else top_k.to(torch.int32), unused if top_p is None else top_p,
         unused if min_p is None else min_p, keys, out, vocab,
         BLOCK=min(block, triton.next_power_of_2(vocab)), TOP_K=top_k is not None, TOP_P=top_p is not None,
-        MIN_P=min_p is not None, num_warps=warps)
+        MIN_P=min_p is not None, num_warps=16)
     return out
