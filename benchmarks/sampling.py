@@ -54,8 +54,8 @@ def main() -> None:
         keys = torch.tensor([row_key(1, step) for step in range(count)], device="cuda")
         for name, (top_k, top_p, min_p) in SETTINGS.items():
             values = {"top_k": top_k, "top_p": top_p, "min_p": min_p}
-            neutral = {"top_k": 0, "top_p": 1.0, "min_p": 0.0}
-            warps = {k: torch.full((count,), v, device="cuda") for k, v in values.items() if v != neutral[k]}
+            warps = {name: torch.full((count,), values[name], device="cuda")
+                     for name, _, neutral in sampler.WARPS if name in values and values[name] != neutral}
             ours = sample_rows(logits, rows, temperature, keys, **warps)
             reference = sampler.draw(logits[rows] / temperature[:, None], keys, warps)
             kernel_ms = timed(lambda: sample_rows(logits, rows, temperature, keys, **warps))
