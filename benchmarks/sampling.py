@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.roofline import copy_bandwidth  # noqa: E402
+from benchmarks.roofline import _timed, copy_bandwidth  # noqa: E402
 from kernels.sampling import sample_rows  # noqa: E402
 from server.runtime import sampler  # noqa: E402
 from server.runtime.random import row_key  # noqa: E402
@@ -25,19 +25,6 @@ SETTINGS = {  # name: (top_k, top_p, min_p), each at temperature 0.7
     "top_k=50, top_p=0.9": (50, 0.9, 0.0),
     "top_p=0.95, min_p=0.05": (0, 0.95, 0.05),
 }
-
-
-def timed(fn, repeats: int = 50) -> float:
-    """Milliseconds a call, from CUDA events around `repeats` calls after a warm-up."""
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
 
 
 def main() -> None:
@@ -58,8 +45,8 @@ def main() -> None:
                      for name, _, neutral in sampler.WARPS if name in values and values[name] != neutral}
             ours = sample_rows(logits, rows, temperature, keys, **warps)
             reference = sampler.draw(logits[rows] / temperature[:, None], keys, warps)
-            kernel_ms = timed(lambda: sample_rows(logits, rows, temperature, keys, **warps))
-            torch_ms = timed(lambda: sampler.draw(logits[rows] / temperature[:, None], keys, warps))
+            kernel_ms = 1000 * _timed(lambda: sample_rows(logits, rows, temperature, keys, **warps))
+            torch_ms = 1000 * _timed(lambda: sampler.draw(logits[rows] / temperature[:, None], keys, warps))
             results.append({"rows": count, "settings": name, "kernel_ms": kernel_ms, "torch_ms": torch_ms,
                             "speedup": torch_ms / kernel_ms, "same_tokens": bool(torch.equal(ours, reference)),
                             "read_once_ms": logits.numel() * 4 / bandwidth * 1000})

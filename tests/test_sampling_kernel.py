@@ -31,10 +31,6 @@ def columns(settings, keys):
     return torch.tensor(temperature), torch.tensor(keys, dtype=torch.int64), warps
 
 
-def torch_draw(logits, rows, temperature, keys, warps):
-    return sampler.draw(logits[rows] / temperature[:, None], keys, warps)
-
-
 @pytest.mark.parametrize("vocab, block, seed", [(300, 128, 0), (257, 64, 1)] + [
     pytest.param(32768, 2048, 2, marks=gpu_only), pytest.param(131072, 2048, 3, marks=gpu_only)])
 def test_the_kernel_draws_what_the_torch_sampler_draws(vocab, block, seed):
@@ -46,7 +42,7 @@ def test_the_kernel_draws_what_the_torch_sampler_draws(vocab, block, seed):
     logits[1, : vocab // 2] = float("-inf")  # a grammar's or a ban's row
     rows = torch.randperm(len(settings) + 2, generator=g)[:len(settings)]
     temperature, keys, warps = columns(settings, [row_key(seed, step) for step in range(len(settings))])
-    expected = torch_draw(logits, rows, temperature, keys, warps)
+    expected = sampler.draw(logits[rows] / temperature[:, None], keys, warps)
     on = lambda t: t.to(DEVICE)  # noqa: E731
     got = sample_rows(on(logits), on(rows), on(temperature), on(keys), block=block,
                       **{name: on(column) for name, column in warps.items()})
