@@ -1,5 +1,5 @@
 """cuBLAS's products on Mistral-7B's weights at the decode batch sizes above the gemv kernel's
-(kernels/gemv.py takes 1-16 rows), against reading each weight once at the copy rate (or its
+(server/kernels/gemv.py takes 1-16 rows), against reading each weight once at the copy rate (or its
 FLOPs at the matmul rate, where that is longer).
 
 For each weight and number of rows: F.linear (W stored [N, K], as the layers hold it) and

@@ -1,4 +1,4 @@
-"""The paged decode-attention kernel (kernels/decode_attention.py) against the copy roofline.
+"""The paged decode-attention kernel (server/kernels/decode_attention.py) against the copy roofline.
 
 For each decode batch (sequences x context tokens) on Mistral-7B's attention shape (32 query
 heads over 8 KV heads of 128, 16-token pages, bf16 cache, block tables shuffled as a busy
@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.gemv import timed_us  # noqa: E402
 from benchmarks.roofline import copy_bandwidth  # noqa: E402
-from kernels.decode_attention import DecodeConfig, decode_attention, kernel_choice  # noqa: E402
+from server.kernels.decode_attention import DecodeConfig, decode_attention, kernel_choice  # noqa: E402
 from server.runtime.model_runner import decode_splits  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16

@@ -1,4 +1,4 @@
-"""The decode matrix product (kernels/gemv.py) against cuBLAS on Mistral-7B's weights.
+"""The decode matrix product (server/kernels/gemv.py) against cuBLAS on Mistral-7B's weights.
 
 For each weight of a layer and the LM head, and each decode batch of rows: the time of cuBLAS
 (F.linear) and of the kernel under each configuration of a small sweep (each checked against
@@ -26,8 +26,8 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.roofline import copy_bandwidth  # noqa: E402
-from kernels.activation import silu_and_mul  # noqa: E402
-from kernels.gemv import GemvConfig, default_config, gemv  # noqa: E402
+from server.kernels.activation import silu_and_mul  # noqa: E402
+from server.kernels.gemv import GemvConfig, default_config, gemv  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "lm_head": (32768, 4096)}  # name: (N, K)
@@ -119,8 +119,8 @@ def measure_fp8(M: int, N: int, K: int, weights: list[torch.Tensor], with_sweep:
     """The same product with the weight in e4m3 and per-channel scales: the kernel (weight-only,
     half the bytes) against what the fp8 layers do for larger batches (per-token fp8 inputs and
     torch._scaled_mm)."""
-    from kernels.fp8_quant import quantize_fp8_per_token
-    from kernels.quant_reference import quantize_fp8_rows
+    from server.kernels.fp8_quant import quantize_fp8_per_token
+    from server.kernels.quant_reference import quantize_fp8_rows
 
     quantized = [quantize_fp8_rows(w) for w in weights]
     x = activations(M, K, gated)

@@ -2,7 +2,7 @@
 
 For each weight of a decoder layer (group size 128, random GPTQ-packed words) and each decode
 batch of rows: the time of bf16 cuBLAS (F.linear on a dense weight of the same shape), of the
-bf16 gemv kernel (kernels/gemv.py), of int4_matmul, and of int4_gemv under its default
+bf16 gemv kernel (server/kernels/gemv.py), of int4_matmul, and of int4_gemv under its default
 configuration and a small sweep (each configuration checked against x times the dequantized
 weight before it is timed; one that fails or does not compile is recorded, not fatal), and up
 to 8 rows the mma path leaving deferred sums (`deferred`, a memset standing in for the zeroing
@@ -32,11 +32,11 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.gemv import LAYER, SHAPES, timed_us  # noqa: E402
-from kernels.gemv import gemv  # noqa: E402
-from kernels.int4_gemv import (MMA_MAX_ROWS, Int4GemvConfig, config_for, int4_gemv, mma_config,  # noqa: E402
+from server.kernels.gemv import gemv  # noqa: E402
+from server.kernels.int4_gemv import (MMA_MAX_ROWS, Int4GemvConfig, config_for, int4_gemv, mma_config,  # noqa: E402
                                 split_counters, split_k_for)
-from kernels.int4_matmul import int4_matmul  # noqa: E402
-from kernels.quant_reference import dequantize_int4, finish_sums, group_of_each_input, unpack_int4  # noqa: E402
+from server.kernels.int4_matmul import int4_matmul  # noqa: E402
+from server.kernels.quant_reference import dequantize_int4, finish_sums, group_of_each_input, unpack_int4  # noqa: E402
 
 GROUP_SIZE = 128
 FMA_TILES = [Int4GemvConfig(block_n=n, block_k=k, num_warps=w, num_stages=s)
@@ -132,7 +132,7 @@ def batched(rows_list: list[int], l2_bytes: int) -> dict:
     """Larger decode batches, which the 4-bit layers send through int4_matmul up to
     FUSED_MAX_ROWS rows and dequantize first above: each layer weight's time both ways, and
     bf16 cuBLAS's, in microseconds."""
-    from kernels.int4_matmul import int4_dequantize
+    from server.kernels.int4_matmul import int4_dequantize
 
     out = {}
     for name in LAYER:

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.roofline import copy_bandwidth  # noqa: E402
-from kernels.fused_moe import GEMV_PAIRS, MoEConfig, default_config, fused_moe  # noqa: E402
+from server.kernels.fused_moe import GEMV_PAIRS, MoEConfig, default_config, fused_moe  # noqa: E402
 
 HIDDEN, INTER, EXPERTS, TOP_K = 4096, 14336, 8, 2
 

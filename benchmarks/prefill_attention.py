@@ -1,4 +1,4 @@
-"""The paged prefill-attention kernel (kernels/prefill_attention.py) on Mistral-7B's attention
+"""The paged prefill-attention kernel (server/kernels/prefill_attention.py) on Mistral-7B's attention
 shape (32 query heads over 8 KV heads of 128, 16-token pages, bf16 cache, shuffled blocks).
 
 Cases: prompts alone (`7x585`: seven fresh prompts of 585 tokens), and mixed steps as the
@@ -26,8 +26,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.gemv import timed_us  # noqa: E402
-from kernels.decode_attention import decode_attention  # noqa: E402
-from kernels.prefill_attention import PrefillConfig, prefill_attention  # noqa: E402
+from server.kernels.decode_attention import decode_attention  # noqa: E402
+from server.kernels.prefill_attention import PrefillConfig, prefill_attention  # noqa: E402
 from server.runtime.model_runner import decode_splits  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16

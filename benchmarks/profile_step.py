@@ -1,6 +1,6 @@
 """Where a decode step's time goes: wall time against GPU kernel time, and the top kernels.
 
-With programmatic dependent launch (an H100: kernels/launch.py) a kernel starts while the one
+With programmatic dependent launch (an H100: server/kernels/launch.py) a kernel starts while the one
 before it drains and waits for it on the device, so its recorded time includes that wait: the
 kernel times then add up to more than the step (the norm after a gemv, the merge after the
 split attention look slow), and `idle_ms_per_step` can go negative. With KERNELS_PDL=0 in the

@@ -1,4 +1,4 @@
-"""The sampling step's random rows: the Triton kernel (kernels/sampling.py) against the torch
+"""The sampling step's random rows: the Triton kernel (server/kernels/sampling.py) against the torch
 sampler it replaces on CUDA (two sorts of the vocabulary and a [rows, vocab] noise tensor),
 side by side in one run, and against reading the logits once at the copy rate.
 
@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.roofline import _timed, copy_bandwidth  # noqa: E402
-from kernels.sampling import sample_rows  # noqa: E402
+from server.kernels.sampling import sample_rows  # noqa: E402
 from server.runtime import sampler  # noqa: E402
 from server.runtime.random import row_key  # noqa: E402
 

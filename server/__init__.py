@@ -1,9 +1,29 @@
-"""A TGI-compatible LLM inference server in Python; `LLM` and `SamplingParams` for libraries."""
-from server.config import EngineArgs
-from server.engine.async_engine import AsyncEngine
-from server.llm import LLM
-from server.outputs import CompletionOutput, RequestOutput
-from server.sampling_params import SamplingParams
+"""A TGI-compatible LLM inference server in Python; `LLM` and `SamplingParams` for libraries.
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "EngineArgs",
-           "AsyncEngine"]
+The names below are imported on first use, so that `python -m server --help` and a lone
+kernel (`server.kernels.norm`) do not pay for torch, transformers and the engine up front."""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "LLM": "server.llm",
+    "SamplingParams": "server.sampling_params",
+    "RequestOutput": "server.outputs",
+    "CompletionOutput": "server.outputs",
+    "EngineArgs": "server.config",
+    "AsyncEngine": "server.engine.async_engine",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'server' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -5,7 +5,7 @@ the compiler refuses, or whose pipeline needs more shared memory than a Hopper S
 there and fails only on the GPU. Here every kernel is launched as a Mistral-7B decode step (and
 a prefill) launches it, on empty CPU tensors of the real shapes; the launches are recorded
 instead of run, and each is compiled for sm_90 (with programmatic dependent launch, as an
-H100 launches them: kernels/launch.py). Prints one JSON line: each kernel variant's shared memory
+H100 launches them: server/kernels/launch.py). Prints one JSON line: each kernel variant's shared memory
 and its unguarded zeroing stores (`unguarded_zeroing`).
 
     python tests/hopper_compile.py        (run by tests/test_kernels_compile.py)
@@ -26,20 +26,20 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
-import kernels.launch  # noqa: E402
+import server.kernels.launch  # noqa: E402
 
-kernels.launch.PDL, kernels.launch.LAUNCH = True, {"launch_pdl": True}  # before the kernels import them
+server.kernels.launch.PDL, server.kernels.launch.LAUNCH = True, {"launch_pdl": True}  # before the kernels import them
 
-from kernels.activation import silu_and_mul  # noqa: E402
-from kernels.decode_attention import decode_attention  # noqa: E402
-from kernels.fused_moe import fused_moe  # noqa: E402
-from kernels.gemv import gemv  # noqa: E402
-from kernels.int4_gemv import MMA_MAX_ROWS, int4_gemv, mma_config  # noqa: E402
-from kernels.norm import rmsnorm  # noqa: E402
-from kernels.prefill_attention import prefill_attention  # noqa: E402
-from kernels.quant_reference import FP8  # noqa: E402
-from kernels.rotary import rotate_and_store  # noqa: E402
-from kernels.sampling import sample_rows  # noqa: E402
+from server.kernels.activation import silu_and_mul  # noqa: E402
+from server.kernels.decode_attention import decode_attention  # noqa: E402
+from server.kernels.fused_moe import fused_moe  # noqa: E402
+from server.kernels.gemv import gemv  # noqa: E402
+from server.kernels.int4_gemv import MMA_MAX_ROWS, int4_gemv, mma_config  # noqa: E402
+from server.kernels.norm import rmsnorm  # noqa: E402
+from server.kernels.prefill_attention import prefill_attention  # noqa: E402
+from server.kernels.quant_reference import FP8  # noqa: E402
+from server.kernels.rotary import rotate_and_store  # noqa: E402
+from server.kernels.sampling import sample_rows  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 launches: list[tuple[JITFunction, tuple, dict]] = []
@@ -119,7 +119,7 @@ def decode_step_launches() -> None:
 
 
 def unguarded_zeroing(ttgir: str) -> int:
-    """Stores of int64 zeros (a reader of deferred sums setting them back: kernels/deferred.py)
+    """Stores of int64 zeros (a reader of deferred sums setting them back: server/kernels/deferred.py)
     with an int64 load before them and no barrier in between. The compiler may map the store to
     other threads than the load, so without a barrier a thread can zero what another has yet to
     read; the interpreter runs a program as whole-tensor steps and never shows it."""

@@ -275,7 +275,7 @@ def _compiled_variants() -> dict[str, int]:
 
     from triton.runtime.jit import JITFunction
 
-    modules = [importlib.import_module(f"kernels.{name}")
+    modules = [importlib.import_module(f"server.kernels.{name}")
                for name in ("prefill_attention", "decode_attention", "norm", "rotary", "activation", "gemv")]
     kernels = [k for m in modules for k in vars(m).values() if isinstance(k, JITFunction)]
     return {k.fn.__name__: sum(len(cache[0]) for cache in k.device_caches.values()) for k in kernels}
@@ -381,7 +381,7 @@ def test_the_warm_up_steps_run_and_sample(mistral_v03_dir):
     of its own: the steps write over cache blocks, which start-up does before any request):
     prefills of each table width and tile height, then mixed steps with one-token sequences in
     each number that takes another variant of the decode kernel, at each width."""
-    from kernels.decode_attention import EARLY_SEQS
+    from server.kernels.decode_attention import EARLY_SEQS
 
     llm = LLM(mistral_v03_dir, max_batch_total_tokens=512)
     runner = llm.engine.runner

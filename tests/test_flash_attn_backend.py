@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.attention_reference import decode_attention_reference, prefill_attention_reference
+from server.kernels.attention_reference import decode_attention_reference, prefill_attention_reference
 from server.layers import attention
 from server.layers.attention import Attention, AttentionMetadata, default_block_size, resolve_backend
 

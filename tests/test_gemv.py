@@ -1,11 +1,11 @@
-"""The decode matrix product (kernels/gemv.py) against x @ W^T in float32: on the CPU in
+"""The decode matrix product (server/kernels/gemv.py) against x @ W^T in float32: on the CPU in
 Triton's interpreter over small shapes, on the GPU over Mistral-7B's."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kernels.gemv import MAX_ROWS, GemvConfig, gemv
+from server.kernels.gemv import MAX_ROWS, GemvConfig, gemv
 from test_kernels import DEVICE, DTYPES, gpu_only
 
 on_gpu = [gpu_only, pytest.mark.gpu]
@@ -57,7 +57,7 @@ def test_gemv_matches_the_float32_product_on_mistral_shapes(M, N, K, dtype):
 def fp8_inputs(M: int, N: int, K: int, dtype: torch.dtype, seed: int = 0):
     """x, and an e4m3 weight with per-channel scales as fp8 layers hold it; the reference is x
     times the dequantized weight (what the CPU path computes)."""
-    from kernels.quant_reference import dequantize_fp8, quantize_fp8_rows
+    from server.kernels.quant_reference import dequantize_fp8, quantize_fp8_rows
 
     x, weight = inputs(M, N, K, torch.float32, seed)
     q, scale = quantize_fp8_rows(weight)
@@ -83,7 +83,7 @@ def test_fp8_weights_on_mistral_shapes(M, N, K):
 
 def gated_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, rounded to x's dtype as the unfused kernel rounds it, times W in float32."""
-    from kernels.reference import silu_and_mul_reference
+    from server.kernels.reference import silu_and_mul_reference
 
     return silu_and_mul_reference(x).float() @ weight.float().t()
 
@@ -99,7 +99,7 @@ def test_a_gated_input_is_multiplied_as_silu_of_the_gate_times_up(M, N, K, confi
     torch.testing.assert_close(out.float(), gated_reference(x, weight), **tolerance(dtype, K))
     x_q, q, scale, _ = fp8_inputs(M, N, K, dtype)
     x = torch.cat([x_q, x_q.flip(1)], dim=1)
-    from kernels.quant_reference import dequantize_fp8
+    from server.kernels.quant_reference import dequantize_fp8
     torch.testing.assert_close(gemv(x, q, config, weight_scale=scale, gated=True).float(),
                                gated_reference(x, dequantize_fp8(q, scale).float()), **tolerance(dtype, K))
 
@@ -135,7 +135,7 @@ def test_rows_read_from_their_own_experts(M, repeat, N, K, config):
 
 
 def test_expert_rows_take_fp8_stacks_with_their_scales():
-    from kernels.quant_reference import dequantize_fp8, quantize_fp8_rows
+    from server.kernels.quant_reference import dequantize_fp8, quantize_fp8_rows
 
     x, _ = inputs(1, 24, 64, DTYPES[0])
     stack = torch.stack([inputs(1, 24, 64, DTYPES[0], seed=e)[1] for e in range(3)])

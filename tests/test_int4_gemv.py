@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.make_checkpoint import int4_tensors
-from kernels.gemv import MAX_ROWS
-from kernels.int4_gemv import GEMV_MAX_ROWS, MMA_MAX_ROWS, Int4GemvConfig, int4_gemv, mma_suits, split_counters
-from kernels.quant_reference import dequantize_int4, finish_sums, group_of_each_input, unpack_int4
+from server.kernels.gemv import MAX_ROWS
+from server.kernels.int4_gemv import GEMV_MAX_ROWS, MMA_MAX_ROWS, Int4GemvConfig, int4_gemv, mma_suits, split_counters
+from server.kernels.quant_reference import dequantize_int4, finish_sums, group_of_each_input, unpack_int4
 from server.config import QuantConfig
 from server.layers.linear import MergedColumnParallelLinear
 from test_gemv import tolerance

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.attention_reference import decode_attention_reference, prefill_attention_reference
-from kernels.reference import rmsnorm_reference, rotary_reference, silu_and_mul_reference, store_kv_reference
+from server.kernels.attention_reference import decode_attention_reference, prefill_attention_reference
+from server.kernels.reference import rmsnorm_reference, rotary_reference, silu_and_mul_reference, store_kv_reference
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -54,7 +54,7 @@ DECODE_CASES = [  # context_lens, page, heads, kv_heads, head_dim, window, split
 @pytest.mark.parametrize("context_lens, page, heads, kv_heads, head_dim, window, splits", DECODE_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_attention_matches_reference(context_lens, page, heads, kv_heads, head_dim, window, splits, dtype):
-    from kernels.decode_attention import decode_attention
+    from server.kernels.decode_attention import decode_attention
 
     k_cache, v_cache, tables = paged_cache(context_lens, page, kv_heads, head_dim, dtype)
     q = torch.randn(len(context_lens), heads, head_dim).to(dtype).to(DEVICE)
@@ -67,7 +67,7 @@ def test_decode_attention_matches_reference(context_lens, page, heads, kv_heads,
 
 @pytest.mark.parametrize("splits", [1, 2])
 def test_decode_attention_gives_zeros_for_padding_rows(splits):
-    from kernels.decode_attention import decode_attention
+    from server.kernels.decode_attention import decode_attention
 
     k_cache, v_cache, tables = paged_cache([20, 1], 16, 2, 16, torch.float32)
     q = torch.randn(2, 4, 16, device=DEVICE)
@@ -77,7 +77,7 @@ def test_decode_attention_gives_zeros_for_padding_rows(splits):
 
 
 def test_decode_attention_tiles_change_no_result():
-    from kernels.decode_attention import DecodeConfig, decode_attention
+    from server.kernels.decode_attention import DecodeConfig, decode_attention
 
     k_cache, v_cache, tables = paged_cache([45, 130], 16, 2, 16, DTYPES[0])
     q = torch.randn(2, 8, 16).to(DTYPES[0]).to(DEVICE)
@@ -106,7 +106,7 @@ PREFILL_CASES = [  # (query_len, context_len) per sequence, page, heads, kv_head
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_prefill_attention_reads_cached_prefixes_like_the_reference(lens, page, heads, kv_heads, head_dim,
                                                                     window, dtype):
-    from kernels.prefill_attention import prefill_attention
+    from server.kernels.prefill_attention import prefill_attention
 
     query_lens = [q for q, _ in lens]
     context_lens = [c for _, c in lens]
@@ -124,7 +124,7 @@ def test_prefill_attention_reads_cached_prefixes_like_the_reference(lens, page, 
 def test_prefill_attention_tiles_and_packed_heads_change_no_result():
     """A program takes `heads` query heads of one KV head (rows: tokens x heads); every packing
     and tile gives the reference's output, chunks that end mid-tile included."""
-    from kernels.prefill_attention import PrefillConfig, prefill_attention
+    from server.kernels.prefill_attention import PrefillConfig, prefill_attention
 
     query_lens, context_lens = [13, 1, 6], [13, 30, 40]
     k_cache, v_cache, tables = paged_cache(context_lens, 8, 2, 16, DTYPES[0], seed=3)
@@ -156,8 +156,8 @@ MIXED_CASES = [  # (query_len, context_len) per sequence (one-token ones beside 
 def test_a_mixed_step_splits_between_the_decode_and_prefill_kernels_like_the_reference(lens, window, splits, dtype):
     """The layer's mixed step: the one-token sequences through the decode kernel (indexed into
     the step's rows), the rest through the prefill kernel (indexed too); every row written once."""
-    from kernels.decode_attention import decode_attention
-    from kernels.prefill_attention import prefill_attention
+    from server.kernels.decode_attention import decode_attention
+    from server.kernels.prefill_attention import prefill_attention
 
     query_lens = [q for q, _ in lens]
     context_lens = [c for _, c in lens]
@@ -180,7 +180,7 @@ def test_a_mixed_step_splits_between_the_decode_and_prefill_kernels_like_the_ref
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_store_kv_writes_slots_from_strided_views_and_skips_padding(dtype):
-    from kernels.cache import store_kv
+    from server.kernels.cache import store_kv
 
     qkv = torch.randn(6, 3 * 2 * 16).to(dtype).to(DEVICE)
     k = qkv[:, 32:64].view(6, 2, 16)
@@ -195,7 +195,7 @@ def test_store_kv_writes_slots_from_strided_views_and_skips_padding(dtype):
 @pytest.mark.parametrize("hidden", [64, 100] + ([4096] if CUDA else []))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_add_rmsnorm_matches_reference(hidden, dtype):
-    from kernels.norm import rmsnorm
+    from server.kernels.norm import rmsnorm
 
     x = torch.randn(7, hidden).to(dtype).to(DEVICE)
     residual = torch.randn(7, hidden).to(dtype).to(DEVICE)
@@ -211,7 +211,7 @@ def test_fused_add_rmsnorm_matches_reference(hidden, dtype):
 @pytest.mark.parametrize("width", [48, 1000] + ([14336] if CUDA else []))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_and_mul_matches_reference(width, dtype):
-    from kernels.activation import silu_and_mul
+    from server.kernels.activation import silu_and_mul
 
     x = torch.randn(5, 2 * width).to(dtype).to(DEVICE)
     torch.testing.assert_close(silu_and_mul(x), silu_and_mul_reference(x), atol=1e-2, rtol=1e-2)
@@ -221,8 +221,8 @@ def test_silu_and_mul_matches_reference(width, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fp8", [False, True])
 def test_rotate_and_store_is_rotary_then_the_cache_store(heads, kv_heads, head_dim, dtype, fp8):
-    from kernels.quant_reference import FP8
-    from kernels.rotary import rotate_and_store
+    from server.kernels.quant_reference import FP8
+    from server.kernels.rotary import rotate_and_store
     from test_quant_kernels import e4m3_normals
 
     positions = torch.tensor([0, 5, 17, 2, 63], device=DEVICE)
@@ -259,7 +259,7 @@ def test_rotate_and_store_is_rotary_then_the_cache_store(heads, kv_heads, head_d
 
 def as_deferred_sums(values: torch.Tensor) -> torch.Tensor:
     """float32 values as a 4-bit product's deferred sums: int64 counts of SUM_UNIT."""
-    from kernels.quant_reference import SUM_UNIT
+    from server.kernels.quant_reference import SUM_UNIT
 
     return (values.double() / SUM_UNIT).round().long().to(DEVICE)
 
@@ -278,10 +278,10 @@ def test_kernels_read_deferred_sums_as_finish_sums_does_and_leave_zeros(dtype, s
     widths on the GPU, where the compiler maps a program's loads and its zeroing stores to its
     threads differently: a reader that zeroed sums before all its threads had read them gave
     another norm in every row."""
-    from kernels.activation import silu_and_mul
-    from kernels.norm import rmsnorm
-    from kernels.quant_reference import finish_sums
-    from kernels.rotary import rotate_and_store
+    from server.kernels.activation import silu_and_mul
+    from server.kernels.norm import rmsnorm
+    from server.kernels.quant_reference import finish_sums
+    from server.kernels.rotary import rotate_and_store
 
     rows, hidden, intermediate, heads, kv_heads, head_dim = shape
     torch.manual_seed(0)
@@ -316,7 +316,7 @@ def test_kernels_read_deferred_sums_as_finish_sums_does_and_leave_zeros(dtype, s
 
 
 def test_the_norm_and_silu_layers_read_deferred_sums_on_the_cpu_too():
-    from kernels.quant_reference import finish_sums
+    from server.kernels.quant_reference import finish_sums
     from server.layers.activation import silu_and_mul as silu_layer
     from server.layers.norm import RMSNorm
 
@@ -337,8 +337,8 @@ MOE_CASES = [(1, 4, 2, 64, 48), (2, 3, 2, 64, 40), (7, 4, 2, 32, 40), (40, 8, 2,
 @pytest.mark.parametrize("tokens, experts, top_k, hidden, inter", MOE_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_moe_matches_reference(tokens, experts, top_k, hidden, inter, dtype):
-    from kernels.fused_moe import MoEConfig, fused_moe
-    from kernels.reference import fused_moe_reference
+    from server.kernels.fused_moe import MoEConfig, fused_moe
+    from server.kernels.reference import fused_moe_reference
 
     g = torch.Generator().manual_seed(tokens)
     x = torch.randn(tokens, hidden, generator=g).to(dtype).to(DEVICE)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from kernels.gemv import SHARED_MEMORY  # an H100 block's limit
+from server.kernels.gemv import SHARED_MEMORY  # an H100 block's limit
 
 
 @pytest.fixture(scope="module")

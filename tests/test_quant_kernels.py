@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.attention_reference import decode_attention_reference, prefill_attention_reference
-from kernels.quant_reference import (FP8, dequantize_int4, fp8_matmul_reference, group_of_each_input,
+from server.kernels.attention_reference import decode_attention_reference, prefill_attention_reference
+from server.kernels.quant_reference import (FP8, dequantize_int4, fp8_matmul_reference, group_of_each_input,
                                      pack_int4, quantize_fp8_rows)
-from kernels.reference import store_kv_reference
+from server.kernels.reference import store_kv_reference
 from test_kernels import CUDA, DEVICE, DTYPES, gpu_only, paged_cache, tol
 
 on_gpu = [gpu_only, pytest.mark.gpu]  # Mistral-7B's shapes: selected by `-m gpu` on the device
@@ -44,7 +44,7 @@ INT4_CASES = [(1, 256, 48, 64, False), (5, 128, 64, 32, True), (40, 256, 32, 128
 @pytest.mark.parametrize("M, K, N, group_size, act_order", INT4_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_int4_matmul_matches_the_dequantized_weight(M, K, N, group_size, act_order, dtype):
-    from kernels.int4_matmul import int4_matmul
+    from server.kernels.int4_matmul import int4_matmul
 
     qweight, zeros, scales, g_idx, weight = int4_weights(K, N, group_size, act_order, dtype)
     x = torch.randn(M, K).to(dtype).to(DEVICE)
@@ -57,7 +57,7 @@ def test_int4_matmul_matches_the_dequantized_weight(M, K, N, group_size, act_ord
     pytest.param(4096, 14336, 128, True, marks=on_gpu)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_int4_dequantize_gives_the_reference_weight_exactly(K, N, group_size, act_order, dtype):
-    from kernels.int4_matmul import int4_dequantize
+    from server.kernels.int4_matmul import int4_dequantize
 
     qweight, zeros, scales, g_idx, weight = int4_weights(K, N, group_size, act_order, dtype, seed=1)
     dense = int4_dequantize(qweight, zeros, scales, g_idx, group_size, dtype)  # [K, N]
@@ -83,7 +83,7 @@ def exactly_representable(rows: int, width: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("rows, width", [(3, 100), (1, 64)] + [pytest.param(256, 14336, marks=on_gpu)])
 def test_per_token_fp8_quantization_gives_the_references_bits(rows, width):
-    from kernels.fp8_quant import quantize_fp8_per_token
+    from server.kernels.fp8_quant import quantize_fp8_per_token
 
     x = (torch.randn(rows, width) * 3 if CUDA else exactly_representable(rows, width)).to(DEVICE)
     x[0, :] = 0.0  # a row of zeros gets the smallest scale, and zeros
@@ -99,7 +99,7 @@ def test_per_token_fp8_quantization_gives_the_references_bits(rows, width):
 @pytest.mark.gpu
 def test_scaled_mm_with_row_scales_matches_its_emulation(M, K, N):
     """The fp8 layers' GPU path: per-token fp8 activations times per-channel fp8 weights."""
-    from kernels.fp8_quant import quantize_fp8_per_token
+    from server.kernels.fp8_quant import quantize_fp8_per_token
 
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     w_q, w_scale = quantize_fp8_rows(torch.randn(N, K, device="cuda") / K ** 0.5)
@@ -111,7 +111,7 @@ def test_scaled_mm_with_row_scales_matches_its_emulation(M, K, N):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_store_kv_into_an_fp8_cache_gives_the_references_bits(dtype):
-    from kernels.cache import store_kv
+    from server.kernels.cache import store_kv
 
     values = torch.randn(6, 3 * 2 * 16) * 3 if CUDA else e4m3_normals(6, 3 * 2 * 16)  # x4 and /2 stay normal
     qkv = values.to(dtype).to(DEVICE)
@@ -134,7 +134,7 @@ def fp8_cache(context_lens, page, kv_heads, head_dim, seed=0):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_attention_reads_an_fp8_cache_like_the_reference(context_lens, page, heads, kv_heads, head_dim,
                                                                   window, splits, dtype):
-    from kernels.decode_attention import decode_attention
+    from server.kernels.decode_attention import decode_attention
 
     k_cache, v_cache, tables = fp8_cache(context_lens, page, kv_heads, head_dim)
     q = torch.randn(len(context_lens), heads, head_dim).to(dtype).to(DEVICE)
@@ -150,7 +150,7 @@ def test_decode_attention_reads_an_fp8_cache_like_the_reference(context_lens, pa
 def test_decode_attention_multiplies_an_fp8_cache_with_half_precision_q_in_fp16(dtype):
     """The half-precision path (the CPU's other tests run float32): e4m3 widened to fp16, q in
     fp16, the scales on the sums; only the output's rounding stands between it and the reference."""
-    from kernels.decode_attention import decode_attention
+    from server.kernels.decode_attention import decode_attention
 
     k_cache, v_cache, tables = fp8_cache([5, 17, 40], 16, 2, 32, seed=2)
     q = torch.randn(3, 8, 32, generator=torch.Generator().manual_seed(3)).to(dtype).to(DEVICE)
@@ -168,7 +168,7 @@ def test_decode_attention_multiplies_an_fp8_cache_with_half_precision_q_in_fp16(
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_prefill_attention_reads_an_fp8_cache_like_the_reference(lens, page, heads, kv_heads, head_dim, window,
                                                                    dtype):
-    from kernels.prefill_attention import prefill_attention
+    from server.kernels.prefill_attention import prefill_attention
 
     query_lens, context_lens = [q for q, _ in lens], [c for _, c in lens]
     k_cache, v_cache, tables = fp8_cache(context_lens, page, kv_heads, head_dim, seed=1)
@@ -190,8 +190,8 @@ def test_prefill_attention_reads_an_fp8_cache_like_the_reference(lens, page, hea
 def test_a_mixed_step_reads_an_fp8_cache_like_the_reference(lens, heads, kv_heads, head_dim, window, splits, dtype):
     """One-token sequences through the decode kernel, the rest through the prefill kernel, as
     the attention layer splits a mixed step, over an e4m3 cache."""
-    from kernels.decode_attention import decode_attention
-    from kernels.prefill_attention import prefill_attention
+    from server.kernels.decode_attention import decode_attention
+    from server.kernels.prefill_attention import prefill_attention
 
     query_lens, context_lens = [q for q, _ in lens], [c for _, c in lens]
     k_cache, v_cache, tables = fp8_cache(context_lens, 16, kv_heads, head_dim, seed=3)

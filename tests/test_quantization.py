@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kernels.quant_reference import (AWQ_ORDER, dequantize_awq, dequantize_fp8, dequantize_gptq, dequantize_int4,
+from server.kernels.quant_reference import (AWQ_ORDER, dequantize_awq, dequantize_fp8, dequantize_gptq, dequantize_int4,
                                      group_of_each_input, unpack_int4)
 from quantize_checkpoint import quantize_fp8, quantize_int4, write_dequantized, write_quantized
 from server import LLM, SamplingParams
@@ -351,7 +351,7 @@ def test_fp8_decode_on_mistral_7b_shapes_follows_transformers_on_the_rounded_wei
     units (mean drift 5.2 with the query heads' rows rolled by one head, in one bf16 layer of
     these shapes on the CPU)."""
     from benchmarks.make_checkpoint import make
-    from kernels.quant_reference import quantize_fp8_rows
+    from server.kernels.quant_reference import quantize_fp8_rows
 
     model_dir = make(tmp_path / "bf16", num_layers=2)
     oracle = write_oracle(model_dir, tmp_path / "oracle", lambda layer, parts: dequantize_fp8(
@@ -367,9 +367,9 @@ def test_fp8_decode_on_mistral_7b_shapes_follows_transformers_on_the_rounded_wei
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_an_fp8_layer_on_the_gpu_equals_its_emulation():
     """The layer's wiring of torch._scaled_mm (the weight's transpose, the scales' shapes) for
-    a batch past the decode kernel's 16 rows, and of that kernel (kernels/gemv.py: the weight
+    a batch past the decode kernel's 16 rows, and of that kernel (server/kernels/gemv.py: the weight
     widened as it is read, the activations as they are) for 7 rows."""
-    from kernels.quant_reference import fp8_matmul_reference, quantize_fp8_rows
+    from server.kernels.quant_reference import fp8_matmul_reference, quantize_fp8_rows
     from server.layers.linear import MergedColumnParallelLinear
 
     torch.set_default_dtype(torch.bfloat16)

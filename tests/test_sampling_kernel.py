@@ -1,4 +1,4 @@
-"""The sampling kernel (kernels/sampling.py) against the torch sampler it replaces on CUDA:
+"""The sampling kernel (server/kernels/sampling.py) against the torch sampler it replaces on CUDA:
 the same token for every row, whatever mix of temperature, top-k, top-p and min-p the rows
 ask for. On the CPU in Triton's interpreter over a small vocabulary; on the GPU at Mistral's."""
 from __future__ import annotations
@@ -34,7 +34,7 @@ def columns(settings, keys):
 @pytest.mark.parametrize("vocab, block, seed", [(300, 128, 0), (257, 64, 1)] + [
     pytest.param(32768, 2048, 2, marks=gpu_only), pytest.param(131072, 2048, 3, marks=gpu_only)])
 def test_the_kernel_draws_what_the_torch_sampler_draws(vocab, block, seed):
-    from kernels.sampling import sample_rows
+    from server.kernels.sampling import sample_rows
 
     g = torch.Generator().manual_seed(seed)
     settings = ROWS * (1 if vocab < 1000 else 12)
@@ -54,7 +54,7 @@ def test_the_kernel_draws_only_what_a_filter_keeps_and_all_of_it(warp, value):
     """One row of logits drawn with 48 keys: every pick is a token the torch warp keeps, and
     each kept token of some weight is picked at least once (one of probability 0.15 is missed
     by 48 draws once in 2,500 runs; the keys are fixed, so a run is repeatable)."""
-    from kernels.sampling import sample_rows
+    from server.kernels.sampling import sample_rows
 
     vocab, draws = 32, 48
     logits = torch.linspace(-1.0, 3.0, vocab)[torch.randperm(vocab, generator=torch.Generator().manual_seed(5))]
@@ -75,7 +75,7 @@ def test_the_kernel_draws_only_what_a_filter_keeps_and_all_of_it(warp, value):
 
 def test_a_token_of_probability_zero_is_never_drawn_by_the_kernel():
     """The key of test_sampler's same case: token 1 gets the largest uniform of the hash."""
-    from kernels.sampling import sample_rows
+    from server.kernels.sampling import sample_rows
 
     logits = torch.zeros(1, 16, device=DEVICE)
     logits[0, 0] = 5.0

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import torch
 
-from kernels.quant_reference import finish_sums
-from kernels.reference import silu_and_mul_reference
+from server.kernels.quant_reference import finish_sums
+from server.kernels.reference import silu_and_mul_reference
 
 try:
-    from kernels.activation import silu_and_mul as silu_and_mul_kernel
+    from server.kernels.activation import silu_and_mul as silu_and_mul_kernel
 except ImportError:  # pragma: no cover - no triton: the CPU path only
     silu_and_mul_kernel = None
 

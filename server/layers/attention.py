@@ -11,7 +11,7 @@ kernels require), `triton` (our kernels, the default on CUDA otherwise) and `tor
 reference, and the CPU path). Each step stores the new K/V first, then attends over the cache,
 so a prefill chunk sees its cached prefix and itself the same way. A layer given the model's
 rotary embedding rotates q and k first; on CUDA in the kernel that stores K and V
-(kernels/rotary.py), one launch instead of three. An fp8 (e4m3) cache stores K / k_scale and
+(server/kernels/rotary.py), one launch instead of three. An fp8 (e4m3) cache stores K / k_scale and
 V / v_scale, one scale per layer: the checkpoint's `k_scale`/`v_scale` when it has them, 1.0
 otherwise (K and V of the usual models stay well inside e4m3's range of +-448). q, k and v may
 come as a 4-bit product's deferred sums (int64, kernels/int4_gemv.py), which the rotary kernel
@@ -24,15 +24,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.attention_reference import decode_attention_reference, prefill_attention_reference
-from kernels.quant_reference import finish_sums
-from kernels.reference import store_kv_reference
+from server.kernels.attention_reference import decode_attention_reference, prefill_attention_reference
+from server.kernels.quant_reference import finish_sums
+from server.kernels.reference import store_kv_reference
 
 try:  # triton is optional where only the CPU path runs
-    from kernels.cache import store_kv
-    from kernels.decode_attention import decode_attention
-    from kernels.prefill_attention import prefill_attention
-    from kernels.rotary import rotate_and_store
+    from server.kernels.cache import store_kv
+    from server.kernels.decode_attention import decode_attention
+    from server.kernels.prefill_attention import prefill_attention
+    from server.kernels.rotary import rotate_and_store
 except ImportError:  # pragma: no cover - depends on the install
     store_kv = decode_attention = prefill_attention = rotate_and_store = None
 try:  # flash-attn 2 (the Docker image installs it; no wheel on PyPI)

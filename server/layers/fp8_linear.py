@@ -8,7 +8,7 @@ compressed-tensors' float8 tensor/channel schemes. A static `input_scale` is rea
 aside: activations always get dynamic per-token scales.
 
 On a GPU (which start-up has checked has fp8: compute capability 8.9+), a decode batch of up to
-16 rows goes through kernels/gemv.py, which reads the e4m3 weight at half bf16's bytes, widens
+16 rows goes through server/kernels/gemv.py, which reads the e4m3 weight at half bf16's bytes, widens
 it in registers and scales each output (the activations stay as they are); a larger batch
 quantizes its input rows to e4m3 with their own scales and runs torch._scaled_mm with row-wise
 scales.
@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.quant_reference import FP8, dequantize_fp8, quantize_fp8_rows
+from server.kernels.quant_reference import FP8, dequantize_fp8, quantize_fp8_rows
 from server.layers.activation import silu_and_mul
 from server.layers.parallel import read_shard
 
 try:
-    from kernels.fp8_quant import quantize_fp8_per_token
-    from kernels.gemv import gemv, suits
+    from server.kernels.fp8_quant import quantize_fp8_per_token
+    from server.kernels.gemv import gemv, suits
 except ImportError:  # pragma: no cover - no triton: the CPU path only
     quantize_fp8_per_token = gemv = suits = None
 

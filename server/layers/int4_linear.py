@@ -1,5 +1,5 @@
 """4-bit weights from AWQ and GPTQ checkpoints, held in one layout and multiplied by the
-kernels below (kernels/quant_reference.py describes all three layouts).
+kernels below (server/kernels/quant_reference.py describes all three layouts).
 
 Each rank reads its slice of the checkpoint tensors as they are stored: a column-parallel
 piece cuts the outputs (eight per word of AWQ's qweight and of both formats' qzeros), a
@@ -39,15 +39,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.quant_reference import AWQ_ORDER, dequantize_int4, group_of_each_input, pack_int4, unpack_int4
+from server.kernels.quant_reference import AWQ_ORDER, dequantize_int4, group_of_each_input, pack_int4, unpack_int4
 from server.config import QuantConfig
 from server.layers.activation import silu_and_mul
 from server.layers.parallel import read_shard
 
 try:
-    from kernels.gemv import suits
-    from kernels.int4_gemv import GEMV_MAX_ROWS, int4_gemv, split_counters
-    from kernels.int4_matmul import int4_dequantize, int4_matmul
+    from server.kernels.gemv import suits
+    from server.kernels.int4_gemv import GEMV_MAX_ROWS, int4_gemv, split_counters
+    from server.kernels.int4_matmul import int4_dequantize, int4_matmul
 except ImportError:  # pragma: no cover - no triton: the CPU path only
     int4_matmul = int4_dequantize = int4_gemv = split_counters = suits = None
     GEMV_MAX_ROWS = 0

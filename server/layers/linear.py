@@ -15,7 +15,7 @@ rank, both in units of weight rows and columns; `rows`: where the piece's output
 layer), turns them into what it multiplies with once all are read (`finish`), and applies them.
 
 A dense weight (and the LM head's) multiplies a decode batch of at most 16 rows on
-CUDA with kernels/gemv.py: it reads the weight faster than cuBLAS's matrix-vector products
+CUDA with server/kernels/gemv.py: it reads the weight faster than cuBLAS's matrix-vector products
 (on an H100, 1.02-1.17x for each Mistral-7B weight at 1-16 rows; one-sequence decode 165 ->
 178 tokens/s).
 
@@ -40,7 +40,7 @@ from server.layers.int4_linear import Int4Weight
 from server.layers.parallel import all_reduce, read_shard, tensor_parallel
 
 try:
-    from kernels.gemv import gemv, suits
+    from server.kernels.gemv import gemv, suits
 except ImportError:  # pragma: no cover - no triton: the CPU path only
     gemv = suits = None
 

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.reference import fused_moe_reference
+from server.kernels.reference import fused_moe_reference
 from server.layers.parallel import all_reduce, tensor_parallel
 
 try:
-    from kernels.fused_moe import fused_moe
+    from server.kernels.fused_moe import fused_moe
 except ImportError:  # pragma: no cover - no triton: the CPU path only
     fused_moe = None
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.quant_reference import finish_sums
-from kernels.reference import rmsnorm_reference
+from server.kernels.quant_reference import finish_sums
+from server.kernels.reference import rmsnorm_reference
 
 try:
-    from kernels.norm import rmsnorm as rmsnorm_kernel
+    from server.kernels.norm import rmsnorm as rmsnorm_kernel
 except ImportError:  # pragma: no cover - no triton: the CPU path only
     rmsnorm_kernel = None
 

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from kernels.reference import rotary_reference
+from server.kernels.reference import rotary_reference
 
 
 def _inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -42,5 +42,5 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """Rotated q [num_tokens, heads, head_dim] and k [num_tokens, kv_heads, head_dim]. (The
-        CUDA attention backends rotate in the kernel that stores K and V: kernels/rotary.py.)"""
+        CUDA attention backends rotate in the kernel that stores K and V: server/kernels/rotary.py.)"""
         return rotary_reference(positions, q, k, self.cos_sin)

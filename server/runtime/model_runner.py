@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from kernels.quant_reference import FP8
+from server.kernels.quant_reference import FP8
 from server.config import CacheConfig, ModelConfig
 from server.layers.attention import Attention, AttentionMetadata, resolve_backend
 from server.layers.int4_linear import clear_deferred_sums
@@ -227,8 +227,8 @@ class ModelRunner:
 
     def _decode_variant_counts(self, max_seqs: int) -> list[int]:
         """The smallest number of one-token sequences, up to `max_seqs`, that takes each variant
-        of the decode kernel (kernels/decode_attention.py: kernel_choice)."""
-        from kernels.decode_attention import kernel_choice
+        of the decode kernel (server/kernels/decode_attention.py: kernel_choice)."""
+        from server.kernels.decode_attention import kernel_choice
 
         m = self.model_config
         first: dict[tuple, int] = {}
@@ -251,7 +251,7 @@ class ModelRunner:
         decode step are packed in that order, a mixed step's one-token chunks are listed so.
         Its programs (one per sequence and KV head, dispatched in that order) then end about
         together, instead of a few long ones running on after the rest
-        (kernels/decode_attention.py). The rows sampled keep the chunks' order, so results and
+        (server/kernels/decode_attention.py). The rows sampled keep the chunks' order, so results and
         pending rows are the engine's."""
         size = self.block_size
         token_ids, positions, slots, scored = [], [], [], []

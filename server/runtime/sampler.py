@@ -7,7 +7,7 @@ The draw is the exponential race: argmax(p / E) with E ~ Exp(1) picks token i wi
 probability p_i, and E comes from a counter-based hash of (seed, step), so a seeded row gives
 the same token wherever it sits in the batch. Logprobs are those of the raw model output.
 On CUDA the random rows' temperature, top-k, top-p, min-p and draw run as one Triton kernel
-(kernels/sampling.py) unless a row asks for typical-p; the torch code here is its reference.
+(server/kernels/sampling.py) unless a row asks for typical-p; the torch code here is its reference.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 from server.runtime.random import exponential_noise, watermark_greenlist
 
 try:  # triton is optional where only the CPU path runs
-    from kernels.sampling import sample_rows
+    from server.kernels.sampling import sample_rows
 except ImportError:  # pragma: no cover - depends on the install
     sample_rows = None
 

@@ -8,8 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.deferred import released, settle
-from kernels.launch import LAUNCH, PDL, wait_for_inputs
+from server.kernels.deferred import released, settle
+from server.kernels.launch import LAUNCH, PDL, wait_for_inputs
 
 
 @triton.jit

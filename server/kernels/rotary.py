@@ -8,7 +8,7 @@ One program per token and KV head rotates the query heads that share that KV hea
 rotates k into its cache slot and copies v into its own: one launch where a decode step's layer
 had three (rotate q, rotate k, store k and v), and each value is rounded exactly as that
 sequence rounded it. k itself is left as it was: the attention kernels read every key from
-the cache. The store follows kernels/cache.py (slot -1: a padding token, nothing stored; an
+the cache. The store follows server/kernels/cache.py (slot -1: a padding token, nothing stored; an
 fp8 cache gets the clamped value times 1 / scale).
 
 q, k and v may be a 4-bit product's deferred sums (int64, kernels/int4_gemv.py): they are read
@@ -17,7 +17,7 @@ q_out rotated.
 
 A decode step's rotation is a few programs whose time is the latency of their reads: the
 position, slot and angles (the step's inputs, written before the forward starts) are read
-before the wait for the kernel ahead (kernels/launch.py), q, k and v after it, all at once.
+before the wait for the kernel ahead (server/kernels/launch.py), q, k and v after it, all at once.
 """
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.cache import to_cache
-from kernels.deferred import released, settle
-from kernels.launch import LAUNCH, PDL, wait_for_inputs
-from kernels.quant_reference import FP8, FP8_MAX
+from server.kernels.cache import to_cache
+from server.kernels.deferred import released, settle
+from server.kernels.launch import LAUNCH, PDL, wait_for_inputs
+from server.kernels.quant_reference import FP8, FP8_MAX
 
 
 @triton.jit

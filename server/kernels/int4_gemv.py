@@ -1,6 +1,6 @@
 """Decode's 4-bit matrix products: y = x @ W^T for a few rows of x and a 4-bit weight.
 
-The weight is in our layout (kernels/quant_reference.py): qweight [K/8, N] int32 (input 8r + i
+The weight is in our layout (server/kernels/quant_reference.py): qweight [K/8, N] int32 (input 8r + i
 in bits 4i..4i+3 of word r), zeros [G, N] uint8, scales [G, N]; input k is in group
 k // group_size. x [M, K] (M at most MAX_ROWS, each row contiguous), y [M, N] in x's dtype:
     y[m, n] = sum_k x[m, k] * (q[k, n] - z[g(k), n]) * s[g(k), n]      (float32 sums)
@@ -44,14 +44,14 @@ calls this can be captured in a CUDA graph.
 That last split costs a product a round trip to the counter and the partial sums' reload:
 about 3 us on an H100, 12.8 of a Mistral-7B layer's 64.3 us at one row. Given `sums` (int64
 zeros), the mma path defers the adding up instead: each split adds its sums to them atomically
-as integer counts of SUM_UNIT (2^-32; kernels/quant_reference.py) and is done, and the kernel
+as integer counts of SUM_UNIT (2^-32; server/kernels/quant_reference.py) and is done, and the kernel
 that reads the product (the norm, silu_and_mul, the rotary embedding) turns them into the
 activations' dtype and sets them back to zero: 51.3 us a layer in a decode step, and one-
 sequence decode from 370-384 to 409-429 tokens/s. Integer sums are the same in any order, so
 the output does not depend on which split finished first (as float32 atomics would); they are
 exact below 2^31 in magnitude, where activations are.
 
-The mma path is launched with programmatic dependent launch (kernels/launch.py): its
+The mma path is launched with programmatic dependent launch (server/kernels/launch.py): its
 programs wait for the kernel ahead before reading x, and the kernel after it launches early.
 The weight is never written, so a program reads its first group (words, zero points and
 scales; `early`: one or two groups) before that wait, while the kernel ahead (a norm, the
@@ -72,10 +72,10 @@ import triton
 import triton.language as tl
 from triton import knobs
 
-from kernels.deferred import PER_UNIT
-from kernels.gemv import MAX_ROWS
-from kernels.int4_matmul import int4_matmul
-from kernels.launch import LAUNCH, PDL, wait_for_inputs
+from server.kernels.deferred import PER_UNIT
+from server.kernels.gemv import MAX_ROWS
+from server.kernels.int4_matmul import int4_matmul
+from server.kernels.launch import LAUNCH, PDL, wait_for_inputs
 
 ONE = 0x3F800000  # the bits of 1.0 in float32
 SIXTEEN = 0x41800000  # and of 16.0

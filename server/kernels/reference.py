@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.quant_reference import FP8, FP8_MAX
+from server.kernels.quant_reference import FP8, FP8_MAX
 
 
 def store_kv_reference(k, v, k_cache, v_cache, slot_mapping, k_scale: float = 1.0, v_scale: float = 1.0) -> None:

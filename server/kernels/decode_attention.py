@@ -29,7 +29,7 @@ On an H100 widening each value to float32, scaling it and rounding it to bf16 re
 at 0.62-0.67 of the copy rate, 0.70-0.73 now (benchmarks/decode_attention.py --fp8-cache).
 
 A decode step of a few sequences is latency: its programs start before the kernel ahead (the
-rotary kernel that stores the newest K/V) has finished (kernels/launch.py) and read what they
+rotary kernel that stores the newest K/V) has finished (server/kernels/launch.py) and read what they
 can before waiting for it: the step's inputs, and (EARLY_SEQS) the first tile of their keys
 and values but the newest token's. 4-bit one-sequence decode of a Mistral-7B-shaped model on
 an H100 went from 457.5 to 469.5 tokens/s with it (engines in one process, runs alternated).
@@ -43,10 +43,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.cache import paged_offsets
-from kernels.launch import LAUNCH, PDL, wait_for_inputs
-from kernels.precision import LOG2E, dot_precision
-from kernels.quant_reference import FP8
+from server.kernels.cache import paged_offsets
+from server.kernels.launch import LAUNCH, PDL, wait_for_inputs
+from server.kernels.precision import LOG2E, dot_precision
+from server.kernels.quant_reference import FP8
 
 
 @triton.jit
@@ -85,7 +85,7 @@ def _decode_split_kernel(
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         PAGE: tl.constexpr, BLOCK_N: tl.constexpr, ONE_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
         FP8_CACHE: tl.constexpr, INDEXED: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr):
-    # Before the wait for the kernel ahead (kernels/launch.py): the step's inputs (written
+    # Before the wait for the kernel ahead (server/kernels/launch.py): the step's inputs (written
     # before the forward starts) and, with EARLY, the first tile of this split's keys and
     # values but the newest token's, which the kernel ahead stores; every other cached token
     # was stored by an earlier step.

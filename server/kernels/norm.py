@@ -7,7 +7,7 @@ x may be a 4-bit product's deferred sums (int64, kernels/int4_gemv.py): read as 
 model dtype (`dtype`), as finish_sums rounds them, and set back to zero.
 
 A norm of a decode step is one program a row, and its time is the latency of its reads: the
-weight (a constant) is read before the wait for the kernel ahead (kernels/launch.py), x and
+weight (a constant) is read before the wait for the kernel ahead (server/kernels/launch.py), x and
 the residual after it, together.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.deferred import released, settle
-from kernels.launch import LAUNCH, PDL, wait_for_inputs
+from server.kernels.deferred import released, settle
+from server.kernels.launch import LAUNCH, PDL, wait_for_inputs
 
 
 @triton.jit

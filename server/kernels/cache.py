@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.quant_reference import FP8, FP8_MAX
+from server.kernels.quant_reference import FP8, FP8_MAX
 
 
 @triton.jit

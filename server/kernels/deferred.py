@@ -1,6 +1,6 @@
 """Reading a 4-bit product's deferred sums (kernels/int4_gemv.py) in the kernel that consumes it.
 
-Deferred sums are int64 counts of SUM_UNIT (kernels/quant_reference.py) that the product's
+Deferred sums are int64 counts of SUM_UNIT (server/kernels/quant_reference.py) that the product's
 splits of K added up atomically. The reader turns them into values as finish_sums does (int64
 -> float32 -> the model dtype) and sets them back to zero, ready for the next product.
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.quant_reference import SUM_UNIT
+from server.kernels.quant_reference import SUM_UNIT
 
 UNIT = tl.constexpr(SUM_UNIT)
 PER_UNIT = tl.constexpr(1 / SUM_UNIT)  # the units in 1.0, for the product that writes the sums

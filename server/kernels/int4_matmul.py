@@ -1,6 +1,6 @@
 """4-bit weights (AWQ and GPTQ, held in one layout) times 16-bit activations.
 
-Weights as kernels/quant_reference.py describes "ours": qweight [K/8, N] int32 (input 8r + i
+Weights as server/kernels/quant_reference.py describes "ours": qweight [K/8, N] int32 (input 8r + i
 in bits 4i..4i+3 of word r), zeros [G, N] uint8, scales [G, N] and, when the inputs of a group
 are not consecutive, g_idx [K] (the group of each input). Then
     out[m, n] = sum_k x[m, k] * (q[k, n] - zeros[g(k), n]) * scales[g(k), n].
@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.precision import dot_precision
+from server.kernels.precision import dot_precision
 
 
 @triton.jit

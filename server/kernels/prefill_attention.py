@@ -36,9 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.cache import load_cached, paged_offsets
-from kernels.precision import LOG2E, dot_precision
-from kernels.quant_reference import FP8
+from server.kernels.cache import load_cached, paged_offsets
+from server.kernels.precision import LOG2E, dot_precision
+from server.kernels.quant_reference import FP8
 
 
 @triton.jit

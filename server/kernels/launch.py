@@ -32,8 +32,8 @@ step's new slots: a sequence's context holds no slot written in the same step (t
 manager publishes blocks to the prefix cache after their step is queued). Reading them early
 turned a decode step's small kernels from a chain of round trips into one each: the norm's
 weight, the rotary kernel's position, slot and angles, the decode attention's first tile
-(kernels/decode_attention.py) and the 4-bit products' first groups (kernels/int4_gemv.py).
-Together with the deferred reads of each kernel put in flight at once (kernels/deferred.py),
+(server/kernels/decode_attention.py) and the 4-bit products' first groups (kernels/int4_gemv.py).
+Together with the deferred reads of each kernel put in flight at once (server/kernels/deferred.py),
 4-bit one-sequence decode went from 443.1 to 473.9 tokens/s (engines in one process, runs
 alternated, one H100).
 """

@@ -1,14 +1,14 @@
 """Dynamic per-token fp8 quantization of activations, before an fp8 matmul: one program per
 row reads it once, takes its largest magnitude, and writes the row in e4m3 with its scale:
     scale = max(amax(|x|) / 448, 1e-12),   q = clamp(x / scale, -448, 448) in e4m3
-(the same math as `quantize_fp8_rows` in kernels/quant_reference.py)."""
+(the same math as `quantize_fp8_rows` in server/kernels/quant_reference.py)."""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.quant_reference import FP8, FP8_MAX, FP8_MIN_SCALE
+from server.kernels.quant_reference import FP8, FP8_MAX, FP8_MIN_SCALE
 
 
 @triton.jit

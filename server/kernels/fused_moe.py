@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.gemv import MAX_ROWS, gemv
-from kernels.precision import dot_precision
+from server.kernels.gemv import MAX_ROWS, gemv
+from server.kernels.precision import dot_precision
 
 GEMV_PAIRS = 4  # up to this many (token, expert) pairs, each pair's rows are read by gemv
 

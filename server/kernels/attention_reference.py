@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.quant_reference import FP8
+from server.kernels.quant_reference import FP8
 
 
 def _read(values: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:

@@ -31,7 +31,7 @@ On an H100 this took one-sequence fp8 decode from 268-278 to 315 tokens/s (bf16 
 the general accumulator: with the one-row one, bf16 decode fell from 185.5 to 179.0).
 
 A gated input (the MLP's down_proj) is read as x [M, 2K] = [gate | up] and multiplied as
-silu(gate) * up, made tile by tile and rounded as kernels/activation.py rounds it: one
+silu(gate) * up, made tile by tile and rounded as server/kernels/activation.py rounds it: one
 launch and one write of the activations fewer per layer.
 
 A mixture-of-experts layer's decode rows (`experts`) each read their own expert's weight from
@@ -45,8 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import LAUNCH, PDL, wait_for_inputs
-from kernels.precision import dot_precision
+from server.kernels.launch import LAUNCH, PDL, wait_for_inputs
+from server.kernels.precision import dot_precision
 
 MAX_ROWS = 16  # the largest batch the kernel is for (decode graphs); the dot pads rows to it
 SHARED_MEMORY = 227 * 1024  # an H100's per-block limit: the pipeline's tiles in flight must fit
