@@ -6,9 +6,9 @@ import logging
 import os
 import sys
 
-QUANTIZE = ["awq", "compressed-tensors", "eetq", "exl2", "gptq", "marlin", "bitsandbytes",
-            "bitsandbytes-nf4", "bitsandbytes-fp4", "fp8"]
-KV_CACHE_DTYPES = ["auto", "fp8", "fp8_e4m3fn", "fp8_e5m2"]
+# TGI's other values (eetq, exl2, marlin, bitsandbytes*) have no kernels here, so they are not offered.
+QUANTIZE = ["awq", "compressed-tensors", "fp8", "gptq"]
+KV_CACHE_DTYPES = ["auto", "fp8", "fp8_e4m3fn"]
 
 # flag, type, default, help. Each flag's environment twin is its name in UPPER_SNAKE case.
 FLAGS = [
@@ -71,8 +71,12 @@ FLAGS = [
 CHOICES = {"--quantize": QUANTIZE, "--kv-cache-dtype": KV_CACHE_DTYPES, "--load-format": ("auto", "dummy")}
 
 
+def _env_name(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_").upper()
+
+
 def _env_value(flag: str, kind):
-    raw = os.environ.get(flag.lstrip("-").replace("-", "_").upper())
+    raw = os.environ.get(_env_name(flag))
     if raw is None:
         return None
     if kind is bool:
@@ -91,6 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         except ValueError:
             parser.error(f"environment variable for {flag} is not a valid {kind.__name__}")
         value = default if env is None else env
+        shown = "off" if value is False else value
+        help_text += f" [env: {_env_name(flag)}]" + ("" if value is None else f" [default: {shown}]")
         if kind is bool:
             parser.add_argument(flag, action="store_true", default=value, help=help_text)
         else:

