@@ -95,6 +95,9 @@ class LLM:
                     if not engine.has_work():
                         raise RuntimeError("requests are unfinished but nothing can be scheduled")
                     for output in engine.step():
+                        if output.error:
+                            raise RuntimeError(f"prompt {ids.index(output.request_id)} failed during "
+                                               f"generation: {output.error}")
                         if output.finished:
                             finals[output.request_id] = output
                             bar.update(1)

@@ -45,3 +45,4 @@ class RequestOutput:
     seed: int | None = None
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
+    error: str | None = None  # why the engine ended the request: its own work failed in a step

@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 
 class EngineStepError(RuntimeError):
-    """A model step failed; the requests in it were ended."""
+    """A model step failed with this request's work; the request was ended."""
 
 
 class EngineDeadError(RuntimeError):
@@ -164,7 +164,8 @@ class AsyncEngine:
             if target is None:
                 continue
             loop, stream = target
-            deliveries.setdefault(loop, []).append((stream, output))
+            item = EngineStepError(f"Request failed during generation: {output.error}") if output.error else output
+            deliveries.setdefault(loop, []).append((stream, item))
             if output.finished:
                 del self._streams[output.request_id]
         for loop, items in deliveries.items():  # one wake-up of each loop a step, not one an output

@@ -4,6 +4,7 @@ from __future__ import annotations
 import atexit
 import gc
 import itertools
+import logging
 import secrets
 import time
 
@@ -27,6 +28,8 @@ from server.sampling_params import SamplingParams
 
 
 TO_BE_SET = SamplingOptions()  # marks a chunk that samples, until its options are made
+
+logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
@@ -65,6 +68,8 @@ class LLMEngine:
         self.stream_outputs = True  # False: an output only when a request finishes (offline use)
         self.async_scheduling = args.async_scheduling  # queue each step before reading the last one back
         self._in_flight = None  # (batch, launched step) queued and not yet read back
+        self._stepping: list = []  # the batches the step under way touches (for failures)
+        self._suspects: list[Request] = []  # in a failed step with others: each runs alone next
         # The model, its cache and the tokenizer live as long as the engine: keep them out of
         # the garbage collector's scans, which otherwise grow with every step's small objects.
         # What an earlier engine froze is unfrozen first, so that one dropped since (in a
@@ -172,8 +177,21 @@ class LLMEngine:
         outputs) is done after the device has work queued: a call returns the outputs of the
         step read back during it. A stop string so found ends its sequence a step late; the
         extra token is dropped.
+
+        A step that fails is contained (`_contain`): the request that caused it ends with the
+        error in its output (`RequestOutput.error`), and the others go on with the tokens
+        they would have had alone.
         """
+        try:
+            return self._step()
+        except Exception as error:
+            if self.runner.sends_steps:
+                raise  # the other ranks wait for this step's messages: nothing to redo it over
+            return self._contain(error)
+
+    def _step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
+        self._stepping = [batch] + ([self._in_flight[0]] if self._in_flight is not None else [])
         forward = self._launch_forward(batch) if batch else None
         if self._in_flight is not None:
             in_flight, self._in_flight = self._in_flight, None
@@ -183,10 +201,55 @@ class LLMEngine:
             if launched is not None:
                 self._in_flight = (batch, launched)
         outputs = self._finish_outputs()
-        if self._in_flight is not None and not self.async_scheduling:
+        # While suspects run alone, each step is read back before the next one is scheduled,
+        # so that a failure has one request in it.
+        if self._in_flight is not None and (not self.async_scheduling or self._suspects):
             in_flight, self._in_flight = self._in_flight, None
             self._complete(*in_flight)
+        self._stepping = []
+        self._isolate_next()
         return outputs
+
+    def _contain(self, error: Exception) -> list[RequestOutput]:
+        """After a failed step: every running sequence goes back to the queue, to be
+        recomputed from the tokens accepted so far (sampling is keyed by seed and position, so
+        it picks the same tokens again). With one request in the step, that request caused it
+        and ends with the error; with several, each runs alone until it has sampled a token
+        (the others wait), so that the one that fails again is found and ended, and only it."""
+        requests = list({seq.request.request_id: seq.request for batch in self._stepping
+                         for seq in batch.seqs if seq.request.request_id in self.requests}.values())
+        self._stepping, self._in_flight = [], None
+        for seq in self.scheduler.running:
+            seq.num_pending, seq.pending_is_last = 0, False
+        self.scheduler.requeue_running()
+        if not requests:
+            raise error
+        if len(requests) == 1:
+            logger.warning("request %s failed during generation: %r", requests[0].request_id, error)
+            outputs = [self._failed(requests[0], error)]
+        else:
+            logger.warning("a step of %d requests failed (%r): running each alone to find the cause",
+                           len(requests), error)
+            self._suspects = requests + [r for r in self._suspects if r not in requests]
+            outputs = []
+        self._isolate_next()
+        return outputs
+
+    def _failed(self, request: Request, error: Exception) -> RequestOutput:
+        """End a request whose own work failed; its output says why."""
+        output = self.abort(request.request_id)
+        output.error = str(error) or type(error).__name__
+        return output
+
+    def _isolate_next(self) -> None:
+        """Point the scheduler at the first suspect still running (none: everyone runs). The
+        requests that ran before it go back to the queue, so that their blocks cannot keep it
+        from being admitted."""
+        self._suspects = [r for r in self._suspects if not r.aborted and not r.is_finished]
+        isolated = self._suspects[0] if self._suspects else None
+        if isolated is not None and isolated is not self.scheduler.isolated:
+            self.scheduler.requeue_running()
+        self.scheduler.isolated = isolated
 
     def _launch_forward(self, batch):
         """Queue the batch's forward pass and count its tokens as computed; None if the device
@@ -274,6 +337,8 @@ class LLMEngine:
                 first = len(scored) - 1 - chunk.start_pos  # entries recomputed after preemption are skipped
                 scored.extend(result.prompt_logprobs[max(first, 0):])
             if result.sampled is not None:
+                if self._suspects and request is self._suspects[0]:
+                    self._suspects.pop(0)  # it sampled alone without failing: not the cause
                 request.first_token_time = request.first_token_time or now
                 seq.num_pending, seq.pending_is_last = 0, False
                 self._append(seq, result.sampled)
@@ -293,31 +358,45 @@ class LLMEngine:
             self.scheduler.remove(seq)
 
     def _finish_outputs(self) -> list[RequestOutput]:
-        """The rest of the previous step: text, stop strings, and the outputs."""
+        """The rest of the previous step: text, stop strings, and the outputs. This work is
+        each sequence's own, so a failure in it ends that sequence's request alone."""
         seqs, self._unfinished_outputs = self._unfinished_outputs, []
         touched: dict[str, Request] = {}
+        failed: dict[str, tuple[Request, Exception]] = {}
         for seq in seqs:
             detokenizer = self.detokenizers.get(seq.seq_id)
-            if detokenizer is None:  # aborted meanwhile
+            if detokenizer is None or seq.request.request_id in failed:  # aborted meanwhile
                 continue
-            delta = detokenizer.add(seq.token_ids[-1])
-            seq.text += delta
-            if seq.finish_reason != "stop" and check_text_stop(seq, len(delta)) and not seq.is_finished:
-                seq.status = SequenceStatus.FINISHED
-                self.scheduler.remove(seq)
-            if seq.finish_reason is not None:
-                if not isinstance(seq.stop_reason, str):
-                    seq.text += detokenizer.flush()
-                del self.detokenizers[seq.seq_id]
+            try:
+                self._finish_text(seq, detokenizer)
+            except Exception as error:
+                failed[seq.request.request_id] = (seq.request, error)
+                continue
             touched[seq.request.request_id] = seq.request
         outputs = []
         for request in touched.values():
+            if request.request_id in failed:
+                continue
             finished = request.is_finished
             if finished or self.stream_outputs:
                 outputs.append(self._output(request))
             if finished:
                 self.requests.pop(request.request_id, None)
+        for request, error in failed.values():
+            logger.warning("request %s failed making its text: %r", request.request_id, error)
+            outputs.append(self._failed(request, error))
         return outputs
+
+    def _finish_text(self, seq: Sequence, detokenizer: IncrementalDetokenizer) -> None:
+        delta = detokenizer.add(seq.token_ids[-1])
+        seq.text += delta
+        if seq.finish_reason != "stop" and check_text_stop(seq, len(delta)) and not seq.is_finished:
+            seq.status = SequenceStatus.FINISHED
+            self.scheduler.remove(seq)
+        if seq.finish_reason is not None:
+            if not isinstance(seq.stop_reason, str):
+                seq.text += detokenizer.flush()
+            del self.detokenizers[seq.seq_id]
 
     def _sampling_options(self, seq: Sequence) -> SamplingOptions:
         """The sequence's sampling settings for its next token (made once, updated per step)."""
@@ -325,7 +404,9 @@ class LLMEngine:
         options = seq.sampling_options
         if options is None:
             options = seq.sampling_options = SamplingOptions(
-                temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                # a top_k past the vocabulary keeps every token (and fits the kernels' int32)
+                temperature=params.temperature, top_k=min(params.top_k, self.config.model.vocab_size),
+                top_p=params.top_p,
                 typical_p=params.typical_p, min_p=params.min_p,
                 repetition_penalty=params.repetition_penalty,
                 frequency_penalty=params.frequency_penalty,

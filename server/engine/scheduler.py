@@ -51,6 +51,9 @@ class Scheduler:
         # until RECOVERY_STEPS steps have gone well.
         self.memory_limit: int | None = None
         self._steps_since_limit = 0
+        # After a failed step, the engine names one request to run alone (`Request`); the
+        # others keep their blocks and wait.
+        self.isolated = None
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -73,7 +76,8 @@ class Scheduler:
         kept: list[Sequence] = []
         while queue:
             seq = queue.popleft()
-            if seq.pending_is_last:  # nothing to compute: its pending token finishes it
+            # Nothing to compute (its pending token finishes it), or another request runs alone.
+            if seq.pending_is_last or not self._may_run(seq):
                 kept.append(seq)
                 continue
             remaining = len(seq) - seq.num_computed_tokens
@@ -102,7 +106,7 @@ class Scheduler:
         limit = min(self.config.max_num_seqs, self.memory_limit or self.config.max_num_seqs)
         while self.waiting and budget > 0 and len(self.running) < limit:
             seq = self.waiting[0]
-            if _waits_for_first_sample(seq):
+            if _waits_for_first_sample(seq) or not self._may_run(seq):
                 deferred.append(self.waiting.popleft())
                 continue
             needs_prompt_logprobs = seq.params.prompt_logprobs is not None
@@ -126,6 +130,15 @@ class Scheduler:
             self._preempt(self.running.pop(), ScheduledBatch())
         self.memory_limit = max(1, len(self.running))
         self._steps_since_limit = 0
+
+    def requeue_running(self) -> None:
+        """Send every running sequence back to the front of the queue, in admission order, to be
+        recomputed (after a failed step, whose work is dropped)."""
+        while self.running:
+            self._preempt(self.running.pop(), ScheduledBatch())
+
+    def _may_run(self, seq: Sequence) -> bool:
+        return self.isolated is None or seq.request is self.isolated
 
     def step_succeeded(self) -> None:
         if self.memory_limit is not None:
