@@ -5,12 +5,16 @@ import json
 import math
 from dataclasses import dataclass, field
 
+GREEDY_BELOW = 1e-5
+
 
 @dataclass
 class SamplingParams:
     """How to pick tokens and when to stop.
 
-    `temperature == 0` means greedy. `seed` makes sampling reproducible whatever else shares the
+    `temperature == 0` means greedy, and so does one below GREEDY_BELOW (as in vLLM): dividing
+    logits by it would overflow them. With best_of > 1, which needs sampling, such a
+    temperature is raised to GREEDY_BELOW instead: as near to greedy as sampling goes. `seed` makes sampling reproducible whatever else shares the
     batch. `n` sequences are returned out of `best_of` sampled (ranked by cumulative logprob).
     Stop strings are cut from the text unless `include_stop_str_in_output`. `guided_json` (a
     JSON schema, as a dict or its JSON text) or `guided_regex` constrain the output token by
@@ -50,6 +54,8 @@ class SamplingParams:
             self.best_of = self.n
         if self.top_k == -1:  # vLLM's older spelling of "disabled"
             self.top_k = 0
+        if isinstance(self.temperature, (int, float)) and 0 < self.temperature < GREEDY_BELOW:
+            self.temperature = 0.0 if self.best_of == 1 else GREEDY_BELOW
         if isinstance(self.stop, str):
             self.stop_strings = [self.stop]
         else:
@@ -61,6 +67,8 @@ class SamplingParams:
                 self.guided_json = json.loads(self.guided_json)
             except json.JSONDecodeError as error:
                 raise ValueError(f"guided_json is not valid JSON: {error}") from None
+            except RecursionError:
+                raise ValueError("guided_json nests too deeply to be read") from None
         self._validate()
 
     def _validate(self) -> None:

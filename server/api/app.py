@@ -11,14 +11,15 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.api.errors import APIError, api_error_handler, http_error_handler, request_validation_handler
-from server.api.middleware import ApiKeyMiddleware, PayloadLimitMiddleware
+from server.api.limits import openapi_with_limits
+from server.api.middleware import ApiKeyMiddleware, MethodsMiddleware, PayloadLimitMiddleware
 from server.api.openai_routes import OpenAIRoutes
 from server.api.openai_schemas import ChatRequest, CompletionRequest
 from server.api.settings import ServerSettings
 from server.api.state import ServerState
 from server.api.streaming import ClientDisconnected
-from server.api.tgi_routes import TGIRoutes
-from server.api.tgi_schemas import ErrorResponse, GenerateRequest, Info
+from server.api.tgi_routes import STREAMED, TGIRoutes
+from server.api.tgi_schemas import ErrorResponse, GenerateParameters, GenerateRequest, Info
 from server.engine.async_engine import AsyncEngine
 
 
@@ -67,8 +68,10 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         state.refresh_gauges()
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.post("/invocations", tags=["Text Generation Inference"],
-              responses={code: {"model": ErrorResponse} for code in (400, 422, 424, 429)},
+    @app.post("/invocations", tags=["Text Generation Inference"], responses=STREAMED,
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {
+                  "anyOf": [{"$ref": f"#/components/schemas/{model.__name__}"}
+                            for model in (GenerateRequest, ChatRequest, CompletionRequest)]}}}}},
               summary="SageMaker: a generate, chat or completion body, told apart by its fields")
     async def invocations(request: Request, response: Response):
         try:
@@ -85,10 +88,25 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
         except ValidationError as error:
             raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in error.errors()]) from None
 
+    publish_limits(app, settings)
     if settings.cors_allow_origin:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_allow_origin),
                            allow_methods=["GET", "POST"], allow_headers=["content-type", "authorization"])
+    app.add_middleware(MethodsMiddleware, documented=lambda: app.openapi()["paths"])
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
     app.add_middleware(PayloadLimitMiddleware, limit=settings.payload_limit)
     return app
+
+
+def publish_limits(app: FastAPI, settings: ServerSettings) -> None:
+    """/openapi.json with the bounds the validators enforce (server/api/limits.py)."""
+    plain = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = openapi_with_limits(
+                plain(), [GenerateRequest, GenerateParameters, ChatRequest, CompletionRequest], settings)
+        return app.openapi_schema
+
+    app.openapi = openapi

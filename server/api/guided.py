@@ -8,6 +8,7 @@ from server.api.errors import validation_error
 from server.api.settings import ServerSettings
 from server.api.tgi_schemas import Grammar
 from server.engine.async_engine import AsyncEngine
+from server.engine.guidance import MAX_SCHEMA_DEPTH
 from server.sampling_params import SamplingParams
 
 ANY_OBJECT = {"type": "object"}  # OpenAI's json_object: any JSON object
@@ -22,6 +23,9 @@ def guided_json(schema, settings: ServerSettings) -> dict:
             schema = json.loads(schema)
         except json.JSONDecodeError as error:
             raise validation_error(f"grammar is not valid: the schema is not JSON ({error})") from None
+        except RecursionError:
+            raise validation_error(f"grammar is not valid: the schema nests more than {MAX_SCHEMA_DEPTH} "
+                                   "levels of objects and arrays") from None
     if not isinstance(schema, dict):
         raise validation_error("grammar is not valid: a JSON schema must be an object")
     return {"guided_json": schema}

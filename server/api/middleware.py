@@ -1,4 +1,4 @@
-"""ASGI middleware: the API key and the payload limit.
+"""ASGI middleware: the API key, the payload limit, and the methods each path allows.
 
 Plain ASGI rather than Starlette's BaseHTTPMiddleware, which would hide a client's
 disconnect from the routes (and so stop them aborting abandoned work).
@@ -6,6 +6,7 @@ disconnect from the routes (and so stop them aborting abandoned work).
 from __future__ import annotations
 
 import hmac
+import json
 
 # TGI's "info" routes stay open when an API key is set; everything else needs it.
 OPEN_ROUTES = {("GET", "/"), ("GET", "/health"), ("GET", "/ping"), ("GET", "/info"), ("GET", "/metrics"),
@@ -82,3 +83,36 @@ class PayloadLimitMiddleware:
 
 
 _TOO_LARGE = b"Failed to buffer the request body: length limit exceeded"
+
+
+class MethodsMiddleware:
+    """A method that a known path does not take: 405 with an `Allow` header naming every method
+    the path takes (Starlette would name only those of the first route on it: `GET /` and
+    `POST /` are two routes), in TGI's error body; `OPTIONS` answers 204 with the same header.
+    CORS preflights (with Access-Control-Request-Method) are left to the CORS middleware. The
+    methods are those the OpenAPI document gives each path (HEAD with GET, as Starlette adds)."""
+
+    def __init__(self, app, documented):
+        self.app = app
+        self.documented = documented  # () -> the OpenAPI document's paths, read at the first request
+        self.methods: dict[str, set[str]] | None = None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if self.methods is None and scope["type"] == "http":
+            self.methods = {path: {m.upper() for m in ops} | ({"HEAD"} if "get" in ops else set())
+                            for path, ops in self.documented().items()}
+        allowed = self.methods.get(scope.get("path")) if scope["type"] == "http" else None
+        method = scope.get("method")
+        if allowed is None or method in allowed:
+            return await self.app(scope, receive, send)
+        if method == "OPTIONS" and b"access-control-request-method" in dict(scope["headers"]):
+            return await self.app(scope, receive, send)
+        allow = ", ".join(sorted(allowed | {"OPTIONS"})).encode()
+        if method == "OPTIONS":
+            await send({"type": "http.response.start", "status": 204, "headers": [(b"allow", allow)]})
+            return await send({"type": "http.response.body", "body": b""})
+        body = json.dumps({"error": "Method Not Allowed", "error_type": "method_not_allowed"}).encode()
+        await send({"type": "http.response.start", "status": 405,
+                    "headers": [(b"allow", allow), (b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})

@@ -146,8 +146,6 @@ class OpenAIRoutes:
 
     # -- completions ----------------------------------------------------------------------
     def prepare_completion(self, body: CompletionRequest) -> list[Generation]:
-        if body.suffix:
-            raise validation_error("`suffix` is not supported")
         prompts = body.prompt
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]

@@ -5,6 +5,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
+from server.api.limits import LOGIT_BIAS, TOKEN_ID_KEY
+from server.api.tgi_schemas import NON_EMPTY_STRINGS
+
 
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -37,15 +40,17 @@ class SamplingFields(BaseModel):
     """The fields chat and completions share."""
 
     model: str | None = Field(None, description="Accepted for compatibility; the server serves one model.")
-    max_tokens: int | None = Field(None, ge=0)
-    temperature: float | None = Field(None, ge=0, le=2)
+    max_tokens: int | None = None
+    temperature: float | None = None
     top_p: float | None = None
-    n: int | None = Field(1, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, lt=2**64)
+    n: int | None = 1
+    stop: str | list[str] | None = Field(None, json_schema_extra=NON_EMPTY_STRINGS)
+    seed: int | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(None, json_schema_extra={
+        "propertyNames": {"pattern": TOKEN_ID_KEY}, "additionalProperties": LOGIT_BIAS.schema(None)},
+        description="Token ids (as strings) -> a bias in [-100, 100] added to their logits.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -53,9 +58,9 @@ class SamplingFields(BaseModel):
 
 class ChatRequest(SamplingFields):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = None
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0)
+    top_logprobs: int | None = None
     tools: list[Tool] | None = None
     tool_choice: Any = Field(None, description='"auto" (the default with tools), "none", "required", or the '
                              'function to call: {"type": "function", "function": {"name": ...}} or its name.')
@@ -67,11 +72,11 @@ class ChatRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
-    max_tokens: int | None = Field(16, ge=0)
-    best_of: int | None = Field(None, ge=1)
+    max_tokens: int | None = 16
+    best_of: int | None = None
     echo: bool | None = False
-    logprobs: int | None = Field(None, ge=0)
-    suffix: str | None = None
+    logprobs: int | None = None
+    suffix: str | None = Field(None, description="Not supported: refused unless empty.")
 
 
 class Usage(BaseModel):

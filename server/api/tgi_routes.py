@@ -61,7 +61,7 @@ class TGIRoutes:
         self.tokenizer = state.engine.tokenizer
 
     def prepare(self, body: GenerateRequest, trace: RequestTrace, stream: bool):
-        inputs = validate_generate(body.parameters, body.inputs, self.tokenizer, self.state.settings, stream)
+        inputs = validate_generate(body, self.tokenizer, self.state.settings, stream)
         check_grammar(self.state.engine, inputs.params)
         trace.validated()
         generation = Generation(self.state.engine, inputs.token_ids, inputs.params, inputs.top_n_tokens)

@@ -6,6 +6,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 
+# Stop strings, alone or in a list, are never empty (the validators refuse them).
+NON_EMPTY_STRINGS = {"minLength": 1, "items": {"minLength": 1}}
+
+
 class Grammar(BaseModel):
     type: Literal["json", "json_object", "regex", "json_schema"]
     value: Any
@@ -13,7 +17,7 @@ class Grammar(BaseModel):
 
 class GenerateParameters(BaseModel):
     adapter_id: str | None = None
-    best_of: int | None = Field(None, ge=0, description="Generate best_of sequences and return the one "
+    best_of: int | None = Field(None, description="Generate best_of sequences and return the one "
                                 "with the highest log probability; the others are in `best_of_sequences`.")
     decoder_input_details: bool | None = Field(False, description="Return the prompt tokens with their logprobs.")
     details: bool | None = Field(False, description="Return the tokens, their logprobs and the finish reason.")
@@ -21,18 +25,18 @@ class GenerateParameters(BaseModel):
     frequency_penalty: float | None = Field(None, description="In [-2, 2]: penalise tokens by how often they "
                                             "already appear in the output.")
     grammar: Grammar | None = None
-    max_new_tokens: int | None = Field(None, ge=0, description="Most tokens to generate; null means up to "
+    max_new_tokens: int | None = Field(None, description="Most tokens to generate; null means up to "
                                        "`max_total_tokens` less the input.")
     repetition_penalty: float | None = Field(None, description="> 0; 1.0 means no penalty.")
     return_full_text: bool | None = Field(None, description="Prepend the prompt to the generated text.")
-    seed: int | None = Field(None, ge=0, lt=2**64)
-    stop: list[str] | None = Field(None, description="Stop before generating past any of these strings; "
+    seed: int | None = None
+    stop: list[str] | None = Field(None, json_schema_extra=NON_EMPTY_STRINGS, description="Stop before generating past any of these strings; "
                                    "the matched text is kept.")
     temperature: float | None = Field(None, description="> 0; the value used to modulate the logits.")
     top_k: int | None = None
-    top_n_tokens: int | None = Field(None, ge=0, description="Also return the n most likely tokens at each step.")
+    top_n_tokens: int | None = Field(None, description="Also return the n most likely tokens at each step.")
     top_p: float | None = None
-    truncate: int | None = Field(None, ge=0, description="Keep only the last `truncate` input tokens.")
+    truncate: int | None = Field(None, description="Keep only the last `truncate` input tokens.")
     typical_p: float | None = None
     watermark: bool | None = Field(False, description="Watermark the output (Kirchenbauer et al. 2023).")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from functools import lru_cache
+from collections import OrderedDict
 
 import llguidance
 import torch
@@ -27,6 +27,15 @@ JSON_FORMAT = {"whitespace_flexible": False, "item_separator": ", ", "key_separa
                "coerce_one_of": True}
 
 
+# What one request's grammar may cost. A schema's text and a regex are bounded in characters and
+# a schema in nesting (it is walked recursively, here and in llguidance); compiled grammars are
+# kept for reuse up to a count and a total size, least recently used dropped first.
+MAX_GRAMMAR_CHARS = 65_536
+MAX_SCHEMA_DEPTH = 64
+CACHE_ENTRIES = 256
+CACHE_CHARS = 16 * 2**20
+
+
 class Guidance:
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: set[int], on_gpu: bool):
         # The model's vocabulary may be padded past the tokenizer's: those ids spell nothing.
@@ -37,16 +46,38 @@ class Guidance:
         self.words = (vocab_size + 31) // 32
         self.pin_memory = on_gpu  # so that the masks' copy to the GPU does not wait
         self.executor = llguidance.LLExecutor()
-        self._compile = lru_cache(maxsize=256)(self._compile_uncached)
+        self._compiled: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._compiled_chars = 0
 
     def grammar(self, params: SamplingParams) -> str | None:
         """The request's grammar, checked; None when it has none. A schema or regex that
-        cannot be enforced raises ValueError saying why."""
+        cannot be enforced, or is past the limits above, raises ValueError saying why."""
         if params.guided_json is not None:
-            return self._compile("json", json.dumps(_declared_properties_only(params.guided_json)))
+            depth = _nesting(params.guided_json)
+            if depth > MAX_SCHEMA_DEPTH:
+                raise ValueError(f"grammar is not valid: the schema nests more than {MAX_SCHEMA_DEPTH} "
+                                 f"levels of objects and arrays")
+            return self._compile("json", _bounded(json.dumps(params.guided_json), "schema"))
         if params.guided_regex is not None:
-            return self._compile("regex", ascii_classes(params.guided_regex))
+            return self._compile("regex", _bounded(params.guided_regex, "regex"))
         return None
+
+    def _compile(self, kind: str, source: str) -> str:
+        key = (kind, source)
+        grammar = self._compiled.get(key)
+        if grammar is not None:
+            self._compiled.move_to_end(key)
+            return grammar
+        if kind == "json":
+            grammar = self._compile_uncached(kind, json.dumps(_declared_properties_only(json.loads(source))))
+        else:
+            grammar = self._compile_uncached(kind, ascii_classes(source))
+        self._compiled[key] = grammar
+        self._compiled_chars += len(source) + len(grammar)
+        while len(self._compiled) > CACHE_ENTRIES or self._compiled_chars > CACHE_CHARS:
+            (_, old_source), old = self._compiled.popitem(last=False)
+            self._compiled_chars -= len(old_source) + len(old)
+        return grammar
 
     def _compile_uncached(self, kind: str, source: str) -> str:
         if kind == "json":
@@ -89,6 +120,27 @@ class Vocabulary:
             out.append(self._ids[text[:size]])
             text = text[size:]
         return out
+
+
+def _bounded(source: str, what: str) -> str:
+    if len(source) > MAX_GRAMMAR_CHARS:
+        raise ValueError(f"grammar is not valid: the {what} has {len(source)} characters; "
+                         f"at most {MAX_GRAMMAR_CHARS} are allowed")
+    return source
+
+
+def _nesting(value) -> int:
+    """How deeply JSON containers nest in `value`, without recursion (a schema past Python's
+    recursion limit must be refused, not crash the walk that would read it)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth > MAX_SCHEMA_DEPTH:
+                return depth
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def _declared_properties_only(schema):
