@@ -1,7 +1,7 @@
 """What the engine returns: vLLM's output shapes."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -18,6 +18,9 @@ class CompletionOutput:
     stop_reason: str | int | None = None  # the stop string or stop token id that matched
     delta: str = ""
     seed: int | None = None  # the seed this sequence was sampled with
+    # The text each token added (a stop string's cut does not shift it: the texts join to the
+    # uncut text); a token whose text is not made yet has none.
+    token_texts: list[str] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:

@@ -16,7 +16,8 @@ class SamplingParams:
     logits by it would overflow them. With best_of > 1, which needs sampling, such a
     temperature is raised to GREEDY_BELOW instead: as near to greedy as sampling goes. `seed` makes sampling reproducible whatever else shares the
     batch. `n` sequences are returned out of `best_of` sampled (ranked by cumulative logprob).
-    Stop strings are cut from the text unless `include_stop_str_in_output`. `guided_json` (a
+    Stop strings are cut from the text unless `include_stop_str_in_output`. `max_tokens=0`
+    generates nothing: the prompt is only scored (with `prompt_logprobs`). `guided_json` (a
     JSON schema, as a dict or its JSON text) or `guided_regex` constrain the output token by
     token: it parses and validates, or matches, unless `max_tokens` cuts it short first.
     """
@@ -102,8 +103,8 @@ class SamplingParams:
             bad(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
         if not -2 <= self.presence_penalty <= 2:
             bad(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            bad(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.max_tokens is not None and self.max_tokens < 0:
+            bad(f"max_tokens must be non-negative (0: score the prompt only), got {self.max_tokens}")
         if self.min_tokens < 0:
             bad(f"min_tokens must be non-negative, got {self.min_tokens}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:

@@ -222,7 +222,7 @@ def test_bad_input_raises_value_error_and_the_engine_keeps_working(llm, bad):
 
 
 @pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_p=0), dict(top_k=-2),
-                                    dict(max_tokens=0), dict(min_tokens=5, max_tokens=2),
+                                    dict(max_tokens=-1), dict(min_tokens=5, max_tokens=2),
                                     dict(temperature=float("nan")), dict(n=2, best_of=1),
                                     dict(frequency_penalty=3)])
 def test_out_of_range_sampling_params_raise_value_error(kwargs):

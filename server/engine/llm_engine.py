@@ -344,6 +344,10 @@ class LLMEngine:
                 self._append(seq, result.sampled)
                 self.block_manager.commit(seq)  # the token may complete a computed block
                 self._unfinished_outputs.append(seq)
+            elif seq.params.max_tokens == 0 and chunk.start_pos + len(chunk.token_ids) == seq.num_prompt_tokens:
+                seq.finish_reason, seq.status = "length", SequenceStatus.FINISHED  # the prompt alone was asked for
+                self.scheduler.remove(seq)
+                self._unfinished_outputs.append(seq)
 
     def _append(self, seq: Sequence, sampled) -> None:
         seq.token_ids.append(sampled.token_id)
@@ -388,14 +392,19 @@ class LLMEngine:
         return outputs
 
     def _finish_text(self, seq: Sequence, detokenizer: IncrementalDetokenizer) -> None:
-        delta = detokenizer.add(seq.token_ids[-1])
-        seq.text += delta
-        if seq.finish_reason != "stop" and check_text_stop(seq, len(delta)) and not seq.is_finished:
-            seq.status = SequenceStatus.FINISHED
-            self.scheduler.remove(seq)
+        """The newest token's text, whatever a stop string later cuts from `seq.text`."""
+        if seq.num_output_tokens:
+            delta = detokenizer.add(seq.token_ids[-1])
+            seq.token_texts.append(delta)
+            seq.text += delta
+            if seq.finish_reason != "stop" and check_text_stop(seq, len(delta)) and not seq.is_finished:
+                seq.status = SequenceStatus.FINISHED
+                self.scheduler.remove(seq)
         if seq.finish_reason is not None:
-            if not isinstance(seq.stop_reason, str):
-                seq.text += detokenizer.flush()
+            if seq.num_output_tokens and not isinstance(seq.stop_reason, str):
+                rest = detokenizer.flush()  # the bytes of a character the output ended inside
+                seq.text += rest
+                seq.token_texts[-1] += rest
             del self.detokenizers[seq.seq_id]
 
     def _sampling_options(self, seq: Sequence) -> SamplingOptions:
@@ -435,7 +444,7 @@ class LLMEngine:
         if end > len(seq.token_ids):  # the last token is pending: sampled by the step before
             chunk.token_ids.append(0)
             chunk.pending_row = seq.pending_row
-        if end == len(seq):
+        if end == len(seq) and params.max_tokens != 0:
             chunk.sampling = TO_BE_SET  # made when the step's sampling is queued
         return chunk
 
@@ -456,6 +465,7 @@ class LLMEngine:
             completions.append(CompletionOutput(
                 index=rank if params.best_of > params.n else seq.index,
                 text=seq.text[:end], token_ids=seq.output_token_ids,  # a fresh slice
+                token_texts=seq.token_texts[:len(seq.token_ids) - seq.num_prompt_tokens],
                 cumulative_logprob=seq.cumulative_logprob,
                 logprobs=list(seq.output_logprobs) if params.logprobs is not None else None,
                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, delta=delta,

@@ -45,6 +45,7 @@ class Sequence:
         self.output_logprobs: list[dict[int, float]] = []
         self.cumulative_logprob = 0.0
         self.text = ""  # detokenized output, stop strings already cut
+        self.token_texts: list[str] = []  # the text each output token added, none cut
         self.emitted_text_len = 0  # how much of `text` has been streamed
         self.sampling_options = None  # the runtime's SamplingOptions, made at the first sample
         self.matcher = None  # a guided sequence's grammar matcher, advanced with every token
