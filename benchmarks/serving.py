@@ -105,7 +105,7 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_to
                     record["usage"] = chunk["usage"]
                 if chunk.get("choices") and chunk["choices"][0].get("text"):
                     record["arrivals"].append(time.perf_counter())
-    except httpx.HTTPError as e:
+    except Exception as e:  # the client's own failure (a broken connection, an event it could not parse)
         record["status"] = type(e).__name__
         return
     record["end"] = time.perf_counter()

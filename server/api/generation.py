@@ -2,8 +2,10 @@
 
 The engine streams `RequestOutput`s whose text grows by `delta`; TGI and OpenAI speak of
 tokens, each with its text, logprob and alternatives. `Generation` turns the one into the
-other. The text of a token is the text its step added, so the texts of a stream join to the
-generated text; a special token (EOS) also shows its own text ("</s>") as TGI's do.
+other. The text of a token is the text it added to the output (the engine's `token_texts`),
+whether or not a stop string holds that text back from the stream for a while, so the texts
+of a stream join to the generated text; a special token (EOS) also shows its own text ("</s>")
+as TGI's do.
 """
 from __future__ import annotations
 
@@ -106,7 +108,7 @@ class Generation:
                 position = len(seq.tokens) + offset
                 logprobs = completion.logprobs[position] if completion.logprobs else {}
                 special = self.tokenizer.is_special(token_id)
-                text = completion.delta if offset == len(new_ids) - 1 else ""
+                text = completion.token_texts[position] if position < len(completion.token_texts) else ""
                 if special:
                     text += self.tokenizer.token_text(token_id)
                 tokens.append(TokenInfo(token_id, text, logprobs.get(token_id), special))

@@ -113,12 +113,17 @@ LIMITS: dict[str, dict[str, Limit]] = {
         "frequency_penalty": PENALTY,
         "presence_penalty": PENALTY,
         "stop": STOP,
+        "top_k": Limit(-1, U32),
+        "min_p": Limit(0.0, 1.0),
+        "repetition_penalty": POSITIVE_FLOAT,
+        "min_tokens": Limit(0, U32),
     },
     "ChatRequest": {
         "max_completion_tokens": POSITIVE_U32,
         "top_logprobs": Limit(0, "max_logprobs"),
     },
     "CompletionRequest": {
+        "max_tokens": Limit(0, U32),  # 0 with `echo`: the prompt and its logprobs alone
         "best_of": Limit(0, "max_best_of", low_open=True),
         "logprobs": Limit(0, "max_logprobs"),
         "suffix": Limit(high=0, size="chars", message="is not supported"),

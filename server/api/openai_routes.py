@@ -17,6 +17,7 @@ from server.api.streaming import EventStream, merge, openai_event, until_disconn
 from server.api.tgi_schemas import ErrorResponse
 from server.api.tools import ToolUse, tool_error, tool_use, with_tool_prompt
 from server.api.validation import openai_params
+from server.engine.detokenizer import IncrementalDetokenizer
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 413, 422, 424, 429)}
 # Streams answer with server-sent events; the JSON schema of each event is the route's model.
@@ -69,7 +70,9 @@ class OpenAIRoutes:
         if body.tools and (body.response_format or {}).get("type", "text") != "text":
             raise tool_error("Grammar and tools are mutually exclusive")
         guided = response_format(body.response_format, settings)
-        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        # `content` stays (null too): templates read it, and a tool call's turn has none.
+        messages = [{**m.model_dump(exclude_none=True), "content": m.model_dump(include={"content"})["content"]}
+                    for m in body.messages]
         use = tool_use(body.tools, body.tool_choice)
         if use is not None:
             guided = guided_json(use.schema, settings)
@@ -121,8 +124,8 @@ class OpenAIRoutes:
             return openai_event(payload)
 
         n = generation.params.n
-        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                      "finish_reason": None} for i in range(n)])
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": "", "tool_calls": None},
+                      "logprobs": None, "finish_reason": None} for i in range(n)])
         readers = {i: tool_calls.ToolCallReader() for i in range(n)} if use is not None else {}
         async for steps in generation.steps():
             for step in steps:
@@ -137,8 +140,10 @@ class OpenAIRoutes:
                     delta = tool_calls.stream_delta(reader, seq.text, step.finished)
                     reason = tool_calls.finish_reason(reader, reason)
                 if delta or logprobs or step.finished:
-                    yield chunk([{"index": seq.index, "delta": delta, "logprobs": logprobs,
-                                  "finish_reason": reason}])
+                    # The role in every chunk, as TGI sends it, and `tool_calls` (null in text): the
+                    # text-generation client reads both from each.
+                    yield chunk([{"index": seq.index, "delta": {"role": "assistant", "tool_calls": None, **delta},
+                                  "logprobs": logprobs, "finish_reason": reason}])
         results = generation.results()
         trace.succeeded(generation, results)
         if include_usage:
@@ -166,8 +171,12 @@ class OpenAIRoutes:
                 if not token_ids or any(not 0 <= t < vocab for t in token_ids):
                     raise validation_error(f"prompt token ids must be in [0, {vocab}) and not empty")
             top = body.logprobs or 0
+            # With `echo`, the prompt's tokens are scored too (lm-evaluation-harness reads a
+            # continuation's logprobs back from the prompt this way).
+            scored = top if body.echo and body.logprobs is not None else None
             params = openai_params(body, len(token_ids), self.state.settings, body.max_tokens, top,
-                                   best_of=body.best_of)
+                                   best_of=body.best_of, prompt_logprobs=scored)
+            check_grammar(self.state.engine, params)
             generations.append(Generation(self.state.engine, token_ids, params, top))
         return generations
 
@@ -181,15 +190,33 @@ class OpenAIRoutes:
                 "top_logprobs": [{t.text: t.logprob for t in top} for top in seq.top_tokens],
                 "text_offset": offsets}
 
-    def prompt_text(self, generation: Generation) -> str:
-        return self.tokenizer.decode(generation.token_ids)
+    def echo(self, generation: Generation, with_logprobs: bool) -> tuple[str, dict | None]:
+        """The prompt as echoed, and its logprobs as OpenAI's legacy completions give them: each
+        token's logprob given the tokens before it (None for the first, which nothing precedes),
+        the top alternatives, and where the token's text starts in the echoed text."""
+        detokenizer = IncrementalDetokenizer(self.tokenizer, [])
+        entries = generation.prompt_logprobs or []
+        tokens, logprobs, tops, offsets = [], [], [], []
+        for position, token_id in enumerate(generation.token_ids):
+            entry = entries[position] if position < len(entries) else None
+            tokens.append(self.tokenizer.token_text(token_id))
+            logprobs.append(entry.get(token_id) if entry else None)
+            tops.append({t.text: t.logprob for t in generation.top_tokens(entry)} if entry else None)
+            offsets.append(len(detokenizer.text))
+            detokenizer.add(token_id)
+        detokenizer.flush()
+        if not with_logprobs:
+            return detokenizer.text, None
+        return detokenizer.text, {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
 
     def completion_choice(self, body: CompletionRequest, generation: Generation, position: int,
                           seq: SequenceResult) -> dict:
-        prefix = self.prompt_text(generation) if body.echo else ""
+        prefix, logprobs = self.echo(generation, body.logprobs is not None) if body.echo else ("", None)
+        if body.logprobs is not None:
+            generated = self.completion_logprobs(seq, len(prefix))
+            logprobs = generated if logprobs is None else {key: logprobs[key] + generated[key] for key in generated}
         return {"index": position * generation.params.n + seq.index, "text": prefix + seq.text,
-                "logprobs": self.completion_logprobs(seq, len(prefix)) if body.logprobs is not None else None,
-                "finish_reason": finish_reason(seq)}
+                "logprobs": logprobs, "finish_reason": finish_reason(seq)}
 
     async def completion_events(self, body: CompletionRequest, generations: list[Generation],
                                 trace: RequestTrace) -> AsyncIterator[str]:
@@ -197,14 +224,16 @@ class OpenAIRoutes:
         base = {"id": f"cmpl-{generations[0].request_id}", "object": "text_completion",
                 "created": int(time.time()), "model": self.state.settings.model_id,
                 "system_fingerprint": self.fingerprint}
-        if body.echo:
-            for position, generation in enumerate(generations):
-                for i in range(generation.params.n):
-                    yield openai_event({**base, "choices": [{
-                        "index": position * generation.params.n + i, "text": self.prompt_text(generation),
-                        "logprobs": None, "finish_reason": None}]})
+        echoed = set()
         async for position, steps in merge([g.steps() for g in generations]):
             generation = generations[position]
+            if body.echo and position not in echoed:  # once its prompt is scored: at its first output
+                echoed.add(position)
+                text, logprobs = self.echo(generation, body.logprobs is not None)
+                for i in range(generation.params.n):
+                    yield openai_event({**base, "choices": [{
+                        "index": position * generation.params.n + i, "text": text,
+                        "logprobs": logprobs, "finish_reason": None}]})
             for step in steps:
                 if not step.delta and not step.finished:
                     continue

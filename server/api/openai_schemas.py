@@ -37,7 +37,10 @@ class Tool(BaseModel):
 
 
 class SamplingFields(BaseModel):
-    """The fields chat and completions share."""
+    """The fields chat and completions share: OpenAI's, and the sampling extras vLLM accepts
+    beside them (server/api/validation.py refuses vLLM's other extras by name)."""
+
+    model_config = ConfigDict(extra="allow")
 
     model: str | None = Field(None, description="Accepted for compatibility; the server serves one model.")
     max_tokens: int | None = None
@@ -54,6 +57,18 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # vLLM's extras
+    top_k: int | None = Field(None, description="vLLM's: keep the k most likely tokens; 0 or -1 keeps all.")
+    min_p: float | None = Field(None, description="vLLM's: drop tokens less likely than min_p times the likeliest.")
+    repetition_penalty: float | None = Field(None, description="vLLM's: > 1 penalises tokens already seen.")
+    min_tokens: int | None = Field(None, description="vLLM's: generate at least this many tokens before EOS "
+                                   "or a stop token may end the output.")
+    ignore_eos: bool = Field(False, description="vLLM's: go on past EOS (to exactly max_tokens).")
+    stop_token_ids: list[int] | None = Field(None, description="vLLM's: token ids that end the output.")
+    skip_special_tokens: bool = Field(True, description="vLLM's: leave special tokens out of the text.")
+    include_stop_str_in_output: bool = Field(False, description="vLLM's: keep the matched stop string.")
+    guided_json: dict[str, Any] | str | None = Field(None, description="vLLM's: a JSON schema the output follows.")
+    guided_regex: str | None = Field(None, description="vLLM's: a regex the output matches.")
 
 
 class ChatRequest(SamplingFields):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
@@ -15,8 +16,15 @@ class ClientDisconnected(Exception):
     """The client closed its connection before the answer was ready."""
 
 
+# Characters that line readers split on (Python's str.splitlines, and so httpx's and requests'
+# iter_lines) although JSON leaves them raw: written as JSON escapes, which every parser reads
+# back, so that an event's `data:` line stays one line.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+KEEPALIVE_SECONDS = 15.0  # TGI's: an SSE comment when a stream has had nothing to say this long
+
+
 def _json(payload: Any) -> str:
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).translate(_LINE_BREAKS)
 
 
 def tgi_event(payload: dict[str, Any]) -> str:
@@ -34,7 +42,7 @@ class EventStream(StreamingResponse):
     engine request inside it)."""
 
     def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None]):
-        super().__init__(events, media_type="text/event-stream",
+        super().__init__(with_keepalive(events, KEEPALIVE_SECONDS), media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self._on_close = on_close
 
@@ -43,6 +51,31 @@ class EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self._on_close()
+
+
+async def with_keepalive(events: AsyncIterator[str], interval: float) -> AsyncIterator[str]:
+    """`events`, with an SSE comment (":") after each `interval` seconds without one, so that
+    proxies with idle timeouts keep a stream whose prompt is still queued or prefilling."""
+    iterator = aiter(events)
+    pending = asyncio.ensure_future(anext(iterator))
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=interval)
+            if not done:
+                yield ":\n\n"
+                continue
+            try:
+                event = pending.result()
+            except StopAsyncIteration:
+                return
+            yield event
+            pending = asyncio.ensure_future(anext(iterator))
+    finally:  # the client may have left: the events' own clean-up (an abort) runs now
+        pending.cancel()
+        with contextlib.suppress(BaseException):
+            await pending
+        with contextlib.suppress(BaseException):
+            await iterator.aclose()
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from server.api.errors import validation_error
-from server.api.guided import tgi_grammar
+from server.api.errors import APIError, validation_error
+from server.api.guided import guided_json, guided_regex, tgi_grammar
 from server.api.limits import LOGIT_BIAS, TOKEN_ID_KEY, check_limits
 from server.api.openai_schemas import ChatRequest, CompletionRequest
 from server.api.settings import ServerSettings
@@ -117,11 +117,37 @@ def token_id_key(key: str) -> int:
     return int(key)
 
 
+# vLLM's request extras that this server does not implement, with the value that asks for
+# nothing: any other value is refused by name rather than ignored.
+VLLM_EXTRAS_REFUSED = {
+    "use_beam_search": False, "length_penalty": 1.0, "early_stopping": False, "allowed_token_ids": None,
+    "bad_words": None, "guided_choice": None, "guided_grammar": None, "truncate_prompt_tokens": None,
+    "prompt_logprobs": None, "spaces_between_special_tokens": True, "add_special_tokens": None,
+    "chat_template": None, "chat_template_kwargs": None, "continue_final_message": False,
+    "add_generation_prompt": True, "documents": None, "return_tokens_as_token_ids": False,
+    "logits_processors": None,
+}
+
+
+def refuse_unsupported_extras(body: ChatRequest | CompletionRequest) -> None:
+    for name, value in (body.model_extra or {}).items():
+        if name in VLLM_EXTRAS_REFUSED and value not in (None, VLLM_EXTRAS_REFUSED[name]):
+            raise APIError(400, f"`{name}` is not supported by this server", "validation")
+
+
 def openai_params(body: ChatRequest | CompletionRequest, num_input: int, settings: ServerSettings,
                   max_tokens: int | None, num_logprobs: int, best_of: int | None = None,
-                  guided: dict | None = None) -> SamplingParams:
-    """OpenAI's fields -> SamplingParams; `temperature: 0` means greedy, as in OpenAI."""
+                  guided: dict | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
+    """OpenAI's fields (and vLLM's sampling extras) -> SamplingParams; `temperature: 0` means
+    greedy, as in OpenAI."""
     check_limits(body, settings)
+    refuse_unsupported_extras(body)
+    if body.guided_json is not None or body.guided_regex is not None:
+        if guided:
+            raise validation_error("`guided_json` and `guided_regex` cannot be combined with `response_format` "
+                                   "or `tools`")
+        guided = guided_json(body.guided_json, settings) if body.guided_json is not None \
+            else guided_regex(body.guided_regex, settings)
     n = body.n or 1
     best_of = best_of or n
     if best_of < n:
@@ -142,4 +168,8 @@ def openai_params(body: ChatRequest | CompletionRequest, num_input: int, setting
         n=n, best_of=best_of, temperature=temperature, top_p=top_p,
         frequency_penalty=body.frequency_penalty or 0.0, presence_penalty=body.presence_penalty or 0.0,
         seed=body.seed, stop=stop, max_tokens=max_new_tokens, logprobs=num_logprobs,
-        logit_bias=logit_bias, **(guided or {}))
+        logit_bias=logit_bias, top_k=max(body.top_k or 0, 0), min_p=body.min_p or 0.0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        min_tokens=body.min_tokens or 0, ignore_eos=body.ignore_eos, stop_token_ids=body.stop_token_ids,
+        skip_special_tokens=body.skip_special_tokens, include_stop_str_in_output=body.include_stop_str_in_output,
+        prompt_logprobs=prompt_logprobs, **(guided or {}))

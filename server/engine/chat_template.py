@@ -2,7 +2,10 @@
 helpers templates expect, and bounds on the output's size and the time it takes."""
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import string
 import sys
 import time
 from datetime import datetime
@@ -100,3 +103,45 @@ def flatten_content(messages: list[dict]) -> list[dict]:
             message = {**message, "content": text}
         flat.append(message)
     return flat
+
+
+def tool_calls_as_text(messages: list[dict]) -> list[dict]:
+    """For a template that knows no tool calls, as TGI renders them: an assistant turn's calls
+    become its content (the calls as JSON, after any text it had), and a turn without content
+    (`null`, or none at all) has an empty one, so that a template reading it does not fail."""
+    out = []
+    for message in messages:
+        content = message.get("content") or ""
+        calls = message.get("tool_calls")
+        if calls:
+            content = (content + "\n" if content else "") + json.dumps(calls, ensure_ascii=False)
+            message = {key: value for key, value in message.items() if key != "tool_calls"}
+        out.append({**message, "content": content})
+    return out
+
+
+_MISTRAL_CALL_ID = re.compile(r"[a-zA-Z0-9]{9}")
+
+
+def mistral_call_ids(messages: list[dict]) -> list[dict]:
+    """Tool call ids as Mistral's formats demand them (9 letters or digits): an id of another
+    shape ("call_abc123" from another server, or the client's own) is replaced by one made from
+    it, the same in the assistant's call and in the tool's answer."""
+    def fit(call_id):
+        if not isinstance(call_id, str) or _MISTRAL_CALL_ID.fullmatch(call_id):
+            return call_id
+        digest = int.from_bytes(hashlib.sha256(call_id.encode()).digest()[:8], "big")
+        return "".join(_BASE62[(digest >> (6 * i)) % 62] for i in range(9))
+
+    out = []
+    for message in messages:
+        if message.get("tool_calls"):
+            message = {**message, "tool_calls": [{**call, "id": fit(call.get("id"))} if isinstance(call, dict) else call
+                                                 for call in message["tool_calls"]]}
+        if "tool_call_id" in message:
+            message = {**message, "tool_call_id": fit(message["tool_call_id"])}
+        out.append(message)
+    return out
+
+
+_BASE62 = string.digits + string.ascii_letters

@@ -27,7 +27,8 @@ from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 from transformers import AutoTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from server.engine.chat_template import flatten_content, pick_template, render_template, template_variables
+from server.engine.chat_template import (flatten_content, mistral_call_ids, pick_template, render_template,
+                                         template_variables, tool_calls_as_text)
 
 
 class Tokenizer(ABC):
@@ -229,9 +230,12 @@ class HuggingFaceTokenizer(Tokenizer):
     def render_chat(self, messages, add_generation_prompt=True, tools=None) -> str:
         if self._template is None:
             raise ValueError("Template error: template not found")
+        messages = flatten_content(messages)
+        if "tool_calls" not in self._template:
+            messages = tool_calls_as_text(messages)
         return render_template(
             self._template,
-            messages=flatten_content(messages),
+            messages=messages,
             tools=tools,
             add_generation_prompt=add_generation_prompt,
             bos_token=self._tok.bos_token or "",
@@ -286,7 +290,7 @@ class MistralCommonTokenizer(Tokenizer):
         # Mistral's format has no generation prompt: a conversation ending in a user turn is
         # always ready for the assistant's answer.
         try:
-            request = ChatCompletionRequest.from_openai(flatten_content(messages), tools=tools)
+            request = ChatCompletionRequest.from_openai(mistral_call_ids(flatten_content(messages)), tools=tools)
             return self._mistral.encode_chat_completion(request).tokens
         # mistral-common's own checks raise several kinds of errors (a message without content
         # is a TypeError deep inside it): any of them is the conversation's fault.
