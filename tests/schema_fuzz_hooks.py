@@ -53,6 +53,11 @@ def sampling(body: dict, n: int) -> None:
     for field in ("max_tokens", "max_completion_tokens"):
         if body.get(field) is not None:
             body[field] = min(body[field], MAX_NEW)
+    for field in ("guided_json", "guided_regex"):  # vLLM's grammars: they must compile
+        body.pop(field, None)
+    if body.get("min_tokens"):  # at most the tokens asked for
+        cap = body.get("max_completion_tokens", body.get("max_tokens"))
+        body["min_tokens"] = min(body["min_tokens"], 1 if cap is None else cap)
     if n > 1 and body.get("temperature") == 0:  # n samples need sampling
         body["temperature"] = 1.0
     if isinstance(body.get("logit_bias"), dict):  # keys are ids of this vocabulary

@@ -20,6 +20,9 @@ from server.engine.chat_template import mistral_call_ids, tool_calls_as_text
 EOS = 2
 NEL = 32131  # Mistral v3's token for U+0085, which str.splitlines breaks a line at
 PROMPT = "The quick brown fox"
+# The server against transformers on the CPU: float32 both; on a GPU machine the server's
+# products run in TF32 and differ in the second decimal.
+TOL = 1e-4 if not torch.cuda.is_available() else 3e-2
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +53,7 @@ def test_echo_gives_the_prompts_logprobs_as_transformers_and_tgis_prefill(client
     lp = choice.logprobs
     assert len(lp.tokens) == len(ids) + 3 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     expected = transformers_logprobs(oracle, ids)
-    assert lp.token_logprobs[1:len(ids)] == pytest.approx(expected, abs=1e-4)
+    assert lp.token_logprobs[1:len(ids)] == pytest.approx(expected, abs=TOL)
     for token_lp, top in zip(lp.token_logprobs[1:len(ids)], lp.top_logprobs[1:len(ids)]):
         assert len(top) == 2 and max(top.values()) >= token_lp - 1e-6
     prompt_text = tiny_llm.get_tokenizer().decode(ids)
@@ -83,7 +86,7 @@ def test_max_tokens_zero_with_echo_scores_the_prompt_and_generates_nothing(clien
             assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 0
         assert text == tiny_llm.get_tokenizer().decode(ids)
         assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(ids)
-        assert lp.token_logprobs[1:] == pytest.approx(transformers_logprobs(oracle, ids), abs=1e-4)
+        assert lp.token_logprobs[1:] == pytest.approx(transformers_logprobs(oracle, ids), abs=TOL)
 
 
 def test_max_tokens_zero_without_echo_is_an_empty_completion(client):
@@ -107,7 +110,7 @@ def test_a_multiple_choice_scored_by_echo_logprobs_picks_transformers_answers(cl
         ours = [sum(choice.logprobs.token_logprobs[len(context_ids):])
                 for choice in sorted(reply.choices, key=lambda c: c.index)]
         theirs = [sum(transformers_logprobs(oracle, ids)[len(context_ids) - 1:]) for ids in prompts]
-        assert ours == pytest.approx(theirs, abs=1e-3)
+        assert ours == pytest.approx(theirs, abs=10 * TOL)
         assert ours.index(max(ours)) == theirs.index(max(theirs))
 
 

@@ -68,7 +68,8 @@ class SamplingFields(BaseModel):
     skip_special_tokens: bool = Field(True, description="vLLM's: leave special tokens out of the text.")
     include_stop_str_in_output: bool = Field(False, description="vLLM's: keep the matched stop string.")
     guided_json: dict[str, Any] | str | None = Field(None, description="vLLM's: a JSON schema the output follows.")
-    guided_regex: str | None = Field(None, description="vLLM's: a regex the output matches.")
+    guided_regex: str | None = Field(None, json_schema_extra={"minLength": 1},
+                                     description="vLLM's: a regex the output matches.")
 
 
 class ChatRequest(SamplingFields):
