@@ -1,4 +1,6 @@
-"""One-sequence decode before and after one more CUDA graph is captured in the process.
+"""One-sequence decode before and after one more CUDA graph is captured in the process. Prints
+one JSON object: before and after, the tokens/s of three runs and a step's host time outside
+and inside its wait for the device, in us.
 
 An engine made with `--max-num-seqs 4` captures three decode graphs (4, 2 and 1 sequences).
 This script times one-sequence decode (256 tokens after a 128-token prompt, three runs), then
@@ -77,7 +79,7 @@ def timed_decode(engine: LLMEngine, prompt: list[int], tokens: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--max-num-seqs", type=int, default=4, help="the engine's (4: graphs of 4, 2 and 1)")
     parser.add_argument("--decode-tokens", type=int, default=256)

@@ -1,4 +1,6 @@
-"""How a graph of many small kernels replays once the process has captured more graphs.
+"""How a graph of many small kernels replays once the process has captured more graphs. Prints
+one JSON line: the timed graph's replay time in us after each number of captures in the
+process, and per kernel.
 
 Captures one graph of N dependent launches of a one-program Triton kernel, times its replays,
 then captures (and frees) one more graph of a single elementwise op at a time, timing the
@@ -17,11 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import os
+import sys
 
 import torch
 import triton
 import triton.language as tl
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.timing import best_seconds  # noqa: E402
 
 
 @triton.jit
@@ -32,20 +39,11 @@ def _add_one(x_ptr, n, BLOCK: tl.constexpr):
 
 def replay_us(graph: torch.cuda.CUDAGraph, replays: int = 200) -> float:
     """The best of three runs of `replays` back-to-back replays, per replay."""
-    graph.replay()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(replays):
-            graph.replay()
-        torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - start) / replays * 1e6)
-    return round(best, 1)
+    return round(best_seconds(graph.replay, repeats=replays) * 1e6, 1)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, default=320, help="kernel launches in the timed graph")
     parser.add_argument("--captures", type=int, default=7, help="captures in all, the timed graph's included")
     args = parser.parse_args()

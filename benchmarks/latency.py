@@ -1,4 +1,7 @@
 """One sequence alone: time to first token at several prompt lengths, and decode tokens/s.
+Prints one JSON object: the engine's TTFT per prompt length, its decode tokens/s, KV cache
+tokens and the bytes a decoded token reads; the copy rate, the roofline decode rate and the
+fraction of it reached; with --peer, transformers' decode rate and TTFT and the ratio.
 
 Against the roofline (all weights and the KV cache read once per decoded token, at the
 copy bandwidth measured in the same run) and, with `--peer`, against transformers'
@@ -106,7 +109,7 @@ def peer_figures(args, prompts: dict[int, list[int]]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--prompt-lens", type=lambda s: [int(x) for x in s.split(",")], default=[128, 1024, 8192])
     parser.add_argument("--decode-context", type=int, default=128)

@@ -1,5 +1,6 @@
 """A Mistral-7B-Instruct-v0.3-shaped (or Mixtral-8x7B-shaped) checkpoint with random
-weights, laid out as on the hub.
+weights, laid out as on the hub, for the GPU benchmarks. Measures nothing; prints the
+checkpoint's directory.
 
 Nothing can be downloaded on the GPU machine, and shapes, not values, decide speed:
 
@@ -146,7 +147,7 @@ def make(path: Path, num_layers: int, seed: int = 0, mixtral: bool = False, rout
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("path", type=Path)
     parser.add_argument("--num-layers", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)

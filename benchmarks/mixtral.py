@@ -1,4 +1,7 @@
 """Mixtral-8x7B's layers on one GPU: our engine against transformers' MixtralForCausalLM.
+Prints JSON (and writes it to --out): each engine's decode tokens/s at batch 1 and 64 and its
+workload tokens/s, their ratios, the batch-1 roofline and the fraction reached, and whether the
+targets are met.
 
 Random weights of Mixtral-8x7B's per-layer shapes (hidden 4,096, eight experts of 14,336 with
 two per token, 32 query and 8 KV heads, vocabulary 32,000, bf16) on fewer layers than its 32,
@@ -196,7 +199,7 @@ def report(args, ours: dict, peer: dict, bandwidth: float, device: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="also write the JSON report here")
     parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/mixtral-bench"),
                         help="where the config and tokenizer are written")

@@ -1,4 +1,7 @@
-"""Tensor parallelism on several GPUs: the same model at 1 and N shards, side by side.
+"""Tensor parallelism on several GPUs: the same model at 1 and N shards, side by side. Prints
+JSON (and writes it to --out) for the mode run: `engine`, each shard count's figures, the
+speed-ups and the scaling efficiency; `http`, each shard count's start-up time, answers and
+streamed decode rates; `allreduce`, the all-reduce's time per batch, eager and in a graph.
 
 `engine`: for each shard count, in its own process (each starts and stops its own ranks):
 greedy tokens of a few prompts (compared across shard counts), time to first token of a
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import subprocess
 import sys
@@ -33,8 +37,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import servers  # noqa: E402
 from benchmarks.latency import random_prompt, run_alone  # noqa: E402
 from benchmarks.throughput import make_prompts, output_lens  # noqa: E402
+from benchmarks.timing import best_seconds  # noqa: E402
 
 VOCAB = 32000  # below both Mistral (32768) and Mixtral-8x7B (32000) vocabularies
 PARITY_TOKENS = 64
@@ -192,28 +198,18 @@ async def _http_figures(url: str, decode_tokens: int) -> dict:
 
 def http_one(args) -> dict:
     """Start `python -m server --num-shard N`, measure through HTTP, stop it (SIGTERM)."""
-    import httpx
-
-    from server.runtime.workers import free_port
-
-    port = free_port()
+    port = servers.free_port()
     log = open(args.server_log or os.devnull, "w")
     server = subprocess.Popen([sys.executable, "-m", "server", "--model-id", args.model, "--num-shard",
                                str(args.tp), "--port", str(port), "--load-format", args.load_format,
                                "--max-concurrent-requests", "512"], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        start = time.perf_counter()
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"the server exited with {server.returncode} before it was ready")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        figures = {"shards": args.tp, "ready_after_s": time.perf_counter() - start}
+        try:
+            ready_after_s = servers.wait_ready(url, server, math.inf, path="/health", interval_s=1)
+        except servers.ServerExited as why:
+            raise RuntimeError(f"the server {why} before it was ready") from None
+        figures = {"shards": args.tp, "ready_after_s": ready_after_s}
         figures.update(asyncio.run(_http_figures(url, args.decode_tokens)))
         return figures
     finally:
@@ -231,25 +227,12 @@ def _allreduce_rank(rank: int, size: int, port: int, hidden: int, layers: int, o
     figures = {}
     for batch in (1, 8, 64, 256):
         x = torch.randn(batch, hidden, dtype=torch.bfloat16, device="cuda")  # one layer's output
-        for _ in range(20):
-            dist.all_reduce(x)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(200):
-            dist.all_reduce(x)
-        torch.cuda.synchronize()
-        eager = (time.perf_counter() - start) / 200
+        eager = best_seconds(lambda: dist.all_reduce(x), repeats=200, rounds=1)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):  # one decode step's worth: two per layer
             for _ in range(2 * layers):
                 dist.all_reduce(x)
-        graph.replay()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(20):
-            graph.replay()
-        torch.cuda.synchronize()
-        per_step = (time.perf_counter() - start) / 20
+        per_step = best_seconds(graph.replay, repeats=20, rounds=1)
         figures[str(batch)] = {"eager_us": eager * 1e6, "graph_us": per_step / (2 * layers) * 1e6,
                                "graph_ms_per_decode_step": per_step * 1000}
     if rank == 0:
@@ -262,10 +245,8 @@ def _allreduce_rank(rank: int, size: int, port: int, hidden: int, layers: int, o
 def allreduce_report(args) -> dict:
     import torch.multiprocessing as mp
 
-    from server.runtime.workers import free_port
-
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        mp.spawn(_allreduce_rank, args=(args.ranks, free_port(), args.hidden, args.layers, out.name),
+        mp.spawn(_allreduce_rank, args=(args.ranks, servers.free_port(), args.hidden, args.layers, out.name),
                  nprocs=args.ranks)
         with open(out.name) as f:
             figures = json.load(f)
@@ -274,7 +255,7 @@ def allreduce_report(args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("mode", choices=["engine", "http", "allreduce", "engine-one", "http-one"])
     parser.add_argument("--model")
     parser.add_argument("--shards", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])

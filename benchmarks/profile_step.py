@@ -1,11 +1,14 @@
 """Where a decode step's time goes: wall time against GPU kernel time, and the top kernels.
+Prints a JSON list, one entry per batch size (and one for full prefill steps with --prefill):
+wall ms a step, the host's ms a step in each part of the engine's step, GPU kernel ms a step,
+idle ms, and the top kernels' ms a step.
 
 With programmatic dependent launch (an H100: server/kernels/launch.py) a kernel starts while the one
 before it drains and waits for it on the device, so its recorded time includes that wait: the
 kernel times then add up to more than the step (the norm after a gemv, the merge after the
 split attention look slow), and `idle_ms_per_step` can go negative. With KERNELS_PDL=0 in the
 environment each kernel's time is its own (the step's wall time is then a little longer).
-`benchmarks/gemv.py`, `decode_attention.py` and `moe_kernel.py` time the kernels alone.
+`benchmarks/kernel_bench/gemv.py`, `decode_attention.py` and `moe_kernel.py` time the kernels alone.
 
     python benchmarks/profile_step.py --model /tmp/mistral-7b --batch-sizes 1,256 [--prefill] [--quantize fp8]
 """
@@ -142,7 +145,7 @@ def prefill_profile(engine: LLMEngine, prompt_len: int, steps: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 256])
     parser.add_argument("--prompt-len", type=int, default=512)

@@ -1,5 +1,8 @@
 """bf16, fp8 and 4-bit weights side by side on one GPU: one-sequence decode tokens/s, the
-256-request throughput and the weights' memory, each against the bytes it must read.
+256-request throughput and the weights' memory, each against the bytes it must read. Prints
+JSON (and writes it to --out): per variant its weight bytes, KV cache tokens, decode tokens/s
+(three runs and the median) over its byte roofline, the workload's tokens/s, one layer's
+matmuls at 1 and 256 rows, and each figure over bf16's.
 
     python benchmarks/quantized.py --out $OUT/quantized.json
 
@@ -32,9 +35,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.latency import random_prompt, run_alone  # noqa: E402
 from benchmarks.make_checkpoint import int4_tensors  # noqa: E402
-from benchmarks.moe_kernel import timed_ms  # noqa: E402
 from benchmarks.roofline import copy_bandwidth  # noqa: E402
 from benchmarks.throughput import make_prompts, output_lens, run_engine  # noqa: E402
+from benchmarks.timing import graph_ms  # noqa: E402
 from server import LLM  # noqa: E402
 from server.config import QuantConfig  # noqa: E402
 from server.layers.linear import MergedColumnParallelLinear  # noqa: E402
@@ -71,7 +74,7 @@ def layer_matmuls(quant: QuantConfig | None, rows: int) -> dict:
         for layer, x in layers:
             layer(x)
 
-    seconds = timed_ms(step) / 1000  # replayed from a CUDA graph, as decode steps run
+    seconds = graph_ms(step) / 1000  # replayed from a CUDA graph, as decode steps run
     weight_bytes = sum(tensor_bytes(layer) for layer, _ in layers)
     return {"microseconds": seconds * 1e6, "weight_bytes": weight_bytes, "bytes_per_s": weight_bytes / seconds}
 
@@ -125,7 +128,7 @@ def make_checkpoint(path: Path, kind: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="also write the JSON report here")
     parser.add_argument("--checkpoints", type=Path, default=Path("/tmp/quantized-bench"))
     parser.add_argument("--variants", default="bf16,fp8,gptq", help=f"comma-separated, of {', '.join(VARIANTS)}")

@@ -1,7 +1,9 @@
 """The servers a benchmark starts: ours (`python -m server`) and Hugging Face's `transformers serve`
 (the peer), each a subprocess on a free port with its own process group and its output in a log
 file, ready once `/v1/models` answers, and stopped with its whole group so that no worker of it
-outlives the run.
+outlives the run. `wait_ready` is the one readiness loop: serving.py and soak.py (through
+`start`), multi_gpu.py's `http` mode and the tests' ServerProcess all wait through it. A
+library: running it does nothing.
 
 `transformers serve` gets no model on its command line: the flag that preloads one changed
 between releases (`--force-model`, later a positional argument), so the first request, which
@@ -29,6 +31,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class ServerExited(RuntimeError):
+    """The server's process ended before it answered."""
+
+
+def wait_ready(url: str, process: subprocess.Popen, timeout_s: float, path: str = "/v1/models",
+               interval_s: float = 0.5) -> float:
+    """Polls GET `url + path` until it answers 200 and returns the seconds that took; raises
+    ServerExited ("exited with CODE") if `process` ends first, TimeoutError ("not ready in N s")
+    after `timeout_s`."""
+    start = time.monotonic()
+    while True:
+        if process.poll() is not None:
+            raise ServerExited(f"exited with {process.returncode}")
+        try:
+            if httpx.get(url + path, timeout=2).status_code == 200:
+                return time.monotonic() - start
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() - start > timeout_s:
+            raise TimeoutError(f"not ready in {timeout_s:.0f} s")
+        time.sleep(interval_s)
 
 
 def our_command(model: str, port: int, dtype: str, extra: list[str]) -> list[str]:
@@ -84,14 +109,9 @@ def start(name: str, command: list[str], url: str, log_path: str, timeout_s: flo
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
                                    env={**os.environ, **QUIET_ENV}, start_new_session=True)
     server = Server(name, url, process, log_path)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    why = f"exited with {process.returncode}" if process.poll() is not None else f"not ready in {timeout_s:.0f} s"
-    server.stop()
-    raise RuntimeError(f"{name} {why}; the end of {log_path}:\n{server.log_tail()}")
+    try:
+        wait_ready(url, process, timeout_s)
+    except (ServerExited, TimeoutError) as why:
+        server.stop()
+        raise RuntimeError(f"{name} {why}; the end of {log_path}:\n{server.log_tail()}") from None
+    return server

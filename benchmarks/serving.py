@@ -1,4 +1,7 @@
 """Online serving: Poisson arrivals at several request rates, against one server or two side by side.
+Prints JSON, also written to --out as serving.json: per server and rate, TTFT, TPOT, ITL and
+end-to-end latency percentiles, request and token throughput and goodput, and with two servers
+their ratios; serving.png beside it where matplotlib is.
 
 Streams every request to `/v1/completions` and reports, per rate, time to first token (TTFT),
 time per output token after the first (TPOT), inter-token latency (ITL, between streamed chunks)
@@ -246,7 +249,7 @@ def ratios(first: dict, second: dict) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--url", help="a running OpenAI-compatible server")
     target.add_argument("--launch", help="servers to start one after the other: ours, transformers, or both")

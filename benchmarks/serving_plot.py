@@ -1,5 +1,7 @@
 """The PNG of a serving.py report: TTFT, TPOT and end-to-end latency (p50 and p99, log scale)
-against the requests per second each server served, one colour per server.
+against the requests per second each server served, one colour per server. Measures nothing:
+it reads the JSON and writes the PNG beside it (serving.json -> serving.png), printing the
+PNG's path on stderr.
 
 serving.py draws it at the end of a run when matplotlib is importable; elsewhere (the GPU
 machine's image has none) draw it afterwards from the JSON, beside it:
@@ -8,6 +10,7 @@ machine's image has none) draw it afterwards from the JSON, beside it:
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -48,6 +51,13 @@ def save(report: dict, path: str) -> None:
               "`python benchmarks/serving_plot.py JSON` draws it where matplotlib is", file=sys.stderr)
 
 
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("report", help="a serving.py JSON report")
+    args = parser.parse_args()
+    with open(args.report) as f:
+        save(json.load(f), os.path.splitext(args.report)[0] + ".png")
+
+
 if __name__ == "__main__":
-    with open(sys.argv[1]) as f:
-        save(json.load(f), os.path.splitext(sys.argv[1])[0] + ".png")
+    main()

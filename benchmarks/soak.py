@@ -1,4 +1,7 @@
 """Soak: mixed traffic for a set time at the highest rate the server sustains; does anything grow?
+Prints one JSON object (also to --out): the ramp's steps, the rate soaked at, requests by
+outcome with latency percentiles, and RSS and KV blocks in use idle before and after, with a
+no_growth verdict.
 
 Traffic arrives as a Poisson process. Each request is one of `/generate`, `/generate_stream`,
 `/v1/chat/completions` plain and streamed (equal shares), greedy or sampled; 1% are malformed
@@ -249,7 +252,7 @@ async def soak(args, url: str, pid: int | None) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", help="a running server; without it one is started")
     parser.add_argument("--pid", type=int, help="with --url: the server's process id, to read its RSS")
     parser.add_argument("--model-id", help="for the started server (default: its embedded default model)")

@@ -1,8 +1,9 @@
 """Offline throughput: the engine against transformers on the same model and prompts, in one run.
+Prints one JSON object: the engine's output tokens/s (with --trace, its time by kind of step),
+the peer's and their ratio, and on CUDA the workload's roofline and the fraction reached.
 
 Seeded random prompts, greedy, `ignore_eos`; prompt and output lengths uniform in their
-ranges. Prints one JSON object with both figures and their ratio, and on CUDA the workload's
-roofline: no schedule can take less than the larger of
+ranges. The workload's roofline: no schedule can take less than the larger of
   - its matmul FLOPs (2 per parameter per token, prompts and outputs) over the bf16 rate, and
   - the bytes it must read over the copy rate: every weight once per step, for at least as
     many steps as the longest output has tokens, and each output token's whole context of
@@ -196,7 +197,7 @@ def generate_batch_figures(model, prompts, lens, repeats: int, cache_blocks: int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="model id, directory or .gguf (default: SmolLM2)")
     parser.add_argument("--num-prompts", type=int, default=24)
     parser.add_argument("--min-prompt-len", type=int, default=16)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib
 
+from server.version import __version__
+
 _EXPORTS = {
     "LLM": "server.llm",
     "SamplingParams": "server.sampling_params",
@@ -14,7 +16,7 @@ _EXPORTS = {
     "EngineArgs": "server.config",
     "AsyncEngine": "server.engine.async_engine",
 }
-__all__ = list(_EXPORTS)
+__all__ = [*_EXPORTS, "__version__"]
 
 
 def __getattr__(name: str):

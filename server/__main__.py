@@ -131,7 +131,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def configuration_markdown() -> str:
+    """docs/configuration.md, made from the flags above and `LLM`'s arguments, so that the page
+    cannot drift from the code (`python -m server --configuration-markdown > docs/configuration.md`;
+    a test checks the page is current)."""
+    import inspect
+
+    from server.llm import LLM
+
+    rows = []
+    for flag, kind, default, help_text in FLAGS:
+        values = " \\| ".join(CHOICES[flag]) if flag in CHOICES else kind.__name__
+        shown = "off" if default is False else ("" if default is None else f"`{default}`")
+        rows.append(f"| `{flag}` | `{_env_name(flag)}` | {values} | {shown} | {' '.join(help_text.split())} |")
+    arguments = [f"| `{name}` | `{parameter.default!r}` |"
+                 for name, parameter in inspect.signature(LLM.__init__).parameters.items() if name != "self"]
+    return "\n".join([
+        "# Configuration",
+        "",
+        "Made by `python -m server --configuration-markdown` from the code: do not edit by hand.",
+        "",
+        "## `python -m server`",
+        "",
+        "Each flag can also be set by its environment variable. A blank default is worked out at "
+        "start-up, as the flag's text says.",
+        "",
+        "| flag | environment | values | default | what it does |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        "## `LLM(...)`",
+        "",
+        "The library's engine takes the same settings under vLLM's names (`max_batch_total_tokens` is "
+        "`--max-batch-total-tokens`, `quantization` is `--quantize`, `tensor_parallel_size` is "
+        "`--num-shard`, `max_model_len` bounds `--max-total-tokens`).",
+        "",
+        "| argument | default |",
+        "|---|---|",
+        *arguments,
+        "",
+    ])
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and sys.argv[1:] == ["--configuration-markdown"]:
+        sys.stdout.write(configuration_markdown())
+        return 0
     args = parse_args(argv)
     from server.api.logs import configure_logging
     configure_logging(args.json_output)

@@ -3,19 +3,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 
-import httpx
+from benchmarks.servers import ServerExited, free_port, wait_ready
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["ServerProcess", "free_port", "metric"]
 
 
 class ServerProcess:
@@ -39,17 +33,14 @@ class ServerProcess:
         return "".join(self.lines)
 
     def wait_ready(self, timeout: float = 180) -> "ServerProcess":
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"server not ready after {timeout} s:\n{self.log}")
+        """Once /health answers (benchmarks/servers.py's loop); the server's log in the error."""
+        try:
+            wait_ready(self.url, self.process, timeout, path="/health", interval_s=0.2)
+        except ServerExited as why:
+            raise RuntimeError(f"server {why}:\n{self.log}") from None
+        except TimeoutError:
+            raise TimeoutError(f"server not ready after {timeout} s:\n{self.log}") from None
+        return self
 
     def terminate(self) -> None:
         self.process.send_signal(signal.SIGTERM)

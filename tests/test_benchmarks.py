@@ -2,12 +2,50 @@
 on the GPU, but a script that breaks there costs a device run)."""
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "**", "*.py"), recursive=True))
+SCRIPTS = [path for path in BENCHMARKS if 'if __name__ == "__main__":' in open(path).read()]
+
+
+def test_every_script_says_what_it_measures_and_prints():
+    """`--help` runs (so the script imports, from wherever it sits) and its description says
+    what it prints."""
+    def help_text(path):
+        done = subprocess.run([sys.executable, path, "--help"], capture_output=True, text=True, timeout=300)
+        return path, done
+
+    assert len(SCRIPTS) >= 20
+    with ThreadPoolExecutor(4) as pool:
+        for path, done in pool.map(help_text, SCRIPTS):
+            assert done.returncode == 0, (path, done.stderr[-3000:])
+            assert re.search(r"\bprint", done.stdout, re.IGNORECASE), (path, done.stdout)
+
+
+def test_nothing_in_benchmarks_imports_from_tests():
+    for path in BENCHMARKS:
+        imports = re.findall(r"^\s*(?:from|import)\s+([\w.]+)", open(path).read(), re.MULTILINE)
+        assert not [m for m in imports if m.split(".")[0] in ("tests", "server_process", "conftest")], path
+
+
+def test_wait_ready_says_when_the_server_exited_first():
+    from benchmarks.servers import ServerExited, free_port, wait_ready
+
+    process = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    started = time.monotonic()
+    with pytest.raises(ServerExited, match="exited with 3"):
+        wait_ready(f"http://127.0.0.1:{free_port()}", process, timeout_s=60, interval_s=0.05)
+    assert time.monotonic() - started < 30
 
 
 def test_throughput_runs_and_traces_its_steps(mistral_v03_dir):

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = ["server.kernels", "server.layers", "server.models", "server.runtime", "server.engine",
           "server.api"]
 TOP = {"server.llm", "server.__main__", "server"}  # may import anything
-SHARED = {"server.config", "server.sampling_params", "server.outputs"}  # plain data, no imports up
+SHARED = {"server.config", "server.sampling_params", "server.outputs", "server.version"}  # plain data, no imports up
 
 
 def layer_of(module: str) -> int | None:

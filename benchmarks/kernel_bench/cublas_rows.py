@@ -1,10 +1,12 @@
 """cuBLAS's products on Mistral-7B's weights at the decode batch sizes above the gemv kernel's
 (server/kernels/gemv.py takes 1-16 rows), against reading each weight once at the copy rate (or its
-FLOPs at the matmul rate, where that is longer).
+FLOPs at the matmul rate, where that is longer). Prints JSON: per weight and row count the
+time of each layout, that floor and its ratio to the faster; and a decode step's products (32
+layers and the LM head) in ms, as held, with the faster layouts, and at the floor.
 
 For each weight and number of rows: F.linear (W stored [N, K], as the layers hold it) and
 x @ W with W stored [K, N] (another of cuBLAS's layouts), each from a CUDA graph with the weight
-rotated over enough copies that L2 cannot hold them (benchmarks/gemv.py's timing); then a
+rotated over enough copies that L2 cannot hold them (timing.graph_us, as gemv.py times); then a
 decode step's products (32 layers and the LM head) for each number of rows. `--blas
 cublaslt` times through torch.backends.cuda.preferred_blas_library("cublaslt") instead. On
 one H100 (copy rate 2.99 TB/s, matmul 791 TFLOP/s, measured in the run) a step's products at
@@ -14,7 +16,7 @@ weights' bytes; at 256 rows qkv_proj, o_proj and down_proj ran at 0.65-0.71 of t
 gate_up at 0.81, at 32 rows 0.78-0.98. (A scratch version of it, cuBLASLt included, gave the
 README's earlier figures.)
 
-    python benchmarks/cublas_rows.py [--rows 32,64,96,128,160,192,224,256] [--blas cublaslt]
+    python benchmarks/kernel_bench/cublas_rows.py [--rows 32,64,96,128,160,192,224,256] [--blas cublaslt]
 """
 from __future__ import annotations
 
@@ -26,14 +28,15 @@ import sys
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from benchmarks.gemv import SHAPES, timed_us, weight_copies  # noqa: E402
+from benchmarks.kernel_bench.gemv import SHAPES, weight_copies  # noqa: E402
 from benchmarks.roofline import copy_bandwidth, matmul_rate  # noqa: E402
+from benchmarks.timing import graph_us  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="32,64,96,128,160,192,224,256")
     parser.add_argument("--blas", help="torch.backends.cuda.preferred_blas_library's choice (e.g. cublaslt)")
     args = parser.parse_args()
@@ -50,8 +53,8 @@ def main() -> None:
         for M in rows:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             floor_us = max(N * K * 2 / bandwidth, 2 * M * N * K / rate) * 1e6
-            nk = timed_us(lambda i: F.linear(x, weights[i % len(weights)]))
-            kn = timed_us(lambda i: x @ transposed[i % len(transposed)])
+            nk = graph_us(lambda i: F.linear(x, weights[i % len(weights)]))
+            kn = graph_us(lambda i: x @ transposed[i % len(transposed)])
             report["products"][f"{name}@{M}"] = {"nk_us": round(nk, 1), "kn_us": round(kn, 1),
                                                  "floor_us": round(floor_us, 1),
                                                  "floor_over_best": round(floor_us / min(nk, kn), 2)}

@@ -1,4 +1,7 @@
 """The paged decode-attention kernel (server/kernels/decode_attention.py) against the copy roofline.
+Prints JSON: per batch case one layer's attention time with the engine's tiles and splits, the
+time to read its K/V at the copy rate and the fraction reached, and with --sweep every
+configuration's time and the fastest (progress lines on stderr).
 
 For each decode batch (sequences x context tokens) on Mistral-7B's attention shape (32 query
 heads over 8 KV heads of 128, 16-token pages, bf16 cache, block tables shuffled as a busy
@@ -13,7 +16,7 @@ passes them longest first, as the engine does (ModelRunner._pack); `--given-orde
 them as drawn. `--fp8-cache`: the cache in e4m3 (`--kv-cache-dtype fp8`), half the bytes to
 read.
 
-    python benchmarks/decode_attention.py [--cases 1x128,256x100-1300] [--sweep] [--fp8-cache]
+    python benchmarks/kernel_bench/decode_attention.py [--cases 1x128,256x100-1300] [--sweep] [--fp8-cache]
 """
 from __future__ import annotations
 
@@ -26,10 +29,10 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from benchmarks.gemv import timed_us  # noqa: E402
 from benchmarks.roofline import copy_bandwidth  # noqa: E402
+from benchmarks.timing import graph_us  # noqa: E402
 from server.kernels.decode_attention import DecodeConfig, decode_attention, kernel_choice  # noqa: E402
 from server.runtime.model_runner import decode_splits  # noqa: E402
 
@@ -71,7 +74,7 @@ def sweep_configs() -> list[DecodeConfig]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", default=CASES, help="sequences x context tokens, comma-separated")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--given-order", action="store_true", help="drawn contexts as drawn, not longest first")
@@ -98,7 +101,7 @@ def main() -> None:
         splits = decode_splits(num_seqs, KV_HEADS, props.multi_processor_count)
         default, _ = kernel_choice(num_seqs, KV_HEADS, splits, HEAD_DIM, args.fp8_cache, q.device)  # as the engine
         expected = decode_attention(q, *caches[0][:2], caches[0][2], lens, scale, None, splits, **scales).clone()
-        us = timed_us(run(default, splits))
+        us = graph_us(run(default, splits))
         row = {"case": case, "roofline_us": roofline_us,
                "default": {"config": default.__dict__, "splits": splits, "us": us, "fraction": roofline_us / us}}
         if args.sweep:
@@ -111,7 +114,7 @@ def main() -> None:
                     print(f"skip {config} splits {n}: {type(error).__name__}", file=sys.stderr)
                     continue
                 torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
-                us = timed_us(run(config, n))
+                us = graph_us(run(config, n))
                 row["swept"].append({**config.__dict__, "splits": n, "us": round(us, 2)})
                 if best is None or us < best["us"]:
                     best = {"config": config.__dict__, "splits": n, "us": us, "fraction": roofline_us / us}

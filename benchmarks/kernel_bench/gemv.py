@@ -1,4 +1,7 @@
-"""The decode matrix product (server/kernels/gemv.py) against cuBLAS on Mistral-7B's weights.
+"""The decode matrix product (server/kernels/gemv.py) against cuBLAS on Mistral-7B's weights,
+at 1-16 rows. Prints JSON: per weight and row count the time and read rate of cuBLAS, the
+default tiles and the swept best, their ratios to cuBLAS and to the copy rate, and a layer's
+four products summed (progress lines on stderr).
 
 For each weight of a layer and the LM head, and each decode batch of rows: the time of cuBLAS
 (F.linear) and of the kernel under each configuration of a small sweep (each checked against
@@ -9,7 +12,7 @@ gated, its input [gate | up] multiplied as silu(gate) * up (cuBLAS after silu_an
 are of calls replayed from a CUDA graph, as decode steps run, each call on the next of enough
 copies of the weight that the L2 cache cannot hold them.
 
-    python benchmarks/gemv.py [--rows 1,2,4,8,16] [--shapes qkv,o_proj,gate_up,down,lm_head] [--fp8]
+    python benchmarks/kernel_bench/gemv.py [--rows 1,2,4,8,16] [--shapes qkv,o_proj,gate_up,down,lm_head] [--fp8]
 """
 from __future__ import annotations
 
@@ -23,9 +26,10 @@ import torch
 import torch.nn.functional as F
 import triton
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from benchmarks.roofline import copy_bandwidth  # noqa: E402
+from benchmarks.timing import graph_us  # noqa: E402
 from server.kernels.activation import silu_and_mul  # noqa: E402
 from server.kernels.gemv import GemvConfig, default_config, gemv  # noqa: E402
 
@@ -33,26 +37,6 @@ SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096),
           "lm_head": (32768, 4096)}  # name: (N, K)
 LAYER = ("qkv", "o_proj", "gate_up", "down")
 GATED = ("down",)  # shapes whose input is [gate | up], as the MLP's down_proj takes it
-CALLS, REPLAYS = 25, 2  # calls per graph; timed replays after one warm-up replay
-
-
-def timed_us(call, calls: int = CALLS) -> float:
-    """Mean time of call(i), from a CUDA graph of `calls` calls (i = 0, 1, ...) replayed back
-    to back."""
-    call(0)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            call(i)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(REPLAYS):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / (REPLAYS * calls)
 
 
 def weight_copies(N: int, K: int, l2_bytes: int, seed: int = 0) -> list[torch.Tensor]:
@@ -96,9 +80,9 @@ def measure(M: int, N: int, K: int, weights: list[torch.Tensor], with_sweep: boo
         return F.linear(silu_and_mul(x) if gated else x, weights[i % len(weights)])
 
     expected = cublas(0)
-    row = {"cublas": timing(nbytes, timed_us(cublas))}
+    row = {"cublas": timing(nbytes, graph_us(cublas))}
     default = default_config(M, N, K, gated=gated)
-    row["default"] = timing(nbytes, timed_us(lambda i: gemv(x, weights[i % len(weights)], gated=gated)), default)
+    row["default"] = timing(nbytes, graph_us(lambda i: gemv(x, weights[i % len(weights)], gated=gated)), default)
     row["best"] = row["default"]
     for config in sweep_configs(M, K) if with_sweep else []:
         try:
@@ -107,7 +91,7 @@ def measure(M: int, N: int, K: int, weights: list[torch.Tensor], with_sweep: boo
             print(f"skip {config}: {type(error).__name__}", file=sys.stderr)
             continue
         torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
-        us = timed_us(lambda i: gemv(x, weights[i % len(weights)], config, gated=gated))
+        us = graph_us(lambda i: gemv(x, weights[i % len(weights)], config, gated=gated))
         if us < row["best"]["us"]:
             row["best"] = timing(nbytes, us, config)
     row["best_vs_cublas"] = row["cublas"]["us"] / row["best"]["us"]
@@ -137,8 +121,8 @@ def measure_fp8(M: int, N: int, K: int, weights: list[torch.Tensor], with_sweep:
             return gemv(x, q, config, weight_scale=scale, gated=gated)
         return call
 
-    row = {"scaled_mm": timing(nbytes, timed_us(scaled_mm))}
-    row["default"] = timing(nbytes, timed_us(kernel()), default_config(M, N, K, weight_bytes=1, gated=gated))
+    row = {"scaled_mm": timing(nbytes, graph_us(scaled_mm))}
+    row["default"] = timing(nbytes, graph_us(kernel()), default_config(M, N, K, weight_bytes=1, gated=gated))
     row["best"] = row["default"]
     expected = kernel()(0).float()
     wider = [GemvConfig(**{**c.__dict__, "block_k": c.block_k * 2}) for c in sweep_configs(M, K) if c.split_k == 1]
@@ -149,7 +133,7 @@ def measure_fp8(M: int, N: int, K: int, weights: list[torch.Tensor], with_sweep:
             print(f"skip fp8 {config}: {type(error).__name__}", file=sys.stderr)
             continue
         torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
-        us = timed_us(kernel(config))
+        us = graph_us(kernel(config))
         if us < row["best"]["us"]:
             row["best"] = timing(nbytes, us, config)
     row["default_vs_scaled_mm"] = row["scaled_mm"]["us"] / row["default"]["us"]
@@ -158,7 +142,7 @@ def measure_fp8(M: int, N: int, K: int, weights: list[torch.Tensor], with_sweep:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="1,2,4,8,16")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--no-sweep", action="store_true", help="time cuBLAS and the default configuration only")

@@ -1,4 +1,8 @@
-"""The 4-bit decode product (kernels/int4_gemv.py) on Mistral-7B's layer weights, against bf16.
+"""The 4-bit decode product (server/kernels/int4_gemv.py) on Mistral-7B's layer weights, against
+bf16. Prints JSON: per weight and row count the time and read rate of bf16 cuBLAS, the bf16 gemv,
+int4_matmul, int4_gemv's default, its deferred-sums path and the swept best (with the ratios
+and the fraction of the copy rate), and a layer's four products summed; with --batched, each
+weight's time through int4_matmul, dequantized first, and bf16 cuBLAS at larger batches.
 
 For each weight of a decoder layer (group size 128, random GPTQ-packed words) and each decode
 batch of rows: the time of bf16 cuBLAS (F.linear on a dense weight of the same shape), of the
@@ -13,9 +17,9 @@ at a quarter, half and twice that split. Times are of calls replayed from a CUDA
 decode steps run, each call on the next of enough copies of the weight that the L2 cache
 cannot hold them.
 
-    python benchmarks/int4_gemv.py [--rows 1,2,4,8,16] [--shapes qkv,o_proj,gate_up,down] [--out FILE]
-    python benchmarks/int4_gemv.py --batched 16,64,128,192,256   # int4_matmul or dequantize first
-    TRITON_INTERPRET=1 python benchmarks/int4_gemv.py --smoke   # tiny shapes on the CPU, no timing
+    python benchmarks/kernel_bench/int4_gemv.py [--rows 1,2,4,8,16] [--shapes qkv,o_proj,gate_up,down] [--out FILE]
+    python benchmarks/kernel_bench/int4_gemv.py --batched 16,64,128,192,256   # int4_matmul or dequantize first
+    TRITON_INTERPRET=1 python benchmarks/kernel_bench/int4_gemv.py --smoke   # tiny shapes on the CPU, no timing
 """
 from __future__ import annotations
 
@@ -29,9 +33,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from benchmarks.gemv import LAYER, SHAPES, timed_us  # noqa: E402
+from benchmarks.kernel_bench.gemv import LAYER, SHAPES  # noqa: E402
+from benchmarks.timing import graph_us  # noqa: E402
 from server.kernels.gemv import gemv  # noqa: E402
 from server.kernels.int4_gemv import (MMA_MAX_ROWS, Int4GemvConfig, config_for, int4_gemv, mma_config,  # noqa: E402
                                 split_counters, split_k_for)
@@ -143,17 +148,17 @@ def batched(rows_list: list[int], l2_bytes: int) -> dict:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             row = out.setdefault(M, {})
             row[name] = {
-                "int4_matmul": timed_us(lambda i: int4_matmul(x, *packed[i % len(packed)], None, GROUP_SIZE)),
-                "dequantized_matmul": timed_us(lambda i: x @ int4_dequantize(*packed[i % len(packed)], None,
+                "int4_matmul": graph_us(lambda i: int4_matmul(x, *packed[i % len(packed)], None, GROUP_SIZE)),
+                "dequantized_matmul": graph_us(lambda i: x @ int4_dequantize(*packed[i % len(packed)], None,
                                                                              GROUP_SIZE, torch.bfloat16)),
-                "bf16_cublas": timed_us(lambda i: x @ dense[i % 2])}
+                "bf16_cublas": graph_us(lambda i: x @ dense[i % 2])}
     for row in out.values():
         row["layer"] = {key: sum(row[name][key] for name in LAYER) for key in row[LAYER[0]]}
     return out
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="1,2,4,8,16")
     parser.add_argument("--shapes", default=",".join(LAYER), help=f"comma-separated, of {', '.join(LAYER)}")
     parser.add_argument("--out", help="also write the JSON report here")
@@ -181,7 +186,7 @@ def main() -> None:
 
         device, dtype = "cuda", torch.bfloat16
         l2_bytes, bandwidth = torch.cuda.get_device_properties(0).L2_cache_size, copy_bandwidth()
-        shapes, time = SHAPES, timed_us
+        shapes, time = SHAPES, graph_us
     results = []
     for name in args.shapes.split(","):
         N, K = shapes[name]

@@ -1,13 +1,15 @@
-"""The fused MoE kernel on Mixtral-8x7B's layer shapes, against the copy-bandwidth roofline.
+"""The fused MoE kernel (server/kernels/fused_moe.py) on one Mixtral-8x7B layer, against the time
+to read the experts its tokens picked at the copy rate. Prints JSON: per token count the layer's
+time in ms and the fraction of that roofline, for the default path, for the grouped kernel
+where gemv's expert rows take the layer, and with --sweep for the fastest tiles.
 
-For each token count: the time of one MoE layer (gate+up, SiLU-and-multiply, down, the weighted
-sum), the bytes it must read (the experts its tokens picked, once each), and the fraction of
-the copy roofline. Where the layer takes gemv's expert rows (one or two tokens), the grouped
-kernel with its default tiles is timed beside it. With `--sweep`, every tile configuration of
-the grid below, each checked against the default's output before it is timed, and the
-fastest per token count.
+A layer is gate+up, SiLU-and-multiply, down and the weighted sum (bf16), replayed from a CUDA
+graph; its bytes are those of the experts its tokens picked, once each. Where the layer takes
+gemv's expert rows (one or two tokens), the grouped kernel with its default tiles is timed
+beside it. With `--sweep`, every tile configuration of the grid below, each checked against
+the default's output before it is timed.
 
-    python benchmarks/moe_kernel.py --sweep [--tp 2]
+    python benchmarks/kernel_bench/moe_kernel.py --sweep [--tp 2]
 """
 from __future__ import annotations
 
@@ -19,9 +21,10 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from benchmarks.roofline import copy_bandwidth  # noqa: E402
+from benchmarks.timing import graph_ms  # noqa: E402
 from server.kernels.fused_moe import GEMV_PAIRS, MoEConfig, default_config, fused_moe  # noqa: E402
 
 HIDDEN, INTER, EXPERTS, TOP_K = 4096, 14336, 8, 2
@@ -37,23 +40,6 @@ def layer_inputs(tokens: int, inter: int, seed: int = 0):
     return x, w13, w2, weights / weights.sum(-1, keepdim=True), ids
 
 
-def timed_ms(fn, repeats: int = 20) -> float:
-    """Mean time of a call replayed from a CUDA graph (as decode steps run)."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    graph.replay()
-    start.record()
-    for _ in range(repeats):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
-
-
 def sweep_configs(num_pairs: int) -> list[MoEConfig]:
     block_ms = [16] if num_pairs <= 64 else [64, 128]
     return [MoEConfig(m, n, k, w, s) for m, n, k, w, s in itertools.product(
@@ -61,7 +47,7 @@ def sweep_configs(num_pairs: int) -> list[MoEConfig]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", default="1,4,16,64,256,1024,4096")
     parser.add_argument("--tp", type=int, default=1, help="ranks the experts' intermediate dimension is split over")
     parser.add_argument("--sweep", action="store_true")
@@ -79,11 +65,11 @@ def main() -> None:
         grouped = default_config(tokens * TOP_K)
         row = {"tokens": tokens, "experts_read": experts_hit, "roofline_ms": roofline_ms,
                "default": {"config": "gemv expert rows" if tokens * TOP_K <= GEMV_PAIRS else grouped.__dict__,
-                           "ms": timed_ms(lambda: fused_moe(x, w13, w2, weights, ids))}}
+                           "ms": graph_ms(lambda: fused_moe(x, w13, w2, weights, ids))}}
         if tokens * TOP_K <= GEMV_PAIRS:
             torch.testing.assert_close(fused_moe(x, w13, w2, weights, ids, grouped), expected, **close)
             row["grouped"] = {"config": grouped.__dict__,
-                              "ms": timed_ms(lambda: fused_moe(x, w13, w2, weights, ids, grouped))}
+                              "ms": graph_ms(lambda: fused_moe(x, w13, w2, weights, ids, grouped))}
         for entry in ("default", "grouped"):
             if entry in row:
                 row[entry]["fraction_of_roofline"] = roofline_ms / row[entry]["ms"]
@@ -96,7 +82,7 @@ def main() -> None:
                     print(f"skip {config}: {type(error).__name__}", file=sys.stderr)
                     continue
                 torch.testing.assert_close(got, expected, **close)
-                ms = timed_ms(lambda: fused_moe(x, w13, w2, weights, ids, config))
+                ms = graph_ms(lambda: fused_moe(x, w13, w2, weights, ids, config))
                 if best is None or ms < best["ms"]:
                     best = {"config": config.__dict__, "ms": ms, "fraction_of_roofline": roofline_ms / ms}
             row["best"] = best

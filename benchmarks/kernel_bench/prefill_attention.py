@@ -1,5 +1,8 @@
 """The paged prefill-attention kernel (server/kernels/prefill_attention.py) on Mistral-7B's attention
 shape (32 query heads over 8 KV heads of 128, 16-token pages, bf16 cache, shuffled blocks).
+Prints JSON: per case one layer's attention in us (and TFLOP/s for prompts alone, with --sweep
+every tile configuration's time, fastest first); for mixed steps the split path's time, the
+prefill kernel's alone and their ratio.
 
 Cases: prompts alone (`7x585`: seven fresh prompts of 585 tokens), and mixed steps as the
 256-request workload makes them (`mixed74`: those prompts beside 74 decoding sequences of
@@ -10,7 +13,7 @@ compared. The cache is one layer's, so the prompts' K/V may stay in L2 between c
 step's do after the rotary kernel writes them just before. With `--sweep`, a grid of tile configurations on each prompts-only case, checked
 against the default's output, fastest first; FLOPs are those of causal attention.
 
-    python benchmarks/prefill_attention.py [--cases 7x585,1x1024,1x4096,1x8192,mixed74,mixed200] [--sweep]
+    python benchmarks/kernel_bench/prefill_attention.py [--cases 7x585,1x1024,1x4096,1x8192,mixed74,mixed200] [--sweep]
 """
 from __future__ import annotations
 
@@ -23,9 +26,9 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from benchmarks.gemv import timed_us  # noqa: E402
+from benchmarks.timing import graph_us  # noqa: E402
 from server.kernels.decode_attention import decode_attention  # noqa: E402
 from server.kernels.prefill_attention import PrefillConfig, prefill_attention  # noqa: E402
 from server.runtime.model_runner import decode_splits  # noqa: E402
@@ -60,7 +63,7 @@ def prompts_case(q, caches, meta, sweep: bool) -> dict:
 
     lens = (meta["cu_query_lens"][1:] - meta["cu_query_lens"][:-1]).tolist()
     flops = sum(2 * 2 * n * (n + 1) / 2 * HEAD_DIM * HEADS for n in lens)
-    default_us = timed_us(run(None))
+    default_us = graph_us(run(None))
     report = {"us": round(default_us, 1), "tflops": round(flops / default_us / 1e6, 1)}
     if sweep:
         expected = run(None)(0)
@@ -68,7 +71,7 @@ def prompts_case(q, caches, meta, sweep: bool) -> dict:
         for bm, bn, warps, stages, heads in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3), (1, 2, 4)):
             config = PrefillConfig(bm, bn, warps, stages, heads)
             torch.testing.assert_close(run(config)(0), expected, atol=2e-2, rtol=2e-2)
-            swept[f"{bm}x{bn} w{warps} s{stages} h{heads}"] = round(timed_us(run(config)), 1)
+            swept[f"{bm}x{bn} w{warps} s{stages} h{heads}"] = round(graph_us(run(config)), 1)
         report["swept"] = dict(sorted(swept.items(), key=lambda item: item[1]))
     return report
 
@@ -93,13 +96,13 @@ def mixed_case(num_decoding: int) -> dict:
         return prefill_attention(q, *caches, *args)
 
     torch.testing.assert_close(split(0), alone(0), atol=2e-2, rtol=2e-2)
-    split_us, alone_us = timed_us(split), timed_us(alone)
+    split_us, alone_us = graph_us(split), graph_us(alone)
     return {"split_us": round(split_us, 1), "prefill_kernel_alone_us": round(alone_us, 1),
             "ratio": round(alone_us / split_us, 2)}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", default=CASES)
     parser.add_argument("--sweep", action="store_true", help="a grid of tiles on the prompts-only cases")
     args = parser.parse_args()

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from server.version import __version__
+
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -24,4 +26,4 @@ class ServerSettings:
     max_logprobs: int = 20  # OpenAI's bound on `top_logprobs`
     watermark_gamma: float = 0.5
     watermark_delta: float = 2.0
-    version: str = "0.1.0"
+    version: str = __version__

@@ -31,10 +31,10 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, WIDTH: tl.constexpr, BLOCK: t
 
 def silu_tiles(num_tokens: int) -> tuple[int, int]:
     """(inputs a program, warps): 256 on two warps for a decode step of up to 8 rows, whose
-    time is the latency of a program's reads, so more and shorter programs (4-bit one-sequence
-    decode of a Mistral-7B-shaped model on one H100, engines in one process, runs alternated:
-    442.3 tokens/s against 438.4 with 1,024 on four warps, 441.6 with 512 on four); else 1,024
-    on four."""
+    time is the latency of a program's reads, so more and shorter programs (the fastest of the
+    settings tried in 4-bit one-sequence decode of a Mistral-7B-shaped model on one H100,
+    engines in one process, runs alternated; docs/kernels.md has the figures); else 1,024 on
+    four."""
     return (256, 2) if num_tokens <= 8 else (1024, 4)
 
 

@@ -10,29 +10,29 @@ can be captured in a CUDA graph and replayed with other contexts. It is an argum
 kernels, not a compile-time constant: the one-token sequences of mixed steps (run without
 graphs) come in every number, each with its split count, and each count was a variant
 compiled when first met (the 256-request workload's first run on a fresh H100 compiled six
-of the split kernel and three of the merge, and took 22.3 s against 15.9 for the next). A
-sequence with context 0 (a padding row of a captured batch) gets zeros.
+of the split kernel and three of the merge; docs/kernels.md has what that cost). A sequence
+with context 0 (a padding row of a captured batch) gets zeros.
 
 The KV head is the grid's first axis, so that the GPU dispatches a sequence's programs one
 after another (they read the same cache rows, where each token's heads lie side by side),
 and the sequences in the order given: the engine gives them longest context first
-(ModelRunner._pack), so that no long program starts last. On an H100, 256 sequences of
-100-1,300 tokens drawn at random read their K/V at 0.925 of the copy rate with the sequence
-first, 0.940 with the head first, 0.987 with the head first and the longest first
-(benchmarks/decode_attention.py).
+(ModelRunner._pack), so that no long program starts last. The KV head first, and then the
+longest first too, each read the K/V faster on an H100 (benchmarks/kernel_bench/decode_attention.py;
+docs/kernels.md has the figures).
 
 An fp8 cache is read as k_cache * k_scale (and v likewise): its e4m3 tiles widen to fp16
 exactly, one instruction for two values, and are multiplied in fp16 with q in fp16 (which
 holds bf16 values exactly from 2^-14 to 65,504 in magnitude; a query past that, unseen in
 practice, would overflow); the scales multiply the sums (scores, and the weighted sum of V).
-On an H100 widening each value to float32, scaling it and rounding it to bf16 read the cache
-at 0.62-0.67 of the copy rate, 0.70-0.73 now (benchmarks/decode_attention.py --fp8-cache).
+On an H100 this reads the cache faster than widening each value to float32, scaling it and
+rounding it to bf16 (benchmarks/kernel_bench/decode_attention.py --fp8-cache; docs/kernels.md has
+the figures).
 
 A decode step of a few sequences is latency: its programs start before the kernel ahead (the
 rotary kernel that stores the newest K/V) has finished (server/kernels/launch.py) and read what they
 can before waiting for it: the step's inputs, and (EARLY_SEQS) the first tile of their keys
-and values but the newest token's. 4-bit one-sequence decode of a Mistral-7B-shaped model on
-an H100 went from 457.5 to 469.5 tokens/s with it (engines in one process, runs alternated).
+and values but the newest token's. That made 4-bit one-sequence decode of a Mistral-7B-shaped
+model faster on an H100 (engines in one process, runs alternated; docs/kernels.md).
 """
 from __future__ import annotations
 
@@ -191,7 +191,7 @@ EARLY_SEQS = 8
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Tiles and launch shape of the split kernel (benchmarks/decode_attention.py sweeps them)."""
+    """Tiles and launch shape of the split kernel (benchmarks/kernel_bench/decode_attention.py sweeps them)."""
 
     block_n: int = 64  # context tokens per tile
     num_warps: int = 4
@@ -201,16 +201,14 @@ class DecodeConfig:
 def default_config(head_dim: int, fp8_cache: bool = False, programs_per_sm: float | None = None,
                    shared_memory: int = 0) -> DecodeConfig:
     """64-token tiles two deep (32 for heads over 128); over an fp8 cache 128-token tiles three
-    deep, the fastest in benchmarks/decode_attention.py's sweep on an H100 (256 sequences of
-    600 tokens: 148 us a layer, against 172 with the bf16 cache's tiles).
+    deep, the fastest in benchmarks/kernel_bench/decode_attention.py's sweep on an H100.
 
     A bf16 launch of one split with at most 8 programs an SM (`programs_per_sm`: 33-132
     sequences of 8 KV heads on an H100) takes 128-token tiles when `shared_memory` (an SM's,
     for one program) holds two of K's and V's: its one or two programs an SM then keep more
-    reads in flight than five with 64-token tiles. The sweep's contexts longest first, as the
-    engine passes them, fraction of the copy rate with 64 and 128-token tiles: 64 sequences of
-    600-2,000 tokens 0.81 and 0.955, 96 of 500-1,900 0.945 and 0.974, 128 of 400-1,700 0.967
-    and 0.984; 160 of 400-1,700 0.988 and 0.977, where 64 stays."""
+    reads in flight than five with 64-token tiles. In the sweep (contexts longest first, as the
+    engine passes them) 128-token tiles read faster at 64-128 sequences and 64-token ones at
+    160, where 64 stays. docs/kernels.md has the sweep."""
     if fp8_cache and head_dim <= 128:
         return DecodeConfig(block_n=128, num_stages=3)
     wide = DecodeConfig(block_n=128)

@@ -111,13 +111,11 @@ class MoEConfig:
 
 
 def default_config(num_pairs: int, itemsize: int = 2) -> MoEConfig:
-    """Tiles chosen by `benchmarks/moe_kernel.py --sweep` for Mixtral-8x7B's layer. Up to 128
-    pairs (on an H100): 64 tokens read all eight experts at 95% of the copy rate (81% with the
-    untuned tiles). More pairs (on an H200): 128-square tiles, 8 warps, cut the layer's time at
-    256 tokens from 1.27 to 0.82 ms, at 1,024 from 3.17 to 1.74 ms and at 4,096 (64-wide steps
-    along K, four deep) from 13.2 to 6.4 ms. float32 keeps the small tiles: on an H100 the
-    large ones failed to launch (a CUDA out-of-memory) once the KV cache held the GPU's memory,
-    most likely for the local memory of spilled registers."""
+    """Tiles chosen by `benchmarks/kernel_bench/moe_kernel.py --sweep` for Mixtral-8x7B's layer: up
+    to 128 pairs on an H100; more pairs on an H200, 128-square tiles on 8 warps (64-wide steps
+    along K, four deep, past 2,048 pairs). docs/kernels.md has the sweep. float32 keeps the
+    small tiles: on an H100 the large ones failed to launch (a CUDA out-of-memory) once the KV
+    cache held the GPU's memory, most likely for the local memory of spilled registers."""
     if num_pairs <= 64:
         return MoEConfig(block_m=16, block_n=128, block_k=128, num_warps=4, num_stages=4)
     if num_pairs <= 128:
@@ -135,7 +133,8 @@ def fused_moe(x, w13, w2, topk_weights, topk_ids, config: MoEConfig | None = Non
     config asked for) skips the sort: each pair is two gemv rows read from its own expert,
     gate and up in one product and down with SiLU-and-multiply fused. With so few rows the
     grouped kernel's 16-row tiles would be mostly padding, and the sort adds a dozen small
-    launches a layer (on an H200, Mixtral-8x7B's batch-1 decode went from 97 to 126 tokens/s)."""
+    launches a layer (Mixtral-8x7B's batch-1 decode on an H200 was faster this way:
+    docs/kernels.md)."""
     num_tokens, hidden = x.shape
     num_experts, double_inter, _ = w13.shape
     inter = double_inter // 2

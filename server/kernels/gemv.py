@@ -27,8 +27,8 @@ cores), and each output is multiplied by its channel's scale at the end (weight-
 rounded to fp8, so this is the CPU path's exact twin). For one row, its products are summed in
 a [BLOCK_N, BLOCK_K] accumulator, the layout the tile is loaded in: the general
 [BLOCK_M, BLOCK_N, BLOCK_K] one read the fp8 tile back from shared memory a byte at a time.
-On an H100 this took one-sequence fp8 decode from 268-278 to 315 tokens/s (bf16 weights keep
-the general accumulator: with the one-row one, bf16 decode fell from 185.5 to 179.0).
+On an H100 this made one-sequence fp8 decode faster; bf16 weights keep the general
+accumulator, which was faster for them (docs/kernels.md has the figures).
 
 A gated input (the MLP's down_proj) is read as x [M, 2K] = [gate | up] and multiplied as
 silu(gate) * up, made tile by tile and rounded as server/kernels/activation.py rounds it: one
@@ -131,7 +131,7 @@ def _sum_splits_kernel(partial_ptr, out_ptr, size, split_k, BLOCK: tl.constexpr,
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """Tiles and launch shape of one product (benchmarks/gemv.py sweeps them)."""
+    """Tiles and launch shape of one product (benchmarks/kernel_bench/gemv.py sweeps them)."""
 
     block_n: int = 16  # rows of W per program
     block_k: int = 512  # columns of W per tile
@@ -142,22 +142,22 @@ class GemvConfig:
 
 
 def default_config(M: int, N: int, K: int, weight_bytes: int = 2, gated: bool = False) -> GemvConfig:
-    """The tiles that read Mistral-7B's weights fastest on an H100 in benchmarks/gemv.py's sweep
-    (down_proj timed gated, as the layers call it).
+    """The tiles that read Mistral-7B's weights fastest on an H100 in
+    benchmarks/kernel_bench/gemv.py's sweep (down_proj timed gated, as the layers call it);
+    docs/kernels.md has the table and the sweep's figures.
     One row: float32 multiply-adds. bf16 over 4 rows of W (8 for long rows: down_proj) with
-    1024-wide tiles and no pipelining, the 4 x 16-byte loads per thread being enough in flight;
+    1024-wide tiles and no pipelining, four 16-byte loads per thread being enough in flight;
     fp8 over 1024-wide tiles, 4 rows of W five deep for the wide weights (qkv, gate_up), else 8
-    rows three deep (0.73-0.99 of the copy rate).
-    2-16 rows (bf16, one H100: a layer's four products in 152-157 us against cuBLAS's 162-167):
-    float32 multiply-adds over 512-wide tiles while their accumulators stay in 64 registers a
-    thread (2 rows of down_proj, up to 4 of the wide gate_up and LM head); else the tensor
-    cores, 64 rows of W 256 wide three deep for qkv, 128 wide six deep for o_proj, and 128 x 128
-    tiles over 8 warps for the wide weights and (K split in four) the gated down_proj. Before,
-    the gated down_proj took 96-107 us at 2-16 rows on 64 x 256 tiles four deep, against 42-45.
-    fp8 at 2-16 rows: 512-wide multiply-adds for 2 rows, else 64 x 128 tiles on the tensor
-    cores with K split in four (six deep for the gated down_proj, 27.6-41.8 us where 64 x 128
-    three deep took 52-74). The tensor-core pipeline is never deeper than shared memory holds
-    (a gated input's stage holds two tiles of x)."""
+    rows three deep.
+    2-16 rows (bf16: ahead of cuBLAS on a layer's four products): float32 multiply-adds over
+    512-wide tiles while their accumulators stay in 64 registers a thread (2 rows of
+    down_proj, up to 4 of the wide gate_up and LM head); else the tensor cores, 64 rows of W
+    256 wide three deep for qkv, 128 wide six deep for o_proj, and 128-square tiles over 8
+    warps for the wide weights and (K split in four) the gated down_proj.
+    fp8 at 2-16 rows: 512-wide multiply-adds for 2 rows, else tiles of 64 rows by 128 on the
+    tensor cores with K split in four (six deep for the gated down_proj, which three deep
+    read more slowly). The tensor-core pipeline is never deeper than shared memory holds (a
+    gated input's stage holds two tiles of x)."""
     if M == 1:
         if weight_bytes == 1:
             wide = N > K  # qkv, gate_up

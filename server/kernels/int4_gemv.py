@@ -24,30 +24,29 @@ strided from x (which the L1 cache holds). A tile is multiplied either
     they read as 16 + q/16 and 1 + q/16: a shift per two weights, an and-or and a multiply-add
     per weight. A thread owns four columns and all rows of the tile, so the sum over the tile's
     rows needs no shuffles. bf16 x comes four inputs to an 8-byte load (8r + 4h .. 8r + 4h + 3),
-    each input widened with one shift or and: a layer's four products on an H100 went from 71.2
-    to 69.3 us against one 2-byte load and conversion per input (benchmarks/int4_gemv.py), and
-    to 66.2 with the tiles below; or
+    each input widened with one shift or and, which on an H100 was faster than one 2-byte load
+    and conversion per input (benchmarks/kernel_bench/int4_gemv.py; docs/kernels.md); or
   - on the tensor cores, rows padded to 16. One shift and and-or put nibbles i and i + 4 of a
     word into the two 16-bit halves of a register as 1 + q/16 (exact in bf16 and fp16), and the
     halves are consecutive inputs of the dot: [BLOCK_N, 16] += [BLOCK_N, BLOCK_K/4] @ x's inputs
     (8r + i, 8r + i + 4) transposed, the weight the dot's left operand, in registers.
 On CUDA, up to 8 rows take neither: `_int4_mma_kernel` (below) issues mma.sync itself, the
-weight going from its registers straight into the tensor cores' operands, at 1.9 (64 columns a
-program) to 2.5 (32) instructions a weight where the multiply-adds take 3.5, and 8 rows cost
-about a quarter more than one (the layers send it 1 to GEMV_MAX_ROWS rows; Triton's
-interpreter runs it with the mma emulated).
+weight going from its registers straight into the tensor cores' operands, at fewer
+instructions a weight than the multiply-adds take (docs/kernels.md has the counts and what 8
+rows cost against one; the layers send it 1 to GEMV_MAX_ROWS rows; Triton's interpreter runs
+it with the mma emulated).
 With few columns for many inputs, K is split over `split_k` programs per n block. Each writes
 its float32 sums, and the last to finish adds them up (counted at `split_counters`, which it
 sets back to zero): no second kernel. Every size follows from the shapes alone, so a step that
 calls this can be captured in a CUDA graph.
 
-That last split costs a product a round trip to the counter and the partial sums' reload:
-about 3 us on an H100, 12.8 of a Mistral-7B layer's 64.3 us at one row. Given `sums` (int64
-zeros), the mma path defers the adding up instead: each split adds its sums to them atomically
-as integer counts of SUM_UNIT (2^-32; server/kernels/quant_reference.py) and is done, and the kernel
-that reads the product (the norm, silu_and_mul, the rotary embedding) turns them into the
-activations' dtype and sets them back to zero: 51.3 us a layer in a decode step, and one-
-sequence decode from 370-384 to 409-429 tokens/s. Integer sums are the same in any order, so
+That last split costs a product a round trip to the counter and the partial sums' reload
+(docs/kernels.md has what that cost at one row). Given `sums` (int64 zeros), the mma path
+defers the adding up instead: each split adds its sums to them atomically as integer counts
+of SUM_UNIT (2^-32; server/kernels/quant_reference.py) and is done, and the kernel that reads
+the product (the norm, silu_and_mul, the rotary embedding) turns them into the activations'
+dtype and sets them back to zero, which made a layer's products and one-sequence decode
+faster on an H100 (docs/kernels.md has the figures). Integer sums are the same in any order, so
 the output does not depend on which split finished first (as float32 atomics would); they are
 exact below 2^31 in magnitude, where activations are.
 
@@ -56,9 +55,9 @@ programs wait for the kernel ahead before reading x, and the kernel after it lau
 The weight is never written, so a program reads its first group (words, zero points and
 scales; `early`: one or two groups) before that wait, while the kernel ahead (a norm, the
 attention's merge, silu_and_mul: a few microseconds of latency with the memory idle) runs.
-4-bit one-sequence decode of a Mistral-7B-shaped model on one H100: 467.6 -> 473.9 tokens/s
-with one group early (engines in one process, runs alternated); with the splits retuned for
-it (mma_config), 500.5.
+That, and the splits retuned for it (mma_config), made 4-bit one-sequence decode of a
+Mistral-7B-shaped model faster on one H100 (engines in one process, runs alternated;
+docs/kernels.md has the figures).
 
 Under act-order with groups that are not runs of inputs (g_idx given: a row-parallel rank's
 slice), int4_matmul does the product; that case is rare enough not to need its own tiles.
@@ -306,9 +305,9 @@ def _load_words(at, keep, J: tl.constexpr):
 
 @triton.jit
 def _x_pairs(x_words, row, s: tl.constexpr):
-    """B's two registers for nibble pairs 2s and 2s + 1 of word row `row`: x's inputs
-    (8r + 2s, 8r + 2s + 4) and (8r + 2s + 1, 8r + 2s + 5)."""
-    at = x_words + 4 * row + s  # inputs 8r + 2s, 8r + 2s + 1 (their word), and 4 further
+    """B's two registers for nibble pairs 2*s and 2*s + 1 of word row `row`: x's inputs
+    (8r + 2*s, 8r + 2*s + 4) and (8r + 2*s + 1, 8r + 2*s + 5)."""
+    at = x_words + 4 * row + s  # inputs 8r + 2*s, 8r + 2*s + 1 (their word), and 4 further
     lo = tl.load(at)
     hi = tl.load(at + 2)
     return (lo & 0xFFFF) | (hi << 16), ((lo >> 16) & 0xFFFF) | (hi & -65536)
@@ -340,7 +339,7 @@ def _group_product(acc, words, x_words, group, c, ones, all_ones, zero, GROUP_SI
     d = (zero,) * (4 * J)
     for t in tl.static_range(STEPS):
         row = group * (GROUP_SIZE // 8) + 4 * t + c
-        for s in tl.static_range(2):  # nibble pairs (2s, 2s + 4) and (2s + 1, 2s + 5)
+        for s in tl.static_range(2):  # nibble pairs (2*s, 2*s + 4) and (2*s + 1, 2*s + 5)
             xa, xb = _x_pairs(x_words, row, s)
             e = _mma(all_ones, all_ones, all_ones, all_ones, xa, xb, e, BF16, EMULATE)
             summed = ()
@@ -416,7 +415,7 @@ def _int4_mma_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, out_ptr, partial
 
 @dataclass(frozen=True)
 class Int4GemvConfig:
-    """Tiles and launch shape of one product (benchmarks/int4_gemv.py sweeps them)."""
+    """Tiles and launch shape of one product (benchmarks/kernel_bench/int4_gemv.py sweeps them)."""
 
     block_n: int = 128  # columns per program (words per row of a tile)
     block_k: int = 128  # inputs per tile: block_k / 8 rows of words; divides the group size, 64+ on tensor cores
@@ -450,17 +449,11 @@ def mma_config(M: int, N: int, K: int, group_size: int) -> Int4GemvConfig:
     for the kernel ahead, and its second too where the launch has at most 2,048 programs (each
     then needs 76 registers a lane, 25 programs an SM: one wave on an H100).
 
-    Measured in the engine (4-bit one-sequence decode of a Mistral-7B-shaped model at 128-385
+    Chosen in the engine (4-bit one-sequence decode of a Mistral-7B-shaped model at 128-385
     tokens of context; engines made under each setting in one process, runs alternated, one
-    H100): with one group read early, gate_up_proj split into programs of 4 groups gave 497.4
-    tokens/s, of 7 (about 4,096 warps) 476.7, of 8 494.2, of 2 493.2, of 1 408.8; down_proj
-    in programs of 2 or 8 groups, 493.4 and 454.8 against 497.4; qkv_proj and o_proj in
-    programs of 1 group, 471.3 and 495.2; two groups early for o_proj 500.5 against 497.4
-    (478.9 against 476.7 with gate_up's 7), for qkv_proj 471.3 against 476.7. Before any group was read early: 428.1 tokens/s with gate_up at 64
-    columns a program (4 groups, about 4,096 warps), 424.1 at 32; 354.7 and 410.5 with half and
-    twice the warps. The sweep in benchmarks/int4_gemv.py (the products alone) had a layer's
-    four products at 64.0 and 79.7 us at 1 and 8 rows, against the multiply-adds' 67.5 and
-    133.7 and int4_matmul's 169."""
+    H100), with the products alone timed in benchmarks/kernel_bench/int4_gemv.py's sweep, where the
+    mma path was ahead of the multiply-adds at 1 and 8 rows and of int4_matmul at 8.
+    docs/kernels.md has the sweep."""
     blocks, groups = triton.cdiv(N, 32), K // group_size
     if M == 1:
         split = triton.cdiv(groups, 2 if K <= 4096 and N <= 8192 else 4)
@@ -482,19 +475,18 @@ def config_for(x: torch.Tensor, qweight: torch.Tensor, group_size: int) -> Int4G
 
 def default_config(M: int, N: int, K: int, group_size: int) -> Int4GemvConfig:
     """Where the mma path does not take the product (mma_suits; the CPU): one row,
-    multiply-adds, one warp a program, the tiles that benchmarks/int4_gemv.py found fastest on
-    an H100 for each Mistral-7B weight (the four products of a layer in 66.2 us, 2.23x the bf16
-    gemv): 128 columns and 64-input tiles a program; one tile in flight where K is 4,096, two
-    for the wide gate_up and three for the long down_proj; K split until about 2,048 warps (512
-    for down_proj) are in flight, each split keeping two tiles or more. Two to four rows:
-    multiply-adds still, on tiles small enough that a thread's float32 sums ([rows, block_k/8,
-    4]) fit in 64 registers; the sweep's fastest: for two rows 64-input tiles (256 columns over
-    two warps where K is 4,096, 32-input tiles for down_proj), for three or four 32-input
-    tiles; a layer in 82.0 and 133.1 us, against int4_matmul's 166.8 and 168.1 (and bf16's gemv
-    154.8 and 152.8). More rows: the tensor cores (eight warps, a warp group for each 64
+    multiply-adds, one warp a program, the tiles that benchmarks/kernel_bench/int4_gemv.py found
+    fastest on an H100 for each Mistral-7B weight: 128 columns and 64-input tiles a program;
+    one tile in flight where K is 4,096, two for the wide gate_up and three for the long
+    down_proj; K split until about 2,048 warps (512 for down_proj) are in flight, each split
+    keeping two tiles or more. Two to four rows: multiply-adds still, on tiles small enough
+    that a thread's float32 sums ([rows, block_k/8, 4]) fit in 64 registers; the sweep's
+    fastest: for two rows 64-input tiles (256 columns over two warps where K is 4,096,
+    32-input tiles for down_proj), for three or four 32-input tiles, ahead of int4_matmul
+    and of bf16's gemv. More rows: the tensor cores (eight warps, a warp group for each 64
     columns) where a group holds a tile of 64 inputs or more, else multiply-adds over tiles
     whose sums fit. (On the H100 the tensor-core tiles were slower than int4_matmul at 8 and 16
-    rows.)"""
+    rows.) docs/kernels.md has the sweep's figures."""
     fits = min(128, group_size & -group_size, K & -K)  # the largest tile of K inside one group
     long, wide = K > 4096, N >= 16384
     if M == 1:

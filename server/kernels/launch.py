@@ -12,16 +12,13 @@ transitive: a kernel that has finished has seen the one ahead of it finish.
 On for CUDA devices of compute capability 9.0 or more; never in Triton's interpreter (the CPU
 tests), where `PDL` is False and the calls compile away; and off with KERNELS_PDL=0 in the
 environment (a profile's kernel times then exclude the waits: benchmarks/profile_step.py).
-On one H100, one-sequence decode of a Mistral-7B-shaped model went from 179.7 to 185.5
-tokens/s with it (benchmarks/latency.py, without and with, on one machine; 183.0 and 185.5 in
-a later pair of runs; with fp8 weights whose products alone were launched without it, 310.8
-against 315.3). The 4-bit products (kernels/int4_gemv.py's mma path) and silu_and_mul joined
-them later, measured with two or more engines made in one process, each capturing its graphs
-under its own setting, and their runs alternated (4-bit one-sequence decode, one H100): 408.9
-tokens/s without either, 416.6 with the products, 427.7 with both. Earlier measurements, each
-from a process of its own, had moved between runs by more than the difference (394-419 with
-against 391-429 without); asking L2 for a program's first words before its wait added nothing
-(415.3 against 416.6).
+On one H100 it made one-sequence decode of a Mistral-7B-shaped model faster, in bf16
+(benchmarks/latency.py, without and with, on one machine) and with fp8 weights. The 4-bit
+products (kernels/int4_gemv.py's mma path) and silu_and_mul joined them later, measured with
+two or more engines made in one process, each capturing its graphs under its own setting, and
+their runs alternated: earlier measurements, each from a process of its own, had moved between
+runs by more than the difference. Asking L2 for a program's first words before its wait added
+nothing. docs/kernels.md has the figures.
 
 What a program may read before its wait: what no kernel of the forward writes. That is the
 weights and tables (constants), and the step's inputs (positions, slots, block tables,
@@ -34,8 +31,8 @@ turned a decode step's small kernels from a chain of round trips into one each: 
 weight, the rotary kernel's position, slot and angles, the decode attention's first tile
 (server/kernels/decode_attention.py) and the 4-bit products' first groups (kernels/int4_gemv.py).
 Together with the deferred reads of each kernel put in flight at once (server/kernels/deferred.py),
-4-bit one-sequence decode went from 443.1 to 473.9 tokens/s (engines in one process, runs
-alternated, one H100).
+that made 4-bit one-sequence decode faster (engines in one process, runs alternated, one H100;
+docs/kernels.md has the figures).
 """
 from __future__ import annotations
 

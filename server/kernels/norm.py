@@ -47,9 +47,10 @@ def _rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, 
 
 def norm_warps(num_tokens: int, hidden: int) -> int:
     """Warps a row: 16 for a wide row of a decode step of up to 8 sequences, where each of the
-    step's norms is one program or a few and its time is the step's (4-bit one-sequence decode
-    of a Mistral-7B-shaped model on one H100: 431.4 tokens/s against 428.1 with 8, two engines
-    in one process, runs alternated); else 8 for a wide row, 4 for a narrow one."""
+    step's norms is one program or a few and its time is the step's (faster than 8 in 4-bit
+    one-sequence decode of a Mistral-7B-shaped model on one H100, two engines in one process,
+    runs alternated; docs/kernels.md has the figures); else 8 for a wide row, 4 for a narrow
+    one."""
     if hidden >= 4096:
         return 16 if num_tokens <= 8 else 8
     return 4

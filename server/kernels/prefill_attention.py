@@ -10,23 +10,21 @@ products are HEADS times taller. HEADS is the largest power of two that divides 
 ctx - q_len + t. A program walks the keys from the window's start to its last token's position
 in BLOCK_N tiles, gathering each key's slot through the block table, with an online softmax
 (exp2 in log2 units). The head groups vary fastest in the grid, so that the groups sharing a KV
-head run at once and read its tiles from L2 after the first (the 256-request workload on an
-H100: 8,883 and 8,896 tokens/s with the sequences fastest, 8,935 and 8,933 so, alternated; its
-prefill steps 3.74 s against 3.70). Rows that see no key yet in a tile keep their running
-state: the max is read as 0 there, so no -inf minus -inf appears. An fp8 cache is read as
-k_cache * k_scale (and v likewise), rounded to q's dtype.
+head run at once and read its tiles from L2 after the first (the 256-request workload ran
+faster so on an H100; docs/kernels.md has the figures). Rows that see no key yet in a tile
+keep their running state: the max is read as 0 there, so no -inf minus -inf appears. An fp8
+cache is read as k_cache * k_scale (and v likewise), rounded to q's dtype.
 
 In a mixed step (server/layers/attention.py) the sequences of one token go to the decode
 kernel, which reads a context once for all the query heads of a KV head, and this kernel takes
 the others (`seq_ids`): here a one-token sequence would cost a whole 64-row tile per key tile
-and per head group. One layer's attention for 7 prompts of 585 tokens beside 74 decoding
-sequences of 100-1,100 tokens took 197 us that way against 329 here alone (300 against 663
-beside 200; `benchmarks/prefill_attention.py`, one H100), and the 256-request workload's 34
-prefill steps went from 106 to 99 ms each. Tiles of 64 rows by 32 keys, 4 heads a program:
-in `benchmarks/prefill_attention.py --sweep` on one H100, prompts of 7 x 585, 1,024, 4,096 and
-8,192 tokens took 96, 48, 503 and 1,964 us a layer, against 119, 53, 547 and 2,044 with one
-head a program. 64-key tiles were slower at every length; 128-row tiles over 8 warps were too,
-except at 8,192 tokens (1,940 us, under 1% ahead).
+and per head group. One layer's attention for seven prompts of 585 tokens beside 74 decoding
+sequences was faster that way than here alone (`benchmarks/kernel_bench/prefill_attention.py`, one
+H100), and so were the 256-request workload's prefill steps. Tiles of 64 rows by 32 keys,
+4 heads a program: in `benchmarks/kernel_bench/prefill_attention.py --sweep` on one H100 they beat
+one head a program at prompts of seven times 585 to 8,192 tokens; 64-key tiles were slower at
+every length, and 128-row tiles over 8 warps too but at 8,192 tokens, where they were slightly
+ahead. docs/kernels.md has the sweep.
 """
 from __future__ import annotations
 
@@ -104,7 +102,7 @@ def _prefill_kernel(
 
 @dataclass(frozen=True)
 class PrefillConfig:
-    """Tiles and launch shape (benchmarks/prefill_attention.py sweeps them)."""
+    """Tiles and launch shape (benchmarks/kernel_bench/prefill_attention.py sweeps them)."""
 
     block_m: int = 64  # query rows a program: tokens x query heads (16 for chunks of up to 32 tokens)
     block_n: int = 32  # keys a tile

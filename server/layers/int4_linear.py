@@ -16,8 +16,7 @@ reads each input's group from g_idx.
 
 On the GPU: a decode batch of one to GEMV_MAX_ROWS (8) rows through kernels/int4_gemv.py
 (its mma path, the weight going from registers into the tensor cores: on a Mistral-7B layer on
-an H100 64.0, 72.0 and 79.7 us at 1, 4 and 8 rows, against bf16's gemv at about 150 and
-int4_matmul's 169),
+an H100, faster than bf16's gemv and than int4_matmul; docs/kernels.md has the figures),
 batches of up to FUSED_MAX_ROWS through kernels/int4_matmul.py, and larger ones (the largest
 decode batches, prefill) as the weight dequantized to the activations' dtype and one dense
 matmul. On the CPU the weight is dequantized with torch at every call rather than kept: the
@@ -27,8 +26,8 @@ computes from exactly them.
 A layer made with `deferred=True` (each of a Llama layer's four) whose decode product runs on
 the mma path returns its outputs as deferred sums (int64; kernels/int4_gemv.py), which the
 kernel reading them (the norm, silu_and_mul, the rotary embedding) turns into the model dtype:
-a product's splits then end without adding their sums up themselves (a Mistral-7B layer's four
-at one row: 51.3 us against 62.4 in a decode step on an H100). The sums go to one buffer per
+a product's splits then end without adding their sums up themselves, which is faster
+(docs/kernels.md has the figures). The sums go to one buffer per
 width, which every layer of that width shares (each is read, and zeroed, before the next layer
 writes it), made with the layer and so before any CUDA graph is captured; `clear_deferred_sums`
 zeroes them after a forward pass that stopped between a product and its reader.
@@ -52,9 +51,9 @@ except ImportError:  # pragma: no cover - no triton: the CPU path only
     int4_matmul = int4_dequantize = int4_gemv = split_counters = suits = None
     GEMV_MAX_ROWS = 0
 
-# int4_matmul unpacks the words again for each block of 64 rows: on an H100 a Mistral-7B layer took
-# 335, 474 and 559 us through it at 128, 192 and 256 rows, and 381, 419 and 407 dequantized
-# first (`python benchmarks/int4_gemv.py --batched 128,192,256`)
+# int4_matmul unpacks the words again for each block of 64 rows: on an H100 a Mistral-7B layer of
+# more than 128 rows was faster dequantized first, one of 128 rows through int4_matmul
+# (`python benchmarks/kernel_bench/int4_gemv.py --batched 128,192,256`; docs/kernels.md has the figures)
 FUSED_MAX_ROWS = 128
 _DEFERRED: dict[tuple[int, torch.device], torch.Tensor] = {}  # (width, device) -> int64 [GEMV_MAX_ROWS, width]
 

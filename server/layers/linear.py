@@ -16,8 +16,7 @@ layer), turns them into what it multiplies with once all are read (`finish`), an
 
 A dense weight (and the LM head's) multiplies a decode batch of at most 16 rows on
 CUDA with server/kernels/gemv.py: it reads the weight faster than cuBLAS's matrix-vector products
-(on an H100, 1.02-1.17x for each Mistral-7B weight at 1-16 rows; one-sequence decode 165 ->
-178 tokens/s).
+(on an H100, for each Mistral-7B weight at 1-16 rows; docs/kernels.md has the figures).
 
 A `RowParallelLinear(gated=True)` (the MLP's down_proj) takes the gate/up projection's output
 [gate | up] and multiplies silu(gate) * up: inside the gemv kernel where it runs, else first

@@ -45,11 +45,9 @@ def decode_splits(num_seqs: int, num_kv_heads: int, num_sms: int, max_context: i
     every context is at most SHORT_CONTEXT tokens (`max_context`; None: any), then at most
     SHORT_SPLITS. A split's range is whole 64-key tiles, so that over 512 tokens or fewer 32
     splits leave all but 8 without keys, each still launched, storing an empty result and
-    merged. 4-bit one-sequence decode of a Mistral-7B-shaped model on one H100 (engines in one
-    process, runs alternated), with 32, 16 and 8 splits: 422.0, 437.2 and 437.4 tokens/s at
-    128-385 tokens of context (4, 2 and 1: 413.2, 411.3, 400.1), 422.5, 393.4 and 407.5 at
-    1,000-1,257, 393.8, 387.3 and 346.9 at 3,000-3,257; with and without SHORT_SPLITS, 437.6
-    and 430.0 at 128-385."""
+    merged. Both limits come from 4-bit one-sequence decode of a Mistral-7B-shaped model on one
+    H100 (engines in one process, runs alternated) at several split counts and contexts;
+    docs/kernels.md has the sweep."""
     splits = max(1, min(32, -(-2 * num_sms // (num_seqs * num_kv_heads))))
     if max_context is not None and max_context <= SHORT_CONTEXT:
         splits = min(splits, SHORT_SPLITS)
