@@ -11,6 +11,7 @@ from server.version import __version__
 _EXPORTS = {
     "LLM": "server.llm",
     "SamplingParams": "server.sampling_params",
+    "LoRARequest": "server.sampling_params",
     "RequestOutput": "server.outputs",
     "CompletionOutput": "server.outputs",
     "EngineArgs": "server.config",

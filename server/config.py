@@ -129,3 +129,5 @@ class EngineArgs:
     enforce_eager: bool = False  # no CUDA graphs
     async_scheduling: bool = True  # queue each step before the previous one is read back
     load_format: str = "auto"  # "dummy": random weights of the checkpoint's shapes (benchmarks)
+    lora_adapters: dict[str, str] | None = None  # name -> local directory, hub id or id@revision (PEFT's format)
+    max_lora_rank: int = 64  # adapters of a larger rank are refused at start

@@ -8,7 +8,8 @@ from tqdm import tqdm
 from server.config import EngineArgs
 from server.engine.llm_engine import LLMEngine
 from server.outputs import RequestOutput
-from server.sampling_params import SamplingParams
+from server.models.lora import parse_lora_adapters
+from server.sampling_params import LoRARequest, SamplingParams
 
 Prompt = str | list[int]
 Conversation = list[dict]
@@ -23,17 +24,22 @@ class LLM:
                  max_batch_prefill_tokens: int = 4096, max_num_seqs: int = 256,
                  max_model_len: int | None = None, revision: str | None = None,
                  download_dir: str | None = None, quantization: str | None = None,
-                 kv_cache_dtype: str = "auto", async_scheduling: bool = True):
+                 kv_cache_dtype: str = "auto", async_scheduling: bool = True,
+                 lora_adapters: dict[str, str] | str | None = None, max_lora_rank: int = 64):
         """`quantization`: TGI's --quantize (fp8, awq, gptq, compressed-tensors; None: as the
         checkpoint's quantization_config says); `kv_cache_dtype`: "auto" or "fp8";
-        `async_scheduling`: queue each step on the device before reading the last one back."""
+        `async_scheduling`: queue each step on the device before reading the last one back;
+        `lora_adapters`: LoRA adapters in PEFT's format, {name: directory or hub id[@revision]}
+        or TGI's `--lora-adapters` text, each then chosen per request with a `LoRARequest`."""
+        if isinstance(lora_adapters, str):
+            lora_adapters = parse_lora_adapters(lora_adapters)
         self.engine = LLMEngine(EngineArgs(
             model=model, revision=revision, download_dir=download_dir, dtype=dtype,
             device=device, tensor_parallel_size=tensor_parallel_size,
             max_batch_total_tokens=max_batch_total_tokens, max_batch_prefill_tokens=max_batch_prefill_tokens,
             max_num_seqs=max_num_seqs, max_model_len=max_model_len, block_size=block_size,
             enable_prefix_caching=enable_prefix_caching, quantize=quantization, kv_cache_dtype=kv_cache_dtype,
-            async_scheduling=async_scheduling))
+            async_scheduling=async_scheduling, lora_adapters=lora_adapters, max_lora_rank=max_lora_rank))
         self.engine.stream_outputs = False  # generate() returns finished requests only
 
     def get_tokenizer(self):
@@ -41,19 +47,23 @@ class LLM:
 
     def generate(self, prompts: Prompt | Seq[Prompt],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate for each prompt (text or token ids); outputs come back in prompt order."""
+                 use_tqdm: bool = True,
+                 lora_request: LoRARequest | Seq[LoRARequest | None] | None = None) -> list[RequestOutput]:
+        """Generate for each prompt (text or token ids); outputs come back in prompt order.
+        `lora_request`: the adapter of every prompt, or one per prompt (None: the base model)."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
                                         and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
         if not prompts:
             raise ValueError("no prompts given")
-        return self._run(prompts, self._params_for(sampling_params, len(prompts)), use_tqdm)
+        return self._run(prompts, self._params_for(sampling_params, len(prompts)), use_tqdm,
+                         self._loras_for(lora_request, len(prompts)))
 
     def chat(self, messages: Conversation | Seq[Conversation],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-             use_tqdm: bool = True, tools: list[dict] | None = None) -> list[RequestOutput]:
+             use_tqdm: bool = True, tools: list[dict] | None = None,
+             lora_request: LoRARequest | Seq[LoRARequest | None] | None = None) -> list[RequestOutput]:
         """Apply the model's chat template to each conversation, then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         if not conversations or any(not c for c in conversations):
@@ -61,7 +71,8 @@ class LLM:
         tokenizer = self.engine.tokenizer
         prompts = [tokenizer.apply_chat_template(c, tools=tools) for c in conversations]
         texts = [tokenizer.render_chat(c, tools=tools) for c in conversations]
-        outputs = self._run(prompts, self._params_for(sampling_params, len(prompts)), use_tqdm)
+        outputs = self._run(prompts, self._params_for(sampling_params, len(prompts)), use_tqdm,
+                            self._loras_for(lora_request, len(prompts)))
         for output, text in zip(outputs, texts):
             output.prompt = text
         return outputs
@@ -77,13 +88,22 @@ class LLM:
             raise ValueError(f"{len(params)} sampling params for {count} prompts")
         return params
 
+    @staticmethod
+    def _loras_for(lora, count: int) -> list[LoRARequest | None]:
+        if lora is None or isinstance(lora, LoRARequest):
+            return [lora] * count
+        lora = list(lora)
+        if len(lora) != count:
+            raise ValueError(f"{len(lora)} LoRA requests for {count} prompts")
+        return lora
+
     def _run(self, prompts: list[Prompt], params: list[SamplingParams],
-             use_tqdm: bool) -> list[RequestOutput]:
+             use_tqdm: bool, loras: list[LoRARequest | None]) -> list[RequestOutput]:
         engine = self.engine
         ids = []
         try:
-            for prompt, p in zip(prompts, params):
-                ids.append(engine.add_request(prompt, p))
+            for prompt, p, lora in zip(prompts, params, loras):
+                ids.append(engine.add_request(prompt, p, lora_request=lora))
         except Exception:
             for request_id in ids:  # a bad prompt leaves nothing queued behind it
                 engine.abort(request_id)

@@ -141,3 +141,14 @@ class SamplingParams:
     @property
     def guided(self) -> bool:
         return self.guided_json is not None or self.guided_regex is not None
+
+
+@dataclass(frozen=True)
+class LoRARequest:
+    """Which LoRA adapter a request uses, as vLLM names it: `lora_name` is one of the adapters the
+    engine loaded at start (`LLM(..., lora_adapters=...)`, `--lora-adapters`). `lora_int_id` and
+    `lora_path` are accepted for vLLM's callers and not read: adapters are loaded at start."""
+
+    lora_name: str
+    lora_int_id: int = 0
+    lora_path: str | None = None

@@ -39,6 +39,7 @@ from server.kernels.norm import rmsnorm  # noqa: E402
 from server.kernels.prefill_attention import prefill_attention  # noqa: E402
 from server.kernels.quant_reference import FP8  # noqa: E402
 from server.kernels.rotary import rotate_and_store  # noqa: E402
+from server.kernels.lora import lora_expand, lora_shrink  # noqa: E402
 from server.kernels.sampling import sample_rows  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -65,8 +66,9 @@ def compiled(jit: JITFunction, args: tuple, kwargs: dict):
 
 def decode_step_launches() -> None:
     """The launches of a Mistral-7B layer's decode step (1, 2 and 16 sequences, bf16, fp8 and
-    4-bit weights, bf16 and fp8 cache), its LM head, a prefill's attention, the sampling of
-    its random rows, and Mixtral-8x7B's experts for each size of tiles (1 to 4,096 tokens)."""
+    4-bit weights, bf16 and fp8 cache), its LM head, a prefill's attention, LoRA updates, the
+    sampling of its random rows, and Mixtral-8x7B's experts for each size of tiles (1 to 4,096
+    tokens)."""
     e = torch.empty
     bf16 = torch.bfloat16
     shapes = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
@@ -108,6 +110,10 @@ def decode_step_launches() -> None:
                                   seq_ids=ids)
             prefill_attention(e(512, 32, 128, dtype=bf16), *caches, tables[:1], torch.zeros(2, dtype=torch.int32),
                               lens[:1], 512, 0.088, None)
+    for M in (1, 256):  # LoRA updates of rank 16 for qkv's three pieces, as decode graphs replay them
+        slots = torch.zeros(M, dtype=torch.int64)
+        t = lora_shrink(e(M, 4096, dtype=bf16), e(8, 48, 4096, dtype=bf16), slots)
+        lora_expand(e(M, 48), e(8, 6144, 48, dtype=bf16), slots, e(M, 6144, dtype=bf16))
     for count in (1, 256):  # the sampling step's random rows, with no filter and with all three
         column, ids = e(count), torch.zeros(count, dtype=torch.int64)
         sample_rows(e(count, 32768), ids, column, ids)

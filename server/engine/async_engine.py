@@ -17,7 +17,7 @@ from typing import AsyncIterator
 from server.config import EngineArgs
 from server.engine.llm_engine import LLMEngine
 from server.outputs import RequestOutput
-from server.sampling_params import SamplingParams
+from server.sampling_params import LoRARequest, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -50,15 +50,15 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+                       lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; leaving the iteration early aborts the request."""
         if not self.is_alive:
             raise EngineDeadError(f"the engine has stopped: {self.dead_error}")
         loop = asyncio.get_running_loop()
         accepted: asyncio.Future = loop.create_future()
         stream: asyncio.Queue = asyncio.Queue()
-        self._commands.put(("add", (prompt, params, request_id, loop, stream, accepted)))
+        self._commands.put(("add", (prompt, params, request_id, lora_request, loop, stream, accepted)))
         request_id = await accepted
         finished = False
         try:
@@ -80,6 +80,11 @@ class AsyncEngine:
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    @property
+    def lora_adapters(self) -> list[str]:
+        """The LoRA adapters' names, in the order they were loaded."""
+        return list(self.engine.lora_adapters)
 
     @property
     def guidance(self):
@@ -142,9 +147,9 @@ class AsyncEngine:
                 self.engine.abort(payload)
                 self._streams.pop(payload, None)
 
-    def _add(self, prompt, params, request_id, loop, stream, accepted) -> None:
+    def _add(self, prompt, params, request_id, lora_request, loop, stream, accepted) -> None:
         try:
-            request_id = self.engine.add_request(prompt, params, request_id)
+            request_id = self.engine.add_request(prompt, params, request_id, lora_request)
         except Exception as error:  # bad input: tell the caller, keep serving
             loop.call_soon_threadsafe(self._settle, accepted, None, error)
             return

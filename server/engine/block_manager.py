@@ -1,7 +1,8 @@
 """The KV block manager: fixed-size blocks, reference counts, and prefix caching.
 
-A block is keyed by a hash chained over the token ids of every block before it, so two
-sequences share a block exactly when their token prefixes up to that block are equal. Blocks
+A block is keyed by a hash chained over the token ids of every block before it (rooted in the
+request's LoRA adapter), so two sequences share a block exactly when their token prefixes up
+to that block, and their adapters, are equal. Blocks
 that no sequence uses stay cached in a free list ordered least-recently-used first: they are
 handed out again (and forgotten by the cache) only when no never-cached block is left first.
 """
@@ -41,7 +42,7 @@ class BlockManager:
         size = self.block_size
         hashes = seq.block_hashes
         for i in range(len(hashes), len(seq.token_ids) // size):
-            parent = hashes[-1] if hashes else b""
+            parent = hashes[-1] if hashes else seq.request.cache_salt
             hashes.append(chain_hash(parent, seq.token_ids[i * size:(i + 1) * size]))
         return hashes
 

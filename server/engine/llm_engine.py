@@ -24,7 +24,7 @@ from server.runtime.random import row_key
 from server.runtime.sampler import SamplingOptions
 from server.runtime.setup import launched_rank, leave_group, start_runner
 from server.runtime.workers import Workers, free_port
-from server.sampling_params import SamplingParams
+from server.sampling_params import LoRARequest, SamplingParams
 
 
 TO_BE_SET = SamplingOptions()  # marks a chunk that samples, until its options are made
@@ -62,6 +62,7 @@ class LLMEngine:
         self.eos_token_ids = set(model.eos_token_ids) | self.tokenizer.eos_token_ids
         self.guidance = Guidance(self.tokenizer, model.vocab_size, self.eos_token_ids,
                                  on_gpu=started.device.startswith("cuda"))
+        self.lora_adapters = {name: slot for slot, name in enumerate(started.lora_adapters)}
         self.requests: dict[str, Request] = {}
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
         self._unfinished_outputs: list[Sequence] = []  # sampled last step, text not yet made
@@ -86,7 +87,7 @@ class LLMEngine:
 
     # -- requests -----------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, lora_request: LoRARequest | None = None) -> str:
         """Validate and queue one request; raises ValueError for bad input."""
         request_id = str(next(self._request_ids)) if request_id is None else request_id
         if request_id in self.requests:
@@ -97,6 +98,9 @@ class LLMEngine:
             raise ValueError(f"logit_bias keys must be token ids below the vocabulary size {vocab}")
         grammar = self.guidance.grammar(params)
         request = Request(request_id, text, token_ids, params)
+        if lora_request is not None:
+            request.lora_slot = self.lora_slot(lora_request)
+            request.cache_salt = b"lora:" + lora_request.lora_name.encode()
         seed = params.seed if params.seed is not None else secrets.randbits(64)
         request.seed = seed
         if params.prompt_logprobs is not None:
@@ -112,6 +116,13 @@ class LLMEngine:
             self.scheduler.add(seq)
         self.requests[request_id] = request
         return request_id
+
+    def lora_slot(self, lora: LoRARequest) -> int:
+        slot = self.lora_adapters.get(lora.lora_name)
+        if slot is None:
+            loaded = ", ".join(self.lora_adapters) or "none"
+            raise ValueError(f"LoRA adapter {lora.lora_name!r} is not loaded (loaded: {loaded})")
+        return slot
 
     def _encode(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -436,7 +447,7 @@ class LLMEngine:
     def _chunk(self, seq: Sequence, num_tokens: int) -> SequenceChunk:
         start = seq.num_computed_tokens
         end = start + num_tokens
-        chunk = SequenceChunk(seq.token_ids[start:end], start, seq.block_table)
+        chunk = SequenceChunk(seq.token_ids[start:end], start, seq.block_table, lora_slot=seq.request.lora_slot)
         params = seq.params
         if params.prompt_logprobs is not None and seq.index == 0 and start < seq.num_prompt_tokens - 1:
             chunk.prompt_targets = seq.token_ids[start + 1:min(end + 1, seq.num_prompt_tokens)]

@@ -89,6 +89,8 @@ class Request:
     first_token_time: float | None = None
     seed: int | None = None  # the request's seed, drawn at random when none was given
     aborted: bool = False
+    lora_slot: int = -1  # the adapter its tokens go through (-1: the base model)
+    cache_salt: bytes = b""  # roots its prefix-cache keys: K/V computed through an adapter is its own
 
     @property
     def is_finished(self) -> bool:

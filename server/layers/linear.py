@@ -36,6 +36,7 @@ from server.config import QuantConfig
 from server.layers.activation import silu_and_mul
 from server.layers.fp8_linear import Fp8Weight
 from server.layers.int4_linear import Int4Weight
+from server.layers.lora import LoRASlots
 from server.layers.parallel import all_reduce, read_shard, tensor_parallel
 
 try:
@@ -84,6 +85,8 @@ class MergedColumnParallelLinear(nn.Module):
         """`pieces`: (rows in the checkpoint, parts it is cut into) for each stacked matrix."""
         super().__init__()
         self.deferred = deferred
+        self.in_features = in_features
+        self.lora: LoRASlots | None = None  # adapters' updates, when some adapter touches this layer
         tp = tensor_parallel()
         self.shares = [tp.part(rows, parts) for rows, parts in pieces]  # (start, length) each
         self.offsets = [sum(length for _, length in self.shares[:i]) for i in range(len(pieces) + 1)]
@@ -102,8 +105,17 @@ class MergedColumnParallelLinear(nn.Module):
     def finish_loading(self) -> None:
         self.scheme.finish(self)
 
+    def lora_geometry(self):
+        """For LoRASlots: inputs, each piece's (offset, length) in the output and the rows of its
+        B this rank keeps, and the columns of A (all)."""
+        outputs = [(self.offsets[i], self.offsets[i + 1] - self.offsets[i]) for i in range(len(self.shares))]
+        return self.in_features, outputs, list(self.shares), None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scheme.apply(self, x, self.bias)
+        out = self.scheme.apply(self, x, self.bias)
+        if self.lora is not None and self.lora.bank.active:
+            out = self.lora.add_to(x, out)
+        return out
 
 
 class RowParallelLinear(nn.Module):
@@ -112,6 +124,7 @@ class RowParallelLinear(nn.Module):
         """gated: the input is [gate | up] (twice in_features wide), multiplied as silu(gate) * up."""
         super().__init__()
         self.gated, self.deferred = gated, deferred
+        self.lora: LoRASlots | None = None  # adapters' updates, when some adapter touches this layer
         self.in_share = tensor_parallel().part(in_features)  # (start, length)
         self.out_features = out_features
         self.scheme = weight_scheme(quant)
@@ -127,6 +140,17 @@ class RowParallelLinear(nn.Module):
     def finish_loading(self) -> None:
         self.scheme.finish(self)
 
+    def lora_geometry(self):
+        """For LoRASlots: this rank's inputs, the one output piece (B whole), and A's columns of
+        this rank's inputs."""
+        return self.in_share[1], [(0, self.out_features)], [None], self.in_share
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = all_reduce(self.scheme.apply(self, x, None, self.gated))
+        if self.lora is not None and self.lora.bank.active:
+            # The update reads the layer's real input: silu(gate) * up of a gated layer.
+            x = silu_and_mul(x) if self.gated else x
+            partial = self.lora.add_to(x, self.scheme.apply(self, x, None, False))
+        else:
+            partial = self.scheme.apply(self, x, None, self.gated)
+        out = all_reduce(partial)  # the ranks' shares of the product and of the update
         return out + self.bias if self.bias is not None else out

@@ -15,7 +15,6 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -179,43 +178,47 @@ def _safetensors_files(directory: Path) -> list[Path]:
 
 
 def _download(repo_id: str, revision: str | None, download_dir: str | None) -> Path:
-    """Fetch a hub snapshot (or find it in the cache) and return its directory."""
-    fetch = partial(
-        snapshot_download,
-        repo_id,
-        revision=revision,
-        cache_dir=download_dir or os.environ.get("HUGGINGFACE_HUB_CACHE"),
-        token=os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN"),
-        # huggingface_hub reads HF_HUB_OFFLINE only when first imported; honour it now too.
-        local_files_only=os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"},
-    )
+    """Fetch a model's hub snapshot (or find it in the cache) and return its directory."""
+    directory = download_files(repo_id, revision, download_dir, _HUB_FILES, ignore=_HUB_SKIPPED_FILES)
+    if not _has_hf_weights(directory) and (directory / "params.json").is_file():
+        # A repo published only in Mistral's format (its params.json came with the *.json).
+        directory = download_files(repo_id, revision, download_dir, _HUB_CONSOLIDATED_FILES)
+    return directory
+
+
+def download_files(repo_id: str, revision: str | None, download_dir: str | None, patterns: list[str],
+                   ignore: list[str] | None = None, what: str = "model") -> Path:
+    """Fetch the files of a hub repo that match `patterns` (or find them in the cache, with
+    HF_TOKEN, HUGGINGFACE_HUB_CACHE and HF_HUB_OFFLINE as for the model) and return the
+    snapshot's directory. Hub errors become ValueErrors that say what to do."""
     try:
-        directory = Path(fetch(allow_patterns=_HUB_FILES, ignore_patterns=_HUB_SKIPPED_FILES))
-        if not _has_hf_weights(directory) and (directory / "params.json").is_file():
-            # A repo published only in Mistral's format (its params.json came with the *.json).
-            directory = Path(fetch(allow_patterns=_HUB_CONSOLIDATED_FILES))
-        return directory
+        return Path(snapshot_download(
+            repo_id, revision=revision, cache_dir=download_dir or os.environ.get("HUGGINGFACE_HUB_CACHE"),
+            token=os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN"),
+            # huggingface_hub reads HF_HUB_OFFLINE only when first imported; honour it now too.
+            local_files_only=os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"},
+            allow_patterns=patterns, ignore_patterns=ignore))
     except GatedRepoError as error:
         raise ValueError(
-            f"model {repo_id!r} is gated on the Hugging Face hub: accept its terms on the model page "
+            f"{what} {repo_id!r} is gated on the Hugging Face hub: accept its terms on the model page "
             "and set HF_TOKEN to a token of that account"
         ) from error
     except RepositoryNotFoundError as error:
         raise ValueError(
-            f"model {repo_id!r} not found on the Hugging Face hub (if it is private, set HF_TOKEN)"
+            f"{what} {repo_id!r} not found on the Hugging Face hub (if it is private, set HF_TOKEN)"
         ) from error
     except RevisionNotFoundError as error:
         raise ValueError(
-            f"revision {revision!r} of model {repo_id!r} not found on the Hugging Face hub"
+            f"revision {revision!r} of {what} {repo_id!r} not found on the Hugging Face hub"
         ) from error
     except LocalEntryNotFoundError as error:
         raise ValueError(
-            f"model {repo_id!r} is not in the hub cache and the Hugging Face hub cannot be reached "
+            f"{what} {repo_id!r} is not in the hub cache and the Hugging Face hub cannot be reached "
             "(offline, or HF_HUB_OFFLINE is set)"
         ) from error
     except HfHubHTTPError as error:
         raise ValueError(
-            f"could not download model {repo_id!r} from the Hugging Face hub: {error}"
+            f"could not download {what} {repo_id!r} from the Hugging Face hub: {error}"
         ) from error
 
 

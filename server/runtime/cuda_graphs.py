@@ -5,6 +5,9 @@ issues them at once. The graph of size B reads static input buffers, so a batch 
 sequences is copied into them and padded: padding rows write no KV (slot -1) and attend to
 nothing (context 0). A size whose decode kernel takes fewer context splits when every context is
 short (model_runner.decode_splits) has a second graph for such steps. All share one memory pool.
+
+With LoRA adapters loaded, a second set of graphs is captured with the adapters' updates in
+(`lora_bank`): each row's adapter slot is one more static input, so one graph serves any mix.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import bisect
 import torch
 
 from server.layers.attention import AttentionMetadata
+from server.layers.lora import LoRABank
 
 # Every 8 sequences from 16 up: a batch is padded to the next size, and at a hundred rows and
 # more a decode step's matrix products are bound by arithmetic, so the padding rows cost time.
@@ -20,10 +24,12 @@ DEFAULT_SIZES = (1, 2, 4, 8) + tuple(range(16, 257, 8))
 
 
 class DecodeGraphs:
-    def __init__(self, model, sizes: list[int], max_blocks: int, num_splits, device: torch.device):
+    def __init__(self, model, sizes: list[int], max_blocks: int, num_splits, device: torch.device,
+                 lora_bank: LoRABank | None = None):
         """`num_splits(batch_size, max_context)` gives the decode kernel's context splits for a
         size, where every context is at most max_context tokens (None: any): a size is captured
-        with those of any context and with those of the shortest, where they differ."""
+        with those of any context and with those of the shortest, where they differ. With
+        `lora_bank`, the graphs take each row's adapter slot (`run`'s `lora_slots`)."""
         self.sizes = sorted(sizes)
         biggest = self.sizes[-1]
         self.token_ids = torch.zeros(biggest, dtype=torch.int64, device=device)
@@ -32,6 +38,7 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(biggest, max_blocks, dtype=torch.int32, device=device)
         self.context_lens = torch.zeros(biggest, dtype=torch.int32, device=device)
         self.cu_query_lens = torch.arange(biggest + 1, dtype=torch.int32, device=device)
+        self.lora_slots = torch.full((biggest,), -1, dtype=torch.int64, device=device) if lora_bank else None
         self.num_splits = num_splits
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (size, splits) ->
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
@@ -44,6 +51,8 @@ class DecodeGraphs:
                     query_lens=[1] * size, context_lens_list=[1] * size, decode_only=True, max_query_len=1,
                     num_splits=splits)
                 args = (self.token_ids[:size], self.positions[:size], meta)
+                if lora_bank is not None:
+                    lora_bank.use_rows(self.lora_slots[:size])
                 model(*args)  # warm-up: compiles and autotunes outside the capture
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
@@ -51,6 +60,8 @@ class DecodeGraphs:
                     self.outputs[size, splits] = model(*args)
                 pool = graph.pool()
                 self.graphs[size, splits] = graph
+        if lora_bank is not None:
+            lora_bank.clear()
         torch.cuda.synchronize()
 
     @property
@@ -58,9 +69,11 @@ class DecodeGraphs:
         return self.sizes[-1]
 
     def run(self, token_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-            block_tables: torch.Tensor, context_lens: torch.Tensor, max_context: int) -> torch.Tensor:
+            block_tables: torch.Tensor, context_lens: torch.Tensor, max_context: int,
+            lora_slots: torch.Tensor | None = None) -> torch.Tensor:
         """One decode step of n <= max_size sequences, none with more than `max_context` tokens
-        of context -> hidden states [n, hidden]."""
+        of context (and each row's LoRA adapter slot, for graphs captured with them) ->
+        hidden states [n, hidden]."""
         n = token_ids.shape[0]
         size = self.sizes[bisect.bisect_left(self.sizes, n)]
         key = size, self.num_splits(size, max_context)
@@ -72,5 +85,8 @@ class DecodeGraphs:
         self.context_lens[n:size].zero_()
         width = block_tables.shape[1]
         self.block_tables[:n, :width].copy_(block_tables)
+        if self.lora_slots is not None:
+            self.lora_slots[:n].copy_(lora_slots)
+            self.lora_slots[n:size].fill_(-1)
         self.graphs[key].replay()
         return self.outputs[key][:n]

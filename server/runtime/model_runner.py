@@ -18,8 +18,10 @@ from server.kernels.quant_reference import FP8
 from server.config import CacheConfig, ModelConfig
 from server.layers.attention import Attention, AttentionMetadata, resolve_backend
 from server.layers.int4_linear import clear_deferred_sums
+from server.layers.lora import LoRABank
 from server.layers.parallel import TensorParallel
 from server.models.loader import ModelSource, fill_random_weights, iter_weights
+from server.models.lora import LoRAAdapter, attach_adapters
 from server.models.registry import model_class
 from server.runtime.cuda_graphs import DEFAULT_SIZES, DecodeGraphs
 from server.runtime.sampler import (AllowedTokens, DeviceSample, SampledToken, SamplingOptions,
@@ -67,6 +69,7 @@ class SequenceChunk:
     # >= 0: the last token id is not known yet; it is what the previous step sampled in this row
     # (read on the device, so that this step can be queued before that one is read back).
     pending_row: int = -1
+    lora_slot: int = -1  # the LoRA adapter slot its tokens use (-1: the base model)
 
 
 @dataclass
@@ -96,6 +99,9 @@ class ModelRunner:
         self.kv_dtype = FP8 if kv_cache_dtype == "fp8" else self.dtype
         self.block_size = 0  # set with the KV cache
         self.graphs: DecodeGraphs | None = None
+        self.lora_graphs: DecodeGraphs | None = None  # the same, with LoRA adapters' updates
+        self.lora_bank = LoRABank()  # which rows of a step use which adapter (the model's LoRA layers read it)
+        self.has_lora = False
         self._driver_picks: torch.Tensor | None = None  # ranks but 0: the last step's picks
         self._staging = [torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)]
         attention_backend = resolve_backend(attention_backend, self.device, block_size, kv_cache_dtype == "fp8")
@@ -182,8 +188,13 @@ class ModelRunner:
         sizes = [s for s in DEFAULT_SIZES if s <= max_batch_size] or [1]
         max_blocks = -(-max_model_len // self.block_size)
         kv_heads, sms = self.num_kv_heads, self.num_sms  # the graphs keep no reference to the runner
-        self.graphs = DecodeGraphs(self.model, sizes, max_blocks, lambda size, context: decode_splits(
-            size, kv_heads, sms, context), self.device)
+
+        def splits(size: int, context: int | None) -> int:
+            return decode_splits(size, kv_heads, sms, context)
+
+        self.graphs = DecodeGraphs(self.model, sizes, max_blocks, splits, self.device)
+        if self.has_lora:
+            self.lora_graphs = DecodeGraphs(self.model, sizes, max_blocks, splits, self.device, self.lora_bank)
 
     @torch.inference_mode()
     def warm_up(self, max_num_seqs: int = 1) -> None:
@@ -289,8 +300,9 @@ class ModelRunner:
             if multis else []  # a decode step: none
         if not singles:  # not a mixed step
             multis = []
+        lora_slots = [c.lora_slot for c in packed] if any(c.lora_slot >= 0 for c in packed) else []
         sections = (token_ids, positions, slots, context_lens, cu_query_lens, sample_rows, pending_at, pending_rows,
-                    cu_context_lens, singles, multis)
+                    cu_context_lens, singles, multis, lora_slots)
         values = array("q")
         for section in sections:  # each section starts on 16 bytes (PackedStep.starts)
             values.extend(section)
@@ -308,7 +320,7 @@ class ModelRunner:
         ranks have the driver's last picks)."""
         device_values = self._to_device(packed.values)
         (ids_d, positions_d, slots_d, context_d, cu_query_d, sample_d, pending_at_d, pending_rows_d,
-         cu_context_d, singles_d, multis_d) = packed.sections(device_values)
+         cu_context_d, singles_d, multis_d, lora_slots_d) = packed.sections(device_values)
         tables = device_values[packed.starts()[-1]:].view(packed.num_chunks, packed.width)
         if self.attention_backend == "flash_attn":  # its kernels take int32 metadata
             tables, context_d, cu_query_d, cu_context_d = tables.int(), context_d.int(), cu_query_d.int(), \
@@ -320,6 +332,7 @@ class ModelRunner:
                 raise ValueError("a chunk takes a token from a previous step that sampled nothing")
             ids_d[pending_at_d] = picks[pending_rows_d]
         query_lens, context_lens = packed.query_lens, packed.context_lens
+        self._set_lora_rows(packed)
         decode_only = all(n == 1 for n in query_lens)
         singles = packed.lengths[PackedStep.SINGLES]
         mixed = singles > 0  # sequences of one token beside longer ones
@@ -331,7 +344,26 @@ class ModelRunner:
             max_query_len=max(query_lens), cu_context_lens=cu_context_d, max_context_len=max(context_lens),
             num_splits=self._num_splits(decoding, max(context_lens)) if decoding else 1,
             single_seqs=singles_d if mixed else None, multi_seqs=multis_d if mixed else None)
-        return ids_d, positions_d, meta, sample_d
+        return ids_d, positions_d, meta, sample_d, lora_slots_d
+
+    def attach_lora(self, adapters: list[LoRAAdapter]) -> None:
+        """Put LoRA adapters in the model's slots (slot i: adapters[i]), this rank's share."""
+        attach_adapters(self.model, adapters, self.lora_bank, self.dtype)
+        self.has_lora = bool(adapters)
+
+    def _set_lora_rows(self, packed: "PackedStep") -> None:
+        """Tell the model's LoRA layers which rows of this step use which adapter."""
+        if not packed.lengths[PackedStep.LORA_SLOTS]:
+            self.lora_bank.clear()
+            return
+        values = packed.values if isinstance(packed.values, torch.Tensor) else torch.frombuffer(
+            packed.values, dtype=torch.int64)
+        slots = packed.sections(values)[PackedStep.LORA_SLOTS].tolist()
+        starts = [0]
+        for n in packed.query_lens:
+            starts.append(starts[-1] + n)
+        self.lora_bank.set([(slot, starts[i], packed.query_lens[i]) for i, slot in enumerate(slots) if slot >= 0],
+                           self.device)
 
     def _to_device(self, values: array | torch.Tensor) -> torch.Tensor:
         host = values if isinstance(values, torch.Tensor) else \
@@ -350,10 +382,12 @@ class ModelRunner:
 
     def _run(self, packed: "PackedStep", previous: "LaunchedStep | None") -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states [num_tokens, hidden] and the rows to sample from."""
-        token_ids, positions, meta, sample_rows = self._unpack(packed, previous)
-        if self.graphs is not None and meta.decode_only and packed.num_chunks <= self.graphs.max_size:
-            hidden = self.graphs.run(token_ids, positions, meta.slot_mapping, meta.block_tables, meta.context_lens,
-                                     meta.max_context_len)
+        token_ids, positions, meta, sample_rows, lora_slots = self._unpack(packed, previous)
+        # A decode step with adapters' rows replays the graphs captured with their updates.
+        graphs = self.lora_graphs if self.lora_bank.active else self.graphs
+        if graphs is not None and meta.decode_only and packed.num_chunks <= graphs.max_size:
+            hidden = graphs.run(token_ids, positions, meta.slot_mapping, meta.block_tables, meta.context_lens,
+                                meta.max_context_len, lora_slots if self.lora_bank.active else None)
         else:
             try:
                 hidden = self.model(token_ids, positions, meta)
@@ -452,7 +486,7 @@ class ModelRunner:
     def drop_graphs(self) -> None:
         """Free the captured graphs. Before the ranks' process group is destroyed: NCCL's
         teardown hangs while a graph holding its collectives exists."""
-        self.graphs = None
+        self.graphs = self.lora_graphs = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -476,7 +510,7 @@ class PackedStep:
     """A step's inputs as the device reads them (see `ModelRunner._pack`), and what rank 0
     sends the other ranks: `values` after a header of the sizes and the scored prompt rows."""
 
-    values: array | torch.Tensor  # int64: the eleven sections of `lengths` (see `starts`), then the block tables
+    values: array | torch.Tensor  # int64: the twelve sections of `lengths` (see `starts`), then the block tables
     lengths: list[int]
     num_chunks: int
     width: int  # of the padded block tables
@@ -484,8 +518,9 @@ class PackedStep:
     query_lens: list[int]
     context_lens: list[int]
 
-    SECTIONS = 11  # of `values`, each of `lengths[i]` entries
+    SECTIONS = 12  # of `values`, each of `lengths[i]` entries
     SINGLES = 9  # the section of a mixed step's one-token chunks
+    LORA_SLOTS = 11  # each chunk's adapter slot, in packed order (empty: no chunk uses one)
     HEADER = SECTIONS + 3  # num_chunks, width, the lengths, len(scored); then 3 per scored entry
 
     def starts(self) -> list[int]:

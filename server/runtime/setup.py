@@ -15,6 +15,7 @@ from server.config import CacheConfig, EngineArgs, ModelConfig
 from server.layers.attention import default_block_size
 from server.layers.parallel import TensorParallel, set_tensor_parallel
 from server.models.loader import ModelSource, load_config, load_generation_config, resolve_model
+from server.models.lora import read_adapter
 from server.models.quantization import resolve_quantization
 from server.runtime.model_runner import ModelRunner
 
@@ -32,6 +33,7 @@ class StartedRunner:
     max_model_len: int
     device: str
     dtype: str
+    lora_adapters: list[str]  # the adapters' names, in slot order
 
 
 def device_and_dtype(args: EngineArgs, model: ModelConfig, rank: int) -> tuple[str, str]:
@@ -123,6 +125,10 @@ def start_runner(args: EngineArgs, rank: int = 0, port: int = 0) -> StartedRunne
         check_fp8(device, "an fp8 KV cache")
     runner = ModelRunner(model, None if dummy else source, device, dtype, args.attention_backend, tp, kv_dtype,
                          args.block_size)
+    # Before the KV cache is sized: the adapters' slots come out of the memory it gets.
+    adapters = [read_adapter(name, where, args.download_dir, args.max_lora_rank)
+                for name, where in (args.lora_adapters or {}).items()]
+    runner.attach_lora(adapters)
     block_size = args.block_size or default_block_size(runner.attention_backend)
     model_len = min(args.max_model_len or model.max_position_embeddings, model.max_position_embeddings)
     kv_tokens = args.max_batch_total_tokens or runner.kv_tokens_that_fit(
@@ -141,4 +147,4 @@ def start_runner(args: EngineArgs, rank: int = 0, port: int = 0) -> StartedRunne
     if not args.enforce_eager:
         runner.capture_decode_graphs(args.max_num_seqs, max_model_len)
     runner.warm_up(args.max_num_seqs)
-    return StartedRunner(runner, model, source, cache, max_model_len, device, dtype)
+    return StartedRunner(runner, model, source, cache, max_model_len, device, dtype, [a.name for a in adapters])
