@@ -65,6 +65,10 @@ FLAGS = [
      "default the next step is queued on the GPU first, so that it never waits for the host)."),
     ("--graceful-termination-timeout", int, 90, "Seconds that running requests get to finish after "
      "SIGTERM before they are cut off."),
+    ("--lora-adapters", str, None, "LoRA adapters in PEFT's format, served beside the base model and chosen per "
+     "request (TGI's `adapter_id`, OpenAI's `model`): comma-separated `id` (a hub repo), `id@revision` or "
+     "`name=path`."),
+    ("--max-lora-rank", int, 64, "Largest LoRA rank an adapter may have; a larger one is refused at start."),
 ]
 
 
@@ -124,7 +128,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.max_batch_total_tokens is not None and args.max_total_tokens is not None \
             and args.max_batch_total_tokens < args.max_total_tokens:
         parser.error("--max-batch-total-tokens must be >= --max-total-tokens")
-    for name in ("max_concurrent_requests", "max_best_of", "max_batch_prefill_tokens", "payload_limit",
+    for name in ("max_concurrent_requests", "max_best_of", "max_batch_prefill_tokens", "payload_limit", "max_lora_rank",
                  "max_client_batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")
@@ -188,11 +192,17 @@ def main(argv: list[str] | None = None) -> int:
     from server.config import EngineArgs
     from server.engine.async_engine import AsyncEngine
 
+    from server.models.lora import parse_lora_adapters
     from server.runtime.setup import launched_rank, leave_group, start_runner
 
     rank = launched_rank()
     if rank is not None:  # started by torchrun: every process is a rank, rank 0 serves HTTP
         args.num_shard = int(os.environ["WORLD_SIZE"])
+    try:
+        lora_adapters = parse_lora_adapters(args.lora_adapters)
+    except ValueError as error:
+        log.error("could not start: %s", error)
+        return 2
     engine_args = EngineArgs(
         model=args.model_id, revision=args.revision, download_dir=args.huggingface_hub_cache,
         dtype=args.dtype or "auto", tensor_parallel_size=args.num_shard or 1,
@@ -200,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         max_batch_prefill_tokens=args.max_batch_prefill_tokens, max_model_len=args.max_total_tokens,
         cuda_memory_fraction=args.cuda_memory_fraction, quantize=args.quantize,
         load_format=args.load_format, kv_cache_dtype=args.kv_cache_dtype,
-        async_scheduling=not args.disable_async_scheduling)
+        async_scheduling=not args.disable_async_scheduling, lora_adapters=lora_adapters,
+        max_lora_rank=args.max_lora_rank)
     if rank:
         log.info("rank %d of %d: running the steps rank 0 sends", rank, engine_args.tensor_parallel_size)
         start_runner(engine_args, rank).runner.serve_steps()
@@ -231,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         cors_allow_origin=tuple(o.strip() for o in (args.cors_allow_origin or "").split(",") if o.strip()),
         payload_limit=args.payload_limit, disable_grammar_support=args.disable_grammar_support,
         watermark_gamma=args.watermark_gamma, watermark_delta=args.watermark_delta,
-        model_dtype=config.dtype, model_device_type=config.device.split(":")[0])
+        model_dtype=config.dtype, model_device_type=config.device.split(":")[0],
+        lora_adapters=tuple(engine.lora_adapters))
     app = create_app(engine, settings)
     log.info("serving %s on http://%s:%d (max_input_tokens=%d, max_total_tokens=%d, KV cache %d tokens)",
              config.model_id, args.hostname, args.port, max_input, max_total, config.cache.max_total_tokens)

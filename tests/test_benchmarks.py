@@ -118,3 +118,13 @@ def test_capture_effect_times_decode_before_and_after(mistral_v03_dir):
     report = json.loads(done.stdout)
     for timing in (report["before"], report["after_one_more_capture"]):
         assert len(timing["tokens_per_s"]) == 3 and timing["host_us_a_step"] > 0 and timing["wait_us_a_step"] >= 0
+
+
+def test_lora_runs_base_and_adapters_in_one_engine(mistral_v03_dir):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "lora.py"), "--model", mistral_v03_dir,
+                           "--adapters", "2", "--rank", "4", "--decode-tokens", "4", "--num-prompts", "4",
+                           "--min-prompt-len", "5", "--max-prompt-len", "20", "--min-output-len", "3",
+                           "--max-output-len", "5"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["decode_tokens_per_s"]["adapter"] > 0 and report["workload_tokens_per_s"]["adapters"] > 0

@@ -60,6 +60,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
             "max_total_tokens": settings.max_total_tokens, "validation_workers": 1,
             "max_client_batch_size": settings.max_client_batch_size, "router": "text-generation-router",
             "version": settings.version, "sha": None, "docker_label": None,
+            "lora_adapters": list(settings.lora_adapters),
         }
 
     @app.get("/metrics", response_class=PlainTextResponse, tags=["Text Generation Inference"],

@@ -16,7 +16,7 @@ from typing import AsyncIterator
 from server.api.errors import client_message, generation_error, validation_error
 from server.engine.async_engine import AsyncEngine, EngineDeadError, EngineStepError
 from server.outputs import RequestMetrics, RequestOutput
-from server.sampling_params import SamplingParams
+from server.sampling_params import LoRARequest, SamplingParams
 
 
 @dataclass
@@ -63,8 +63,9 @@ class Step:
 
 class Generation:
     def __init__(self, engine: AsyncEngine, token_ids: list[int], params: SamplingParams,
-                 top_n: int = 0):
+                 top_n: int = 0, lora: LoRARequest | None = None):
         self.engine = engine
+        self.lora = lora
         self.tokenizer = engine.tokenizer
         self.token_ids = token_ids
         self.params = params
@@ -78,7 +79,7 @@ class Generation:
     async def steps(self) -> AsyncIterator[list[Step]]:
         """Yield the new tokens of each engine output; leaving early aborts the request."""
         try:
-            async for output in self.engine.generate(self.token_ids, self.params, self.request_id):
+            async for output in self.engine.generate(self.token_ids, self.params, self.request_id, self.lora):
                 yield self._advance(output)
         except ValueError as error:  # the engine refused the input
             raise validation_error(client_message(error)) from error

@@ -56,6 +56,7 @@ class Metrics:
         "tgi_request_count": ("counter", "Requests received"),
         "tgi_request_success": ("counter", "Requests answered successfully"),
         "tgi_request_failure": ("counter", "Requests that failed, by cause"),
+        "tgi_request_adapter_count": ("counter", "Requests answered through each LoRA adapter"),
         "tgi_request_duration": ("histogram", "End-to-end request latency (s)"),
         "tgi_request_validation_duration": ("histogram", "Time spent validating a request (s)"),
         "tgi_request_queue_duration": ("histogram", "Time from arrival to first scheduling (s)"),

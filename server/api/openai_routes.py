@@ -16,7 +16,7 @@ from server.api.state import RequestTrace, ServerState
 from server.api.streaming import EventStream, merge, openai_event, until_disconnected
 from server.api.tgi_schemas import ErrorResponse
 from server.api.tools import ToolUse, tool_error, tool_use, with_tool_prompt
-from server.api.validation import openai_params
+from server.api.validation import openai_adapter, openai_params
 from server.engine.detokenizer import IncrementalDetokenizer
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 413, 422, 424, 429)}
@@ -85,7 +85,7 @@ class OpenAIRoutes:
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = openai_params(body, len(token_ids), settings, max_tokens, top, guided=guided)
         check_grammar(self.state.engine, params)
-        return Generation(self.state.engine, token_ids, params, top), use
+        return Generation(self.state.engine, token_ids, params, top, openai_adapter(body.model, settings)), use
 
     def token_logprob(self, token: TokenInfo, top: list[TokenInfo]) -> dict:
         text = self.tokenizer.token_text(token.id)
@@ -161,6 +161,7 @@ class OpenAIRoutes:
                                    f"Given: {len(prompts)}")
         vocab = self.tokenizer.vocab_size
         generations = []
+        lora = openai_adapter(body.model, self.state.settings)
         for prompt in prompts:
             if isinstance(prompt, str):
                 if not prompt:
@@ -177,7 +178,7 @@ class OpenAIRoutes:
             params = openai_params(body, len(token_ids), self.state.settings, body.max_tokens, top,
                                    best_of=body.best_of, prompt_logprobs=scored)
             check_grammar(self.state.engine, params)
-            generations.append(Generation(self.state.engine, token_ids, params, top))
+            generations.append(Generation(self.state.engine, token_ids, params, top, lora))
         return generations
 
     def completion_logprobs(self, seq: SequenceResult, offset: int) -> dict:
@@ -310,9 +311,11 @@ class OpenAIRoutes:
                                  lambda gs, trace: self.completion_events(body, gs, trace), complete)
 
     async def models(self):
+        """The base model, then each LoRA adapter (vLLM's `parent` names what it adapts)."""
         model_id = self.state.settings.model_id
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0,
-                                            "owned_by": model_id}]}
+        base = {"id": model_id, "object": "model", "created": 0, "owned_by": model_id, "parent": None}
+        return {"object": "list", "data": [base] + [{**base, "id": name, "parent": model_id}
+                                                    for name in self.state.settings.lora_adapters]}
 
     def router(self) -> APIRouter:
         router = APIRouter(tags=["OpenAI"])

@@ -178,6 +178,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    parent: str | None = None  # what a LoRA adapter adapts
 
 
 class ModelList(BaseModel):

@@ -27,3 +27,4 @@ class ServerSettings:
     watermark_gamma: float = 0.5
     watermark_delta: float = 2.0
     version: str = __version__
+    lora_adapters: tuple[str, ...] = ()  # the LoRA adapters' names, as requests choose them

@@ -94,6 +94,8 @@ class RequestTrace:
         generated = sum(len(r.tokens) for r in results)
         per_token = inference / max(1, generated)
         metrics.inc("tgi_request_success")
+        if generation.lora is not None:
+            metrics.inc("tgi_request_adapter_count", adapter=generation.lora.lora_name)
         metrics.observe("tgi_request_duration", end - self.start)
         metrics.observe("tgi_request_queue_duration", queue)
         metrics.observe("tgi_request_inference_duration", inference)

@@ -64,7 +64,7 @@ class TGIRoutes:
         inputs = validate_generate(body, self.tokenizer, self.state.settings, stream)
         check_grammar(self.state.engine, inputs.params)
         trace.validated()
-        generation = Generation(self.state.engine, inputs.token_ids, inputs.params, inputs.top_n_tokens)
+        generation = Generation(self.state.engine, inputs.token_ids, inputs.params, inputs.top_n_tokens, inputs.lora)
         prefix = body.inputs if inputs.return_full_text else ""
         return inputs, generation, prefix
 

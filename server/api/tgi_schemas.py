@@ -124,6 +124,7 @@ class Info(BaseModel):
     version: str
     sha: str | None
     docker_label: str | None
+    lora_adapters: list[str] = []
 
 
 class ErrorResponse(BaseModel):

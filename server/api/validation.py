@@ -15,7 +15,7 @@ from server.api.openai_schemas import ChatRequest, CompletionRequest
 from server.api.settings import ServerSettings
 from server.api.tgi_schemas import GenerateRequest
 from server.engine.tokenizer import Tokenizer
-from server.sampling_params import SamplingParams
+from server.sampling_params import LoRARequest, SamplingParams
 
 
 @dataclass
@@ -28,6 +28,7 @@ class GenerateInputs:
     details: bool
     decoder_input_details: bool
     return_full_text: bool
+    lora: LoRARequest | None
 
 
 def encode_inputs(tokenizer: Tokenizer, text: str, truncate: int | None) -> list[int]:
@@ -92,8 +93,7 @@ def validate_generate(request: GenerateRequest, tokenizer: Tokenizer, settings: 
         raise validation_error("`stop` sequences must not be empty")
     top_n = p.top_n_tokens or 0
     guided = tgi_grammar(p.grammar, settings)
-    if p.adapter_id is not None and p.adapter_id != settings.model_id:
-        raise validation_error(f"adapter `{p.adapter_id}` is not loaded: this server serves no LoRA adapters")
+    lora = tgi_adapter(p.adapter_id, settings)
     token_ids = encode_inputs(tokenizer, request.inputs, p.truncate)
     max_new_tokens = check_lengths(len(token_ids), p.max_new_tokens, settings)
     params = sampling_params(
@@ -106,7 +106,32 @@ def validate_generate(request: GenerateRequest, tokenizer: Tokenizer, settings: 
         watermark=bool(p.watermark), watermark_gamma=settings.watermark_gamma,
         watermark_delta=settings.watermark_delta, **guided)
     return GenerateInputs(token_ids, params, top_n, bool(p.details or p.decoder_input_details),
-                          bool(p.decoder_input_details), bool(p.return_full_text))
+                          bool(p.decoder_input_details), bool(p.return_full_text), lora)
+
+
+def _not_loaded(what: str, settings: ServerSettings) -> APIError:
+    loaded = ", ".join(f"`{name}`" for name in settings.lora_adapters) or "none"
+    return validation_error(f"{what} is not loaded (the base model is `{settings.model_id}`; "
+                            f"LoRA adapters: {loaded})")
+
+
+def tgi_adapter(adapter_id: str | None, settings: ServerSettings) -> LoRARequest | None:
+    """TGI's `adapter_id`: a loaded adapter's name, or the base model (none, or its id)."""
+    if adapter_id is None or adapter_id == settings.model_id:
+        return None
+    if adapter_id in settings.lora_adapters:
+        return LoRARequest(adapter_id)
+    raise _not_loaded(f"adapter `{adapter_id}`", settings)
+
+
+def openai_adapter(model: str | None, settings: ServerSettings) -> LoRARequest | None:
+    """OpenAI's `model`: a loaded adapter's name, else the base model (its id or `tgi`; any name
+    while no adapter is loaded, so that clients that send a placeholder keep working)."""
+    if model in settings.lora_adapters:
+        return LoRARequest(model)
+    if not settings.lora_adapters or model in (None, settings.model_id, "tgi"):
+        return None
+    raise _not_loaded(f"model `{model}`", settings)
 
 
 def token_id_key(key: str) -> int:
