@@ -206,6 +206,20 @@ def tiny_server(mistral_v03_dir):
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def app_engine(mistral_v03_dir):
+    """The tiny checkpoint's engine behind the HTTP app, in-process (httpx's ASGI transport)."""
+    from server import AsyncEngine
+    from server.api.app import create_app
+    from server.api.settings import ServerSettings
+    from server.config import EngineArgs
+
+    engine = AsyncEngine(EngineArgs(model=mistral_v03_dir, max_batch_total_tokens=4096))
+    app = create_app(engine, ServerSettings(model_id="tiny", max_input_tokens=200, max_total_tokens=256))
+    yield app, engine
+    engine.shutdown()
+
+
 @pytest.fixture(scope="session")
 def tiny_llm(mistral_v03_dir):
     """The same checkpoint in-process: the oracle for what the server must answer."""

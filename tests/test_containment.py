@@ -7,10 +7,7 @@ import asyncio
 import httpx
 import pytest
 
-from server import AsyncEngine, SamplingParams
-from server.api.app import create_app
-from server.api.settings import ServerSettings
-from server.config import EngineArgs
+from server import SamplingParams
 
 POISON_TOP_K = 13  # the injected fault fires for any step that samples a row with this top_k
 PROMPTS = ["The quick brown fox", "Once upon a time", "In the beginning", "Hello there, my friend"]
@@ -104,14 +101,6 @@ def test_the_library_raises_for_the_failed_prompt(tiny_llm, monkeypatch):
                                         SamplingParams(temperature=0.5, top_k=POISON_TOP_K, max_tokens=4)],
                           use_tqdm=False)
     assert not tiny_llm.engine.has_unfinished_requests()
-
-
-@pytest.fixture(scope="module")
-def app_engine(mistral_v03_dir):
-    engine = AsyncEngine(EngineArgs(model=mistral_v03_dir, max_batch_total_tokens=4096))
-    app = create_app(engine, ServerSettings(model_id="tiny", max_input_tokens=200, max_total_tokens=256))
-    yield app, engine
-    engine.shutdown()
 
 
 def generate_all(app, bodies: list[dict]) -> list[httpx.Response]:

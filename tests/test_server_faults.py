@@ -18,14 +18,6 @@ from server.engine.chat_template import render_template
 BODY = {"inputs": "The quick brown fox", "parameters": {"max_new_tokens": 4}}
 
 
-@pytest.fixture(scope="module")
-def app_engine(mistral_v03_dir):
-    engine = AsyncEngine(EngineArgs(model=mistral_v03_dir, max_batch_total_tokens=4096))
-    app = create_app(engine, ServerSettings(model_id="tiny", max_input_tokens=200, max_total_tokens=256))
-    yield app, engine
-    engine.shutdown()
-
-
 def request(app, method, path, **kwargs):
     async def go():
         transport = httpx.ASGITransport(app=app)
