@@ -70,12 +70,16 @@ class SequenceChunk:
     # (read on the device, so that this step can be queued before that one is read back).
     pending_row: int = -1
     lora_slot: int = -1  # the LoRA adapter slot its tokens use (-1: the base model)
+    # Speculation: the chunk ends in k proposed tokens, and its last k + 1 tokens each sample
+    # the token after them: these rows' settings, the last row's being `sampling`.
+    draft_sampling: list[SamplingOptions] = field(default_factory=list)
 
 
 @dataclass
 class ChunkResult:
     sampled: SampledToken | None
     prompt_logprobs: list[dict[int, float]]
+    draft_samples: list[SampledToken] = field(default_factory=list)  # the rows before the last, in order
 
 
 GRAPH_RESERVE_BYTES = 512 << 20  # what captured graphs and the allocator's slack may take
@@ -286,7 +290,8 @@ class ModelRunner:
                 span = range(start, start + len(ids))
                 positions += span
                 slots += [table[pos // size] * size + pos % size for pos in span]
-        sample_rows = [last[i] for i, chunk in enumerate(chunks) if chunk.sampling is not None]
+        sample_rows = [last[i] - k for i, chunk in enumerate(chunks) if chunk.sampling is not None
+                       for k in range(len(chunk.draft_sampling), -1, -1)]
         packed = [chunks[i] for i in order]
         width = max(len(c.block_table) for c in packed)
         query_lens = [len(c.token_ids) for c in packed]
@@ -428,7 +433,8 @@ class ModelRunner:
                 chunk = chunks[index]
                 results[index].prompt_logprobs = prompt_logprobs(logits, chunk.prompt_targets, chunk.prompt_top_n)
         num_rows = packed.lengths[5]
-        row_chunks = [i for i, c in enumerate(chunks) if c.sampling is not None] if chunks is not None else []
+        row_chunks = [i for i, c in enumerate(chunks) if c.sampling is not None
+                      for _ in range(len(c.draft_sampling) + 1)] if chunks is not None else []
         step = ForwardStep(chunks, results, row_chunks, hidden[sample_rows] if num_rows else None)
         if self.tp.rank != 0 and num_rows:  # the LM head is a collective: every rank joins it
             self.model.compute_logits(step.hidden)
@@ -467,7 +473,7 @@ class ModelRunner:
         if step.hidden is not None and self.tp.rank == 0:  # the other ranks did their part in forward
             logits = self.model.compute_logits(step.hidden)  # a collective: every rank
             allowed = allowed_tokens() if allowed_tokens is not None else None
-            picked = sample_on_device(logits, [step.chunks[i].sampling for i in step.row_chunks], allowed)
+            picked = sample_on_device(logits, row_options(step.chunks, step.row_chunks), allowed)
             if self.tp.size > 1:
                 dist.broadcast(picked.next_ids, src=0, group=self.tp.group)
             picked = to_host(picked)
@@ -499,10 +505,24 @@ class ModelRunner:
     def collect(self, step: "LaunchedStep") -> list[ChunkResult]:
         """Wait for a launched step (and nothing queued after it) and return its results."""
         if step.picked is not None:
-            sampling = [step.chunks[i].sampling for i in step.row_chunks]
-            for i, token in zip(step.row_chunks, sampled_tokens(step.picked, sampling)):
-                step.results[i].sampled = token
+            for i, token in zip(step.row_chunks, sampled_tokens(step.picked, row_options(step.chunks, step.row_chunks))):
+                result = step.results[i]  # a chunk's draft rows come first, its last row after them
+                if len(result.draft_samples) < len(step.chunks[i].draft_sampling):
+                    result.draft_samples.append(token)
+                else:
+                    result.sampled = token
         return step.results
+
+
+def row_options(chunks: list[SequenceChunk], row_chunks: list[int]) -> list[SamplingOptions]:
+    """The sampling settings of each sampled row: a chunk's draft rows, then its last."""
+    options, seen = [], {}
+    for i in row_chunks:
+        k = seen.get(i, 0)
+        seen[i] = k + 1
+        chunk = chunks[i]
+        options.append(chunk.draft_sampling[k] if k < len(chunk.draft_sampling) else chunk.sampling)
+    return options
 
 
 @dataclass
@@ -559,7 +579,7 @@ class PackedStep:
 class ForwardStep:
     chunks: list[SequenceChunk]
     results: list[ChunkResult]
-    row_chunks: list[int]  # which chunks sample a token
+    row_chunks: list[int]  # the chunk each sampled row belongs to (a chunk's rows in order)
     hidden: torch.Tensor | None  # the hidden states of their last tokens
 
 
@@ -567,5 +587,5 @@ class ForwardStep:
 class LaunchedStep:
     chunks: list[SequenceChunk]
     results: list[ChunkResult]
-    row_chunks: list[int]  # which chunks sample a token
+    row_chunks: list[int]  # the chunk each sampled row belongs to (a chunk's rows in order)
     picked: DeviceSample | None
