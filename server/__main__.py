@@ -69,6 +69,8 @@ FLAGS = [
      "request (TGI's `adapter_id`, OpenAI's `model`): comma-separated `id` (a hub repo), `id@revision` or "
      "`name=path`."),
     ("--max-lora-rank", int, 64, "Largest LoRA rank an adapter may have; a larger one is refused at start."),
+    ("--speculate", int, 0, "Speculative decoding: up to this many tokens a step proposed by n-gram lookup in "
+     "the prompt and output, checked in one forward pass; outputs are the same as without it. 0: off."),
 ]
 
 
@@ -118,6 +120,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.num_shard = torch.cuda.device_count()
         if args.num_shard < 2:
             parser.error("--sharded true needs at least two visible GPUs, or --num-shard")
+    if args.speculate < 0:
+        parser.error("--speculate must be 0 (off) or positive")
     if not 0 < args.watermark_gamma < 1:
         parser.error("--watermark-gamma must be in (0, 1)")
     if args.dtype and args.quantize:
@@ -211,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         cuda_memory_fraction=args.cuda_memory_fraction, quantize=args.quantize,
         load_format=args.load_format, kv_cache_dtype=args.kv_cache_dtype,
         async_scheduling=not args.disable_async_scheduling, lora_adapters=lora_adapters,
-        max_lora_rank=args.max_lora_rank)
+        max_lora_rank=args.max_lora_rank, speculate=args.speculate)
     if rank:
         log.info("rank %d of %d: running the steps rank 0 sends", rank, engine_args.tensor_parallel_size)
         start_runner(engine_args, rank).runner.serve_steps()

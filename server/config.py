@@ -131,3 +131,6 @@ class EngineArgs:
     load_format: str = "auto"  # "dummy": random weights of the checkpoint's shapes (benchmarks)
     lora_adapters: dict[str, str] | None = None  # name -> local directory, hub id or id@revision (PEFT's format)
     max_lora_rank: int = 64  # adapters of a larger rank are refused at start
+    speculate: int = 0  # tokens proposed a step by n-gram lookup and checked in one pass (0: off)
+    speculate_ngram_max: int = 3  # the longest n-gram looked up
+    speculate_ngram_min: int = 1  # the shortest

@@ -15,6 +15,24 @@ Prompt = str | list[int]
 Conversation = list[dict]
 
 
+def speculative_settings(config: dict | None) -> dict:
+    """vLLM's `speculative_config` as EngineArgs' fields."""
+    if not config:
+        return {}
+    config = dict(config)
+    method = config.pop("method", "ngram")
+    if method != "ngram":
+        raise ValueError(f"speculative method {method!r} is not supported; ngram (prompt lookup) is")
+    settings = {"speculate": int(config.pop("num_speculative_tokens", 0)),
+                "speculate_ngram_max": int(config.pop("prompt_lookup_max", 3)),
+                "speculate_ngram_min": int(config.pop("prompt_lookup_min", 1))}
+    if config:
+        raise ValueError(f"speculative_config keys {sorted(config)} are not supported")
+    if settings["speculate"] < 0 or not 1 <= settings["speculate_ngram_min"] <= settings["speculate_ngram_max"]:
+        raise ValueError(f"speculative_config {settings} is out of range")
+    return settings
+
+
 class LLM:
     """An offline engine. `model=None` serves the embedded SmolLM2-135M-Instruct."""
 
@@ -25,12 +43,16 @@ class LLM:
                  max_model_len: int | None = None, revision: str | None = None,
                  download_dir: str | None = None, quantization: str | None = None,
                  kv_cache_dtype: str = "auto", async_scheduling: bool = True,
-                 lora_adapters: dict[str, str] | str | None = None, max_lora_rank: int = 64):
+                 lora_adapters: dict[str, str] | str | None = None, max_lora_rank: int = 64,
+                 speculative_config: dict | None = None):
         """`quantization`: TGI's --quantize (fp8, awq, gptq, compressed-tensors; None: as the
         checkpoint's quantization_config says); `kv_cache_dtype`: "auto" or "fp8";
         `async_scheduling`: queue each step on the device before reading the last one back;
         `lora_adapters`: LoRA adapters in PEFT's format, {name: directory or hub id[@revision]}
-        or TGI's `--lora-adapters` text, each then chosen per request with a `LoRARequest`."""
+        or TGI's `--lora-adapters` text, each then chosen per request with a `LoRARequest`;
+        `speculative_config`: vLLM's shape, {"method": "ngram", "num_speculative_tokens": N,
+        "prompt_lookup_max": 3, "prompt_lookup_min": 1} (n-gram prompt lookup)."""
+        speculation = speculative_settings(speculative_config)
         if isinstance(lora_adapters, str):
             lora_adapters = parse_lora_adapters(lora_adapters)
         self.engine = LLMEngine(EngineArgs(
@@ -39,7 +61,8 @@ class LLM:
             max_batch_total_tokens=max_batch_total_tokens, max_batch_prefill_tokens=max_batch_prefill_tokens,
             max_num_seqs=max_num_seqs, max_model_len=max_model_len, block_size=block_size,
             enable_prefix_caching=enable_prefix_caching, quantize=quantization, kv_cache_dtype=kv_cache_dtype,
-            async_scheduling=async_scheduling, lora_adapters=lora_adapters, max_lora_rank=max_lora_rank))
+            async_scheduling=async_scheduling, lora_adapters=lora_adapters, max_lora_rank=max_lora_rank,
+            **speculation))
         self.engine.stream_outputs = False  # generate() returns finished requests only
 
     def get_tokenizer(self):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import gc
 import itertools
 import logging
@@ -16,6 +17,7 @@ from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.guidance import Guidance
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Request, Sequence, SequenceStatus
+from server.engine.speculation import propose_ngram
 from server.engine.stop import check_text_stop, check_token_stop, stable_text_len
 from server.engine.tokenizer import Tokenizer
 from server.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -63,6 +65,11 @@ class LLMEngine:
         self.guidance = Guidance(self.tokenizer, model.vocab_size, self.eos_token_ids,
                                  on_gpu=started.device.startswith("cuda"))
         self.lora_adapters = {name: slot for slot, name in enumerate(started.lora_adapters)}
+        # Speculative decoding: up to `speculate` tokens proposed a step by n-gram lookup (n in
+        # speculate_ngram: the largest to the smallest tried), checked in one forward pass.
+        self.speculate = args.speculate
+        self.speculate_ngram = (args.speculate_ngram_max, args.speculate_ngram_min)
+        self.num_speculated = self.num_accepted = 0  # proposed tokens, and those the model kept
         self.requests: dict[str, Request] = {}
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
         self._unfinished_outputs: list[Sequence] = []  # sampled last step, text not yet made
@@ -201,6 +208,8 @@ class LLMEngine:
             return self._contain(error)
 
     def _step(self) -> list[RequestOutput]:
+        if self.speculate:
+            self._propose()
         batch = self.scheduler.schedule()
         self._stepping = [batch] + ([self._in_flight[0]] if self._in_flight is not None else [])
         forward = self._launch_forward(batch) if batch else None
@@ -213,8 +222,9 @@ class LLMEngine:
                 self._in_flight = (batch, launched)
         outputs = self._finish_outputs()
         # While suspects run alone, each step is read back before the next one is scheduled,
-        # so that a failure has one request in it.
-        if self._in_flight is not None and (not self.async_scheduling or self._suspects):
+        # so that a failure has one request in it; with speculation, so that proposals follow
+        # the tokens the last step accepted.
+        if self._in_flight is not None and (not self.async_scheduling or self._suspects or self.speculate):
             in_flight, self._in_flight = self._in_flight, None
             self._complete(*in_flight)
         self._stepping = []
@@ -285,6 +295,10 @@ class LLMEngine:
         for seq, chunk in zip(batch.seqs, chunks):
             if chunk.sampling is not None:
                 chunk.sampling = self._sampling_options(seq)
+                if chunk.draft_sampling:  # each proposed place samples as it would in its own step
+                    chunk.draft_sampling, chunk.sampling = self._speculated_options(seq, chunk.sampling,
+                                                                                    len(chunk.draft_sampling))
+                rows += len(chunk.draft_sampling)
                 if not seq.is_finished and seq.status == SequenceStatus.RUNNING:
                     seq.num_pending, seq.pending_row = 1, rows
                     seq.pending_is_last = self._length_ends(seq)
@@ -297,6 +311,36 @@ class LLMEngine:
                 if seq.status == SequenceStatus.RUNNING:
                     seq.num_computed_tokens -= num_tokens  # nothing of this step counts
         return launched
+
+    def _propose(self) -> None:
+        """Each running sequence's proposals for this step (none where it cannot speculate)."""
+        most, least = self.speculate_ngram
+        for seq in self.scheduler.running:
+            seq.drafts = []
+            params = seq.params
+            if seq.num_pending or seq.num_computed_tokens != len(seq.token_ids) - 1 or not self._may_speculate(seq):
+                continue
+            room = self.max_model_len - len(seq.token_ids) - 1
+            if params.max_tokens is not None:
+                room = min(room, params.max_tokens - seq.num_output_tokens - 1)
+            seq.drafts = propose_ngram(seq.token_ids, min(self.speculate, room), most, least)
+
+    @staticmethod
+    def _may_speculate(seq: Sequence) -> bool:
+        """Whether checking proposals gives the tokens of steps run one at a time: the settings
+        of each place must not depend on the tokens before it (penalties, a grammar, the
+        watermark and min_tokens do)."""
+        params = seq.params
+        return (seq.matcher is None and not params.watermark and not params.min_tokens and params.repetition_penalty == 1.0
+                and not params.frequency_penalty and not params.presence_penalty)
+
+    def _speculated_options(self, seq: Sequence, options: SamplingOptions, k: int):
+        """The settings of a speculating chunk's k + 1 rows: the same but each place's random key."""
+        def at(offset: int) -> SamplingOptions:
+            key = row_key(seq.seed, seq.num_output_tokens + offset) if options.temperature > 0 else 0
+            return dataclasses.replace(options, key=key)
+
+        return [at(j) for j in range(k)], at(k)
 
     def _length_ends(self, seq: Sequence) -> bool:
         """Whether one more token reaches the sequence's length limit."""
@@ -314,9 +358,14 @@ class LLMEngine:
     def _allowed_tokens(self, seqs: list[Sequence], chunks: list[SequenceChunk]):
         """For the runner, the grammar masks of the guided sequences that sample this step
         (rows numbered among the sampling chunks); None when there are none."""
-        sampling = [seq for seq, chunk in zip(seqs, chunks) if chunk.sampling is not None]
-        guided = [(row, seq.matcher) for row, seq in enumerate(sampling)
-                  if seq.matcher is not None and not seq.is_finished]
+        guided, row = [], 0
+        for seq, chunk in zip(seqs, chunks):
+            if chunk.sampling is None:
+                continue
+            row += len(chunk.draft_sampling)  # a speculating chunk's rows come before its last
+            if seq.matcher is not None and not seq.is_finished:
+                guided.append((row, seq.matcher))
+            row += 1
         if not guided:
             return None
         rows, matchers = (list(column) for column in zip(*guided))
@@ -352,16 +401,41 @@ class LLMEngine:
                     self._suspects.pop(0)  # it sampled alone without failing: not the cause
                 request.first_token_time = request.first_token_time or now
                 seq.num_pending, seq.pending_is_last = 0, False
-                self._append(seq, result.sampled)
-                self.block_manager.commit(seq)  # the token may complete a computed block
+                accepted = self._accepted(seq, chunk, result)
+                seq.step_logprobs = []
+                for token in accepted:
+                    self._append(seq, token)
+                    if seq.is_finished:
+                        break
+                self.block_manager.commit(seq)  # the tokens may complete computed blocks
                 self._unfinished_outputs.append(seq)
             elif seq.params.max_tokens == 0 and chunk.start_pos + len(chunk.token_ids) == seq.num_prompt_tokens:
                 seq.finish_reason, seq.status = "length", SequenceStatus.FINISHED  # the prompt alone was asked for
                 self.scheduler.remove(seq)
                 self._unfinished_outputs.append(seq)
 
+    def _accepted(self, seq: Sequence, chunk: SequenceChunk, result) -> list:
+        """The tokens a step gives a sequence: its pick; for a speculating chunk, the picks at
+        the proposed places up to the first that differs from its proposal, then that pick (or
+        the last row's, when all agree). Only their places' K/V stay computed."""
+        if not chunk.draft_sampling:
+            return [result.sampled]
+        drafts = chunk.token_ids[1:]
+        accepted = []
+        for draft, pick in zip(drafts, result.draft_samples):
+            accepted.append(pick)
+            if pick.token_id != draft:
+                break
+        else:
+            accepted.append(result.sampled)
+        seq.num_computed_tokens = chunk.start_pos + len(accepted)
+        self.num_speculated += len(drafts)
+        self.num_accepted += len(accepted) - 1
+        return accepted
+
     def _append(self, seq: Sequence, sampled) -> None:
         seq.token_ids.append(sampled.token_id)
+        seq.step_logprobs.append(sampled.logprob)
         if seq.matcher is not None:
             seq.matcher.consume_token(sampled.token_id)  # its mask allowed it, so it is accepted
         seq.cumulative_logprob += sampled.logprob
@@ -403,20 +477,36 @@ class LLMEngine:
         return outputs
 
     def _finish_text(self, seq: Sequence, detokenizer: IncrementalDetokenizer) -> None:
-        """The newest token's text, whatever a stop string later cuts from `seq.text`."""
-        if seq.num_output_tokens:
-            delta = detokenizer.add(seq.token_ids[-1])
+        """The new tokens' texts, whatever a stop string later cuts from `seq.text`. A stop
+        string found in a token ends the sequence there: tokens a speculating step accepted
+        after it are dropped."""
+        while len(seq.token_texts) < seq.num_output_tokens:
+            delta = detokenizer.add(seq.token_ids[seq.num_prompt_tokens + len(seq.token_texts)])
             seq.token_texts.append(delta)
             seq.text += delta
-            if seq.finish_reason != "stop" and check_text_stop(seq, len(delta)) and not seq.is_finished:
-                seq.status = SequenceStatus.FINISHED
-                self.scheduler.remove(seq)
+            if seq.finish_reason != "stop" and check_text_stop(seq, len(delta)):
+                self._drop_after_stop(seq)
+                if not seq.is_finished:
+                    seq.status = SequenceStatus.FINISHED
+                    self.scheduler.remove(seq)
+                break
         if seq.finish_reason is not None:
             if seq.num_output_tokens and not isinstance(seq.stop_reason, str):
                 rest = detokenizer.flush()  # the bytes of a character the output ended inside
                 seq.text += rest
                 seq.token_texts[-1] += rest
             del self.detokenizers[seq.seq_id]
+
+    def _drop_after_stop(self, seq: Sequence) -> None:
+        """Forget the tokens after the one whose text matched a stop string (all from the last
+        step: texts are made the step after their tokens are accepted)."""
+        extra = seq.num_output_tokens - len(seq.token_texts)
+        if extra <= 0:
+            return
+        del seq.token_ids[-extra:]
+        if seq.params.logprobs is not None:
+            del seq.output_logprobs[-extra:]
+        seq.cumulative_logprob -= sum(seq.step_logprobs[-extra:])
 
     def _sampling_options(self, seq: Sequence) -> SamplingOptions:
         """The sequence's sampling settings for its next token (made once, updated per step)."""
@@ -446,6 +536,11 @@ class LLMEngine:
 
     def _chunk(self, seq: Sequence, num_tokens: int) -> SequenceChunk:
         start = seq.num_computed_tokens
+        if seq.drafts and num_tokens == 1 + len(seq.drafts):  # its last token, then its proposals
+            chunk = SequenceChunk([seq.token_ids[start], *seq.drafts], start, seq.block_table,
+                                  lora_slot=seq.request.lora_slot)
+            chunk.sampling, chunk.draft_sampling = TO_BE_SET, [TO_BE_SET] * len(seq.drafts)
+            return chunk
         end = start + num_tokens
         chunk = SequenceChunk(seq.token_ids[start:end], start, seq.block_table, lora_slot=seq.request.lora_slot)
         params = seq.params

@@ -81,7 +81,8 @@ class Scheduler:
                 kept.append(seq)
                 continue
             remaining = len(seq) - seq.num_computed_tokens
-            num_tokens = 1 if remaining == 1 else min(remaining, budget)
+            # Decoding: its last token, and the tokens proposed after it, if any.
+            num_tokens = 1 + len(seq.drafts) if remaining == 1 else min(remaining, budget)
             if num_tokens == 0:  # a chunked prefill waiting for budget
                 kept.append(seq)
                 continue
@@ -148,6 +149,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
         self.block_manager.release(seq)
+        seq.drafts = []
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         batch.preempted.append(seq)

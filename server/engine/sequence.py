@@ -49,6 +49,8 @@ class Sequence:
         self.emitted_text_len = 0  # how much of `text` has been streamed
         self.sampling_options = None  # the runtime's SamplingOptions, made at the first sample
         self.matcher = None  # a guided sequence's grammar matcher, advanced with every token
+        self.drafts: list[int] = []  # tokens proposed to check in this step (speculative decoding)
+        self.step_logprobs: list[float] = []  # the logprobs of the tokens the last step accepted
 
     @property
     def params(self) -> SamplingParams:

@@ -1,0 +1,26 @@
+"""Speculative decoding's proposals: n-gram prompt lookup (TGI's `--speculate` without Medusa heads).
+
+The last n tokens of a sequence (n from `max_n` down to `min_n`) are looked for earlier in its
+prompt and output; the tokens that followed their latest earlier occurrence are proposed. The
+engine checks the proposals in one forward pass with the sequence's last token, sampling each
+position as it would have without speculation (a row's random key depends on its seed and
+position alone, so the picks are the same tokens), and keeps the proposals up to the first
+that differs from the pick at its place, plus that pick: the output is the one the sequence
+would have had without speculation.
+"""
+from __future__ import annotations
+
+
+def propose_ngram(token_ids: list[int], count: int, max_n: int = 3, min_n: int = 1) -> list[int]:
+    """Up to `count` tokens that followed the latest earlier occurrence of the sequence's last
+    n tokens, for the largest n in [min_n, max_n] that occurs; none if none does."""
+    if count <= 0:
+        return []
+    length = len(token_ids)
+    for n in range(min(max_n, length - 1), min_n - 1, -1):
+        tail = token_ids[length - n:]
+        first = tail[0]
+        for start in range(length - n - 1, -1, -1):  # latest first; the tail itself excluded
+            if token_ids[start] == first and token_ids[start:start + n] == tail:
+                return token_ids[start + n:start + n + count]
+    return []

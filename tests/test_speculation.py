@@ -1,0 +1,152 @@
+"""Speculative decoding with n-gram prompt lookup: the same tokens as without it, for greedy
+and seeded requests alike, alone and in mixed batches, with stops, logprobs and preemption."""
+from __future__ import annotations
+
+import pytest
+
+from server import LLM, SamplingParams
+from server.engine.speculation import propose_ngram
+
+# Prompts that repeat themselves, so that lookups find something to propose.
+PROMPTS = ["one two three four one two three four one two three",
+           "the cat sat on the mat and the cat sat on the",
+           "A B C D A B C D A B",
+           "Hello world"]
+
+
+def test_the_proposal_is_what_followed_the_latest_earlier_match():
+    assert propose_ngram([1, 2, 3, 9, 1, 2, 3], 3) == [9, 1, 2]
+    assert propose_ngram([1, 2, 3, 7, 5, 2, 3, 8, 2, 3], 2, max_n=2) == [8, 2]  # the latest of two
+    assert propose_ngram([5, 6, 7], 4) == []
+    assert propose_ngram([4, 4, 4, 4], 2) == [4]  # what follows the earlier three: one token, then the end
+    assert propose_ngram([1, 2, 3], 0) == []
+
+
+@pytest.fixture(scope="module")
+def plain(mistral_v03_dir):
+    return LLM(mistral_v03_dir, max_batch_total_tokens=4096)
+
+
+@pytest.fixture(scope="module")
+def speculating(mistral_v03_dir):
+    return LLM(mistral_v03_dir, max_batch_total_tokens=4096,
+               speculative_config={"method": "ngram", "num_speculative_tokens": 4})
+
+
+def tokens(outputs):
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+    SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=40, ignore_eos=True),
+    # Near greedy, but sampled: its outputs repeat, so its proposals are checked by sampling.
+    SamplingParams(temperature=0.05, seed=5, max_tokens=40, ignore_eos=True),
+    SamplingParams(temperature=1.2, top_k=20, seed=3, max_tokens=33, ignore_eos=True, logprobs=2),
+])
+def test_speculation_gives_the_tokens_of_plain_decoding(plain, speculating, params):
+    expected = plain.generate(PROMPTS, params, use_tqdm=False)
+    before = speculating.engine.num_accepted
+    got = speculating.generate(PROMPTS, params, use_tqdm=False)
+    assert tokens(got) == tokens(expected)
+    assert [o.outputs[0].text for o in got] == [o.outputs[0].text for o in expected]
+    if params.logprobs is not None:
+        for g, e in zip(got, expected):
+            for got_step, expected_step in zip(g.outputs[0].logprobs, e.outputs[0].logprobs, strict=True):
+                assert got_step.keys() == expected_step.keys()
+                assert list(got_step.values()) == pytest.approx(list(expected_step.values()), abs=1e-4)
+    if params.temperature < 0.1:
+        assert speculating.engine.num_accepted > before  # proposals were taken, not only made
+
+
+def test_each_request_alone_equals_the_batch(speculating):
+    params = SamplingParams(temperature=0.9, seed=11, max_tokens=30, ignore_eos=True)
+    together = tokens(speculating.generate(PROMPTS, params, use_tqdm=False))
+    assert together == [tokens(speculating.generate(p, params, use_tqdm=False))[0] for p in PROMPTS]
+
+
+def test_a_stop_string_inside_an_accepted_run_ends_the_output_there(plain, speculating):
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    text = plain.generate(PROMPTS[1], greedy, use_tqdm=False)[0].outputs[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[stop], logprobs=0)
+    expected = plain.generate(PROMPTS[1], params, use_tqdm=False)[0].outputs[0]
+    got = speculating.generate(PROMPTS[1], params, use_tqdm=False)[0].outputs[0]
+    assert (got.text, got.token_ids, got.finish_reason, got.stop_reason) == \
+        (expected.text, expected.token_ids, expected.finish_reason, expected.stop_reason)
+    assert len(got.logprobs) == len(got.token_ids)
+    assert got.cumulative_logprob == pytest.approx(expected.cumulative_logprob, abs=1e-3)
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 5, 17])
+def test_max_tokens_inside_an_accepted_run_is_exact(plain, speculating, max_tokens):
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    assert tokens(speculating.generate(PROMPTS, params, use_tqdm=False)) == \
+        tokens(plain.generate(PROMPTS, params, use_tqdm=False))
+    assert all(len(t) == max_tokens for t in tokens(speculating.generate(PROMPTS, params, use_tqdm=False)))
+
+
+def test_requests_that_cannot_speculate_share_the_batch(plain, speculating):
+    """Penalties and grammars make each place depend on the ones before: those rows decode one
+    token a step beside the others."""
+    params = [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, repetition_penalty=1.3),
+              SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=30, guided_regex="(ab|cd){1,12}"),
+              SamplingParams(temperature=0.7, seed=2, max_tokens=30, ignore_eos=True, presence_penalty=0.5)]
+    assert tokens(speculating.generate(PROMPTS, params, use_tqdm=False)) == \
+        tokens(plain.generate(PROMPTS, params, use_tqdm=False))
+
+
+def test_a_preempted_speculating_sequence_resumes_with_the_same_tokens(mistral_v03_dir, plain):
+    small = LLM(mistral_v03_dir, max_batch_total_tokens=160, block_size=8,
+                speculative_config={"num_speculative_tokens": 3})
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    got = small.generate(PROMPTS, params, use_tqdm=False)
+    assert small.engine.scheduler.num_preemptions > 0
+    assert tokens(got) == tokens(plain.generate(PROMPTS, params, use_tqdm=False))
+    assert small.engine.block_manager.num_free_blocks == small.engine.block_manager.num_blocks
+
+
+def test_an_aborted_speculating_request_leaves_no_block_behind(speculating):
+    engine = speculating.engine
+    engine.add_request(PROMPTS[0], SamplingParams(temperature=0, max_tokens=200, ignore_eos=True), "gone")
+    for _ in range(4):
+        engine.step()
+    engine.abort("gone")
+    while engine.has_work():
+        engine.step()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_the_library_checks_the_speculative_config(mistral_v03_dir):
+    with pytest.raises(ValueError, match="method 'eagle' is not supported"):
+        LLM(mistral_v03_dir, speculative_config={"method": "eagle", "num_speculative_tokens": 2})
+
+
+def test_two_ranks_over_gloo_speculate_as_one(mistral_v03_dir, plain):
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    sharded = LLM(mistral_v03_dir, tensor_parallel_size=2, max_batch_total_tokens=2048,
+                  speculative_config={"num_speculative_tokens": 4})
+    try:
+        got = sharded.generate(PROMPTS, params, use_tqdm=False)
+        assert sharded.engine.num_accepted > 0
+    finally:
+        sharded.engine.shutdown()
+    assert tokens(got) == tokens(plain.generate(PROMPTS, params, use_tqdm=False))
+
+
+def test_the_server_speculates_with_its_flag(mistral_v03_dir, plain):
+    import httpx
+
+    from server_process import ServerProcess
+
+    server = ServerProcess("--model-id", mistral_v03_dir, "--max-total-tokens", "256", "--max-batch-total-tokens",
+                           "4096", "--speculate", "3")
+    try:
+        server.wait_ready()
+        body = {"inputs": PROMPTS[1], "parameters": {"max_new_tokens": 20}}
+        r = httpx.post(f"{server.url}/generate", json=body, timeout=60)
+    finally:
+        server.stop()
+    expected = plain.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)[0]
+    assert r.json()["generated_text"] == expected.outputs[0].text
