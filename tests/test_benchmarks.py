@@ -128,3 +128,11 @@ def test_lora_runs_base_and_adapters_in_one_engine(mistral_v03_dir):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
     assert report["decode_tokens_per_s"]["adapter"] > 0 and report["workload_tokens_per_s"]["adapters"] > 0
+
+
+def test_speculation_compares_plain_and_speculative_decoding_on_the_default_model():
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "speculation.py"), "--batch-sizes", "1,2",
+                           "--max-tokens", "12"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert all(batch["same_outputs"] for batch in report["batches"].values())

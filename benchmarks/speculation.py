@@ -1,0 +1,82 @@
+"""Speculative decoding (n-gram prompt lookup) against plain decoding, in one run.
+Prints one JSON object: for each batch size, output tokens/s with and without speculation,
+their ratio, the share of proposed tokens the model kept, and whether the outputs were equal.
+
+The prompts are grounded in their input, where lookup pays: rewrite or copy a given passage,
+edit given code. Greedy; each engine in the same process, one after the other.
+
+    python benchmarks/speculation.py                              # SmolLM2 (the default model)
+    python benchmarks/speculation.py --model /tmp/mistral-7b --speculate 4 --batch-sizes 1,8
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from server import LLM, SamplingParams  # noqa: E402
+
+PASSAGE = ("The river rose slowly through the night, and by morning the lower fields were under water. "
+           "The farmers moved their animals to the hill behind the village, where the old church stood, "
+           "and waited for the rain to stop. It stopped on the third day, and the river went back to its bed.")
+CODE = ("def total(items):\n    result = 0\n    for item in items:\n        result = result + item.price * item.count\n"
+        "    return result\n")
+TASKS = [f"Copy this passage exactly, word for word:\n\n{PASSAGE}",
+         f"Rewrite this passage in the present tense:\n\n{PASSAGE}",
+         f"Rename `result` to `subtotal` in this code and show the whole function:\n\n{CODE}",
+         f"Repeat this code, adding a docstring:\n\n{CODE}"]
+
+
+def run(llm: LLM, batch: int, max_tokens: int) -> tuple[float, list[list[int]]]:
+    conversations = [[{"role": "user", "content": TASKS[i % len(TASKS)]}] for i in range(batch)]
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    llm.chat(conversations[:1], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    outputs = llm.chat(conversations, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    ids = [o.outputs[0].token_ids for o in outputs]
+    return sum(map(len, ids)) / seconds, ids
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="model id, directory or .gguf (default: SmolLM2)")
+    parser.add_argument("--speculate", type=int, default=4)
+    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.batch_sizes.split(",")]
+
+    plain, plain_ids = {}, {}
+    llm = LLM(args.model)
+    for size in sizes:
+        plain[size], plain_ids[size] = run(llm, size, args.max_tokens)
+    del llm
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    llm = LLM(args.model, speculative_config={"method": "ngram", "num_speculative_tokens": args.speculate})
+    report = {"benchmark": "speculation", "model": args.model or "SmolLM2-135M-Instruct",
+              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "speculate": args.speculate, "batches": {}}
+    for size in sizes:
+        engine = llm.engine
+        proposed, kept = engine.num_speculated, engine.num_accepted
+        rate, ids = run(llm, size, args.max_tokens)
+        proposed, kept = engine.num_speculated - proposed, engine.num_accepted - kept
+        report["batches"][size] = {"plain_tokens_per_s": plain[size], "speculative_tokens_per_s": rate,
+                                   "ratio": rate / plain[size], "proposed": proposed,
+                                   "kept_share": kept / proposed if proposed else None,
+                                   "same_outputs": ids == plain_ids[size]}
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
