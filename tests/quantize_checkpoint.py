@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 # each linear layer -> the layers that read the same input (GPTQ's act-order is one order per input)
 LINEARS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o", "gate_proj": "gate_up",
-           "up_proj": "gate_up", "down_proj": "down"}
+           "up_proj": "gate_up", "down_proj": "down", "w1": "w13", "w3": "w13", "w2": "w2"}  # w*: Mixtral's experts
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ: nibble i of a word holds column 8c + AWQ_ORDER[i]
 
 

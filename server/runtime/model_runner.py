@@ -189,6 +189,8 @@ class ModelRunner:
         """Capture decode steps for batch sizes up to `max_batch_size` (CUDA, triton or flash_attn)."""
         if self.device.type != "cuda" or self.attention_backend == "torch":
             return
+        if any(getattr(module, "graph_safe", True) is False for module in self.model.modules()):
+            return  # a layer reads the step's values on the host (quantized experts): eager steps
         sizes = [s for s in DEFAULT_SIZES if s <= max_batch_size] or [1]
         max_blocks = -(-max_model_len // self.block_size)
         kv_heads, sms = self.num_kv_heads, self.num_sms  # the graphs keep no reference to the runner

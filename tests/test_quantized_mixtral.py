@@ -1,0 +1,114 @@
+"""Mixtral with quantized experts (GPTQ, AWQ, fp8): loaded from their checkpoints' layouts with
+no flag, the router left in the model's dtype, and held to transformers on the dequantized
+weights (float32, CPU)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from quantize_checkpoint import write_dequantized, write_quantized
+from server import LLM
+from server.kernels.quant_reference import dequantize_fp8
+from server.layers.moe import QuantizedSparseMoE
+from server.runtime.model_runner import SequenceChunk
+from test_parity import GREEDY, PROMPTS, hf_greedy
+from test_tensor_parallel import run as run_sharded
+
+FORMATS = {  # name -> write_quantized's arguments
+    "gptq-act-order": dict(method="gptq", desc_act=True, group_size=32),
+    "gptq": dict(method="gptq", group_size=32),
+    "gptq-v2-sym-group16": dict(method="gptq", sym=True, v2=True, group_size=16),
+    "awq": dict(method="awq", group_size=32),
+    "fp8-per-channel": dict(method="fp8"),
+    "fp8-per-tensor": dict(method="fp8", per_channel=False),
+}
+
+
+@pytest.fixture(scope="module")
+def quantized_mixtral(mixtral_dir, tmp_path_factory):
+    """{format: (quantized dir, dequantized float32 dir)} of the tiny Mixtral."""
+    made = {}
+    for name, arguments in FORMATS.items():
+        root = tmp_path_factory.mktemp(f"mixtral-{name}")
+        weights = write_quantized(Path(mixtral_dir), root / "quantized", **arguments)
+        assert any(".experts." in key for key in weights)  # the experts were quantized, not only attention
+        write_dequantized(Path(mixtral_dir), root / "dequantized", weights)
+        made[name] = (str(root / "quantized"), str(root / "dequantized"))
+    return made
+
+
+def assert_greedy_equals_transformers(model_dir: str, oracle_dir: str, **kwargs) -> None:
+    llm = LLM(model_dir, dtype="float32", device="cpu", **kwargs)
+    assert isinstance(llm.engine.runner.model.layers[0].mlp, QuantizedSparseMoE)
+    for prompt, output in zip(PROMPTS, llm.generate(PROMPTS, GREEDY, use_tqdm=False)):
+        tokens, hf_logprobs, _ = hf_greedy(oracle_dir, prompt, GREEDY.max_tokens)
+        assert output.outputs[0].token_ids == tokens
+        for step, (token, entry) in enumerate(zip(tokens, output.outputs[0].logprobs)):
+            assert entry[token] == pytest.approx(hf_logprobs[step, token].item(), abs=1e-4)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_quantized_experts_give_transformers_greedy_on_the_dequantized_weights(name, quantized_mixtral):
+    assert_greedy_equals_transformers(*quantized_mixtral[name])
+
+
+def test_fp8_at_load_quantizes_the_experts_too(mixtral_dir, quantized_mixtral):
+    """--quantize fp8 on a float32 Mixtral rounds every expert's channels as the per-channel
+    checkpoint does, so that checkpoint's dequantized weights are its oracle."""
+    _, oracle = quantized_mixtral["fp8-per-channel"]
+    assert_greedy_equals_transformers(mixtral_dir, oracle, quantization="fp8")
+
+
+@pytest.mark.parametrize("name", ["gptq-v2-sym-group16", "fp8-per-channel"])
+def test_two_ranks_give_the_tokens_of_one_rank(name, quantized_mixtral):
+    path, _ = quantized_mixtral[name]
+    one, _ = run_sharded(path, 1, GREEDY)
+    two, _ = run_sharded(path, 2, GREEDY)
+    assert [o.outputs[0].token_ids for o in two] == [o.outputs[0].token_ids for o in one]
+
+
+def test_the_router_stays_unquantized_and_the_experts_are_smaller(mixtral_dir, quantized_mixtral):
+    plain = LLM(mixtral_dir, dtype="float32", device="cpu").engine.runner.model
+    gptq = LLM(quantized_mixtral["gptq"][0], dtype="float32", device="cpu").engine.runner.model
+    assert gptq.layers[0].mlp.gate.dtype == torch.float32
+    assert torch.equal(gptq.layers[0].mlp.gate, plain.layers[0].mlp.gate)
+    expert_bytes = sum(t.numel() * t.element_size() for t in gptq.layers[0].mlp.experts.parameters())
+    dense_bytes = plain.layers[0].mlp.w13.numel() * 4 + plain.layers[0].mlp.w2.numel() * 4
+    assert expert_bytes < dense_bytes / 4
+
+
+def test_fp8_experts_hold_the_checkpoints_e4m3_weights(quantized_mixtral):
+    from safetensors import safe_open
+
+    path, _ = quantized_mixtral["fp8-per-channel"]
+    model = LLM(path, dtype="float32", device="cpu").engine.runner.model
+    layer = model.layers[1].mlp.experts[2].w2
+    with safe_open(str(Path(path) / "model.safetensors"), "pt") as f:
+        weight = f.get_tensor("model.layers.1.block_sparse_moe.experts.2.w2.weight")
+        scale = f.get_tensor("model.layers.1.block_sparse_moe.experts.2.w2.weight_scale")
+    assert torch.equal(dequantize_fp8(layer.weight, layer.weight_scale), dequantize_fp8(weight, scale.reshape(-1)))
+
+
+@torch.inference_mode()
+def next_token_log_probs(model_dir: str, token_ids: list[int]) -> torch.Tensor:
+    """The model's next-token log-probabilities at every position, in one prefill."""
+    runner = LLM(model_dir, dtype="float32", device="cpu").engine.runner
+    blocks = -(-len(token_ids) // runner.block_size)
+    hidden, _ = runner._run(runner._pack([SequenceChunk(token_ids, 0, list(range(blocks)))]), None)
+    return runner.model.compute_logits(hidden).log_softmax(-1)  # [tokens, vocab]
+
+
+def test_each_formats_distributions_stay_close_to_the_unquantized_models(mixtral_dir, quantized_mixtral):
+    """Mean KL divergence of the next-token distributions over a fixed token sequence: fp8 moves
+    them least, 4-bit more; a broken layout would move them far more than either."""
+    token_ids = [1] + [(7 * i * i + 13 * i) % 31000 + 500 for i in range(48)]
+    reference = next_token_log_probs(mixtral_dir, token_ids)
+    kl = {}
+    for name in ("fp8-per-channel", "gptq-act-order", "awq"):
+        other = next_token_log_probs(quantized_mixtral[name][0], token_ids)
+        kl[name] = (reference.exp() * (reference - other)).sum(-1).mean().item()
+    print("mean KL from float32:", kl)
+    assert kl["fp8-per-channel"] < kl["gptq-act-order"] and kl["fp8-per-channel"] < kl["awq"]
+    assert max(kl.values()) < 0.5
