@@ -13,7 +13,8 @@ from server import LLM
 from server.kernels.quant_reference import dequantize_fp8
 from server.layers.moe import QuantizedSparseMoE
 from server.runtime.model_runner import SequenceChunk
-from test_parity import GREEDY, PROMPTS, hf_greedy
+from test_parity import GREEDY
+from test_quantization import assert_greedy_equals_transformers
 from test_tensor_parallel import run as run_sharded
 
 FORMATS = {  # name -> write_quantized's arguments
@@ -39,26 +40,18 @@ def quantized_mixtral(mixtral_dir, tmp_path_factory):
     return made
 
 
-def assert_greedy_equals_transformers(model_dir: str, oracle_dir: str, **kwargs) -> None:
-    llm = LLM(model_dir, dtype="float32", device="cpu", **kwargs)
-    assert isinstance(llm.engine.runner.model.layers[0].mlp, QuantizedSparseMoE)
-    for prompt, output in zip(PROMPTS, llm.generate(PROMPTS, GREEDY, use_tqdm=False)):
-        tokens, hf_logprobs, _ = hf_greedy(oracle_dir, prompt, GREEDY.max_tokens)
-        assert output.outputs[0].token_ids == tokens
-        for step, (token, entry) in enumerate(zip(tokens, output.outputs[0].logprobs)):
-            assert entry[token] == pytest.approx(hf_logprobs[step, token].item(), abs=1e-4)
-
-
 @pytest.mark.parametrize("name", FORMATS)
 def test_quantized_experts_give_transformers_greedy_on_the_dequantized_weights(name, quantized_mixtral):
-    assert_greedy_equals_transformers(*quantized_mixtral[name])
+    path, oracle = quantized_mixtral[name]
+    assert isinstance(LLM(path, device="cpu").engine.runner.model.layers[0].mlp, QuantizedSparseMoE)
+    assert_greedy_equals_transformers(path, oracle, dtype="float32")
 
 
 def test_fp8_at_load_quantizes_the_experts_too(mixtral_dir, quantized_mixtral):
     """--quantize fp8 on a float32 Mixtral rounds every expert's channels as the per-channel
     checkpoint does, so that checkpoint's dequantized weights are its oracle."""
     _, oracle = quantized_mixtral["fp8-per-channel"]
-    assert_greedy_equals_transformers(mixtral_dir, oracle, quantization="fp8")
+    assert_greedy_equals_transformers(mixtral_dir, oracle, dtype="float32", quantization="fp8")
 
 
 @pytest.mark.parametrize("name", ["gptq-v2-sym-group16", "fp8-per-channel"])
