@@ -50,20 +50,13 @@ import httpx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import servers, serving_plot  # noqa: E402
+from benchmarks.workload import DATASETS, lengths  # noqa: E402
 from benchmarks.serving_plot import LATENCIES  # noqa: E402
 
 WORDS = ("the of and to in is was for that with as on by at from his her they this which are but not have "
          "had one all were when there can their been more time people about would year into only new some "
          "could two first other then after most many also like over state city world water house school "
          "river garden light story night family market").split()
-
-
-def lengths(count: int, low: int, high: int, dataset: str, rng: random.Random) -> list[int]:
-    if dataset == "uniform":
-        return [rng.randint(low, high) for _ in range(count)]
-    # ShareGPT-like: most conversations short, a long tail (log-normal), clipped to the range.
-    mu = math.log((low + high) / 4)
-    return [min(high, max(low, int(rng.lognormvariate(mu, 0.8)))) for _ in range(count)]
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -260,7 +253,7 @@ def main() -> None:
     parser.add_argument("--transformers-args", default="", help="more flags for `transformers serve`, one string")
     parser.add_argument("--rates", default="1,4,16,inf")
     parser.add_argument("--num-prompts", type=int, default=64)
-    parser.add_argument("--dataset", choices=["uniform", "sharegpt"], default="uniform")
+    parser.add_argument("--dataset", choices=DATASETS, default="uniform")
     parser.add_argument("--prompt-len", default="100,1024", help="words (tokens), low,high")
     parser.add_argument("--output-len", default="64,256", help="max_tokens, low,high")
     parser.add_argument("--slo-ttft-ms", type=float, default=500)

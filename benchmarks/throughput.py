@@ -31,19 +31,20 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.workload import DATASETS, lengths  # noqa: E402
 from server import LLM, SamplingParams  # noqa: E402
 from server.models.loader import resolve_model  # noqa: E402
 
 
-def make_prompts(count: int, min_len: int, max_len: int, vocab: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(100, vocab) for _ in range(rng.randint(min_len, max_len))]
+def make_prompts(count: int, min_len: int, max_len: int, vocab: int, seed: int,
+                 dataset: str = "uniform") -> list[list[int]]:
+    rng = random.Random(seed)  # each prompt's length drawn before its tokens, as earlier runs drew them
+    return [[rng.randrange(100, vocab) for _ in range(lengths(1, min_len, max_len, dataset, rng)[0])]
             for _ in range(count)]
 
 
-def output_lens(count: int, min_len: int, max_len: int, seed: int) -> list[int]:
-    rng = random.Random(seed + 1)
-    return [rng.randint(min_len, max_len) for _ in range(count)]
+def output_lens(count: int, min_len: int, max_len: int, seed: int, dataset: str = "uniform") -> list[int]:
+    return lengths(count, min_len, max_len, dataset, random.Random(seed + 1))
 
 
 def best_of(repeats: int, run) -> tuple[float, object]:
@@ -217,6 +218,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each; the best counts")
+    parser.add_argument("--dataset", choices=DATASETS, default="uniform",
+                        help="prompt and output lengths: uniform in their ranges, or ShareGPT-like (log-normal)")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     # Prefix caching off: repeats run the same prompts, and the peer has no such cache.
@@ -225,9 +228,9 @@ def main() -> None:
               kv_cache_dtype=args.kv_cache_dtype)
     config = llm.engine.config
     prompts = make_prompts(args.num_prompts, args.min_prompt_len, args.max_prompt_len,
-                           config.model.vocab_size, args.seed)
+                           config.model.vocab_size, args.seed, args.dataset)
     lens = output_lens(args.num_prompts, args.min_output_len or args.max_tokens,
-                       args.max_output_len or args.max_tokens, args.seed)
+                       args.max_output_len or args.max_tokens, args.seed, args.dataset)
     engine = run_engine(llm, args, prompts, lens)
     if args.sync_too:  # the same engine, each step read back before the next is scheduled
         llm.engine.async_scheduling = False
@@ -242,7 +245,8 @@ def main() -> None:
         "benchmark": "throughput", "model": config.model_id, "device": config.device,
         "dtype": config.dtype, "num_prompts": args.num_prompts,
         "prompt_len": [args.min_prompt_len, args.max_prompt_len],
-        "output_len": [min(lens), max(lens)], "repeats": args.repeats, "kv_cache_tokens": kv_tokens,
+        "output_len": [min(lens), max(lens)], "dataset": args.dataset, "repeats": args.repeats,
+        "kv_cache_tokens": kv_tokens,
         "max_batch_prefill_tokens": args.max_batch_prefill_tokens, "kv_cache_dtype": args.kv_cache_dtype,
         "torch_threads": torch.get_num_threads(), "engine": engine,
     }
