@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from server import LLM, SamplingParams
-from server.engine.speculation import propose_ngram
+from server.engine.speculation import NgramIndex, propose_ngram
 
 # Prompts that repeat themselves, so that lookups find something to propose.
 PROMPTS = ["one two three four one two three four one two three",
@@ -20,6 +20,18 @@ def test_the_proposal_is_what_followed_the_latest_earlier_match():
     assert propose_ngram([5, 6, 7], 4) == []
     assert propose_ngram([4, 4, 4, 4], 2) == [4]  # what follows the earlier three: one token, then the end
     assert propose_ngram([1, 2, 3], 0) == []
+
+
+def test_the_index_proposes_what_the_scan_proposes_as_a_sequence_grows_and_shrinks():
+    import random
+
+    rng = random.Random(0)
+    tokens, index = [], NgramIndex(3, 1)
+    for step in range(600):
+        if step % 97 == 96:
+            del tokens[-5:]  # a stop string's cut
+        tokens.append(rng.randrange(6))
+        assert index.propose(tokens, 4) == propose_ngram(tokens, 4, 3, 1), step
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.guidance import Guidance
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Request, Sequence, SequenceStatus
-from server.engine.speculation import propose_ngram
+from server.engine.speculation import NgramIndex
 from server.engine.stop import check_text_stop, check_token_stop, stable_text_len
 from server.engine.tokenizer import Tokenizer
 from server.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -323,7 +323,9 @@ class LLMEngine:
             room = self.max_model_len - len(seq.token_ids) - 1
             if params.max_tokens is not None:
                 room = min(room, params.max_tokens - seq.num_output_tokens - 1)
-            seq.drafts = propose_ngram(seq.token_ids, min(self.speculate, room), most, least)
+            if seq.ngrams is None:
+                seq.ngrams = NgramIndex(most, least)
+            seq.drafts = seq.ngrams.propose(seq.token_ids, min(self.speculate, room))
 
     @staticmethod
     def _may_speculate(seq: Sequence) -> bool:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 def propose_ngram(token_ids: list[int], count: int, max_n: int = 3, min_n: int = 1) -> list[int]:
     """Up to `count` tokens that followed the latest earlier occurrence of the sequence's last
-    n tokens, for the largest n in [min_n, max_n] that occurs; none if none does."""
+    n tokens, for the largest n in [min_n, max_n] that occurs; none if none does. (A scan:
+    the reference that `NgramIndex` answers the same as.)"""
     if count <= 0:
         return []
     length = len(token_ids)
@@ -24,3 +25,31 @@ def propose_ngram(token_ids: list[int], count: int, max_n: int = 3, min_n: int =
             if token_ids[start] == first and token_ids[start:start + n] == tail:
                 return token_ids[start + n:start + n + count]
     return []
+
+
+class NgramIndex:
+    """`propose_ngram` for one growing sequence, in time independent of its length: for each n,
+    where the latest occurrence of each n-gram that some token follows ends, updated as tokens
+    are appended (a sequence that shrinks is indexed again)."""
+
+    def __init__(self, max_n: int = 3, min_n: int = 1):
+        self.max_n, self.min_n = max_n, min_n
+        self.ends: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in range(min_n, max_n + 1)}
+        self.indexed = 0  # tokens whose preceding n-grams are in `ends`
+
+    def propose(self, token_ids: list[int], count: int) -> list[int]:
+        if count <= 0:
+            return []
+        if len(token_ids) < self.indexed:
+            self.__init__(self.max_n, self.min_n)
+        for t in range(max(self.indexed, 1), len(token_ids)):  # the n-grams that token t follows
+            for n, ends in self.ends.items():
+                if t >= n:
+                    ends[tuple(token_ids[t - n:t])] = t
+        self.indexed = len(token_ids)
+        length = len(token_ids)
+        for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):
+            end = self.ends[n].get(tuple(token_ids[length - n:]))
+            if end is not None:
+                return token_ids[end:end + count]
+        return []
