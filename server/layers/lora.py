@@ -30,27 +30,36 @@ class LoRABank:
     """The rows of the step under way that use each adapter slot (none: no row does)."""
 
     def __init__(self):
-        self.groups: list[tuple[int, torch.Tensor]] = []  # (slot, row indices [n] on the device)
+        self.spans: list[tuple[int, int, int]] = []  # (slot, first row, rows) of each adapter's runs
+        self.device: torch.device | None = None
+        self._groups: list[tuple[int, torch.Tensor]] | None = None
         self.row_slots: torch.Tensor | None = None  # [rows] int64 on the device, -1: the base model
 
     @property
     def active(self) -> bool:
-        return bool(self.groups) or self.row_slots is not None
+        return bool(self.spans) or self.row_slots is not None
 
     def set(self, spans: list[tuple[int, int, int]], device: torch.device) -> None:
         """`spans`: (slot, first row, rows) of each run of rows that uses an adapter."""
-        rows: dict[int, list[torch.Tensor]] = {}
-        for slot, start, count in spans:
-            rows.setdefault(slot, []).append(torch.arange(start, start + count))
-        self.groups = [(slot, torch.cat(parts).to(device)) for slot, parts in rows.items()]
-        self.row_slots = None
+        self.spans, self.device, self._groups, self.row_slots = spans, device, None, None
+
+    @property
+    def groups(self) -> list[tuple[int, torch.Tensor]]:
+        """(slot, its rows [n] on the device), made at the first eager layer that asks: a decode
+        step replayed from the graphs reads `row_slots` and never needs them."""
+        if self._groups is None:
+            rows: dict[int, list[torch.Tensor]] = {}
+            for slot, start, count in self.spans:
+                rows.setdefault(slot, []).append(torch.arange(start, start + count))
+            self._groups = [(slot, torch.cat(parts).to(self.device)) for slot, parts in rows.items()]
+        return self._groups
 
     def use_rows(self, row_slots: torch.Tensor) -> None:
         """Each row's slot, read on the device by the kernels (what a captured graph replays)."""
-        self.groups, self.row_slots = [], row_slots
+        self.spans, self._groups, self.row_slots = [], None, row_slots
 
     def clear(self) -> None:
-        self.groups, self.row_slots = [], None
+        self.spans, self._groups, self.row_slots = [], None, None
 
 
 class LoRASlots:
