@@ -39,7 +39,7 @@ from server.kernels.norm import rmsnorm  # noqa: E402
 from server.kernels.prefill_attention import prefill_attention  # noqa: E402
 from server.kernels.quant_reference import FP8  # noqa: E402
 from server.kernels.rotary import rotate_and_store  # noqa: E402
-from server.kernels.lora import lora_expand, lora_shrink  # noqa: E402
+from server.kernels.lora import lora_expand, lora_rows, lora_shrink  # noqa: E402
 from server.kernels.sampling import sample_rows  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -110,10 +110,11 @@ def decode_step_launches() -> None:
                                   seq_ids=ids)
             prefill_attention(e(512, 32, 128, dtype=bf16), *caches, tables[:1], torch.zeros(2, dtype=torch.int32),
                               lens[:1], 512, 0.088, None)
-    for M in (1, 256):  # LoRA updates of rank 16 for qkv's three pieces, as decode graphs replay them
-        slots = torch.zeros(M, dtype=torch.int64)
-        t = lora_shrink(e(M, 4096, dtype=bf16), e(8, 48, 4096, dtype=bf16), slots)
-        lora_expand(e(M, 48), e(8, 6144, 48, dtype=bf16), slots, e(M, 6144, dtype=bf16))
+    for M in (1, 256, 4096):  # LoRA updates of rank 16: qkv's three pieces (decode steps and a prefill), gate/up
+        rows = lora_rows(torch.arange(M) % 8, 8)
+        t = lora_shrink(e(M, 4096, dtype=bf16), e(8, 48, 4096, dtype=bf16), rows)
+        lora_expand(t, e(8, 6144, 48, dtype=bf16), rows, e(M, 6144, dtype=bf16))
+        lora_expand(e(2, M, 32), e(8, 28672, 32, dtype=bf16), rows, e(M, 28672, dtype=bf16))
     for count in (1, 256):  # the sampling step's random rows, with no filter and with all three
         column, ids = e(count), torch.zeros(count, dtype=torch.int64)
         sample_rows(e(count, 32768), ids, column, ids)

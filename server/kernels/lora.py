@@ -1,74 +1,142 @@
 """LoRA updates of a batch whose rows use different adapters: out[i] += B[s](A[s] x[i]) with
 s = slots[i] (no update where s < 0), in two launches a projection.
 
-`lora_shrink`: t [rows, R] = A[s] x for each row, A [slots, R, in]; one program a row, the
-input walked in tiles. `lora_expand`: out[i, :] += B[s] t[i] for each row, B [slots, out, R];
-one program a row and a tile of outputs. A merged projection (q, k, v) keeps its pieces' A
-stacked along R and their B block-diagonal, so one shrink and one expand serve all of them.
-The slots are read on the device, so that a captured CUDA graph serves any mix of adapters:
-this is what decode steps with adapters replay. Sums in float32.
+The rows are first put in order of their slot (`lora_rows`, device ops only: once a step, for
+every projection), so that each adapter's rows are one run of the order. Then each program
+takes one slot and a block of BLOCK_M of its rows, and multiplies them as a tile on the tensor
+cores: an adapter's A and B are read once for each block of its rows, not once a row.
+  - `lora_shrink`: t = x A[s]^T [rows, R], in `splits` partial sums over the inputs (one
+    program a slot, block and split), so that a decode step of one row still spreads the read of
+    A over many SMs;
+  - `lora_expand`: out[i, :] += (sum of t's splits) B[s]^T, one program a slot, block and tile
+    of outputs, added in place.
+A merged projection (q, k, v) keeps its pieces' A stacked along R and their B block-diagonal,
+so one shrink and one expand serve all of them. The slots are read on the device, so that a
+captured CUDA graph serves any mix of adapters: what decode steps with adapters replay.
 
 The torch reference is `lora_reference`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
+from server.kernels.precision import dot_precision
+
+
+@dataclass
+class LoRARows:
+    """The rows of a step in order of their adapter slot: slot s's rows are
+    order[starts[s]:starts[s + 1]] (rows of the base model, slot -1, come first, in no run)."""
+
+    order: torch.Tensor  # [rows] int64
+    starts: torch.Tensor  # [slots + 1] int64
+
+
+def lora_rows(row_slots: torch.Tensor, num_slots: int) -> LoRARows:
+    """Each row's slot [rows] (-1: none) -> the rows by slot, with device ops only (no host
+    read: a graph captures it)."""
+    ordered, order = torch.sort(row_slots, stable=True)
+    bounds = torch.arange(num_slots + 1, dtype=ordered.dtype, device=ordered.device)
+    return LoRARows(order, torch.searchsorted(ordered, bounds))
+
 
 @triton.jit
-def _shrink_kernel(x_ptr, a_ptr, slots_ptr, t_ptr, in_features, rank, stride_x, stride_a_slot, stride_a_rank,
-                   stride_t, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    row = tl.program_id(0)
-    slot = tl.load(slots_ptr + row)
-    r = tl.arange(0, BLOCK_R)
-    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-    if slot >= 0:
-        for k0 in range(0, in_features, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + row * stride_x + k, mask=k < in_features, other=0.0).to(tl.float32)
-            a = tl.load(a_ptr + slot * stride_a_slot + r[:, None] * stride_a_rank + k[None, :],
-                        mask=(r[:, None] < rank) & (k[None, :] < in_features), other=0.0).to(tl.float32)
-            acc += tl.sum(a * x[None, :], axis=1)
-    tl.store(t_ptr + row * stride_t + r, acc, mask=r < rank)
+def _slot_block(order_ptr, starts_ptr, BLOCK_M: tl.constexpr):
+    """This program's slot, its block of rows (their indices), which of them exist, and whether
+    any does (most programs of a step have none: their slot has fewer rows, or none)."""
+    slot = tl.program_id(0)
+    end = tl.load(starts_ptr + slot + 1)
+    first = tl.load(starts_ptr + slot) + tl.program_id(1) * BLOCK_M
+    m = first + tl.arange(0, BLOCK_M)
+    valid = m < end
+    return slot, tl.load(order_ptr + m, mask=valid, other=0), valid, first < end
 
 
 @triton.jit
-def _expand_kernel(t_ptr, b_ptr, slots_ptr, out_ptr, out_features, rank, stride_t, stride_b_slot, stride_b_out,
-                   stride_out, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    row = tl.program_id(0)
-    slot = tl.load(slots_ptr + row)
-    if slot >= 0:
-        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _shrink_kernel(x_ptr, a_ptr, order_ptr, starts_ptr, t_ptr, in_features, rank, split_len,
+                   stride_x, stride_a_slot, stride_a_rank, stride_t_split, stride_t,
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+    slot, rows, valid, live = _slot_block(order_ptr, starts_ptr, BLOCK_M)
+    if live:
+        split = tl.program_id(2)
         r = tl.arange(0, BLOCK_R)
-        t = tl.load(t_ptr + row * stride_t + r, mask=r < rank, other=0.0)
-        b = tl.load(b_ptr + slot * stride_b_slot + n[:, None] * stride_b_out + r[None, :],
-                    mask=(n[:, None] < out_features) & (r[None, :] < rank), other=0.0).to(tl.float32)
-        update = tl.sum(b * t[None, :], axis=1)
-        mask = n < out_features
-        old = tl.load(out_ptr + row * stride_out + n, mask=mask, other=0.0)
-        tl.store(out_ptr + row * stride_out + n, (old.to(tl.float32) + update).to(old.dtype), mask=mask)
+        first = split * split_len
+        last = tl.minimum(first + split_len, in_features)
+        acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        for k0 in range(first, last, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            kmask = k < last
+            x = tl.load(x_ptr + rows[:, None] * stride_x + k[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
+            a = tl.load(a_ptr + slot * stride_a_slot + r[None, :] * stride_a_rank + k[:, None],
+                        mask=kmask[:, None] & (r[None, :] < rank), other=0.0)
+            acc = tl.dot(x, a, acc, input_precision=PRECISION)
+        tl.store(t_ptr + split * stride_t_split + rows[:, None] * stride_t + r[None, :], acc,
+                 mask=valid[:, None] & (r[None, :] < rank))
 
 
-def lora_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """x [rows, in], a [slots, R, in], slots [rows] int64 -> t [rows, R] float32."""
-    rows, in_features = x.shape
-    rank = a.shape[1]
-    t = torch.empty(rows, rank, dtype=torch.float32, device=x.device)
-    _shrink_kernel[(rows,)](x, a, slots, t, in_features, rank, x.stride(0), a.stride(0), a.stride(1), t.stride(0),
-                            BLOCK_K=256, BLOCK_R=triton.next_power_of_2(rank))
+@triton.jit
+def _expand_kernel(t_ptr, b_ptr, order_ptr, starts_ptr, out_ptr, out_features, rank, splits,
+                   stride_t_split, stride_t, stride_b_slot, stride_b_out, stride_out,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+    slot, rows, valid, live = _slot_block(order_ptr, starts_ptr, BLOCK_M)
+    if live:
+        r = tl.arange(0, BLOCK_R)
+        tmask = valid[:, None] & (r[None, :] < rank)
+        t = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        for split in range(0, splits):
+            t += tl.load(t_ptr + split * stride_t_split + rows[:, None] * stride_t + r[None, :], mask=tmask, other=0.0)
+        n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < out_features
+        b = tl.load(b_ptr + slot * stride_b_slot + n[None, :] * stride_b_out + r[:, None],
+                    mask=(r[:, None] < rank) & nmask[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
+        update = tl.dot(t.to(b.dtype), b, input_precision=PRECISION)
+        mask = valid[:, None] & nmask[None, :]
+        where = out_ptr + rows[:, None] * stride_out + n[None, :]
+        old = tl.load(where, mask=mask, other=0.0)
+        tl.store(where, (old.to(tl.float32) + update).to(old.dtype), mask=mask)
+
+
+def _block_m(rows: int) -> int:
+    return 16 if rows <= 64 else 32 if rows <= 512 else 64
+
+
+def _block_r(rank: int) -> int:
+    return max(16, triton.next_power_of_2(rank))  # a tensor-core product's inner size is 16 at least
+
+
+def lora_shrink(x: torch.Tensor, a: torch.Tensor, rows: LoRARows, splits: int | None = None) -> torch.Tensor:
+    """x [n, in], a [slots, R, in] -> t [splits, n, R] float32: partial sums of A[s] x over
+    `splits` runs of the inputs (by default, enough programs to spread a small step's read).
+    Rows of no slot are left unwritten."""
+    n, in_features = x.shape
+    num_slots, rank = a.shape[0], a.shape[1]
+    block_m, block_k = _block_m(n), 64
+    blocks = triton.cdiv(n, block_m)
+    if splits is None:
+        splits = max(1, min(triton.cdiv(in_features, 256), 128 // blocks))
+    split_len = triton.cdiv(triton.cdiv(in_features, splits), block_k) * block_k
+    splits = triton.cdiv(in_features, split_len)
+    t = torch.empty(splits, n, rank, dtype=torch.float32, device=x.device)
+    _shrink_kernel[(num_slots, blocks, splits)](
+        x, a, rows.order, rows.starts, t, in_features, rank, split_len, x.stride(0), a.stride(0), a.stride(1),
+        t.stride(0), t.stride(1), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=_block_r(rank),
+        PRECISION=dot_precision(x.dtype))
     return t
 
 
-def lora_expand(t: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out [rows, N] (a view with unit column stride) += B[slots] t, in place; b [slots, N, R]."""
-    rows, out_features = out.shape
-    rank = b.shape[2]
-    block = 64
-    _expand_kernel[(rows, triton.cdiv(out_features, block))](
-        t, b, slots, out, out_features, rank, t.stride(0), b.stride(0), b.stride(1), out.stride(0),
-        BLOCK_N=block, BLOCK_R=triton.next_power_of_2(rank))
+def lora_expand(t: torch.Tensor, b: torch.Tensor, rows: LoRARows, out: torch.Tensor) -> torch.Tensor:
+    """out [n, N] (a view with unit column stride) += B[s] (t's splits summed), in place; b [slots, N, R]."""
+    n, out_features = out.shape
+    num_slots, rank = b.shape[0], b.shape[2]
+    block_m, block_n = _block_m(n), 64 if out_features <= 8192 else 128
+    _expand_kernel[(num_slots, triton.cdiv(n, block_m), triton.cdiv(out_features, block_n))](
+        t, b, rows.order, rows.starts, out, out_features, rank, t.shape[0], t.stride(0), t.stride(1), b.stride(0),
+        b.stride(1), out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(rank),
+        PRECISION=dot_precision(b.dtype))
     return out
 
 

@@ -6,10 +6,10 @@ B [slots, out, pieces * rank]: slot i is the i-th adapter loaded; a merged proje
 so that one pair of products serves them all; each rank is padded with zeros to the largest
 (exact), each scale folded into B. A layer adds B_s(A_s x) to the rows of slot s after its base
 product for the whole batch. The runner tells the `LoRABank` which rows use which slot:
-  - as runs of rows (`set`), for steps run eagerly: one pair of products per adapter, over its
-    rows;
-  - as a slot per row on the device (`use_rows`), for decode steps replayed from CUDA graphs:
-    server/kernels/lora.py's two launches a projection, whatever the mix of adapters.
+  - on a GPU, as a slot per row on the device (`use_rows`), for every step (replayed from the
+    decode graphs or run eagerly): server/kernels/lora.py's two launches a projection, whatever
+    the mix of adapters, the rows put in order of their slots once a step;
+  - elsewhere, as runs of rows (`set`): one pair of torch products per adapter, over its rows.
 
 Tensor parallelism shards the slots with their layer: a column-parallel layer keeps B's rows of
 its outputs (A whole); a row-parallel one keeps A's columns of its inputs (B whole), so that
@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 try:
-    from server.kernels.lora import lora_expand, lora_shrink
+    from server.kernels.lora import LoRARows, lora_expand, lora_rows, lora_shrink
 except ImportError:  # pragma: no cover - no triton: the CPU path only
-    lora_expand = lora_shrink = None
+    LoRARows = lora_expand = lora_rows = lora_shrink = None
 
 
 class LoRABank:
@@ -34,6 +34,7 @@ class LoRABank:
         self.device: torch.device | None = None
         self._groups: list[tuple[int, torch.Tensor]] | None = None
         self.row_slots: torch.Tensor | None = None  # [rows] int64 on the device, -1: the base model
+        self._rows: LoRARows | None = None  # the rows in order of their slots, made by the first layer
 
     @property
     def active(self) -> bool:
@@ -41,7 +42,7 @@ class LoRABank:
 
     def set(self, spans: list[tuple[int, int, int]], device: torch.device) -> None:
         """`spans`: (slot, first row, rows) of each run of rows that uses an adapter."""
-        self.spans, self.device, self._groups, self.row_slots = spans, device, None, None
+        self.spans, self.device, self._groups, self.row_slots, self._rows = spans, device, None, None, None
 
     @property
     def groups(self) -> list[tuple[int, torch.Tensor]]:
@@ -55,11 +56,18 @@ class LoRABank:
         return self._groups
 
     def use_rows(self, row_slots: torch.Tensor) -> None:
-        """Each row's slot, read on the device by the kernels (what a captured graph replays)."""
-        self.spans, self._groups, self.row_slots = [], None, row_slots
+        """Each row's slot, read on the device by the kernels (what a captured graph replays:
+        called again before a capture, so that the ordering of the rows is captured too)."""
+        self.spans, self._groups, self.row_slots, self._rows = [], None, row_slots, None
+
+    def rows(self, num_slots: int) -> "LoRARows":
+        """The step's rows in order of their slots: sorted by the first layer that asks, once a step."""
+        if self._rows is None:
+            self._rows = lora_rows(self.row_slots, num_slots)
+        return self._rows
 
     def clear(self) -> None:
-        self.spans, self._groups, self.row_slots = [], None, None
+        self.spans, self._groups, self.row_slots, self._rows = [], None, None, None
 
 
 class LoRASlots:
@@ -104,8 +112,8 @@ class LoRASlots:
     def add_to(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out (the base product of x [rows, in]) plus each row's adapter update, in place."""
         if self.bank.row_slots is not None:
-            slots = self.bank.row_slots
-            return lora_expand(lora_shrink(x, self.A, slots), self.B, slots, out)
+            rows = self.bank.rows(self.A.shape[0])
+            return lora_expand(lora_shrink(x, self.A, rows), self.B, rows, out)
         for slot, rows in self.bank.groups:
             update = (x[rows] @ self.A[slot].T) @ self.B[slot].T  # [n, out]
             out.index_add_(0, rows, update.to(out.dtype))

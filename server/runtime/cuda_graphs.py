@@ -55,6 +55,8 @@ class DecodeGraphs:
                     lora_bank.use_rows(self.lora_slots[:size])
                 model(*args)  # warm-up: compiles and autotunes outside the capture
                 torch.cuda.synchronize()
+                if lora_bank is not None:  # the rows' ordering by adapter is computed in the graph
+                    lora_bank.use_rows(self.lora_slots[:size])
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     self.outputs[size, splits] = model(*args)

@@ -106,6 +106,7 @@ class ModelRunner:
         self.lora_graphs: DecodeGraphs | None = None  # the same, with LoRA adapters' updates
         self.lora_bank = LoRABank()  # which rows of a step use which adapter (the model's LoRA layers read it)
         self.has_lora = False
+        self.lora_kernels = self.device.type == "cuda"  # each step's adapters' updates through the Triton kernels
         self._driver_picks: torch.Tensor | None = None  # ranks but 0: the last step's picks
         self._staging = [torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)]
         attention_backend = resolve_backend(attention_backend, self.device, block_size, kv_cache_dtype == "fp8")
@@ -339,7 +340,7 @@ class ModelRunner:
                 raise ValueError("a chunk takes a token from a previous step that sampled nothing")
             ids_d[pending_at_d] = picks[pending_rows_d]
         query_lens, context_lens = packed.query_lens, packed.context_lens
-        self._set_lora_rows(packed)
+        self._set_lora_rows(packed, lora_slots_d, cu_query_d)
         decode_only = all(n == 1 for n in query_lens)
         singles = packed.lengths[PackedStep.SINGLES]
         mixed = singles > 0  # sequences of one token beside longer ones
@@ -358,10 +359,16 @@ class ModelRunner:
         attach_adapters(self.model, adapters, self.lora_bank, self.dtype)
         self.has_lora = bool(adapters)
 
-    def _set_lora_rows(self, packed: "PackedStep") -> None:
-        """Tell the model's LoRA layers which rows of this step use which adapter."""
+    def _set_lora_rows(self, packed: "PackedStep", chunk_slots: torch.Tensor, cu_query_lens: torch.Tensor) -> None:
+        """Tell the model's LoRA layers which rows of this step use which adapter: on a GPU,
+        each token's slot on the device (from each chunk's, with no host work)."""
         if not packed.lengths[PackedStep.LORA_SLOTS]:
             self.lora_bank.clear()
+            return
+        if self.lora_kernels:
+            tokens = sum(packed.query_lens)
+            self.lora_bank.use_rows(chunk_slots if tokens == packed.num_chunks else torch.repeat_interleave(
+                chunk_slots, cu_query_lens.diff().long(), output_size=tokens))
             return
         values = packed.values if isinstance(packed.values, torch.Tensor) else torch.frombuffer(
             packed.values, dtype=torch.int64)
