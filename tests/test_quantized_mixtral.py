@@ -1,8 +1,10 @@
 """Mixtral with quantized experts (GPTQ, AWQ, fp8): loaded from their checkpoints' layouts with
 no flag, the router left in the model's dtype, and held to transformers on the dequantized
-weights (float32, CPU)."""
+weights (float32, CPU); the experts fused for the GPU's kernels (run here in Triton's
+interpreter) give the outputs of the CPU's loop over experts, on one rank and on each of two."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,8 +12,13 @@ import torch
 
 from quantize_checkpoint import write_dequantized, write_quantized
 from server import LLM
+from server.config import ModelConfig
 from server.kernels.quant_reference import dequantize_fp8
 from server.layers.moe import QuantizedSparseMoE
+from server.layers.parallel import TensorParallel, set_tensor_parallel
+from server.models.loader import iter_weights, load_config, resolve_model
+from server.models.mixtral import MixtralForCausalLM
+from server.models.quantization import resolve_quantization
 from server.runtime.model_runner import SequenceChunk
 from test_parity import GREEDY
 from test_quantization import assert_greedy_equals_transformers
@@ -60,6 +67,41 @@ def test_two_ranks_give_the_tokens_of_one_rank(name, quantized_mixtral):
     one, _ = run_sharded(path, 1, GREEDY)
     two, _ = run_sharded(path, 2, GREEDY)
     assert [o.outputs[0].token_ids for o in two] == [o.outputs[0].token_ids for o in one]
+
+
+def first_moe_layer(model_dir: str, rank: int, ranks: int) -> QuantizedSparseMoE:
+    """Layer 0's experts as rank `rank` of `ranks` loads them (float32, CPU)."""
+    source = resolve_model(model_dir)
+    hf_config = load_config(source)
+    config = replace(ModelConfig.from_hf(hf_config), quantization=resolve_quantization(hf_config, None))
+    set_tensor_parallel(TensorParallel(rank, ranks))
+    try:
+        model = MixtralForCausalLM(config)
+        model.load_weights(iter_weights(source))
+    finally:
+        set_tensor_parallel(TensorParallel())
+    return model.layers[0].mlp
+
+
+@pytest.mark.parametrize("name, ranks", [(name, 1) for name in FORMATS] + [
+    ("gptq-act-order", 2), ("gptq-v2-sym-group16", 2), ("fp8-per-channel", 2)])
+@torch.inference_mode()
+def test_fused_experts_give_the_expert_loops_outputs(name, ranks, quantized_mixtral):
+    """Each rank's share, fused (stacked tensors, the quantized MoE kernels) and looped (each
+    expert's own layers); the shares add up to one rank's whole output."""
+    path, _ = quantized_mixtral[name]
+    x = torch.randn(7, 64, generator=torch.Generator().manual_seed(0))
+    shares = []
+    for rank in range(ranks):
+        moe = first_moe_layer(path, rank, ranks)
+        looped = moe(x)
+        moe.fuse_experts()
+        assert moe.graph_safe and not hasattr(moe, "experts")
+        fused = moe(x)
+        torch.testing.assert_close(fused, looped, atol=1e-5, rtol=1e-5)
+        shares.append(fused)
+    if ranks > 1:
+        torch.testing.assert_close(sum(shares), first_moe_layer(path, 0, 1)(x), atol=1e-5, rtol=1e-5)
 
 
 def test_the_router_stays_unquantized_and_the_experts_are_smaller(mixtral_dir, quantized_mixtral):

@@ -87,9 +87,10 @@ def _int4_dequantize_kernel(qweight_ptr, zeros_ptr, scales_ptr, g_idx_ptr, out_p
     tl.store(out_ptr + ks[:, None] * N + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=cmask[None, :])
 
 
-def _block_k(K: int, group_size: int) -> int:
-    """The largest tile of K (at most 128) that divides K and lies inside one group."""
-    block = 128
+def tile_k(K: int, group_size: int, largest: int = 128) -> int:
+    """The largest tile of K (at most `largest`, a power of two) that divides K and lies inside
+    one group."""
+    block = largest
     while K % block or group_size % block:
         block //= 2
     if block < 16:
@@ -104,7 +105,7 @@ def int4_matmul(x, qweight, zeros, scales, g_idx, group_size: int, num_sms: int 
     N = qweight.shape[1]
     block_m = 16 if M <= 16 else 32 if M <= 32 else 64
     block_n = 64 if M <= 32 else 128
-    block_k = _block_k(K, group_size)
+    block_k = tile_k(K, group_size)
     grid_mn = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     split_k = max(1, min(K // block_k, triton.cdiv(4 * num_sms, grid_mn)))
     out = torch.empty((split_k, M, N), dtype=torch.float32 if split_k > 1 else x.dtype, device=x.device)
@@ -119,7 +120,7 @@ def int4_matmul(x, qweight, zeros, scales, g_idx, group_size: int, num_sms: int 
 def int4_dequantize(qweight, zeros, scales, g_idx, group_size: int, dtype: torch.dtype) -> torch.Tensor:
     """The dense weight [K, N] in `dtype`."""
     K, N = qweight.shape[0] * 8, qweight.shape[1]
-    block_k, block_n = _block_k(K, group_size), 128
+    block_k, block_n = tile_k(K, group_size), 128
     out = torch.empty((K, N), dtype=dtype, device=qweight.device)
     _int4_dequantize_kernel[(K // block_k, triton.cdiv(N, block_n))](
         qweight, zeros, scales, g_idx if g_idx is not None else qweight, out, N,

@@ -16,8 +16,13 @@ The dequantizers return the weight as nn.Linear holds it, [N, K], in float32.
       "gptq_v2" stores it as it is.
   Ours (what the layers keep at run time): qweight packed as GPTQ's, zeros [G, N] uint8 as
       they are, scales [G, N], and g_idx when groups are not consecutive runs.
+
+A layer's quantized experts (Mixtral) are each expert's tensors in ours, or fp8, stacked along
+a first dimension of experts: `Int4Experts` and `Fp8Experts`.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -103,3 +108,51 @@ def fp8_matmul_reference(x_q, x_scale, w_q, w_scale, out_dtype: torch.dtype) -> 
     products summed in float32, then scaled by x_scale [M] and w_scale [N] -> [M, N]."""
     acc = x_q.float() @ w_q.float().t()
     return (acc * x_scale.float().view(-1, 1) * w_scale.float().view(1, -1)).to(out_dtype)
+
+
+@dataclass(frozen=True)
+class Int4Experts:
+    """One projection of a layer's experts in our 4-bit layout, stacked: qweight [E, K/8, N]
+    int32, zeros [E, G, N] uint8, scales [E, G, N]; g_idx [E, K] int32 (the group of each row of
+    qweight) or None where input k is in group k // group_size; perm [E, K] int32 (act-order: the
+    input that row k of qweight multiplies, its rows sorted by group) or None."""
+
+    qweight: torch.Tensor
+    zeros: torch.Tensor
+    scales: torch.Tensor
+    g_idx: torch.Tensor | None
+    perm: torch.Tensor | None
+    group_size: int
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[1] * 8
+
+    def dense(self) -> torch.Tensor:
+        """The weights [E, N, K] float32, their inputs in the activations' order."""
+        experts = []
+        for e in range(self.qweight.shape[0]):
+            g_idx = self.g_idx[e] if self.g_idx is not None else \
+                group_of_each_input(self.in_features, self.group_size, self.qweight.device)
+            weight = dequantize_int4(unpack_int4(self.qweight[e], dim=0), self.zeros[e], self.scales[e], g_idx)
+            if self.perm is not None:
+                weight = torch.empty_like(weight).index_copy_(1, self.perm[e].long(), weight)
+            experts.append(weight)
+        return torch.stack(experts)
+
+
+@dataclass(frozen=True)
+class Fp8Experts:
+    """One projection of a layer's experts in e4m3, stacked: weight [E, N, K] and scale [E, N]
+    float32 (one per output channel)."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[2]
+
+    def dense(self) -> torch.Tensor:
+        """The weights [E, N, K] float32."""
+        return self.weight.float() * self.scale.float().unsqueeze(-1)

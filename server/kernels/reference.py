@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from server.kernels.quant_reference import FP8, FP8_MAX
+from server.kernels.quant_reference import FP8, FP8_MAX, Fp8Experts, Int4Experts
 
 
 def store_kv_reference(k, v, k_cache, v_cache, slot_mapping, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
@@ -66,3 +66,9 @@ def fused_moe_reference(x, w13, w2, topk_weights, topk_ids):
         y = F.linear(F.silu(gate) * up, w2[expert]) * topk_weights[token_idx, k_pos, None]
         out.index_add_(0, token_idx, y.to(out.dtype))
     return out
+
+
+def quantized_moe_reference(x, w13: Int4Experts | Fp8Experts, w2: Int4Experts | Fp8Experts, topk_weights, topk_ids):
+    """fused_moe_reference on the experts' dequantized weights (float32): what the quantized
+    MoE kernels compute, up to their rounding of each weight tile to x's dtype."""
+    return fused_moe_reference(x.float(), w13.dense(), w2.dense(), topk_weights, topk_ids)

@@ -5,10 +5,13 @@ Under tensor parallelism each expert's intermediate dimension is split across ra
 dense MLP's, and the partial outputs are summed by one all-reduce.
 
 `SparseMoE` keeps the experts stacked for the fused kernel (server/kernels/fused_moe.py).
-`QuantizedSparseMoE` keeps each expert's projections as quantized linear layers (fp8, GPTQ,
-AWQ: server/layers/linear.py's schemes, which read the checkpoint's layouts and shard them),
-and runs each picked expert over its tokens: no dequantized copy of an expert is made on a
-GPU, but the loop reads which experts were picked on the host, so its steps run eagerly.
+`QuantizedSparseMoE` loads each expert's projections as quantized linear layers (fp8, GPTQ,
+AWQ: server/layers/linear.py's schemes, which read the checkpoint's layouts and shard them).
+On a GPU, once loaded, each projection's experts are stacked as they are stored
+(`fuse_experts`) for the fused quantized kernels (server/kernels/quantized_moe.py), which
+dequantize tiles in registers and read nothing back to the host, so decode steps are
+captured in CUDA graphs. On the CPU each picked expert runs over its tokens through its own
+layers: the reference path, which reads the picked experts on the host.
 """
 from __future__ import annotations
 
@@ -17,14 +20,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from server.config import QuantConfig
+from server.kernels.quant_reference import Fp8Experts, Int4Experts, group_of_each_input
 from server.kernels.reference import fused_moe_reference
 from server.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from server.layers.parallel import all_reduce, tensor_parallel
 
 try:
     from server.kernels.fused_moe import fused_moe
+    from server.kernels.quantized_moe import quantized_moe
 except ImportError:  # pragma: no cover - no triton: the CPU path only
-    fused_moe = None
+    fused_moe = quantized_moe = None
 
 
 class SparseMoE(nn.Module):
@@ -78,7 +83,7 @@ class QuantizedExpert(nn.Module):
 
 
 class QuantizedSparseMoE(nn.Module):
-    graph_safe = False  # which experts run is read on the host each step
+    graph_safe = False  # until the experts are fused: the loop reads which experts run on the host
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
                  quant: QuantConfig):
@@ -87,13 +92,57 @@ class QuantizedSparseMoE(nn.Module):
         self.gate = nn.Parameter(torch.empty(num_experts, hidden_size), requires_grad=False)  # router, unquantized
         self.experts = nn.ModuleList(QuantizedExpert(hidden_size, intermediate_size, quant)
                                      for _ in range(num_experts))
+        self.w13: Int4Experts | Fp8Experts | None = None  # once fused
+        self.w2: Int4Experts | Fp8Experts | None = None
+
+    def finish_loading(self) -> None:
+        """On a GPU: finish the experts' layers and fuse them. The model finishes a module
+        before its children (server/models/llama.py), and the fused layer has none left."""
+        if self.gate.is_cuda and quantized_moe is not None:
+            for expert in self.experts:
+                expert.w13.finish_loading()
+                expert.w2.finish_loading()
+            self.fuse_experts()
+
+    def fuse_experts(self) -> None:
+        """Stack the loaded experts' quantized tensors for the fused kernels, and drop the
+        experts' own layers."""
+        self.w13 = stacked([expert.w13 for expert in self.experts])
+        self.w2 = stacked([expert.w2 for expert in self.experts])
+        del self.experts
+        self.graph_safe = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [num_tokens, hidden] -> [num_tokens, hidden]"""
         weights, experts = route(x, self.gate, self.top_k)
+        if self.w13 is not None:
+            return all_reduce(quantized_moe(x, self.w13, self.w2, weights, experts))
         out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
         for expert in experts.unique().tolist():
             rows, place = (experts == expert).nonzero(as_tuple=True)
             update = self.experts[expert](x[rows]).float() * weights[rows, place, None]
             out.index_add_(0, rows, update)
         return all_reduce(out.to(x.dtype))
+
+
+def stacked(layers: list[nn.Module]) -> Int4Experts | Fp8Experts:
+    """The same projection of every expert (loaded linear layers of one scheme), its tensors
+    stacked along a first dimension of experts. An expert whose 4-bit groups are runs, or whose
+    inputs kept their order, gets the g_idx or perm that says so where another has its own."""
+    first = layers[0]
+    if hasattr(first, "weight_scale"):
+        return Fp8Experts(torch.stack([layer.weight for layer in layers]),
+                          torch.stack([layer.weight_scale for layer in layers]))
+    K = first.qweight.shape[0] * 8
+    runs = group_of_each_input(K, first.group_size, first.qweight.device).to(torch.int32)
+    inputs = torch.arange(K, dtype=torch.int32, device=first.qweight.device)
+
+    def each(name: str, otherwise: torch.Tensor) -> torch.Tensor | None:
+        tensors = [getattr(layer, name) for layer in layers]
+        if all(t is None for t in tensors):
+            return None
+        return torch.stack([otherwise if t is None else t.to(torch.int32) for t in tensors])
+
+    return Int4Experts(torch.stack([layer.qweight for layer in layers]), torch.stack([layer.zeros for layer in layers]),
+                       torch.stack([layer.scales for layer in layers]), each("g_idx", runs), each("perm", inputs),
+                       first.group_size)

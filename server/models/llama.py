@@ -147,8 +147,14 @@ class LlamaForCausalLM(nn.Module):
             missing.discard("lm_head.weight")
         if missing:
             raise ValueError(f"weights missing from the checkpoint: {sorted(missing)[:5]}")
+        self.finish_loading()
+
+    def finish_loading(self) -> None:
+        """Each layer turns the tensors it read into those it runs with, a module before its
+        children (named_modules' order, walked lazily): a module may finish its children
+        itself and remove them (server/layers/moe.py's fused experts)."""
         for name, module in self.named_modules():
-            if hasattr(module, "finish_loading"):
+            if module is not self and hasattr(module, "finish_loading"):
                 try:
                     module.finish_loading()
                 except ValueError as error:

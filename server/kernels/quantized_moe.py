@@ -1,0 +1,151 @@
+"""Mixtral's experts from their quantized weights: fused_moe.py's two grouped matmuls over the
+(token, expert) pairs sorted by expert, with each weight tile read as it is stored and
+dequantized in registers, so that no dequantized copy of an expert is ever made.
+
+Per BLOCK_M pairs of one expert e (fused_moe.py's `sort_by_expert` blocks):
+    inter[pair] = silu(x[token] @ W1[e]^T) * (x[token] @ W3[e]^T)
+    out[pair]   = weight[pair] * inter[pair] @ W2[e]^T
+and the k outputs of each token are summed in token order. The weights are a layer's experts
+stacked (server/kernels/quant_reference.py's `Int4Experts` and `Fp8Experts`), W1 above W3 in
+w13's outputs:
+  4-bit: qweight [E, K/8, N] int32, eight inputs a word; zeros [E, G, N] uint8 and scales
+      [E, G, N]. A tile of BLOCK_K inputs (inside one group unless g_idx names each row's group)
+      is unpacked and dequantized in float32, as int4_matmul.py does, then rounded to x's dtype
+      for tl.dot. Under act-order an expert's rows are sorted by group and `perm` [E, K] says
+      which input each row multiplies: the kernel gathers those columns of its activations.
+  fp8: weight [E, N, K] e4m3, widened to x's dtype as it is read (exact); each output's sum
+      is multiplied by its channel's scale [E, N] at the end.
+Everything is device work (the sort too), so a decode step through this layer can be
+captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from server.kernels.fused_moe import MoEConfig, _block_pairs_and_cols, sort_by_expert
+from server.kernels.int4_matmul import _dequantized_tile, tile_k
+from server.kernels.precision import dot_precision
+from server.kernels.quant_reference import Fp8Experts, Int4Experts
+
+
+@triton.jit
+def _quantized_expert_matmul(a_ptr, rows, valid, expert, w_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr,
+                             cols, cmask, N: tl.constexpr, K: tl.constexpr, GROUPS: tl.constexpr,
+                             FP8: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_G_IDX: tl.constexpr,
+                             HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] float32 = A[rows, :K] @ W[expert][cols, :K]^T, A row-major with K
+    columns, W one expert of the stacked weights (N outputs, K inputs; BLOCK_K divides K)."""
+    e = expert.to(tl.int64)
+    if FP8:
+        w_ptr += e * (N * K)
+    else:
+        w_ptr += e * (K // 8 * N)
+        zeros_ptr += e * (GROUPS * N)
+        scales_ptr += e * (GROUPS * N)
+        g_idx_ptr += e * K
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        inputs = tl.load(perm_ptr + e * K + ks) if HAS_PERM else ks
+        a = tl.load(a_ptr + rows[:, None] * K + inputs[None, :], mask=valid[:, None], other=0.0)
+        if FP8:
+            w = tl.load(w_ptr + cols[None, :] * K + ks[:, None], mask=cmask[None, :], other=0.0)
+        else:
+            w = _dequantized_tile(w_ptr, zeros_ptr, scales_ptr, g_idx_ptr, k0, cols, cmask, N,
+                                  GROUP_SIZE, HAS_G_IDX, BLOCK_K, BLOCK_N)
+        acc = tl.dot(a, w.to(a.dtype), acc, input_precision=PRECISION)
+    if FP8:
+        acc *= tl.load(scales_ptr + e * N + cols, mask=cmask, other=0.0)[None, :]
+    return acc
+
+
+@triton.jit
+def _quantized_gate_up_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr, inter_ptr,
+                              pair_ids_ptr, block_expert_ptr, num_pairs, TOP_K: tl.constexpr,
+                              HIDDEN: tl.constexpr, INTER: tl.constexpr, GROUPS: tl.constexpr,
+                              FP8: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_G_IDX: tl.constexpr,
+                              HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    expert = tl.load(block_expert_ptr + tl.program_id(0))
+    if expert >= 0:
+        pairs, valid, cols, cmask = _block_pairs_and_cols(pair_ids_ptr, num_pairs, INTER, BLOCK_M, BLOCK_N)
+        tokens = pairs // TOP_K
+        gate = _quantized_expert_matmul(x_ptr, tokens, valid, expert, w_ptr, zeros_ptr, scales_ptr, g_idx_ptr,
+                                        perm_ptr, cols, cmask, 2 * INTER, HIDDEN, GROUPS, FP8, GROUP_SIZE,
+                                        HAS_G_IDX, HAS_PERM, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        up = _quantized_expert_matmul(x_ptr, tokens, valid, expert, w_ptr, zeros_ptr, scales_ptr, g_idx_ptr,
+                                      perm_ptr, INTER + cols, cmask, 2 * INTER, HIDDEN, GROUPS, FP8, GROUP_SIZE,
+                                      HAS_G_IDX, HAS_PERM, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        out = gate / (1.0 + tl.exp(-gate)) * up
+        tl.store(inter_ptr + pairs[:, None] * INTER + cols[None, :], out.to(inter_ptr.dtype.element_ty),
+                 mask=valid[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _quantized_down_kernel(inter_ptr, w_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr, out_ptr, weights_ptr,
+                           pair_ids_ptr, block_expert_ptr, num_pairs, HIDDEN: tl.constexpr, INTER: tl.constexpr,
+                           GROUPS: tl.constexpr, FP8: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                           HAS_G_IDX: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    expert = tl.load(block_expert_ptr + tl.program_id(0))
+    if expert >= 0:
+        pairs, valid, cols, cmask = _block_pairs_and_cols(pair_ids_ptr, num_pairs, HIDDEN, BLOCK_M, BLOCK_N)
+        acc = _quantized_expert_matmul(inter_ptr, pairs, valid, expert, w_ptr, zeros_ptr, scales_ptr, g_idx_ptr,
+                                       perm_ptr, cols, cmask, HIDDEN, INTER, GROUPS, FP8, GROUP_SIZE,
+                                       HAS_G_IDX, HAS_PERM, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        acc = acc * tl.load(weights_ptr + pairs, mask=valid, other=0.0)[:, None]
+        tl.store(out_ptr + pairs[:, None] * HIDDEN + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=valid[:, None] & cmask[None, :])
+
+
+def default_config(num_pairs: int) -> MoEConfig:
+    """Tiles by the number of pairs. A dequantized 4-bit tile lives in registers as float32, so
+    the tiles stay smaller than fused_moe.py's bf16 ones (int4_matmul.py's sizes). Not yet
+    swept on a GPU."""
+    if num_pairs <= 64:
+        return MoEConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)
+    if num_pairs <= 512:
+        return MoEConfig(block_m=32, block_n=64, block_k=128, num_warps=4, num_stages=3)
+    return MoEConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
+
+
+def _weight_arguments(w: Int4Experts | Fp8Experts, largest_k: int) -> tuple[tuple, dict]:
+    """The kernels' pointer arguments (weights, zeros, scales, g_idx, perm) and constants for
+    one projection's experts."""
+    if isinstance(w, Fp8Experts):
+        K = w.in_features
+        return (w.weight, w.weight, w.scale, w.weight, w.weight), dict(
+            GROUPS=1, FP8=True, GROUP_SIZE=K, HAS_G_IDX=False, HAS_PERM=False, BLOCK_K=tile_k(K, K, largest_k))
+    pointers = (w.qweight, w.zeros, w.scales, w.qweight if w.g_idx is None else w.g_idx,
+                w.qweight if w.perm is None else w.perm)
+    return pointers, dict(GROUPS=w.zeros.shape[1], FP8=False, GROUP_SIZE=w.group_size, HAS_G_IDX=w.g_idx is not None,
+                          HAS_PERM=w.perm is not None, BLOCK_K=tile_k(w.in_features, w.group_size, largest_k))
+
+
+def quantized_moe(x: torch.Tensor, w13: Int4Experts | Fp8Experts, w2: Int4Experts | Fp8Experts,
+                  topk_weights: torch.Tensor, topk_ids: torch.Tensor, config: MoEConfig | None = None) -> torch.Tensor:
+    """x [tokens, hidden] -> [tokens, hidden]; the math of `quantized_moe_reference`
+    (server/kernels/reference.py). w13's outputs are [gate | up] of each expert's 2 * inter."""
+    num_tokens, hidden = x.shape
+    inter = w2.in_features
+    num_experts = w13.scale.shape[0] if isinstance(w13, Fp8Experts) else w13.qweight.shape[0]
+    top_k = topk_ids.shape[1]
+    num_pairs = num_tokens * top_k
+    c = config or default_config(num_pairs)
+    pair_ids, block_expert = sort_by_expert(topk_ids, num_experts, c.block_m)
+    tiles = dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, PRECISION=dot_precision(x.dtype),
+                 num_warps=c.num_warps, num_stages=c.num_stages)
+    pointers, constants = _weight_arguments(w13, c.block_k)
+    inter_out = torch.empty((num_pairs, inter), dtype=x.dtype, device=x.device)
+    _quantized_gate_up_kernel[(block_expert.numel(), triton.cdiv(inter, c.block_n))](
+        x.contiguous(), *pointers, inter_out, pair_ids, block_expert, num_pairs, TOP_K=top_k, HIDDEN=hidden,
+        INTER=inter, **constants, **tiles)
+    pointers, constants = _weight_arguments(w2, c.block_k)
+    pair_out = torch.empty((num_pairs, hidden), dtype=x.dtype, device=x.device)
+    _quantized_down_kernel[(block_expert.numel(), triton.cdiv(hidden, c.block_n))](
+        inter_out, *pointers, pair_out, topk_weights.flatten().float().contiguous(), pair_ids, block_expert,
+        num_pairs, HIDDEN=hidden, INTER=inter, **constants, **tiles)
+    return pair_out.view(num_tokens, top_k, hidden).sum(dim=1)
