@@ -37,7 +37,8 @@ from server.kernels.gemv import gemv  # noqa: E402
 from server.kernels.int4_gemv import MMA_MAX_ROWS, int4_gemv, mma_config  # noqa: E402
 from server.kernels.norm import rmsnorm  # noqa: E402
 from server.kernels.prefill_attention import prefill_attention  # noqa: E402
-from server.kernels.quant_reference import FP8  # noqa: E402
+from server.kernels.quant_reference import FP8, Fp8Experts, Int4Experts  # noqa: E402
+from server.kernels.quantized_moe import quantized_moe  # noqa: E402
 from server.kernels.rotary import rotate_and_store  # noqa: E402
 from server.kernels.lora import lora_expand, lora_rows, lora_shrink  # noqa: E402
 from server.kernels.sampling import sample_rows  # noqa: E402
@@ -68,7 +69,8 @@ def decode_step_launches() -> None:
     """The launches of a Mistral-7B layer's decode step (1, 2 and 16 sequences, bf16, fp8 and
     4-bit weights, bf16 and fp8 cache), its LM head, a prefill's attention, LoRA updates, the
     sampling of its random rows, and Mixtral-8x7B's experts for each size of tiles (1 to 4,096
-    tokens)."""
+    tokens), bf16, 4-bit (group 128: consecutive groups, act-order, a rank's uneven groups) and
+    fp8."""
     e = torch.empty
     bf16 = torch.bfloat16
     shapes = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
@@ -123,6 +125,27 @@ def decode_step_launches() -> None:
     for tokens in (1, 4, 64, 256, 4096):  # the sort runs (on the CPU), the kernels are recorded
         ids = torch.arange(2 * tokens).view(tokens, 2) % 8
         fused_moe(e(tokens, 4096, dtype=bf16), w13, w2, torch.ones(tokens, 2), ids)
+    quantized_experts_launches()
+
+
+def quantized_experts_launches() -> None:
+    """Mixtral-8x7B's experts, 4-bit and fp8, at each size of the quantized kernels' tiles."""
+    e = torch.empty
+    bf16 = torch.bfloat16
+
+    def int4(K: int, N: int, g_idx: bool = False, perm: bool = False) -> Int4Experts:
+        return Int4Experts(e(8, K // 8, N, dtype=torch.int32), e(8, K // 128, N, dtype=torch.uint8),
+                           e(8, K // 128, N, dtype=bf16), e(8, K, dtype=torch.int32) if g_idx else None,
+                           e(8, K, dtype=torch.int32) if perm else None, 128)
+
+    layouts = {"int4": (int4(4096, 28672), int4(14336, 4096)),
+               "fp8": (Fp8Experts(e(8, 28672, 4096, dtype=FP8), e(8, 28672)),
+                       Fp8Experts(e(8, 4096, 14336, dtype=FP8), e(8, 4096))),
+               "act-order": (int4(4096, 28672, perm=True), int4(14336, 4096, g_idx=True, perm=True))}
+    for name, (w13, w2) in layouts.items():
+        for tokens in (1, 4096) if name == "act-order" else (1, 256, 4096):
+            ids = torch.arange(2 * tokens).view(tokens, 2) % 8
+            quantized_moe(e(tokens, 4096, dtype=bf16), w13, w2, torch.ones(tokens, 2), ids)
 
 
 def unguarded_zeroing(ttgir: str) -> int:
