@@ -96,6 +96,27 @@ def test_a_mixed_batch_gives_each_request_what_it_gives_alone(lora_llm):
     assert len(set(texts.values())) == 4  # every adapter changes the answer
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Mistral-7B's shapes: on the GPU only")
+@pytest.mark.parametrize("rows", [1, 7, 256, 4096])
+@pytest.mark.parametrize("in_features, out_features, rank", [(4096, 6144, 48), (4096, 28672, 32), (14336, 4096, 16)])
+def test_the_lora_kernels_on_mistral_shapes(rows, in_features, out_features, rank):
+    """qkv (three pieces of rank 16), gate/up (two) and down, eight adapters and the base model
+    mixed, from a decode step of one row to a prefill of 4,096, in bfloat16."""
+    from server.kernels.lora import lora_expand, lora_reference, lora_rows, lora_shrink
+
+    generator = torch.Generator(device="cuda").manual_seed(rows)
+    x = torch.randn(rows, in_features, generator=generator, device="cuda").bfloat16()
+    a = (torch.randn(8, rank, in_features, generator=generator, device="cuda") * 0.02).bfloat16()
+    b = (torch.randn(8, out_features, rank, generator=generator, device="cuda") * 0.02).bfloat16()
+    slots = torch.randint(-1, 8, (rows,), generator=generator, device="cuda")
+    out = torch.randn(rows, out_features, generator=generator, device="cuda").bfloat16()
+    expected = lora_reference(x, a, b, slots, out.clone())
+    ordered = lora_rows(slots, 8)
+    lora_expand(lora_shrink(x, a, ordered), b, ordered, out)
+    assert torch.allclose(out.float(), expected.float(), atol=0.05, rtol=0.02)
+
+
 def test_the_kernels_give_each_request_what_torch_gives_it(lora_llm, monkeypatch):
     """A mixed batch (prompts of several tokens, then decode steps) with the updates through
     the Triton kernels, as on a GPU (interpreted here), against the torch products per adapter."""

@@ -142,10 +142,10 @@ def lora_expand(t: torch.Tensor, b: torch.Tensor, rows: LoRARows, out: torch.Ten
 
 def lora_reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor,
                    out: torch.Tensor) -> torch.Tensor:
-    """What lora_shrink then lora_expand compute, in torch (float32 sums)."""
-    used = slots >= 0
-    index = slots.clamp(min=0)
-    t = torch.einsum("ri,rki->rk", x.float(), a[index].float())  # [rows, R]
-    update = torch.einsum("rk,rnk->rn", t, b[index].float()) * used[:, None]
+    """What lora_shrink then lora_expand compute, in torch (float32 sums), a slot at a time."""
+    update = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+    for slot in range(a.shape[0]):
+        rows = slots == slot
+        update[rows] = (x[rows].float() @ a[slot].float().T) @ b[slot].float().T
     out.copy_((out.float() + update).to(out.dtype))
     return out
