@@ -1,4 +1,4 @@
-"""A Mistral-7B-Instruct-v0.3-shaped (or Mixtral-8x7B-shaped) checkpoint with random
+"""A Mistral-7B-Instruct-v0.3-shaped (or Mixtral-8x7B- or 8x22B-shaped) checkpoint with random
 weights, laid out as on the hub, for the GPU benchmarks. Measures nothing; prints the
 checkpoint's directory.
 
@@ -9,13 +9,17 @@ Nothing can be downloaded on the GPU machine, and shapes, not values, decide spe
     python benchmarks/make_checkpoint.py /tmp/mixtral-4l --mixtral --num-layers 4
     python benchmarks/make_checkpoint.py /tmp/mixtral --mixtral --no-weights   # --load-format dummy
     python benchmarks/make_checkpoint.py /tmp/mistral-7b-gptq --quantize gptq   # 4-bit, 4.2 GB
+    python benchmarks/make_checkpoint.py /tmp/mixtral-gptq --mixtral --quantize gptq   # about 25 GB
+    python benchmarks/make_checkpoint.py /tmp/mixtral-8x22b-gptq --mixtral-8x22b --quantize gptq --no-weights
 
 Weights are drawn on the GPU when there is one (std 0.02, norms at 1), saved as bf16
-safetensors shards with an index, beside the real v3 tokenizer from mistral-common and, as
-on the hub, its Hugging Face `tokenizer.json` (hf_tokenizer.py), which `transformers` needs.
-With `--quantize gptq` or `awq` the decoder's linear layers are written as those 4-bit formats
-(group size 128, symmetric: random 4-bit values, zero points 8, scales giving std ~0.02)
-with their quantization_config, drawn directly in the packed layout, which takes seconds.
+safetensors shards with an index, beside the real tokenizer from mistral-common (v1 for
+Mixtral-8x7B, v3 for the others) and, as on the hub, its Hugging Face `tokenizer.json`
+(hf_tokenizer.py), which `transformers` needs. With `--quantize` the decoder's linear layers,
+Mixtral's experts included (its router stays bf16), are drawn directly in the stored layout,
+with the format's quantization_config: `gptq` or `awq` as 4-bit words (group size 128,
+symmetric: random 4-bit values, zero points 8, scales giving std ~0.02), `fp8` as e4m3 values
+with per-channel scales.
 """
 from __future__ import annotations
 
@@ -36,6 +40,10 @@ from benchmarks import hf_tokenizer  # noqa: E402
 
 SHAPE = dict(vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
              num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768)
+MIXTRAL = dict(architectures=["MixtralForCausalLM"], model_type="mixtral", vocab_size=32000, num_local_experts=8,
+               num_experts_per_tok=2)
+MIXTRAL_8X22B = dict(MIXTRAL, vocab_size=32768, hidden_size=6144, intermediate_size=16384, num_hidden_layers=56,
+                     num_attention_heads=48, max_position_embeddings=65536)
 
 
 def layer_shapes(i: int, c: dict) -> dict[str, tuple[int, ...]]:
@@ -58,14 +66,18 @@ def layer_shapes(i: int, c: dict) -> dict[str, tuple[int, ...]]:
 
 
 GROUP_SIZE = 128
-_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
+FP8_STD = 64.0  # of the drawn e4m3 values (448 at most), each channel's scale bringing it to 0.02
 
 
-def quantization_config(quantize: str) -> dict:
+def quantization_config(quantize: str, mixtral: bool) -> dict:
+    if quantize == "fp8":
+        return {"quant_method": "fp8", "activation_scheme": "dynamic"}
     if quantize == "gptq":
         return {"quant_method": "gptq", "bits": 4, "group_size": GROUP_SIZE, "desc_act": False, "sym": True,
                 "checkpoint_format": "gptq"}
-    return {"quant_method": "awq", "bits": 4, "group_size": GROUP_SIZE, "zero_point": True, "version": "gemm"}
+    awq = {"quant_method": "awq", "bits": 4, "group_size": GROUP_SIZE, "zero_point": True, "version": "gemm"}
+    return {**awq, "modules_to_not_convert": ["gate"]} if mixtral else awq  # AutoAWQ's Mixtral: the router
 
 
 def int4_tensors(name: str, shape: tuple[int, int], quantize: str, generator, device) -> dict[str, torch.Tensor]:
@@ -87,28 +99,37 @@ def int4_tensors(name: str, shape: tuple[int, int], quantize: str, generator, de
     return tensors
 
 
-def make(path: Path, num_layers: int, seed: int = 0, mixtral: bool = False, router_std: float = 0.02,
-         weights: bool = True, quantize: str | None = None, sizes: dict | None = None) -> Path:
-    """`weights=False` writes the config and tokenizer only, for `load_format="dummy"`. `router_std`: a larger spread makes the experts' routing decisive, so that two
-    implementations' rounding never flips which experts a token goes to (for parity tests).
-    `quantize`: "gptq" or "awq" writes the decoder's linear layers in that 4-bit format.
-    `sizes`: config values in place of the real model's (`hidden_size`, `vocab_size`, ...),
-    for a smaller model of the same kind."""
+def fp8_tensors(name: str, shape: tuple[int, int], generator, device) -> dict[str, torch.Tensor]:
+    """One linear layer's e4m3 weight and its per-channel weight_scale [out, 1]."""
+    values = torch.randn(shape, generator=generator, device=device) * FP8_STD
+    return {name: values.clamp(-448, 448).to(torch.float8_e4m3fn).cpu(),
+            f"{name}_scale": torch.full((shape[0], 1), 0.02 / FP8_STD, dtype=torch.float32)}
+
+
+def make(path: Path, num_layers: int | None = None, seed: int = 0, mixtral: bool = False, router_std: float = 0.02,
+         weights: bool = True, quantize: str | None = None, sizes: dict | None = None,
+         mixtral_8x22b: bool = False) -> Path:
+    """`num_layers`: the model's own (32, or 56 for Mixtral-8x22B) unless given. `weights=False`
+    writes the config and tokenizer only, for `load_format="dummy"`. `router_std`: a larger
+    spread makes the experts' routing decisive, so that two implementations' rounding never
+    flips which experts a token goes to (for parity tests). `quantize`: "gptq", "awq" or "fp8"
+    writes the decoder's linear layers in that format. `sizes`: config values in place of the
+    real model's (`hidden_size`, `vocab_size`, ...), for a smaller model of the same kind."""
     path.mkdir(parents=True, exist_ok=True)
-    kind = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 32000,
-            "num_local_experts": 8, "num_experts_per_tok": 2} if mixtral else \
+    kind = MIXTRAL_8X22B if mixtral_8x22b else MIXTRAL if mixtral else \
         {"architectures": ["MistralForCausalLM"], "model_type": "mistral"}
-    config = {**SHAPE, **kind,
-              "num_hidden_layers": num_layers, "hidden_act": "silu", "rms_norm_eps": 1e-5,
+    config = {**SHAPE, **kind, "hidden_act": "silu", "rms_norm_eps": 1e-5,
               "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False,
               "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16", "attention_dropout": 0.0,
               "initializer_range": 0.02, "use_cache": True, **(sizes or {})}
+    if num_layers is not None:
+        config["num_hidden_layers"] = num_layers
     if quantize:
-        config["quantization_config"] = quantization_config(quantize)
+        config["quantization_config"] = quantization_config(quantize, "num_local_experts" in config)
     (path / "config.json").write_text(json.dumps(config, indent=2))
     (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     data = Path(importlib.util.find_spec("mistral_common").submodule_search_locations[0]) / "data"
-    if mixtral:  # Mixtral-8x7B's tokenizer
+    if mixtral and not mixtral_8x22b:  # Mixtral-8x7B's tokenizer
         tokenizer = shutil.copy(data / "tokenizer.model.v1", path / "tokenizer.model.v1")
     else:
         tokenizer = shutil.copy(data / "mistral_instruct_tokenizer_240323.model.v3", path / "tokenizer.model.v3")
@@ -122,6 +143,8 @@ def make(path: Path, num_layers: int, seed: int = 0, mixtral: bool = False, rout
     def tensors(name: str, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
         if name.endswith("norm.weight"):
             return {name: torch.ones(shape, dtype=torch.bfloat16)}
+        if quantize == "fp8" and name.split(".")[-2] in _LINEARS:
+            return fp8_tensors(name, shape, generator, device)
         if quantize and name.split(".")[-2] in _LINEARS:
             return int4_tensors(name, shape, quantize, generator, device)
         std = router_std if name.endswith("block_sparse_moe.gate.weight") else 0.02
@@ -129,7 +152,7 @@ def make(path: Path, num_layers: int, seed: int = 0, mixtral: bool = False, rout
 
     c = config
     groups = [{"model.embed_tokens.weight": (c["vocab_size"], c["hidden_size"])}]
-    groups += [layer_shapes(i, c) for i in range(num_layers)]
+    groups += [layer_shapes(i, c) for i in range(c["num_hidden_layers"])]
     groups.append({"model.norm.weight": (c["hidden_size"],), "lm_head.weight": (c["vocab_size"], c["hidden_size"])})
     shards: list[dict[str, tuple]] = [{}]
     for group in groups:  # a few layers per shard, as the hub's files hold
@@ -149,15 +172,19 @@ def make(path: Path, num_layers: int, seed: int = 0, mixtral: bool = False, rout
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("path", type=Path)
-    parser.add_argument("--num-layers", type=int, default=32)
+    parser.add_argument("--num-layers", type=int, help="default: the model's (32; 56 for Mixtral-8x22B)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mixtral", action="store_true", help="Mixtral-8x7B's shapes (8 experts, top-2)")
+    parser.add_argument("--mixtral-8x22b", action="store_true",
+                        help="Mixtral-8x22B's shapes (hidden 6,144, 48 heads / 8 KV, 8 experts of 16,384, vocabulary "
+                             "32,768, 65,536 positions)")
     parser.add_argument("--no-weights", action="store_true",
                         help="config and tokenizer only, for --load-format dummy (no disk, no wait)")
-    parser.add_argument("--quantize", choices=["gptq", "awq"], help="write the linear layers in this 4-bit format")
+    parser.add_argument("--quantize", choices=["gptq", "awq", "fp8"],
+                        help="write the linear layers (and Mixtral's experts) in this format")
     args = parser.parse_args()
-    print(make(args.path, args.num_layers, args.seed, args.mixtral, weights=not args.no_weights,
-               quantize=args.quantize))
+    print(make(args.path, args.num_layers, args.seed, args.mixtral or args.mixtral_8x22b,
+               weights=not args.no_weights, quantize=args.quantize, mixtral_8x22b=args.mixtral_8x22b))
 
 
 if __name__ == "__main__":

@@ -229,9 +229,10 @@ def test_the_engine_refuses_a_4bit_flag_on_a_plain_checkpoint(mistral_v03_dir):
         LLM(mistral_v03_dir, quantization="gptq")
 
 
-def write_oracle(quantized_dir: Path, target: Path, weight_of) -> str:
-    """A bf16 checkpoint of what a quantized one stands for: `weight_of(layer, tensors)` gives
-    each linear layer's float32 weight from its checkpoint tensors (all on the GPU)."""
+def write_oracle(quantized_dir: Path, target: Path, weight_of, device: str = "cuda",
+                 dtype: torch.dtype = torch.bfloat16) -> str:
+    """A checkpoint in `dtype` of what a quantized one stands for: `weight_of(layer, tensors)`
+    gives each linear layer's float32 weight from its checkpoint tensors (all on `device`)."""
     import shutil
 
     from quantize_checkpoint import LINEARS
@@ -239,19 +240,33 @@ def write_oracle(quantized_dir: Path, target: Path, weight_of) -> str:
     shutil.copytree(quantized_dir, target)
     tensors = {}
     for shard in quantized_dir.glob("*.safetensors"):
-        tensors.update(load_file(str(shard), device="cuda"))
+        tensors.update(load_file(str(shard), device=device))
         (target / shard.name).unlink()
     (target / "model.safetensors.index.json").unlink(missing_ok=True)
     layers = {name.rsplit(".", 1)[0] for name in tensors if name.rsplit(".", 2)[-2] in LINEARS}
     dense = {name: t for name, t in tensors.items() if name.rsplit(".", 1)[0] not in layers}
     for layer in layers:
         parts = {name.rsplit(".", 1)[1]: t for name, t in tensors.items() if name.rsplit(".", 1)[0] == layer}
-        dense[f"{layer}.weight"] = weight_of(layer, parts).to(torch.bfloat16)
+        dense[f"{layer}.weight"] = weight_of(layer, parts).to(dtype)
     save_file({name: t.contiguous() for name, t in dense.items()}, str(target / "model.safetensors"))
     config = json.loads((target / "config.json").read_text())
     config.pop("quantization_config", None)
     (target / "config.json").write_text(json.dumps(config))
     return str(target)
+
+
+def drawn_weight(method: str):
+    """write_oracle's `weight_of` for a checkpoint of make_checkpoint.py in `method`."""
+    from benchmarks.make_checkpoint import GROUP_SIZE
+
+    def weight_of(layer, parts):
+        if method == "fp8":
+            return dequantize_fp8(parts["weight"], parts["weight_scale"])
+        if method == "awq":
+            return dequantize_awq(parts["qweight"], parts["qzeros"], parts["scales"], GROUP_SIZE)
+        return dequantize_gptq(parts["qweight"], parts["qzeros"], parts["scales"], parts["g_idx"])
+
+    return weight_of
 
 
 def mistral_7b_prompts(seed: int) -> list[list[int]]:
@@ -267,17 +282,11 @@ def mistral_7b_prompts(seed: int) -> list[list[int]]:
 def test_4bit_greedy_on_mistral_7b_shapes_equals_transformers_up_to_near_ties(method, tmp_path):
     """Two layers of Mistral-7B's shapes in 4-bit: the fused kernel for decode steps (and for
     prefill chunks of 96), the dequantized weight for the 1,045-token first step."""
-    from benchmarks.make_checkpoint import GROUP_SIZE, make
+    from benchmarks.make_checkpoint import make
     from test_parity import assert_bf16_parity
 
     model_dir = make(tmp_path / method, num_layers=2, quantize=method)
-
-    def weight_of(layer, parts):
-        if method == "awq":
-            return dequantize_awq(parts["qweight"], parts["qzeros"], parts["scales"], GROUP_SIZE)
-        return dequantize_gptq(parts["qweight"], parts["qzeros"], parts["scales"], parts["g_idx"])
-
-    oracle = write_oracle(model_dir, tmp_path / "oracle", weight_of)
+    oracle = write_oracle(model_dir, tmp_path / "oracle", drawn_weight(method))
     assert_bf16_parity(str(model_dir), mistral_7b_prompts(0), oracle_dir=oracle)
     assert_bf16_parity(str(model_dir), mistral_7b_prompts(1)[:2], oracle_dir=oracle, max_batch_prefill_tokens=96)
 

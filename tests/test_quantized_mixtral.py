@@ -4,6 +4,7 @@ weights (float32, CPU); the experts fused for the GPU's kernels (run here in Tri
 interpreter) give the outputs of the CPU's loop over experts, on one rank and on each of two."""
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,17 +12,18 @@ import pytest
 import torch
 
 from quantize_checkpoint import write_dequantized, write_quantized
-from server import LLM
-from server.config import ModelConfig
-from server.kernels.quant_reference import dequantize_fp8
+from server import LLM, SamplingParams
+from server.config import EngineArgs, ModelConfig
+from server.engine.llm_engine import LLMEngine
+from server.kernels.quant_reference import FP8, dequantize_fp8, dequantize_int4, group_of_each_input, unpack_int4
 from server.layers.moe import QuantizedSparseMoE
 from server.layers.parallel import TensorParallel, set_tensor_parallel
-from server.models.loader import iter_weights, load_config, resolve_model
+from server.models.loader import FP8_STD, iter_weights, load_config, resolve_model
 from server.models.mixtral import MixtralForCausalLM
 from server.models.quantization import resolve_quantization
 from server.runtime.model_runner import SequenceChunk
 from test_parity import GREEDY
-from test_quantization import assert_greedy_equals_transformers
+from test_quantization import assert_greedy_equals_transformers, drawn_weight, write_oracle
 from test_tensor_parallel import run as run_sharded
 
 FORMATS = {  # name -> write_quantized's arguments
@@ -124,6 +126,45 @@ def test_fp8_experts_hold_the_checkpoints_e4m3_weights(quantized_mixtral):
         weight = f.get_tensor("model.layers.1.block_sparse_moe.experts.2.w2.weight")
         scale = f.get_tensor("model.layers.1.block_sparse_moe.experts.2.w2.weight_scale")
     assert torch.equal(dequantize_fp8(layer.weight, layer.weight_scale), dequantize_fp8(weight, scale.reshape(-1)))
+
+
+TINY = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+            max_position_embeddings=512)  # for make_checkpoint.py: inputs of whole 4-bit groups (128)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "fp8"])
+def test_a_checkpoint_drawn_in_its_stored_layout_gives_transformers_greedy_on_its_weights(method, tmp_path):
+    """benchmarks/make_checkpoint.py --mixtral --quantize: the experts and attention drawn as
+    stored words (or e4m3 values), the router in bf16, a quantization_config that loads them."""
+    from benchmarks.make_checkpoint import make
+
+    model_dir = make(tmp_path / method, num_layers=2, mixtral=True, router_std=0.5, quantize=method, sizes=TINY)
+    assert isinstance(LLM(str(model_dir), device="cpu").engine.runner.model.layers[1].mlp, QuantizedSparseMoE)
+    oracle = write_oracle(model_dir, tmp_path / "oracle", drawn_weight(method), device="cpu", dtype=torch.float32)
+    assert_greedy_equals_transformers(str(model_dir), oracle, dtype="float32")
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "fp8"])
+def test_load_format_dummy_draws_quantized_experts_in_their_layouts(method, tmp_path):
+    from benchmarks.make_checkpoint import make
+
+    model_dir = make(tmp_path / method, num_layers=2, mixtral=True, weights=False, quantize=method, sizes=TINY)
+    engine = LLMEngine(EngineArgs(model=str(model_dir), device="cpu", load_format="dummy"))
+    expert = engine.runner.model.layers[0].mlp.experts[3].w2
+    if method == "fp8":
+        assert expert.weight.dtype == FP8 and torch.all(expert.weight_scale == 0.02 / FP8_STD)
+        weight = dequantize_fp8(expert.weight, expert.weight_scale)
+    else:
+        assert torch.all(expert.zeros == 8) and expert.qweight.dtype == torch.int32
+        weight = dequantize_int4(unpack_int4(expert.qweight, dim=0), expert.zeros, expert.scales,
+                                 group_of_each_input(256, 128))
+    assert abs(weight.std().item() - 0.02) < 0.004
+    engine.add_request([1, 5, 9], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=1))
+    while engine.has_unfinished_requests():
+        finished = [o for o in engine.step() if o.finished]
+    output = finished[0].outputs[0]
+    assert len(output.token_ids) == 4
+    assert all(math.isfinite(entry[token]) for token, entry in zip(output.token_ids, output.logprobs))
 
 
 @torch.inference_mode()

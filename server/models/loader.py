@@ -29,6 +29,7 @@ from huggingface_hub.errors import (
 from safetensors import safe_open
 from tqdm import tqdm
 
+from server.kernels.quant_reference import FP8, FP8_MAX
 from server.models.consolidated import (
     as_hf_weights,
     consolidated_config,
@@ -52,6 +53,7 @@ _HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model*", "*.jinja"]
 # Mistral's own format, fetched only for a repo that has no HF weights.
 _HUB_SKIPPED_FILES = ["consolidated*"]
 _HUB_CONSOLIDATED_FILES = ["consolidated*.safetensors"]
+FP8_STD = 64.0  # of random e4m3 weights (448 at most), each channel's scale bringing it to 0.02
 
 
 @dataclass(frozen=True)
@@ -238,11 +240,33 @@ def _normalise_config(config: dict) -> dict:
 
 def fill_random_weights(model: torch.nn.Module, seed: int) -> None:
     """Random weights in place of a checkpoint's, for benchmarks, where shapes and not values
-    decide speed: normal with std 0.02 (as models initialise), norms at 1. Each rank draws
-    its own shard, so the ranks together are not one coherent model."""
+    decide speed: normal with std 0.02 (as models initialise), norms at 1. A quantized layer's
+    tensors are drawn on the device in their checkpoint layout (random 4-bit words, zero points
+    8, scales giving std ~0.02; e4m3 values with per-channel scales), and the model then
+    finishes loading as from a checkpoint. Each rank draws its own shard, so the ranks
+    together are not one coherent model."""
     generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+    quant = model.config.quantization
     for name, param in model.named_parameters():
+        kind = name.rsplit(".", 1)[-1]
         if name.endswith("norm.weight"):
             param.data.fill_(1.0)
+        elif kind == "qweight":
+            param.data.random_(generator=generator)
+        elif kind == "qzeros":  # zero point 8 in every nibble, as the format stores it
+            word = (8 - quant.zero_offset) * 0x11111111
+            param.data.fill_(word - 2 ** 32 if word >= 2 ** 31 else word)  # the same bits in an int32
+        elif kind == "scales":
+            param.data.fill_(0.02 / 4.6)  # 4.6: the std of a uniform nibble less 8
+        elif kind == "g_idx":
+            layer = model.get_submodule(name.rsplit(".", 1)[0])
+            param.data.copy_(torch.arange(param.numel(), device=param.device) // layer.group_size)
+        elif param.dtype == FP8:
+            values = torch.empty(param.shape, device=param.device).normal_(0.0, FP8_STD, generator=generator)
+            param.data.copy_(values.clamp(-FP8_MAX, FP8_MAX))
         else:
             param.data.normal_(0.0, 0.02, generator=generator)
+    for name, buffer in model.named_buffers():
+        if name.endswith("weight_scale"):
+            buffer.fill_(0.02 / FP8_STD)
+    model.finish_loading()

@@ -114,8 +114,6 @@ def start_runner(args: EngineArgs, rank: int = 0, port: int = 0) -> StartedRunne
     source = resolve_model(args.model, args.revision, args.download_dir, weights=not dummy)
     hf_config = load_config(source)
     quantization = resolve_quantization(hf_config, args.quantize)
-    if dummy and quantization is not None:
-        raise ValueError("load_format dummy draws dense random weights; it cannot be combined with quantization")
     model = replace(ModelConfig.from_hf(hf_config, load_generation_config(source)), quantization=quantization)
     device, dtype = device_and_dtype(args, model, rank)
     kv_dtype = kv_cache_dtype(args.kv_cache_dtype)
