@@ -23,8 +23,9 @@ FLAGS = [
      "--num-shard uses every visible GPU."),
     ("--quantize", str, None, "Weight quantization (TGI's values; these run here): fp8 (e4m3 weights with "
      "per-channel scales, quantized at load or read from an fp8 checkpoint; needs a GPU of compute capability "
-     "8.9+ or the CPU), awq and gptq (4-bit checkpoints), compressed-tensors (its fp8 checkpoints). Default: "
-     "what the checkpoint's quantization_config says."),
+     "8.9+ or the CPU), awq and gptq (4-bit checkpoints), compressed-tensors (its fp8 checkpoints). Each "
+     "works for Mixtral too: its experts quantized (fused MoE kernels on a GPU), the router left unquantized. "
+     "Default: what the checkpoint's quantization_config says."),
     ("--kv-cache-dtype", str, "auto", "auto (the model dtype) or fp8 / fp8_e4m3fn: e4m3 with a scale per layer "
      "(the checkpoint's k_scale/v_scale, else 1.0), which holds twice the tokens."),
     ("--max-concurrent-requests", int, 128, "Requests in flight (running and queued) beyond which "
@@ -60,7 +61,8 @@ FLAGS = [
     ("--watermark-delta", float, 2.0, "Bias added to green tokens' logits when a request asks for `watermark`."),
     ("--max-client-batch-size", int, 4, "Most prompts in one /v1/completions request."),
     ("--load-format", str, "auto", "auto: the checkpoint's weights; dummy: random weights of the "
-     "checkpoint's shapes, reading only its config and tokenizer (benchmarks, as vLLM's flag)."),
+     "checkpoint's shapes (in its quantized layout, if its config has one), reading only its config and "
+     "tokenizer (benchmarks, as vLLM's flag)."),
     ("--disable-async-scheduling", bool, False, "Read each step back before scheduling the next (by "
      "default the next step is queued on the GPU first, so that it never waits for the host)."),
     ("--graceful-termination-timeout", int, 90, "Seconds that running requests get to finish after "
