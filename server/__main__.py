@@ -72,7 +72,11 @@ FLAGS = [
      "`name=path`."),
     ("--max-lora-rank", int, 64, "Largest LoRA rank an adapter may have; a larger one is refused at start."),
     ("--speculate", int, 0, "Speculative decoding: up to this many tokens a step proposed by n-gram lookup in "
-     "the prompt and output, checked in one forward pass; outputs are the same as without it. 0: off."),
+     "the prompt and output (or by --speculative-model), checked in one forward pass; outputs are the same as "
+     "without it. 0: off."),
+    ("--speculative-model", str, None, "Hub id or directory of a draft model with the model's tokenizer (a "
+     "smaller one of its family), which proposes the --speculate tokens greedily, with its own KV cache (as many "
+     "tokens as the model's, out of the same memory). One GPU: not with --num-shard > 1."),
 ]
 
 
@@ -124,6 +128,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error("--sharded true needs at least two visible GPUs, or --num-shard")
     if args.speculate < 0:
         parser.error("--speculate must be 0 (off) or positive")
+    if args.speculative_model and args.speculate < 1:
+        parser.error("--speculative-model needs --speculate N: how many tokens it proposes a step")
+    if args.speculative_model and (args.num_shard or 1) > 1:
+        parser.error("--speculative-model runs on one GPU: it cannot be combined with --num-shard > 1 yet")
     if not 0 < args.watermark_gamma < 1:
         parser.error("--watermark-gamma must be in (0, 1)")
     if args.dtype and args.quantize:
@@ -217,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         cuda_memory_fraction=args.cuda_memory_fraction, quantize=args.quantize,
         load_format=args.load_format, kv_cache_dtype=args.kv_cache_dtype,
         async_scheduling=not args.disable_async_scheduling, lora_adapters=lora_adapters,
-        max_lora_rank=args.max_lora_rank, speculate=args.speculate)
+        max_lora_rank=args.max_lora_rank, speculate=args.speculate, speculative_model=args.speculative_model)
     if rank:
         log.info("rank %d of %d: running the steps rank 0 sends", rank, engine_args.tensor_parallel_size)
         start_runner(engine_args, rank).runner.serve_steps()
@@ -253,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(engine, settings)
     log.info("serving %s on http://%s:%d (max_input_tokens=%d, max_total_tokens=%d, KV cache %d tokens)",
              config.model_id, args.hostname, args.port, max_input, max_total, config.cache.max_total_tokens)
+    if args.speculate:
+        log.info("speculative decoding: up to %d tokens a step proposed by %s", args.speculate,
+                 args.speculative_model or "n-gram lookup")
     try:
         serve(app, args.hostname, args.port, args.graceful_termination_timeout)
     finally:

@@ -134,3 +134,4 @@ class EngineArgs:
     speculate: int = 0  # tokens proposed a step by n-gram lookup and checked in one pass (0: off)
     speculate_ngram_max: int = 3  # the longest n-gram looked up
     speculate_ngram_min: int = 1  # the shortest
+    speculative_model: str | None = None  # a draft model proposes instead (hub id or directory, same tokenizer)

@@ -16,19 +16,24 @@ Conversation = list[dict]
 
 
 def speculative_settings(config: dict | None) -> dict:
-    """vLLM's `speculative_config` as EngineArgs' fields."""
+    """vLLM's `speculative_config` as EngineArgs' fields: method "ngram" (the default without a
+    "model") or "draft_model" (the default with one)."""
     if not config:
         return {}
     config = dict(config)
-    method = config.pop("method", "ngram")
-    if method != "ngram":
-        raise ValueError(f"speculative method {method!r} is not supported; ngram (prompt lookup) is")
-    settings = {"speculate": int(config.pop("num_speculative_tokens", 0)),
-                "speculate_ngram_max": int(config.pop("prompt_lookup_max", 3)),
-                "speculate_ngram_min": int(config.pop("prompt_lookup_min", 1))}
+    model = config.pop("model", None)
+    method = config.pop("method", "draft_model" if model else "ngram")
+    if method not in ("ngram", "draft_model"):
+        raise ValueError(f"speculative method {method!r} is not supported: ngram (prompt lookup), draft_model")
+    if (method == "draft_model") != bool(model):
+        raise ValueError("speculative_config's \"model\" names the draft model of method draft_model, and only it")
+    settings = {"speculate": int(config.pop("num_speculative_tokens", 0)), "speculative_model": model}
+    if method == "ngram":
+        settings.update(speculate_ngram_max=int(config.pop("prompt_lookup_max", 3)),
+                        speculate_ngram_min=int(config.pop("prompt_lookup_min", 1)))
     if config:
-        raise ValueError(f"speculative_config keys {sorted(config)} are not supported")
-    if settings["speculate"] < 0 or not 1 <= settings["speculate_ngram_min"] <= settings["speculate_ngram_max"]:
+        raise ValueError(f"speculative_config keys {sorted(config)} are not supported with method {method}")
+    if settings["speculate"] < 0 or not 1 <= settings.get("speculate_ngram_min", 1) <= settings.get("speculate_ngram_max", 1):
         raise ValueError(f"speculative_config {settings} is out of range")
     return settings
 
@@ -51,7 +56,9 @@ class LLM:
         `lora_adapters`: LoRA adapters in PEFT's format, {name: directory or hub id[@revision]}
         or TGI's `--lora-adapters` text, each then chosen per request with a `LoRARequest`;
         `speculative_config`: vLLM's shape, {"method": "ngram", "num_speculative_tokens": N,
-        "prompt_lookup_max": 3, "prompt_lookup_min": 1} (n-gram prompt lookup)."""
+        "prompt_lookup_max": 3, "prompt_lookup_min": 1} (n-gram prompt lookup) or {"method":
+        "draft_model", "model": hub id or directory, "num_speculative_tokens": N} (a draft model
+        of the same tokenizer)."""
         speculation = speculative_settings(speculative_config)
         if isinstance(lora_adapters, str):
             lora_adapters = parse_lora_adapters(lora_adapters)

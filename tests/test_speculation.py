@@ -147,13 +147,16 @@ def test_two_ranks_over_gloo_speculate_as_one(mistral_v03_dir, plain):
     assert tokens(got) == tokens(plain.generate(PROMPTS, params, use_tqdm=False))
 
 
-def test_the_server_speculates_with_its_flag(mistral_v03_dir, plain):
+@pytest.mark.parametrize("draft", [False, True], ids=["ngram", "draft_model"])
+def test_the_server_speculates_with_its_flag(mistral_v03_dir, plain, draft):
+    """--speculate alone looks n-grams up; SPECULATIVE_MODEL (--speculative-model's variable)
+    names a draft model: here the model itself."""
     import httpx
 
     from server_process import ServerProcess
 
     server = ServerProcess("--model-id", mistral_v03_dir, "--max-total-tokens", "256", "--max-batch-total-tokens",
-                           "4096", "--speculate", "3")
+                           "4096", "--speculate", "3", env={"SPECULATIVE_MODEL": mistral_v03_dir} if draft else None)
     try:
         server.wait_ready()
         body = {"inputs": PROMPTS[1], "parameters": {"max_new_tokens": 20}}
@@ -162,3 +165,4 @@ def test_the_server_speculates_with_its_flag(mistral_v03_dir, plain):
         server.stop()
     expected = plain.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)[0]
     assert r.json()["generated_text"] == expected.outputs[0].text
+    assert f"proposed by {mistral_v03_dir if draft else 'n-gram lookup'}" in server.log

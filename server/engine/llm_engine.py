@@ -17,7 +17,8 @@ from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.guidance import Guidance
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Request, Sequence, SequenceStatus
-from server.engine.speculation import NgramIndex
+from server.engine.draft_model import DraftModelProposer, check_same_vocabulary
+from server.engine.speculation import NgramProposer
 from server.engine.stop import check_text_stop, check_token_stop, stable_text_len
 from server.engine.tokenizer import Tokenizer
 from server.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -43,6 +44,9 @@ class LLMEngine:
         if (args.block_size is not None and args.block_size < 1) or args.max_batch_prefill_tokens < 1 \
                 or args.max_num_seqs < 1:
             raise ValueError("block_size, max_batch_prefill_tokens and max_num_seqs must be positive")
+        if args.speculative_model and args.speculate < 1:
+            raise ValueError("a draft model (speculative_model) needs a number of tokens to propose a step "
+                             "(speculate, num_speculative_tokens) of 1 or more")
         self.workers = None
         port = 0
         if args.tensor_parallel_size > 1 and launched_rank() is None:
@@ -65,10 +69,10 @@ class LLMEngine:
         self.guidance = Guidance(self.tokenizer, model.vocab_size, self.eos_token_ids,
                                  on_gpu=started.device.startswith("cuda"))
         self.lora_adapters = {name: slot for slot, name in enumerate(started.lora_adapters)}
-        # Speculative decoding: up to `speculate` tokens proposed a step by n-gram lookup (n in
-        # speculate_ngram: the largest to the smallest tried), checked in one forward pass.
+        # Speculative decoding: up to `speculate` tokens proposed a step, by the draft model or
+        # else by n-gram lookup, checked in one forward pass.
         self.speculate = args.speculate
-        self.speculate_ngram = (args.speculate_ngram_max, args.speculate_ngram_min)
+        self.proposer = self._proposer(args, started) if args.speculate else None
         self.num_speculated = self.num_accepted = 0  # proposed tokens, and those the model kept
         self.requests: dict[str, Request] = {}
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
@@ -312,9 +316,20 @@ class LLMEngine:
                     seq.num_computed_tokens -= num_tokens  # nothing of this step counts
         return launched
 
+    def _proposer(self, args: EngineArgs, started) -> NgramProposer | DraftModelProposer:
+        if started.draft is None:
+            return NgramProposer(args.speculate_ngram_max, args.speculate_ngram_min)
+        draft = started.draft
+        check_same_vocabulary(self.tokenizer, Tokenizer.load(draft.source.path, draft.source.gguf_file),
+                              self.config.model.vocab_size, draft.runner.model_config.vocab_size,
+                              args.speculative_model)
+        cache = self.config.cache
+        return DraftModelProposer(draft.runner, cache.num_blocks, cache.block_size, args.max_batch_prefill_tokens,
+                                  draft.max_model_len)
+
     def _propose(self) -> None:
         """Each running sequence's proposals for this step (none where it cannot speculate)."""
-        most, least = self.speculate_ngram
+        seqs, counts = [], []  # those that speculate, and how many tokens each may take
         for seq in self.scheduler.running:
             seq.drafts = []
             params = seq.params
@@ -323,9 +338,12 @@ class LLMEngine:
             room = self.max_model_len - len(seq.token_ids) - 1
             if params.max_tokens is not None:
                 room = min(room, params.max_tokens - seq.num_output_tokens - 1)
-            if seq.ngrams is None:
-                seq.ngrams = NgramIndex(most, least)
-            seq.drafts = seq.ngrams.propose(seq.token_ids, min(self.speculate, room))
+            if room > 0:
+                seqs.append(seq)
+                counts.append(min(self.speculate, room))
+        if seqs:
+            for seq, drafts in zip(seqs, self.proposer.propose(seqs, counts)):
+                seq.drafts = drafts
 
     @staticmethod
     def _may_speculate(seq: Sequence) -> bool:

@@ -67,7 +67,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.block_manager.release(seq)
+        self._release(seq)
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
@@ -147,8 +147,13 @@ class Scheduler:
             if self._steps_since_limit >= RECOVERY_STEPS:
                 self.memory_limit = None
 
-    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+    def _release(self, seq: Sequence) -> None:
         self.block_manager.release(seq)
+        if seq.draft_cache is not None:  # a draft model's blocks go with the sequence's
+            seq.draft_cache.release()
+
+    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        self._release(seq)
         seq.drafts = []
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)

@@ -51,6 +51,7 @@ class Sequence:
         self.matcher = None  # a guided sequence's grammar matcher, advanced with every token
         self.drafts: list[int] = []  # tokens proposed to check in this step (speculative decoding)
         self.ngrams = None  # the proposer's index of its n-grams, once it speculates
+        self.draft_cache = None  # its place in a draft model's KV cache (DraftCache), once it speculates
         self.step_logprobs: list[float] = []  # the logprobs of the tokens the last step accepted
 
     @property

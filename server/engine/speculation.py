@@ -1,6 +1,8 @@
-"""Speculative decoding's proposals: n-gram prompt lookup (TGI's `--speculate` without Medusa heads).
+"""Speculative decoding's proposals, and how many tokens to propose.
 
-The last n tokens of a sequence (n from `max_n` down to `min_n`) are looked for earlier in its
+A proposer answers `propose(seqs, counts)` with up to `counts[i]` tokens for each sequence:
+n-gram prompt lookup here (TGI's `--speculate` without Medusa heads), a draft model in
+draft_model.py. The last n tokens of a sequence (n from `max_n` down to `min_n`) are looked for earlier in its
 prompt and output; the tokens that followed their latest earlier occurrence are proposed. The
 engine checks the proposals in one forward pass with the sequence's last token, sampling each
 position as it would have without speculation (a row's random key depends on its seed and
@@ -9,6 +11,8 @@ that differs from the pick at its place, plus that pick: the output is the one t
 would have had without speculation.
 """
 from __future__ import annotations
+
+from server.engine.sequence import Sequence
 
 
 def propose_ngram(token_ids: list[int], count: int, max_n: int = 3, min_n: int = 1) -> list[int]:
@@ -53,3 +57,19 @@ class NgramIndex:
             if end is not None:
                 return token_ids[end:end + count]
         return []
+
+
+class NgramProposer:
+    """Proposals by n-gram prompt lookup, from an index that each sequence keeps (`seq.ngrams`)."""
+
+    def __init__(self, max_n: int = 3, min_n: int = 1):
+        self.max_n, self.min_n = max_n, min_n
+
+    def propose(self, seqs: list[Sequence], counts: list[int]) -> list[list[int]]:
+        proposals = []
+        for seq, count in zip(seqs, counts):
+            if seq.ngrams is None:
+                seq.ngrams = NgramIndex(self.max_n, self.min_n)
+            proposals.append(seq.ngrams.propose(seq.token_ids, count))
+        return proposals
+

@@ -34,6 +34,14 @@ class StartedRunner:
     device: str
     dtype: str
     lora_adapters: list[str]  # the adapters' names, in slot order
+    draft: "StartedDraft | None" = None  # speculative decoding's draft model, on rank 0
+
+
+@dataclass
+class StartedDraft:
+    runner: ModelRunner
+    source: ModelSource
+    max_model_len: int  # its context, at most the model's
 
 
 def device_and_dtype(args: EngineArgs, model: ModelConfig, rank: int) -> tuple[str, str]:
@@ -110,19 +118,25 @@ def start_runner(args: EngineArgs, rank: int = 0, port: int = 0) -> StartedRunne
     set_tensor_parallel(tp)
     if args.load_format not in ("auto", "dummy"):
         raise ValueError(f"load_format {args.load_format!r} is not supported: auto, dummy")
+    if args.speculative_model and tp.size > 1:
+        raise ValueError("a draft model (speculative_model) runs whole on one device: it cannot be combined "
+                         "with tensor parallelism yet")
     dummy = args.load_format == "dummy"
-    source = resolve_model(args.model, args.revision, args.download_dir, weights=not dummy)
-    hf_config = load_config(source)
-    quantization = resolve_quantization(hf_config, args.quantize)
-    model = replace(ModelConfig.from_hf(hf_config, load_generation_config(source)), quantization=quantization)
+    source, model = read_model(args.model, args.revision, args, args.quantize)
     device, dtype = device_and_dtype(args, model, rank)
     kv_dtype = kv_cache_dtype(args.kv_cache_dtype)
-    if quantization is not None and quantization.method == "fp8":
+    if model.quantization is not None and model.quantization.method == "fp8":
         check_fp8(device, "fp8 quantization")
     if kv_dtype == "fp8":
         check_fp8(device, "an fp8 KV cache")
     runner = ModelRunner(model, None if dummy else source, device, dtype, args.attention_backend, tp, kv_dtype,
                          args.block_size)
+    # Before the KV cache is sized: the draft's weights come out of the memory it gets.
+    draft = None
+    if args.speculative_model:
+        draft_source, draft_model = read_model(args.speculative_model, None, args, None)
+        draft = ModelRunner(draft_model, None if dummy else draft_source, device, dtype, args.attention_backend,
+                            block_size=args.block_size)
     # Before the KV cache is sized: the adapters' slots come out of the memory it gets.
     adapters = [read_adapter(name, where, args.download_dir, args.max_lora_rank)
                 for name, where in (args.lora_adapters or {}).items()]
@@ -132,6 +146,10 @@ def start_runner(args: EngineArgs, rank: int = 0, port: int = 0) -> StartedRunne
     kv_tokens = args.max_batch_total_tokens or runner.kv_tokens_that_fit(
         args.cpu_kv_cache_bytes, args.max_batch_prefill_tokens, args.cuda_memory_fraction,
         model_len, block_size)
+    if draft is not None and not args.max_batch_total_tokens:
+        # The draft's cache holds as many tokens as the model's, out of the same memory.
+        target_bytes = runner.kv_bytes_per_token()
+        kv_tokens = kv_tokens * target_bytes // (target_bytes + draft.kv_bytes_per_token())
     if tp.size > 1:  # the cache must fit on the rank with the least room
         smallest = torch.tensor([kv_tokens], dtype=torch.int64)
         dist.all_reduce(smallest, op=dist.ReduceOp.MIN, group=tp.control)
@@ -145,4 +163,22 @@ def start_runner(args: EngineArgs, rank: int = 0, port: int = 0) -> StartedRunne
     if not args.enforce_eager:
         runner.capture_decode_graphs(args.max_num_seqs, max_model_len)
     runner.warm_up(args.max_num_seqs)
-    return StartedRunner(runner, model, source, cache, max_model_len, device, dtype, [a.name for a in adapters])
+    started = StartedRunner(runner, model, source, cache, max_model_len, device, dtype, [a.name for a in adapters])
+    if draft is not None:
+        draft.allocate_kv_cache(replace(cache, enable_prefix_caching=False))
+        draft_len = min(draft.model_config.max_position_embeddings, max_model_len)
+        if not args.enforce_eager:
+            draft.capture_decode_graphs(args.max_num_seqs, draft_len)
+        draft.warm_up(args.max_num_seqs)
+        started.draft = StartedDraft(draft, draft_source, draft_len)
+    return started
+
+
+def read_model(name: str | None, revision: str | None, args: EngineArgs,
+               quantize: str | None) -> tuple[ModelSource, ModelConfig]:
+    """Where a model is (downloaded unless its weights are drawn at random) and its config."""
+    dummy = args.load_format == "dummy"
+    source = resolve_model(name, revision, args.download_dir, weights=not dummy)
+    hf_config = load_config(source)
+    quantization = resolve_quantization(hf_config, quantize)
+    return source, replace(ModelConfig.from_hf(hf_config, load_generation_config(source)), quantization=quantization)
