@@ -26,6 +26,17 @@ What one run does (4 to 7 minutes expected on an H100; never past --time-limit, 
 Each child saves its figures after each measurement; one still running when its share of the
 time is spent is stopped, and the report holds what it had measured and says so.
 
+Quantized experts (and attention), our engine alone (transformers cannot run these random
+layouts): `--quantize gptq|awq|fp8` draws the weights in that layout on the GPU (load format
+dummy) on all the model's layers, or writes them to --checkpoint and reads them back with
+`--write-weights`; `--mixtral-8x22b` takes Mixtral-8x22B's shape. The roofline then counts the
+quantized bytes (4-bit words with their scales and zeros, or e4m3), and the target is issue
+#37's fraction of it (0.7 for 4-bit, 0.8 for fp8):
+
+    python benchmarks/mixtral.py --mixtral-8x22b --quantize gptq --out $OUT/mixtral-8x22b-gptq.json
+    python benchmarks/mixtral.py --quantize fp8 --out $OUT/mixtral-fp8.json
+    python benchmarks/mixtral.py --quantize gptq --write-weights --checkpoint /tmp/mixtral-gptq
+
 On a CPU, with small sizes, the same run checks the script end to end in a minute (its
 timings there say nothing):
 
@@ -49,7 +60,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.latency import static_cache_decode  # noqa: E402
-from benchmarks.make_checkpoint import make  # noqa: E402
+from benchmarks.make_checkpoint import GROUP_SIZE, MIXTRAL, MIXTRAL_8X22B, SHAPE, make  # noqa: E402
 from benchmarks.multi_gpu import decode_prompts, decode_rate, run_all, throughput_figures  # noqa: E402
 from benchmarks.roofline import copy_bandwidth  # noqa: E402
 from benchmarks.throughput import generate_batch_figures, make_prompts, output_lens  # noqa: E402
@@ -57,6 +68,10 @@ from server.models.loader import fill_random_weights  # noqa: E402
 
 TARGET_DECODE_OVER_ROOFLINE = 1.5  # issue #6: batch-1 decode time at most 1.5x the roofline's
 TARGET_WORKLOAD_OVER_TRANSFORMERS = 5.0  # and at least 5x transformers' tokens/s on the workload
+TARGET_ROOFLINE_FRACTION = {"gptq": 0.7, "awq": 0.7, "fp8": 0.8}  # issue #37: quantized batch-1 decode
+# bytes a quantized linear layer reads per weight: 4-bit words, a 16-bit scale and an 8-bit zero point per
+# group of GROUP_SIZE inputs; e4m3 (one float32 scale per output channel is left out)
+QUANTIZED_BYTES_PER_WEIGHT = {"gptq": 0.5 + 3 / GROUP_SIZE, "awq": 0.5 + 3 / GROUP_SIZE, "fp8": 1.0}
 CPU_CACHE_BLOCKS = 64  # transformers' paged cache on a CPU (a small check), not 60% of the RAM
 
 
@@ -77,7 +92,8 @@ def measure_ours(args) -> None:
 
     figures: dict = {}
     start = time.perf_counter()
-    engine = LLMEngine(EngineArgs(model=str(args.checkpoint), dtype=args.dtype, load_format="dummy",
+    engine = LLMEngine(EngineArgs(model=str(args.checkpoint), dtype=args.dtype,
+                                  load_format="auto" if args.write_weights else "dummy",
                                   enable_prefix_caching=False, max_num_seqs=256))
     figures.update(ready_after_s=time.perf_counter() - start, kv_cache_tokens=engine.config.cache.max_total_tokens,
                    weight_bytes=sum(p.numel() * p.element_size() for p in engine.runner.model.parameters()),
@@ -143,9 +159,10 @@ def in_child(which: str, seconds: float) -> dict:
     return {**figures, "ended": ended}
 
 
-def active_bytes_per_token(config: dict, context: float, itemsize: int) -> dict:
+def active_bytes_per_token(config: dict, context: float, itemsize: int, quantize: str | None = None) -> dict:
     """What one sequence's decoded token reads: each layer's attention weights, router, norms
-    and two experts, the final norm, the LM head, one embedding row and `context` tokens of KV."""
+    and two experts, the final norm, the LM head, one embedding row and `context` tokens of KV.
+    `quantize`: the attention and experts are held in that format."""
     h, layers = config["hidden_size"], config["num_hidden_layers"]
     q = config["num_attention_heads"] * config["head_dim"]
     kv = config["num_key_value_heads"] * config["head_dim"]
@@ -157,6 +174,9 @@ def active_bytes_per_token(config: dict, context: float, itemsize: int) -> dict:
         "kv_cache": round(context * layers * 2 * kv),
     }
     parts = {name: n * itemsize for name, n in elements.items()}
+    if quantize:
+        for name in ("attention", "experts"):
+            parts[name] = round(elements[name] * QUANTIZED_BYTES_PER_WEIGHT[quantize])
     return {**parts, "total": sum(parts.values())}
 
 
@@ -167,15 +187,26 @@ def ratio(a: float | None, b: float | None) -> float | None:
 def report(args, ours: dict, peer: dict, bandwidth: float, device: str) -> dict:
     config = json.loads((args.checkpoint / "config.json").read_text())
     active = active_bytes_per_token(config, args.decode_context + args.decode_tokens / 2,
-                                    getattr(torch, args.dtype).itemsize)
+                                    getattr(torch, args.dtype).itemsize, args.quantize)
     roofline = bandwidth / active["total"]
     ours_decode = ours.get("decode_tokens_per_s", {})
     peer_decode = {b: f["decode_tokens_per_s"] for b, f in peer.get("static_cache", {}).items() if b != "compiled"}
     batch1 = ours_decode.get("1")
     workload_ratio = ratio(ours.get("workload", {}).get("tokens_per_s"), peer.get("workload", {}).get("tokens_per_s"))
     time_over_roofline = ratio(roofline, batch1)
+    if args.quantize:
+        target = TARGET_ROOFLINE_FRACTION[args.quantize]
+        fraction = ratio(batch1, roofline)
+        targets = {f"batch1_decode_at_least_{target}_of_roofline": None if fraction is None else fraction >= target}
+    else:
+        targets = {
+            f"batch1_decode_within_{TARGET_DECODE_OVER_ROOFLINE}x_of_roofline":
+                None if time_over_roofline is None else time_over_roofline <= TARGET_DECODE_OVER_ROOFLINE,
+            f"workload_at_least_{TARGET_WORKLOAD_OVER_TRANSFORMERS:.0f}x_transformers":
+                None if workload_ratio is None else workload_ratio >= TARGET_WORKLOAD_OVER_TRANSFORMERS}
     return {
-        "benchmark": "mixtral", "device": device, "dtype": args.dtype,
+        "benchmark": "mixtral", "device": device, "dtype": args.dtype, "quantize": args.quantize,
+        "weights": "written and read" if args.write_weights else "drawn on the device (dummy)",
         "shape": {k: config[k] for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_local_experts",
                                          "num_experts_per_tok", "num_attention_heads", "num_key_value_heads",
                                          "head_dim", "vocab_size")},
@@ -190,11 +221,7 @@ def report(args, ours: dict, peer: dict, bandwidth: float, device: str) -> dict:
         "engine_over_transformers": {
             **{f"decode_batch_{b}": ratio(rate, peer_decode.get(b)) for b, rate in ours_decode.items()},
             "workload_tokens_per_s": workload_ratio},
-        "targets": {
-            f"batch1_decode_within_{TARGET_DECODE_OVER_ROOFLINE}x_of_roofline":
-                None if time_over_roofline is None else time_over_roofline <= TARGET_DECODE_OVER_ROOFLINE,
-            f"workload_at_least_{TARGET_WORKLOAD_OVER_TRANSFORMERS:.0f}x_transformers":
-                None if workload_ratio is None else workload_ratio >= TARGET_WORKLOAD_OVER_TRANSFORMERS},
+        "targets": targets,
     }
 
 
@@ -203,12 +230,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the JSON report here")
     parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/mixtral-bench"),
                         help="where the config and tokenizer are written")
-    parser.add_argument("--num-layers", type=int, default=16)
-    parser.add_argument("--hidden-size", type=int, default=4096)
-    parser.add_argument("--intermediate-size", type=int, default=14336)
+    parser.add_argument("--num-layers", type=int, help="default: 16 in bf16, the model's own when quantized")
+    parser.add_argument("--hidden-size", type=int, help="default: the model's")
+    parser.add_argument("--intermediate-size", type=int, help="default: the model's")
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--vocab-size", type=int, default=32000)
+    parser.add_argument("--vocab-size", type=int, help="default: the model's")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--mixtral-8x22b", action="store_true", help="Mixtral-8x22B's shape, not 8x7B's")
+    parser.add_argument("--quantize", choices=sorted(TARGET_ROOFLINE_FRACTION),
+                        help="attention and experts in this format; our engine alone")
+    parser.add_argument("--write-weights", action="store_true",
+                        help="write the weights to --checkpoint and read them (else drawn on the device)")
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--min-len", type=int, default=100, help="of prompts and of outputs")
     parser.add_argument("--max-len", type=int, default=1024, help="of prompts and of outputs")
@@ -226,16 +258,24 @@ def main() -> None:
     parser.add_argument("--child", choices=["ours", "transformers"], help=argparse.SUPPRESS)
     parser.add_argument("--figures", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    shape = {**SHAPE, **(MIXTRAL_8X22B if args.mixtral_8x22b else MIXTRAL)}
+    args.num_layers = args.num_layers or (None if args.quantize else 16)
+    for name in ("hidden_size", "intermediate_size", "vocab_size"):
+        setattr(args, name, getattr(args, name) or shape[name])
     if args.child:
         (measure_ours if args.child == "ours" else measure_transformers)(args)
         return
     started = time.perf_counter()
     deadline = started + args.time_limit
-    make(args.checkpoint, args.num_layers, args.seed, mixtral=True, weights=False,
+    make(args.checkpoint, args.num_layers, args.seed, mixtral=True, weights=args.write_weights, quantize=args.quantize,
          sizes={"hidden_size": args.hidden_size, "intermediate_size": args.intermediate_size,
-                "head_dim": args.head_dim, "vocab_size": args.vocab_size})
-    ours = in_child("ours", deadline - time.perf_counter() - args.peer_seconds)
-    peer = in_child("transformers", deadline - time.perf_counter() - 15)  # 15 s: the bandwidth, the report
+                "head_dim": args.head_dim, "vocab_size": args.vocab_size}, mixtral_8x22b=args.mixtral_8x22b)
+    if args.quantize:  # transformers cannot run random GPTQ, AWQ or fp8 layouts: our engine alone
+        ours = in_child("ours", deadline - time.perf_counter() - 15)
+        peer = {"ended": "not run: the weights are quantized"}
+    else:
+        ours = in_child("ours", deadline - time.perf_counter() - args.peer_seconds)
+        peer = in_child("transformers", deadline - time.perf_counter() - 15)  # 15 s: the bandwidth, the report
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bandwidth = copy_bandwidth(device)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"

@@ -101,6 +101,23 @@ def test_mixtral_runs_both_engines_and_reports_against_its_targets(tmp_path):
     assert all(isinstance(met, bool) for met in report["targets"].values())
 
 
+def test_mixtral_quantized_runs_our_engine_against_the_quantized_roofline(tmp_path):
+    """--quantize gptq at toy sizes (whole 4-bit groups): our engine alone, on weights drawn in
+    the layout, its roofline counting the 4-bit bytes of attention and experts."""
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "mixtral.py"), "--quantize", "gptq",
+               "--num-layers", "2", "--hidden-size", "128", "--intermediate-size", "256", "--head-dim", "32",
+               "--vocab-size", "512", "--dtype", "float32", "--num-prompts", "8", "--min-len", "8", "--max-len", "32",
+               "--decode-batches", "1", "--decode-context", "16", "--decode-tokens", "16",
+               "--checkpoint", str(tmp_path / "mixtral"), "--out", str(tmp_path / "report.json")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["engine"]["ended"] == "finished" and report["engine"]["workload"]["output_tokens"] > 0
+    active = report["batch1_roofline"]["bytes_per_token"]
+    assert active["experts"] < 2 * 3 * 128 * 256 * 2 * 0.6  # two layers' two experts, about half a byte a weight
+    assert list(report["targets"]) == ["batch1_decode_at_least_0.7_of_roofline"]
+
+
 def test_profile_step_profiles_decode_and_prefill_steps(mistral_v03_dir):
     done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "profile_step.py"), "--model",
                            mistral_v03_dir, "--device", "cpu", "--dtype", "float32", "--batch-sizes", "2",

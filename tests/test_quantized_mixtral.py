@@ -5,7 +5,7 @@ interpreter) give the outputs of the CPU's loop over experts, on one rank and on
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -99,6 +99,9 @@ def test_fused_experts_give_the_expert_loops_outputs(name, ranks, quantized_mixt
         looped = moe(x)
         moe.fuse_experts()
         assert moe.graph_safe and not hasattr(moe, "experts")
+        stacked = [getattr(w, f.name) for w in (moe.w13, moe.w2) for f in fields(w)]
+        held = {p.data_ptr() for p in moe.parameters()}  # counted among the model's weights
+        assert all(t.data_ptr() in held for t in stacked if isinstance(t, torch.Tensor))
         fused = moe(x)
         torch.testing.assert_close(fused, looped, atol=1e-5, rtol=1e-5)
         shares.append(fused)

@@ -15,6 +15,8 @@ layers: the reference path, which reads the picked experts on the host.
 """
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -110,6 +112,11 @@ class QuantizedSparseMoE(nn.Module):
         self.w13 = stacked([expert.w13 for expert in self.experts])
         self.w2 = stacked([expert.w2 for expert in self.experts])
         del self.experts
+        for name, experts in (("w13", self.w13), ("w2", self.w2)):  # the model's parameters count them
+            for field in fields(experts):
+                tensor = getattr(experts, field.name)
+                if isinstance(tensor, torch.Tensor):
+                    self.register_parameter(f"{name}_{field.name}", nn.Parameter(tensor, requires_grad=False))
         self.graph_safe = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
