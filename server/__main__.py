@@ -74,6 +74,9 @@ FLAGS = [
     ("--speculate", int, 0, "Speculative decoding: up to this many tokens a step proposed by n-gram lookup in "
      "the prompt and output (or by --speculative-model), checked in one forward pass; outputs are the same as "
      "without it. 0: off."),
+    ("--speculate-max-batch-size", int, 32, "Above this many running requests nothing is speculated (and "
+     "above half of it, half the --speculate tokens): a large batch's step has no compute to spare for checking "
+     "proposals. The default is to be measured on the GPU."),
     ("--speculative-model", str, None, "Hub id or directory of a draft model with the model's tokenizer (a "
      "smaller one of its family), which proposes the --speculate tokens greedily, with its own KV cache (as many "
      "tokens as the model's, out of the same memory). One GPU: not with --num-shard > 1."),
@@ -126,8 +129,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.num_shard = torch.cuda.device_count()
         if args.num_shard < 2:
             parser.error("--sharded true needs at least two visible GPUs, or --num-shard")
-    if args.speculate < 0:
-        parser.error("--speculate must be 0 (off) or positive")
+    if args.speculate < 0 or args.speculate_max_batch_size < 0:
+        parser.error("--speculate and --speculate-max-batch-size must be 0 (off) or positive")
     if args.speculative_model and args.speculate < 1:
         parser.error("--speculative-model needs --speculate N: how many tokens it proposes a step")
     if args.speculative_model and (args.num_shard or 1) > 1:
@@ -225,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         cuda_memory_fraction=args.cuda_memory_fraction, quantize=args.quantize,
         load_format=args.load_format, kv_cache_dtype=args.kv_cache_dtype,
         async_scheduling=not args.disable_async_scheduling, lora_adapters=lora_adapters,
-        max_lora_rank=args.max_lora_rank, speculate=args.speculate, speculative_model=args.speculative_model)
+        max_lora_rank=args.max_lora_rank, speculate=args.speculate, speculative_model=args.speculative_model,
+        speculate_max_batch_size=args.speculate_max_batch_size)
     if rank:
         log.info("rank %d of %d: running the steps rank 0 sends", rank, engine_args.tensor_parallel_size)
         start_runner(engine_args, rank).runner.serve_steps()

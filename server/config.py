@@ -135,3 +135,4 @@ class EngineArgs:
     speculate_ngram_max: int = 3  # the longest n-gram looked up
     speculate_ngram_min: int = 1  # the shortest
     speculative_model: str | None = None  # a draft model proposes instead (hub id or directory, same tokenizer)
+    speculate_max_batch_size: int = 32  # no speculation with more sequences running (engine/speculation.py)

@@ -27,13 +27,15 @@ def speculative_settings(config: dict | None) -> dict:
         raise ValueError(f"speculative method {method!r} is not supported: ngram (prompt lookup), draft_model")
     if (method == "draft_model") != bool(model):
         raise ValueError("speculative_config's \"model\" names the draft model of method draft_model, and only it")
-    settings = {"speculate": int(config.pop("num_speculative_tokens", 0)), "speculative_model": model}
+    settings = {"speculate": int(config.pop("num_speculative_tokens", 0)), "speculative_model": model,
+                "speculate_max_batch_size": int(config.pop("disable_by_batch_size", 32))}
     if method == "ngram":
         settings.update(speculate_ngram_max=int(config.pop("prompt_lookup_max", 3)),
                         speculate_ngram_min=int(config.pop("prompt_lookup_min", 1)))
     if config:
         raise ValueError(f"speculative_config keys {sorted(config)} are not supported with method {method}")
-    if settings["speculate"] < 0 or not 1 <= settings.get("speculate_ngram_min", 1) <= settings.get("speculate_ngram_max", 1):
+    if settings["speculate"] < 0 or settings["speculate_max_batch_size"] < 0 \
+            or not 1 <= settings.get("speculate_ngram_min", 1) <= settings.get("speculate_ngram_max", 1):
         raise ValueError(f"speculative_config {settings} is out of range")
     return settings
 
@@ -58,7 +60,8 @@ class LLM:
         `speculative_config`: vLLM's shape, {"method": "ngram", "num_speculative_tokens": N,
         "prompt_lookup_max": 3, "prompt_lookup_min": 1} (n-gram prompt lookup) or {"method":
         "draft_model", "model": hub id or directory, "num_speculative_tokens": N} (a draft model
-        of the same tokenizer)."""
+        of the same tokenizer), either with "disable_by_batch_size" (32: no speculation with
+        more sequences running)."""
         speculation = speculative_settings(speculative_config)
         if isinstance(lora_adapters, str):
             lora_adapters = parse_lora_adapters(lora_adapters)

@@ -11,6 +11,7 @@ import torch
 
 from conftest import MISTRAL_DATA, build_mistral
 from server import LLM, SamplingParams
+from server.engine.speculation import speculation_depth
 
 PROMPTS = ["one two three four one two three four one two three",
            "the cat sat on the mat and the cat sat on the",
@@ -213,6 +214,23 @@ def test_the_library_checks_the_draft_model_config(mistral_v03_dir):
         LLM(mistral_v03_dir, speculative_config={"model": mistral_v03_dir})
 
 
+def test_speculation_steps_aside_as_the_batch_grows():
+    assert [speculation_depth(4, n, 32) for n in (1, 16, 17, 32, 33, 256)] == [4, 4, 2, 2, 0, 0]
+    assert speculation_depth(1, 20, 32) == 1 and speculation_depth(0, 1, 32) == 0
+    assert speculation_depth(4, 1, 0) == 0  # a limit of 0: never
+
+
+def test_a_batch_above_the_limit_decodes_without_proposals(plain, mistral_v03_dir):
+    llm = LLM(mistral_v03_dir, max_batch_total_tokens=4096, speculative_config={
+        "model": mistral_v03_dir, "num_speculative_tokens": 4, "disable_by_batch_size": 3})
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    assert tokens(llm.generate(PROMPTS, params, use_tqdm=False)) == tokens(plain.generate(PROMPTS, params,
+                                                                                          use_tqdm=False))
+    assert llm.engine.num_speculated == 0  # four running, all along
+    llm.generate(PROMPTS[:1], params, use_tqdm=False)
+    assert llm.engine.num_speculated > 0  # one running
+
+
 @pytest.fixture(scope="module")
 def tiny_vocab_dir(tmp_path_factory) -> str:
     """Sixteen token ids (the v1 tokenizer's first: three special, then bytes), logits peaked
@@ -240,7 +258,7 @@ def test_sampling_with_a_draft_keeps_the_distribution_of_plain_sampling(tiny_voc
     prompt = [1, 5, 9, 3, 7]
     plain = LLM(tiny_vocab_dir, max_batch_total_tokens=8192)
     speculating = LLM(tiny_vocab_dir, max_batch_total_tokens=8192, speculative_config={
-        "model": tiny_vocab_dir, "num_speculative_tokens": 3})
+        "model": tiny_vocab_dir, "num_speculative_tokens": 3, "disable_by_batch_size": draws})
 
     def sample(llm, first_seed):
         params = [SamplingParams(temperature=1.0, seed=first_seed + i, max_tokens=places, ignore_eos=True)

@@ -18,7 +18,7 @@ from server.engine.guidance import Guidance
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Request, Sequence, SequenceStatus
 from server.engine.draft_model import DraftModelProposer, check_same_vocabulary
-from server.engine.speculation import NgramProposer
+from server.engine.speculation import NgramProposer, speculation_depth
 from server.engine.stop import check_text_stop, check_token_stop, stable_text_len
 from server.engine.tokenizer import Tokenizer
 from server.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -70,8 +70,9 @@ class LLMEngine:
                                  on_gpu=started.device.startswith("cuda"))
         self.lora_adapters = {name: slot for slot, name in enumerate(started.lora_adapters)}
         # Speculative decoding: up to `speculate` tokens proposed a step, by the draft model or
-        # else by n-gram lookup, checked in one forward pass.
+        # else by n-gram lookup, checked in one forward pass; fewer or none in large batches.
         self.speculate = args.speculate
+        self.speculate_max_batch_size = args.speculate_max_batch_size
         self.proposer = self._proposer(args, started) if args.speculate else None
         self.num_speculated = self.num_accepted = 0  # proposed tokens, and those the model kept
         self.requests: dict[str, Request] = {}
@@ -227,8 +228,8 @@ class LLMEngine:
         outputs = self._finish_outputs()
         # While suspects run alone, each step is read back before the next one is scheduled,
         # so that a failure has one request in it; with speculation, so that proposals follow
-        # the tokens the last step accepted.
-        if self._in_flight is not None and (not self.async_scheduling or self._suspects or self.speculate):
+        # the tokens the last step accepted (a batch too large to speculate keeps its steps queued).
+        if self._in_flight is not None and (not self.async_scheduling or self._suspects or self._speculation_depth()):
             in_flight, self._in_flight = self._in_flight, None
             self._complete(*in_flight)
         self._stepping = []
@@ -327,20 +328,26 @@ class LLMEngine:
         return DraftModelProposer(draft.runner, cache.num_blocks, cache.block_size, args.max_batch_prefill_tokens,
                                   draft.max_model_len)
 
+    def _speculation_depth(self) -> int:
+        """Tokens a sequence may have proposed in the next step, with the batch as it is."""
+        return speculation_depth(self.speculate, len(self.scheduler.running), self.speculate_max_batch_size)
+
     def _propose(self) -> None:
         """Each running sequence's proposals for this step (none where it cannot speculate)."""
+        depth = self._speculation_depth()
         seqs, counts = [], []  # those that speculate, and how many tokens each may take
         for seq in self.scheduler.running:
             seq.drafts = []
             params = seq.params
-            if seq.num_pending or seq.num_computed_tokens != len(seq.token_ids) - 1 or not self._may_speculate(seq):
+            if not depth or seq.num_pending or seq.num_computed_tokens != len(seq.token_ids) - 1 \
+                    or not self._may_speculate(seq):
                 continue
             room = self.max_model_len - len(seq.token_ids) - 1
             if params.max_tokens is not None:
                 room = min(room, params.max_tokens - seq.num_output_tokens - 1)
             if room > 0:
                 seqs.append(seq)
-                counts.append(min(self.speculate, room))
+                counts.append(min(depth, room))
         if seqs:
             for seq, drafts in zip(seqs, self.proposer.propose(seqs, counts)):
                 seq.drafts = drafts

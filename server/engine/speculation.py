@@ -73,3 +73,19 @@ class NgramProposer:
             proposals.append(seq.ngrams.propose(seq.token_ids, count))
         return proposals
 
+
+def speculation_depth(speculate: int, num_running: int, max_batch_size: int) -> int:
+    """Tokens to propose for each sequence in a step with `num_running` sequences running:
+    all `speculate` up to half of `max_batch_size`, half of them (at least one) up to it,
+    none above. Checking proposals costs compute that a large batch no longer has to spare
+    (its step is bound by compute, not by reading the weights), so speculation steps aside
+    there, and the 256-request workload runs as without it.
+
+    The shape of this rule and its default limit (32, `EngineArgs.speculate_max_batch_size`)
+    are placeholders TO BE MEASURED on the GPU: the verification step's cost against a decode
+    step at each batch size, beside the acceptance rates, decides where it stops paying."""
+    if not speculate or num_running > max_batch_size:
+        return 0
+    if 2 * num_running > max_batch_size:
+        return max(1, speculate // 2)
+    return speculate
