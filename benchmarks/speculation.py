@@ -1,12 +1,15 @@
-"""Speculative decoding (n-gram prompt lookup) against plain decoding, in one run.
-Prints one JSON object: for each batch size, output tokens/s with and without speculation,
-their ratio, the share of proposed tokens the model kept, and whether the outputs were equal.
+"""Speculative decoding (n-gram prompt lookup, or a draft model) against plain decoding, in
+one run. Prints one JSON object: for each batch size, output tokens/s with and without
+speculation, their ratio, the share of proposed tokens the model kept, and whether the outputs
+were equal; with a draft model, also the milliseconds a step spends in the draft's proposing
+(its catch-up and its one-token steps) beside the rest of the step (the model's check).
 
 The prompts are grounded in their input, where lookup pays: rewrite or copy a given passage,
 edit given code. Greedy; each engine in the same process, one after the other.
 
     python benchmarks/speculation.py                              # SmolLM2 (the default model)
     python benchmarks/speculation.py --model /tmp/mistral-7b --speculate 4 --batch-sizes 1,8
+    python benchmarks/speculation.py --model /tmp/mistral-7b --draft-model /tmp/mistral-2l --speculate 4
 """
 from __future__ import annotations
 
@@ -34,10 +37,12 @@ TASKS = [f"Copy this passage exactly, word for word:\n\n{PASSAGE}",
          f"Repeat this code, adding a docstring:\n\n{CODE}"]
 
 
-def run(llm: LLM, batch: int, max_tokens: int) -> tuple[float, list[list[int]]]:
+def run(llm: LLM, batch: int, max_tokens: int, clock: "StepClock | None" = None) -> tuple[float, list[list[int]]]:
     conversations = [[{"role": "user", "content": TASKS[i % len(TASKS)]}] for i in range(batch)]
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
     llm.chat(conversations[:1], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm-up
+    if clock is not None:
+        clock.reset()
     start = time.perf_counter()
     outputs = llm.chat(conversations, params, use_tqdm=False)
     seconds = time.perf_counter() - start
@@ -45,9 +50,40 @@ def run(llm: LLM, batch: int, max_tokens: int) -> tuple[float, list[list[int]]]:
     return sum(map(len, ids)) / seconds, ids
 
 
+class StepClock:
+    """Wall-clock time of an engine's steps and of its proposer's work within them (which
+    reads its last picks back, so its time covers the draft's device work)."""
+
+    def __init__(self, engine):
+        self.reset()
+        engine.step = self._timed(engine.step, "step_s")
+        engine.proposer.propose = self._timed(engine.proposer.propose, "propose_s")
+
+    def _timed(self, call, total: str):
+        def timed(*args):
+            start = time.perf_counter()
+            try:
+                return call(*args)
+            finally:
+                setattr(self, total, getattr(self, total) + time.perf_counter() - start)
+                if total == "step_s":
+                    self.steps += 1
+
+        return timed
+
+    def reset(self) -> None:
+        self.steps, self.step_s, self.propose_s = 0, 0.0, 0.0
+
+    def per_step_ms(self) -> dict:
+        steps = max(self.steps, 1)
+        return {"draft_ms_a_step": 1e3 * self.propose_s / steps,
+                "check_ms_a_step": 1e3 * (self.step_s - self.propose_s) / steps}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="model id, directory or .gguf (default: SmolLM2)")
+    parser.add_argument("--draft-model", default=None, help="a draft model's directory or id (default: n-gram lookup)")
     parser.add_argument("--speculate", type=int, default=4)
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -62,19 +98,24 @@ def main() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    llm = LLM(args.model, speculative_config={"method": "ngram", "num_speculative_tokens": args.speculate})
+    config = {"method": "draft_model", "model": args.draft_model} if args.draft_model else {"method": "ngram"}
+    llm = LLM(args.model, speculative_config={**config, "num_speculative_tokens": args.speculate})
     report = {"benchmark": "speculation", "model": args.model or "SmolLM2-135M-Instruct",
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "speculate": args.speculate, "batches": {}}
+              "proposer": args.draft_model or "ngram", "speculate": args.speculate, "batches": {}}
     for size in sizes:
         engine = llm.engine
         proposed, kept = engine.num_speculated, engine.num_accepted
-        rate, ids = run(llm, size, args.max_tokens)
+        clock = StepClock(engine)
+        rate, ids = run(llm, size, args.max_tokens, clock)
+        del engine.step, engine.proposer.propose  # the clock's wrappers
         proposed, kept = engine.num_speculated - proposed, engine.num_accepted - kept
         report["batches"][size] = {"plain_tokens_per_s": plain[size], "speculative_tokens_per_s": rate,
                                    "ratio": rate / plain[size], "proposed": proposed,
                                    "kept_share": kept / proposed if proposed else None,
                                    "same_outputs": ids == plain_ids[size]}
+        if args.draft_model:
+            report["batches"][size].update(clock.per_step_ms())
     print(json.dumps(report, indent=2))
 
 

@@ -153,3 +153,14 @@ def test_speculation_compares_plain_and_speculative_decoding_on_the_default_mode
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
     assert all(batch["same_outputs"] for batch in report["batches"].values())
+
+
+def test_speculation_with_a_draft_model_reports_the_drafts_cost_a_step(mistral_v03_dir):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "speculation.py"), "--model",
+                           mistral_v03_dir, "--draft-model", mistral_v03_dir, "--batch-sizes", "1,2",
+                           "--max-tokens", "8"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    for batch in report["batches"].values():
+        assert batch["same_outputs"] and batch["kept_share"] == 1.0  # the model drafting for itself
+        assert batch["draft_ms_a_step"] > 0 and batch["check_ms_a_step"] > 0
