@@ -167,9 +167,10 @@ def start_runner(args: EngineArgs, rank: int = 0, port: int = 0) -> StartedRunne
     if draft is not None:
         draft.allocate_kv_cache(replace(cache, enable_prefix_caching=False))
         draft_len = min(draft.model_config.max_position_embeddings, max_model_len)
+        max_drafting = max(1, min(args.max_num_seqs, args.speculate_max_batch_size))  # larger batches never draft
         if not args.enforce_eager:
-            draft.capture_decode_graphs(args.max_num_seqs, draft_len)
-        draft.warm_up(args.max_num_seqs)
+            draft.capture_decode_graphs(max_drafting, draft_len)
+        draft.warm_up(max_drafting)
         started.draft = StartedDraft(draft, draft_source, draft_len)
     return started
 
