@@ -207,6 +207,12 @@ def test_the_server_refuses_to_start_with_a_draft_of_another_vocabulary(mistral_
     assert "another vocabulary" in done.stderr + done.stdout
 
 
+def test_a_draft_with_tensor_parallelism_is_refused_before_the_ranks_start(mistral_v03_dir):
+    with pytest.raises(ValueError, match="tensor parallelism"):
+        LLM(mistral_v03_dir, tensor_parallel_size=2,
+            speculative_config={"model": mistral_v03_dir, "num_speculative_tokens": 2})
+
+
 def test_the_library_checks_the_draft_model_config(mistral_v03_dir):
     with pytest.raises(ValueError, match="names the draft model"):
         LLM(mistral_v03_dir, speculative_config={"method": "draft_model", "num_speculative_tokens": 2})

@@ -25,7 +25,7 @@ from server.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from server.runtime.model_runner import SequenceChunk
 from server.runtime.random import row_key
 from server.runtime.sampler import SamplingOptions
-from server.runtime.setup import launched_rank, leave_group, start_runner
+from server.runtime.setup import DRAFT_WITHOUT_TENSOR_PARALLELISM, launched_rank, leave_group, start_runner
 from server.runtime.workers import Workers, free_port
 from server.sampling_params import LoRARequest, SamplingParams
 
@@ -47,6 +47,8 @@ class LLMEngine:
         if args.speculative_model and args.speculate < 1:
             raise ValueError("a draft model (speculative_model) needs a number of tokens to propose a step "
                              "(speculate, num_speculative_tokens) of 1 or more")
+        if args.speculative_model and args.tensor_parallel_size > 1:
+            raise ValueError(DRAFT_WITHOUT_TENSOR_PARALLELISM)  # before the other ranks start
         self.workers = None
         port = 0
         if args.tensor_parallel_size > 1 and launched_rank() is None:

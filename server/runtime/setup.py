@@ -24,6 +24,10 @@ _DTYPE_NAMES = {"float32": "float32", "float": "float32", "float16": "float16", 
                 "bfloat16": "bfloat16", "bf16": "bfloat16", "fp16": "float16"}
 
 
+DRAFT_WITHOUT_TENSOR_PARALLELISM = ("a draft model (speculative_model) runs whole on one device: it cannot be "
+                                    "combined with tensor parallelism yet")
+
+
 @dataclass
 class StartedRunner:
     runner: ModelRunner
@@ -118,9 +122,8 @@ def start_runner(args: EngineArgs, rank: int = 0, port: int = 0) -> StartedRunne
     set_tensor_parallel(tp)
     if args.load_format not in ("auto", "dummy"):
         raise ValueError(f"load_format {args.load_format!r} is not supported: auto, dummy")
-    if args.speculative_model and tp.size > 1:
-        raise ValueError("a draft model (speculative_model) runs whole on one device: it cannot be combined "
-                         "with tensor parallelism yet")
+    if args.speculative_model and tp.size > 1:  # ranks that torchrun started
+        raise ValueError(DRAFT_WITHOUT_TENSOR_PARALLELISM)
     dummy = args.load_format == "dummy"
     source, model = read_model(args.model, args.revision, args, args.quantize)
     device, dtype = device_and_dtype(args, model, rank)
