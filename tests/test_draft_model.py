@@ -226,15 +226,18 @@ def test_speculation_steps_aside_as_the_batch_grows():
     assert speculation_depth(4, 1, 0) == 0  # a limit of 0: never
 
 
-def test_a_batch_above_the_limit_decodes_without_proposals(plain, mistral_v03_dir):
+def test_a_batch_above_the_limit_proposes_nothing_until_it_shrinks(plain, mistral_v03_dir):
     llm = LLM(mistral_v03_dir, max_batch_total_tokens=4096, speculative_config={
         "model": mistral_v03_dir, "num_speculative_tokens": 4, "disable_by_batch_size": 3})
-    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
-    assert tokens(llm.generate(PROMPTS, params, use_tqdm=False)) == tokens(plain.generate(PROMPTS, params,
-                                                                                          use_tqdm=False))
+    together = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    assert tokens(llm.generate(PROMPTS, together, use_tqdm=False)) == tokens(plain.generate(PROMPTS, together,
+                                                                                            use_tqdm=False))
     assert llm.engine.num_speculated == 0  # four running, all along
-    llm.generate(PROMPTS[:1], params, use_tqdm=False)
-    assert llm.engine.num_speculated > 0  # one running
+    # Ending one after another: 4 running (no proposals), 3 and 2 (two tokens each), 1 (four).
+    apart = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (6, 30, 12, 20)]
+    assert tokens(llm.generate(PROMPTS, apart, use_tqdm=False)) == tokens(plain.generate(PROMPTS, apart,
+                                                                                         use_tqdm=False))
+    assert llm.engine.num_speculated > 0
 
 
 @pytest.fixture(scope="module")
