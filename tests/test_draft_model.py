@@ -192,6 +192,24 @@ def test_an_aborted_request_leaves_no_block_in_either_cache(self_draft):
     assert_no_block_used(self_draft)
 
 
+def test_a_draft_out_of_device_memory_proposes_nothing_that_step(plain, mistral_v03_dir):
+    llm = drafting(mistral_v03_dir, mistral_v03_dir)
+    runner = llm.engine.proposer.runner
+    forward, calls = runner.forward, []
+
+    def out_of_memory_twice(chunks, previous=None):
+        calls.append(len(chunks))
+        if len(calls) in (3, 9):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return forward(chunks, previous)
+
+    runner.forward = out_of_memory_twice
+    assert tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == tokens(plain.generate(PROMPTS, GREEDY,
+                                                                                          use_tqdm=False))
+    assert len(calls) > 9 and llm.engine.num_accepted > 0
+    assert_no_block_used(llm)
+
+
 def test_a_draft_of_another_vocabulary_is_refused_at_start(mistral_v03_dir, mistral_window_dir):
     with pytest.raises(ValueError, match="another vocabulary.*same tokenizer"):
         drafting(mistral_v03_dir, mistral_window_dir)

@@ -12,12 +12,15 @@ places after that are simply written again.
 
 The draft's blocks are its own (no prefix caching): a sequence's are freed with its target
 blocks (`Scheduler` releases `seq.draft_cache` wherever it releases the sequence: finished,
-aborted, preempted). When the draft's cache is full, a sequence proposes nothing.
+aborted, preempted). When the draft's cache is full, a sequence proposes nothing; when the
+device runs out of memory drafting, no sequence does that step.
 """
 from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass, field
+
+import torch
 
 from server.engine.block_manager import BlockManager
 from server.engine.sequence import Sequence
@@ -60,6 +63,16 @@ class DraftModelProposer:
         self.max_model_len = max_model_len  # the draft's: positions past it get no proposals
 
     def propose(self, seqs: list[Sequence], counts: list[int]) -> list[list[int]]:
+        try:
+            return self._propose(seqs, counts)
+        except torch.cuda.OutOfMemoryError:
+            # Proposals are optional: this step checks none, and the draft starts these sequences over.
+            for seq in seqs:
+                seq.draft_cache.release()
+            torch.cuda.empty_cache()
+            return [[] for _ in seqs]
+
+    def _propose(self, seqs: list[Sequence], counts: list[int]) -> list[list[int]]:
         counts = [min(count, self.max_model_len - len(seq.token_ids) + 1) for seq, count in zip(seqs, counts)]
         proposals: list[list[int]] = [[] for _ in seqs]
         rows, launched = self._catch_up(seqs, counts)  # rows: seq index -> its row among the picks
