@@ -19,6 +19,21 @@ if not torch.cuda.is_available():
 from server.engine.tokenizer import Tokenizer
 
 
+def out_of_memory_on_calls(obj, method: str, failing: tuple[int, ...]) -> list:
+    """Make `obj.method` raise CUDA's out-of-memory error on the calls numbered in `failing`
+    (from 1), as a device would; the first argument of each call so far."""
+    real, calls = getattr(obj, method), []
+
+    def call(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) in failing:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(*args, **kwargs)
+
+    setattr(obj, method, call)
+    return calls
+
+
 @pytest.fixture(autouse=True)
 def release_cuda_memory():
     """An engine on CUDA takes most of the GPU for its KV cache: one that a test leaves to the

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import MISTRAL_DATA, build_mistral
+from conftest import MISTRAL_DATA, build_mistral, out_of_memory_on_calls
 from server import LLM, SamplingParams
 from server.engine.speculation import speculation_depth
 
@@ -194,16 +194,7 @@ def test_an_aborted_request_leaves_no_block_in_either_cache(self_draft):
 
 def test_a_draft_out_of_device_memory_proposes_nothing_that_step(plain, mistral_v03_dir):
     llm = drafting(mistral_v03_dir, mistral_v03_dir)
-    runner = llm.engine.proposer.runner
-    forward, calls = runner.forward, []
-
-    def out_of_memory_twice(chunks, previous=None):
-        calls.append(len(chunks))
-        if len(calls) in (3, 9):
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-        return forward(chunks, previous)
-
-    runner.forward = out_of_memory_twice
+    calls = out_of_memory_on_calls(llm.engine.proposer.runner, "forward", (3, 9))
     assert tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == tokens(plain.generate(PROMPTS, GREEDY,
                                                                                           use_tqdm=False))
     assert len(calls) > 9 and llm.engine.num_accepted > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import out_of_memory_on_calls
 from server import LLM, SamplingParams
 
 PROMPTS = [[1] + [(i * 37 + j * 11) % 30000 + 100 for j in range(n)]
@@ -42,42 +43,20 @@ def test_preempted_sequences_resume_with_the_same_tokens(mistral_v03_dir, llm, p
 
 @pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "seeded"])
 def test_a_step_out_of_device_memory_preempts_and_retries_with_the_same_tokens(mistral_v03_dir, llm, params):
-    import torch
-
     expected = tokens(llm.generate(PROMPTS, params, use_tqdm=False))
     fresh = LLM(mistral_v03_dir, block_size=4)
-    runner = fresh.engine.runner
-    forward, calls = runner.forward, []
-
-    def out_of_memory_twice(chunks, previous=None):
-        calls.append(len(chunks))
-        if len(calls) in (1, 4):
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-        return forward(chunks, previous)
-
-    runner.forward = out_of_memory_twice
+    calls = out_of_memory_on_calls(fresh.engine.runner, "forward", (1, 4))
     assert tokens(fresh.generate(PROMPTS, params, use_tqdm=False)) == expected
-    assert calls[1] < calls[0] and fresh.engine.scheduler.num_preemptions >= 4
+    assert len(calls[1]) < len(calls[0]) and fresh.engine.scheduler.num_preemptions >= 4
     assert fresh.engine.block_manager.num_free_blocks == fresh.engine.block_manager.num_blocks
 
 
 def test_running_out_of_memory_while_sampling_changes_no_tokens(mistral_v03_dir, llm):
     """The step's forward pass was queued and its tokens counted as computed; the sampling then
     fails for memory: the step must count for nothing and run again."""
-    import torch
-
     expected = tokens(llm.generate(PROMPTS, SAMPLED, use_tqdm=False))
     fresh = LLM(mistral_v03_dir, block_size=4)
-    runner = fresh.engine.runner
-    sample, calls = runner.sample, []
-
-    def out_of_memory_at_times(step, allowed_tokens=None):
-        calls.append(1)
-        if len(calls) in (2, 7):
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-        return sample(step, allowed_tokens)
-
-    runner.sample = out_of_memory_at_times
+    out_of_memory_on_calls(fresh.engine.runner, "sample", (2, 7))
     assert tokens(fresh.generate(PROMPTS, SAMPLED, use_tqdm=False)) == expected
     assert fresh.engine.scheduler.num_preemptions >= 2
     assert fresh.engine.block_manager.num_free_blocks == fresh.engine.block_manager.num_blocks
