@@ -129,7 +129,8 @@ def decode_step_launches() -> None:
 
 
 def quantized_experts_launches() -> None:
-    """Mixtral-8x7B's experts, 4-bit and fp8, at each size of the quantized kernels' tiles."""
+    """Mixtral-8x7B's experts, 4-bit and fp8, at each size of the quantized kernels' tiles (a
+    block a pair with K split in four, then sorted by expert: K split in two, then whole)."""
     e = torch.empty
     bf16 = torch.bfloat16
 
@@ -143,7 +144,7 @@ def quantized_experts_launches() -> None:
                        Fp8Experts(e(8, 4096, 14336, dtype=FP8), e(8, 4096))),
                "act-order": (int4(4096, 28672, perm=True), int4(14336, 4096, g_idx=True, perm=True))}
     for name, (w13, w2) in layouts.items():
-        for tokens in (1, 4096) if name == "act-order" else (1, 256, 4096):
+        for tokens in (1, 4096) if name == "act-order" else (1, 16, 256, 4096):
             ids = torch.arange(2 * tokens).view(tokens, 2) % 8
             quantized_moe(e(tokens, 4096, dtype=bf16), w13, w2, torch.ones(tokens, 2), ids)
 

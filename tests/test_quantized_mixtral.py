@@ -104,6 +104,7 @@ def test_fused_experts_give_the_expert_loops_outputs(name, ranks, quantized_mixt
         assert all(t.data_ptr() in held for t in stacked if isinstance(t, torch.Tensor))
         fused = moe(x)
         torch.testing.assert_close(fused, looped, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(moe(x[:2]), looped[:2], atol=1e-5, rtol=1e-5)  # decode: a block a pair
         shares.append(fused)
     if ranks > 1:
         torch.testing.assert_close(sum(shares), first_moe_layer(path, 0, 1)(x), atol=1e-5, rtol=1e-5)

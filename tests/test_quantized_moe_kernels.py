@@ -1,7 +1,7 @@
 """The quantized MoE kernels (server/kernels/quantized_moe.py) against their torch reference:
 4-bit experts with consecutive groups, act-order (rows sorted by group, columns gathered) and
 uneven groups (g_idx read per row, as a row-parallel rank's share under act-order), and fp8
-experts. On the CPU in Triton's interpreter over small shapes; on the GPU over Mixtral-8x7B's
+experts; sorted by expert or a block per pair (decode), K of the down kernel split or not. On the CPU in Triton's interpreter over small shapes; on the GPU over Mixtral-8x7B's
 and 8x22B's expert shapes, from one token to 4,096."""
 from __future__ import annotations
 
@@ -57,8 +57,7 @@ CASES = [(1, 4, 2, 64, 96, 32), (5, 4, 2, 64, 96, 32), (40, 8, 2, 128, 64, 64)] 
 @pytest.mark.parametrize("layout", FORMATS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_quantized_moe_matches_the_reference(tokens, experts, top_k, hidden, inter, group_size, layout, dtype):
-    from server.kernels.fused_moe import MoEConfig
-    from server.kernels.quantized_moe import quantized_moe
+    from server.kernels.quantized_moe import QuantizedMoEConfig, quantized_moe
 
     g = torch.Generator().manual_seed(tokens)
     if layout == "fp8":
@@ -69,7 +68,11 @@ def test_quantized_moe_matches_the_reference(tokens, experts, top_k, hidden, int
     x = torch.randn(tokens, hidden, generator=g).to(dtype).to(DEVICE)
     weights, ids = routed(tokens, experts, top_k, g)
     ref = quantized_moe_reference(x, w13, w2, weights, ids)
-    for config in (None, MoEConfig(block_m=32, block_n=16, block_k=32, num_warps=2, num_stages=2)):
+    small = dict(block_n=16, block_k=32, num_warps=2, num_stages=2)
+    configs = [None, QuantizedMoEConfig(block_m=32, **small), QuantizedMoEConfig(block_m=16, split_k=2, **small)]
+    if tokens * top_k <= 16:  # a program a pair: the interpreter's time grows with the pairs
+        configs.append(QuantizedMoEConfig(block_m=16, by_pair=True, split_k=3, **small))
+    for config in configs:
         out = quantized_moe(x, w13, w2, weights, ids, config)
         assert out.dtype == dtype
         torch.testing.assert_close(out.float(), ref, **tol(dtype))

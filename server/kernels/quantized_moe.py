@@ -17,27 +17,62 @@ w13's outputs:
       is multiplied by its channel's scale [E, N] at the end.
 Everything is device work (the sort too), so a decode step through this layer can be
 captured in a CUDA graph.
+
+Decode (up to BY_PAIR_MAX pairs) skips the sort, whose dozen small launches a layer would
+weigh on a step that reads little else: each pair is a block of its own (row 0 of BLOCK_M),
+its expert read from topk_ids, so only the picked experts' weights are read (an expert that
+two pairs pick, twice). The down kernel can split K (`split_k`) so that a few pairs still
+keep every SM reading: each split writes float32 partial sums, added with the k outputs of
+each token at the end (in a fixed order: the result does not depend on scheduling).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from server.kernels.fused_moe import MoEConfig, _block_pairs_and_cols, sort_by_expert
+from server.kernels.fused_moe import MoEConfig, sort_by_expert
 from server.kernels.int4_matmul import _dequantized_tile, tile_k
 from server.kernels.precision import dot_precision
 from server.kernels.quant_reference import Fp8Experts, Int4Experts
 
 
+BY_PAIR_MAX = 8  # pairs up to which a step skips the sort (each pair its own block)
+
+
+@dataclass(frozen=True)
+class QuantizedMoEConfig(MoEConfig):
+    """fused_moe's tiles, and: `by_pair`, each pair a block of its own (no sort); `split_k`,
+    the down kernel's splits of the intermediate dimension."""
+
+    by_pair: bool = False
+    split_k: int = 1
+
+
+@triton.jit
+def _block_of_pairs(pair_ids_ptr, block_expert_ptr, num_pairs, BY_PAIR: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's expert (-1: none), its BLOCK_M pairs and which of them are real: from the
+    sort, or (BY_PAIR) pair program_id(0) alone in row 0, its expert from topk_ids."""
+    block = tl.program_id(0)
+    expert = tl.load(block_expert_ptr + block)
+    if BY_PAIR:
+        pairs = tl.where(tl.arange(0, BLOCK_M) == 0, block, num_pairs)
+    else:
+        pairs = tl.load(pair_ids_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
+    return expert, pairs, pairs < num_pairs
+
+
 @triton.jit
 def _quantized_expert_matmul(a_ptr, rows, valid, expert, w_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr,
-                             cols, cmask, N: tl.constexpr, K: tl.constexpr, GROUPS: tl.constexpr,
+                             cols, cmask, k_lo, k_hi, N: tl.constexpr, K: tl.constexpr, GROUPS: tl.constexpr,
                              FP8: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_G_IDX: tl.constexpr,
                              HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """[BLOCK_M, BLOCK_N] float32 = A[rows, :K] @ W[expert][cols, :K]^T, A row-major with K
-    columns, W one expert of the stacked weights (N outputs, K inputs; BLOCK_K divides K)."""
+    """[BLOCK_M, BLOCK_N] float32 = A[rows, k_lo:k_hi] @ W[expert][cols, k_lo:k_hi]^T, A
+    row-major with K columns, W one expert of the stacked weights (N outputs, K inputs; BLOCK_K
+    divides K and k_lo)."""
     e = expert.to(tl.int64)
     if FP8:
         w_ptr += e * (N * K)
@@ -47,7 +82,7 @@ def _quantized_expert_matmul(a_ptr, rows, valid, expert, w_ptr, zeros_ptr, scale
         scales_ptr += e * (GROUPS * N)
         g_idx_ptr += e * K
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         inputs = tl.load(perm_ptr + e * K + ks) if HAS_PERM else ks
         a = tl.load(a_ptr + rows[:, None] * K + inputs[None, :], mask=valid[:, None], other=0.0)
@@ -67,18 +102,19 @@ def _quantized_gate_up_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, g_idx_ptr, pe
                               pair_ids_ptr, block_expert_ptr, num_pairs, TOP_K: tl.constexpr,
                               HIDDEN: tl.constexpr, INTER: tl.constexpr, GROUPS: tl.constexpr,
                               FP8: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_G_IDX: tl.constexpr,
-                              HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                              BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    expert = tl.load(block_expert_ptr + tl.program_id(0))
+                              HAS_PERM: tl.constexpr, BY_PAIR: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    expert, pairs, valid = _block_of_pairs(pair_ids_ptr, block_expert_ptr, num_pairs, BY_PAIR, BLOCK_M)
     if expert >= 0:
-        pairs, valid, cols, cmask = _block_pairs_and_cols(pair_ids_ptr, num_pairs, INTER, BLOCK_M, BLOCK_N)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < INTER
         tokens = pairs // TOP_K
         gate = _quantized_expert_matmul(x_ptr, tokens, valid, expert, w_ptr, zeros_ptr, scales_ptr, g_idx_ptr,
-                                        perm_ptr, cols, cmask, 2 * INTER, HIDDEN, GROUPS, FP8, GROUP_SIZE,
-                                        HAS_G_IDX, HAS_PERM, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+                                        perm_ptr, cols, cmask, 0, HIDDEN, 2 * INTER, HIDDEN, GROUPS, FP8,
+                                        GROUP_SIZE, HAS_G_IDX, HAS_PERM, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
         up = _quantized_expert_matmul(x_ptr, tokens, valid, expert, w_ptr, zeros_ptr, scales_ptr, g_idx_ptr,
-                                      perm_ptr, INTER + cols, cmask, 2 * INTER, HIDDEN, GROUPS, FP8, GROUP_SIZE,
-                                      HAS_G_IDX, HAS_PERM, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+                                      perm_ptr, INTER + cols, cmask, 0, HIDDEN, 2 * INTER, HIDDEN, GROUPS, FP8,
+                                      GROUP_SIZE, HAS_G_IDX, HAS_PERM, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
         out = gate / (1.0 + tl.exp(-gate)) * up
         tl.store(inter_ptr + pairs[:, None] * INTER + cols[None, :], out.to(inter_ptr.dtype.element_ty),
                  mask=valid[:, None] & cmask[None, :])
@@ -86,30 +122,41 @@ def _quantized_gate_up_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, g_idx_ptr, pe
 
 @triton.jit
 def _quantized_down_kernel(inter_ptr, w_ptr, zeros_ptr, scales_ptr, g_idx_ptr, perm_ptr, out_ptr, weights_ptr,
-                           pair_ids_ptr, block_expert_ptr, num_pairs, HIDDEN: tl.constexpr, INTER: tl.constexpr,
-                           GROUPS: tl.constexpr, FP8: tl.constexpr, GROUP_SIZE: tl.constexpr,
-                           HAS_G_IDX: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    expert = tl.load(block_expert_ptr + tl.program_id(0))
+                           pair_ids_ptr, block_expert_ptr, num_pairs, split_k, HIDDEN: tl.constexpr,
+                           INTER: tl.constexpr, GROUPS: tl.constexpr, FP8: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                           HAS_G_IDX: tl.constexpr, HAS_PERM: tl.constexpr, BY_PAIR: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           PRECISION: tl.constexpr):
+    """Writes split program_id(2)'s partial sums [pairs, HIDDEN] at out_ptr + split * pairs * HIDDEN."""
+    expert, pairs, valid = _block_of_pairs(pair_ids_ptr, block_expert_ptr, num_pairs, BY_PAIR, BLOCK_M)
     if expert >= 0:
-        pairs, valid, cols, cmask = _block_pairs_and_cols(pair_ids_ptr, num_pairs, HIDDEN, BLOCK_M, BLOCK_N)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < HIDDEN
+        split = tl.program_id(2)
+        per_split = tl.cdiv(INTER // BLOCK_K, split_k) * BLOCK_K
+        k_lo = split * per_split
         acc = _quantized_expert_matmul(inter_ptr, pairs, valid, expert, w_ptr, zeros_ptr, scales_ptr, g_idx_ptr,
-                                       perm_ptr, cols, cmask, HIDDEN, INTER, GROUPS, FP8, GROUP_SIZE,
-                                       HAS_G_IDX, HAS_PERM, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+                                       perm_ptr, cols, cmask, k_lo, tl.minimum(k_lo + per_split, INTER), HIDDEN,
+                                       INTER, GROUPS, FP8, GROUP_SIZE, HAS_G_IDX, HAS_PERM, BLOCK_M, BLOCK_N,
+                                       BLOCK_K, PRECISION)
         acc = acc * tl.load(weights_ptr + pairs, mask=valid, other=0.0)[:, None]
-        tl.store(out_ptr + pairs[:, None] * HIDDEN + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=valid[:, None] & cmask[None, :])
+        out = out_ptr + split.to(tl.int64) * num_pairs * HIDDEN + pairs[:, None] * HIDDEN + cols[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & cmask[None, :])
 
 
-def default_config(num_pairs: int) -> MoEConfig:
+def default_config(num_pairs: int) -> QuantizedMoEConfig:
     """Tiles by the number of pairs. A dequantized 4-bit tile lives in registers as float32, so
-    the tiles stay smaller than fused_moe.py's bf16 ones (int4_matmul.py's sizes). Not yet
-    swept on a GPU."""
+    the tiles stay smaller than fused_moe.py's bf16 ones (int4_matmul.py's sizes). Decode
+    splits the down kernel's K in four: Mixtral-8x7B's hidden 4,096 in 64-wide blocks makes 64
+    programs a pair, too few to keep an H100's 132 SMs reading. Not yet swept on a GPU."""
+    if num_pairs <= BY_PAIR_MAX:
+        return QuantizedMoEConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3, by_pair=True,
+                                  split_k=4)
     if num_pairs <= 64:
-        return MoEConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)
+        return QuantizedMoEConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=2)
     if num_pairs <= 512:
-        return MoEConfig(block_m=32, block_n=64, block_k=128, num_warps=4, num_stages=3)
-    return MoEConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
+        return QuantizedMoEConfig(block_m=32, block_n=64, block_k=128, num_warps=4, num_stages=3)
+    return QuantizedMoEConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
 
 
 def _weight_arguments(w: Int4Experts | Fp8Experts, largest_k: int) -> tuple[tuple, dict]:
@@ -126,7 +173,8 @@ def _weight_arguments(w: Int4Experts | Fp8Experts, largest_k: int) -> tuple[tupl
 
 
 def quantized_moe(x: torch.Tensor, w13: Int4Experts | Fp8Experts, w2: Int4Experts | Fp8Experts,
-                  topk_weights: torch.Tensor, topk_ids: torch.Tensor, config: MoEConfig | None = None) -> torch.Tensor:
+                  topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                  config: QuantizedMoEConfig | None = None) -> torch.Tensor:
     """x [tokens, hidden] -> [tokens, hidden]; the math of `quantized_moe_reference`
     (server/kernels/reference.py). w13's outputs are [gate | up] of each expert's 2 * inter."""
     num_tokens, hidden = x.shape
@@ -135,8 +183,12 @@ def quantized_moe(x: torch.Tensor, w13: Int4Experts | Fp8Experts, w2: Int4Expert
     top_k = topk_ids.shape[1]
     num_pairs = num_tokens * top_k
     c = config or default_config(num_pairs)
-    pair_ids, block_expert = sort_by_expert(topk_ids, num_experts, c.block_m)
-    tiles = dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, PRECISION=dot_precision(x.dtype),
+    if c.by_pair:
+        block_expert = topk_ids.flatten()
+        pair_ids = block_expert  # not read
+    else:
+        pair_ids, block_expert = sort_by_expert(topk_ids, num_experts, c.block_m)
+    tiles = dict(BY_PAIR=c.by_pair, BLOCK_M=c.block_m, BLOCK_N=c.block_n, PRECISION=dot_precision(x.dtype),
                  num_warps=c.num_warps, num_stages=c.num_stages)
     pointers, constants = _weight_arguments(w13, c.block_k)
     inter_out = torch.empty((num_pairs, inter), dtype=x.dtype, device=x.device)
@@ -144,8 +196,10 @@ def quantized_moe(x: torch.Tensor, w13: Int4Experts | Fp8Experts, w2: Int4Expert
         x.contiguous(), *pointers, inter_out, pair_ids, block_expert, num_pairs, TOP_K=top_k, HIDDEN=hidden,
         INTER=inter, **constants, **tiles)
     pointers, constants = _weight_arguments(w2, c.block_k)
-    pair_out = torch.empty((num_pairs, hidden), dtype=x.dtype, device=x.device)
-    _quantized_down_kernel[(block_expert.numel(), triton.cdiv(hidden, c.block_n))](
+    split_k = min(c.split_k, inter // constants["BLOCK_K"])
+    pair_out = torch.empty((split_k, num_pairs, hidden), dtype=torch.float32 if split_k > 1 else x.dtype,
+                           device=x.device)
+    _quantized_down_kernel[(block_expert.numel(), triton.cdiv(hidden, c.block_n), split_k)](
         inter_out, *pointers, pair_out, topk_weights.flatten().float().contiguous(), pair_ids, block_expert,
-        num_pairs, HIDDEN=hidden, INTER=inter, **constants, **tiles)
-    return pair_out.view(num_tokens, top_k, hidden).sum(dim=1)
+        num_pairs, split_k, HIDDEN=hidden, INTER=inter, **constants, **tiles)
+    return pair_out.view(split_k, num_tokens, top_k, hidden).sum(dim=(0, 2)).to(x.dtype)
