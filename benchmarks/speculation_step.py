@@ -4,7 +4,9 @@ the model runner alone, in one run. Prints one JSON object: ms a step of each, t
 each N, and the speed-up that ratio allows at the acceptance rates given (each proposal kept
 with probability p, independently: 1 + p + ... + p^N tokens a step, over the ratio).
 
-A decode step replays the CUDA graphs; a verification step runs as the engine runs it.
+A decode step replays the CUDA graphs; a verification step is timed eagerly and replayed
+from graphs captured for N (server/runtime/cuda_graphs.py: VerifyGraphs), as the engine runs
+it with `--speculate N`.
 
     python benchmarks/speculation_step.py --model /tmp/mistral-7b --proposals 2,4,8 --batch-sizes 1,8
 """
@@ -22,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from server.config import EngineArgs  # noqa: E402
 from server.engine.llm_engine import LLMEngine  # noqa: E402
+from server.runtime.cuda_graphs import VerifyGraphs  # noqa: E402
 from server.runtime.model_runner import SequenceChunk  # noqa: E402
 from server.runtime.sampler import SamplingOptions  # noqa: E402
 
@@ -69,15 +72,22 @@ def main() -> None:
     engine = LLMEngine(EngineArgs(model=args.model, dtype=args.dtype, device=args.device, max_num_seqs=max(sizes),
                                   enable_prefix_caching=False))
     runner = engine.runner
+    max_blocks = -(-(engine.max_model_len + max(proposals) + 1) // runner.block_size)
     report = {"benchmark": "speculation_step", "model": args.model, "context": args.context,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "batches": {}}
     for batch in sizes:
         decode = step_ms(runner, chunks_of(batch, args.context, 0, runner.block_size), args.repeats)
         entry = {"decode_ms": decode}
         for n in proposals:
-            verify = step_ms(runner, chunks_of(batch, args.context, n, runner.block_size), args.repeats)
+            chunks = chunks_of(batch, args.context, n, runner.block_size)
+            runner.verify_graphs = None
+            eager = step_ms(runner, chunks, args.repeats)
+            if runner.graphs is not None:  # on CUDA
+                runner.verify_graphs = VerifyGraphs(runner.model, [batch], n + 1, max_blocks, runner.device,
+                                                    runner.graphs.pool)
+            verify = step_ms(runner, chunks, args.repeats)
             ratio = verify / decode
-            entry[f"verify_{n}"] = {"ms": verify, "ratio": ratio,
+            entry[f"verify_{n}"] = {"ms": verify, "eager_ms": eager, "ratio": ratio,
                                     "expected_speedup": {str(p): expected_speedup(ratio, n, p) for p in rates}}
         report["batches"][batch] = entry
     print(json.dumps(report, indent=2))
