@@ -121,16 +121,18 @@ def test_bf16_greedy_on_mistral_7b_shapes_equals_transformers_up_to_near_ties(tm
     assert_bf16_parity(model_dir, prompts, max_batch_prefill_tokens=96)
 
 
-def bf16_prompt_errors(model_dir: str, prompt: list[int], device: str) -> tuple[float, float]:
+def bf16_prompt_errors(model_dir: str, prompt: list[int], device: str,
+                       oracle_dir: str | None = None) -> tuple[float, float]:
     """Mean |error| of ours and of transformers, both in bf16, in the log-probabilities of a
-    prompt's tokens, against transformers in fp32 (the truth both round away from)."""
+    prompt's tokens, against transformers in fp32 (the truth both round away from).
+    `oracle_dir`: the checkpoint transformers runs (default: the same one)."""
     llm = LLM(model_dir, dtype="bfloat16", device=device, max_batch_total_tokens=8192)
     scored = llm.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
     ours = torch.tensor([entry[token] for entry, token in zip(scored.prompt_logprobs[1:], prompt[1:])])
     del llm
     truth = {}
     for dtype in (torch.float32, torch.bfloat16):
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(oracle_dir or model_dir, dtype=dtype).to(device).eval()
         with torch.inference_mode():
             logprobs = model(torch.tensor([prompt], device=device)).logits[0, :-1].float().log_softmax(-1)
         truth[dtype] = logprobs.gather(1, torch.tensor(prompt[1:], device=device)[:, None])[:, 0].cpu()
