@@ -59,7 +59,7 @@ class ServerState:
 
     def refresh_gauges(self) -> None:
         stats = self.engine.stats()
-        block_size = self.engine.engine.config.cache.block_size
+        block_size = self.engine.config.cache.block_size
         in_use = stats.num_blocks - stats.num_free_blocks  # cached blocks that no sequence holds are free
         self.metrics.set("tgi_queue_size", stats.num_waiting)
         self.metrics.set("tgi_batch_current_size", stats.num_running)

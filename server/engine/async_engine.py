@@ -3,7 +3,9 @@
 The engine's state is touched by its own thread only. Callers post commands (add, abort) to
 a thread-safe queue and receive outputs on a per-request asyncio queue, fed with
 `call_soon_threadsafe` (once a step for all of a loop's outputs), so the event loop never
-waits for a model step.
+waits for a model step. The thread shares the process's GIL with the event loop, though;
+`ProcessEngine` (engine_process.py) answers to the same interface with the engine in a
+process of its own.
 """
 from __future__ import annotations
 
@@ -11,10 +13,11 @@ import asyncio
 import logging
 import queue
 import threading
+from contextlib import aclosing
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
-from server.config import EngineArgs
+from server.config import EngineArgs, EngineConfig
 from server.engine.llm_engine import LLMEngine
 from server.outputs import RequestOutput
 from server.sampling_params import LoRARequest, SamplingParams
@@ -40,6 +43,11 @@ class EngineStats:
     num_blocks: int
 
 
+def engine_stats(engine: LLMEngine) -> EngineStats:
+    scheduler, blocks = engine.scheduler, engine.block_manager
+    return EngineStats(len(scheduler.waiting), len(scheduler.running), blocks.num_free_blocks, blocks.num_blocks)
+
+
 class AsyncEngine:
     def __init__(self, args: EngineArgs | None = None, engine: LLMEngine | None = None):
         self.engine = engine or LLMEngine(args or EngineArgs())
@@ -60,18 +68,9 @@ class AsyncEngine:
         stream: asyncio.Queue = asyncio.Queue()
         self._commands.put(("add", (prompt, params, request_id, lora_request, loop, stream, accepted)))
         request_id = await accepted
-        finished = False
-        try:
-            while not finished:
-                item = await stream.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            if not finished:
-                self.abort(request_id)
+        async with aclosing(stream_outputs(stream, lambda: self.abort(request_id))) as outputs:
+            async for output in outputs:
+                yield output
 
     @property
     def is_alive(self) -> bool:
@@ -94,11 +93,12 @@ class AsyncEngine:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
+    @property
+    def config(self) -> EngineConfig:
+        return self.engine.config
+
     def stats(self) -> EngineStats:
-        scheduler = self.engine.scheduler
-        blocks = self.engine.block_manager
-        return EngineStats(len(scheduler.waiting), len(scheduler.running),
-                           blocks.num_free_blocks, blocks.num_blocks)
+        return engine_stats(self.engine)
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
@@ -174,7 +174,7 @@ class AsyncEngine:
             if output.finished:
                 del self._streams[output.request_id]
         for loop, items in deliveries.items():  # one wake-up of each loop a step, not one an output
-            loop.call_soon_threadsafe(_deliver, items)
+            loop.call_soon_threadsafe(deliver, items)
 
     def _fail_all(self, error: Exception) -> None:
         for request_id in list(self.engine.requests):
@@ -194,6 +194,23 @@ class AsyncEngine:
             future.set_result(request_id)
 
 
-def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
+async def stream_outputs(stream: asyncio.Queue, abort: Callable[[], None]) -> AsyncIterator[RequestOutput]:
+    """A request's outputs as they come to its queue, up to the last one (an error that comes
+    instead is raised); leaving early calls `abort`."""
+    finished = False
+    try:
+        while not finished:
+            item = await stream.get()
+            if isinstance(item, BaseException):
+                finished = True
+                raise item
+            finished = item.finished
+            yield item
+    finally:
+        if not finished:
+            abort()
+
+
+def deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
     for stream, item in items:
         stream.put_nowait(item)
