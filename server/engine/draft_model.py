@@ -108,24 +108,24 @@ class DraftModelProposer:
             cache.num_computed_tokens = min(cache.num_computed_tokens, seq.num_computed_tokens)
         budget = self.max_batch_prefill_tokens
         chunks, rows = [], {}
-        for i in sorted(range(len(seqs)), key=lambda i: len(seqs[i].token_ids) - seqs[i].draft_cache.num_computed_tokens):
+        missing = [len(seq.token_ids) - seq.draft_cache.num_computed_tokens for seq in seqs]
+        for i in sorted(range(len(seqs)), key=missing.__getitem__):
             seq, cache = seqs[i], seqs[i].draft_cache
             start = cache.num_computed_tokens
-            missing = len(seq.token_ids) - start
-            take = min(missing, budget)
+            take = min(missing[i], budget)
             if counts[i] <= 0 or take <= 0:
                 continue
             # with the places of the proposals it feeds: all but the last
-            needed = start + take + (counts[i] - 1 if take == missing else 0)
+            needed = start + take + (counts[i] - 1 if take == missing[i] else 0)
             if not self.blocks.can_grow(cache, needed):
                 continue
             self.blocks.grow(cache, needed)
             chunk = SequenceChunk(seq.token_ids[start:start + take], start, cache.block_table)
             cache.num_computed_tokens = start + take
-            if take == missing:
+            if take == missing[i]:
                 chunk.sampling = SamplingOptions()  # greedy
                 rows[i] = len(rows)
-            if missing > 1:
+            if missing[i] > 1:
                 budget -= take
             chunks.append(chunk)
         return rows, self.runner.sample(self.runner.forward(chunks)) if chunks else None
