@@ -16,6 +16,8 @@ prefill and decode-only steps (by batch size), each against what it must read.
     python benchmarks/throughput.py --model /tmp/mistral-7b --device cuda --num-prompts 256 \
         --min-prompt-len 100 --max-prompt-len 1024 --min-output-len 100 --max-output-len 1024 \
         --peer generate_batch --peer-num-prompts 64 --repeats 1
+    # the same with speculation on (above --speculate-max-batch-size running, it stands aside)
+    python benchmarks/throughput.py --model /tmp/mistral-7b --device cuda ... --peer none --speculate 4
 """
 from __future__ import annotations
 
@@ -218,6 +220,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each; the best counts")
+    parser.add_argument("--speculate", type=int, default=0,
+                        help="n-gram speculation's tokens a step (0: off), under its batch-size limit")
     parser.add_argument("--dataset", choices=DATASETS, default="uniform",
                         help="prompt and output lengths: uniform in their ranges, or ShareGPT-like (log-normal)")
     args = parser.parse_args()
@@ -225,7 +229,8 @@ def main() -> None:
     # Prefix caching off: repeats run the same prompts, and the peer has no such cache.
     llm = LLM(args.model, device=args.device, dtype=args.dtype, enable_prefix_caching=False,
               max_num_seqs=args.max_num_seqs, max_batch_prefill_tokens=args.max_batch_prefill_tokens,
-              kv_cache_dtype=args.kv_cache_dtype)
+              kv_cache_dtype=args.kv_cache_dtype,
+              speculative_config={"num_speculative_tokens": args.speculate} if args.speculate else None)
     config = llm.engine.config
     prompts = make_prompts(args.num_prompts, args.min_prompt_len, args.max_prompt_len,
                            config.model.vocab_size, args.seed, args.dataset)
@@ -248,7 +253,7 @@ def main() -> None:
         "output_len": [min(lens), max(lens)], "dataset": args.dataset, "repeats": args.repeats,
         "kv_cache_tokens": kv_tokens,
         "max_batch_prefill_tokens": args.max_batch_prefill_tokens, "kv_cache_dtype": args.kv_cache_dtype,
-        "torch_threads": torch.get_num_threads(), "engine": engine,
+        "speculate": args.speculate, "torch_threads": torch.get_num_threads(), "engine": engine,
     }
     if roofline is not None:
         report["roofline"] = roofline

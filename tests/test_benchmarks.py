@@ -164,3 +164,12 @@ def test_speculation_with_a_draft_model_reports_the_drafts_cost_a_step(mistral_v
     for batch in report["batches"].values():
         assert batch["same_outputs"] and batch["kept_share"] == 1.0  # the model drafting for itself
         assert batch["draft_ms_a_step"] > 0 and batch["check_ms_a_step"] > 0
+
+
+def test_throughput_runs_with_speculation_on(mistral_v03_dir):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"), "--model", mistral_v03_dir,
+                           "--num-prompts", "4", "--max-tokens", "5", "--peer", "none", "--repeats", "1",
+                           "--speculate", "2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["speculate"] == 2 and report["engine"]["output_tokens"] == 4 * 5
