@@ -77,13 +77,19 @@ FLAGS = [
     ("--speculate-max-batch-size", int, 32, "Above this many running requests nothing is speculated (and "
      "above half of it, half the --speculate tokens): a large batch's step has no compute to spare for checking "
      "proposals. The default is to be measured on the GPU."),
+    ("--engine-process", str, "auto", "auto, true or false: run the engine (its step loop, the model and its "
+     "tensor-parallel ranks) in a process of its own beside the HTTP server's, so that the two do not take "
+     "turns holding Python's GIL and the device does not wait while the server streams. auto: on when the "
+     "model runs on a GPU; off on the CPU, where the model's step, not the host's work around it, sets the "
+     "pace, and a second process would cost its start-up and memory for nothing."),
     ("--speculative-model", str, None, "Hub id or directory of a draft model with the model's tokenizer (a "
      "smaller one of its family), which proposes the --speculate tokens greedily, with its own KV cache (as many "
      "tokens as the model's, out of the same memory). One GPU: not with --num-shard > 1."),
 ]
 
 
-CHOICES = {"--quantize": QUANTIZE, "--kv-cache-dtype": KV_CACHE_DTYPES, "--load-format": ("auto", "dummy")}
+CHOICES = {"--quantize": QUANTIZE, "--kv-cache-dtype": KV_CACHE_DTYPES, "--load-format": ("auto", "dummy"),
+           "--engine-process": ("auto", "true", "false")}
 
 
 def _env_name(flag: str) -> str:
@@ -194,6 +200,14 @@ def configuration_markdown() -> str:
     ])
 
 
+def _engine_in_own_process(choice: str) -> bool:
+    if choice == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return choice == "true"
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None and sys.argv[1:] == ["--configuration-markdown"]:
         sys.stdout.write(configuration_markdown())
@@ -236,11 +250,17 @@ def main(argv: list[str] | None = None) -> int:
         leave_group()
         return 0
     try:
-        engine = AsyncEngine(engine_args)
+        if _engine_in_own_process(args.engine_process):
+            from functools import partial
+
+            from server.engine.engine_process import ProcessEngine
+            engine = ProcessEngine(engine_args, partial(configure_logging, args.json_output))
+        else:
+            engine = AsyncEngine(engine_args)
     except (ValueError, FileNotFoundError, OSError) as error:
         log.error("could not start: %s", error)
         return 2
-    config = engine.engine.config
+    config = engine.config
     max_total = engine.max_model_len
     if args.max_total_tokens is not None and args.max_total_tokens > max_total:
         log.error("--max-total-tokens %d is more than the model and the KV cache allow (%d)",

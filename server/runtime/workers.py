@@ -24,7 +24,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _exit_with_parent(parent_pid: int) -> None:
+def exit_with_parent(parent_pid: int) -> None:
     while True:
         if os.getppid() != parent_pid:
             os._exit(1)
@@ -32,7 +32,7 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 
 def _worker_main(args: EngineArgs, rank: int, port: int, parent_pid: int) -> None:
-    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
+    threading.Thread(target=exit_with_parent, args=(parent_pid,), daemon=True).start()
     torch.set_num_threads(max(1, torch.get_num_threads() // args.tensor_parallel_size))
     start_runner(args, rank, port).runner.serve_steps()
     leave_group()

@@ -1,0 +1,166 @@
+"""A request's outputs sent as what changed since its last one, from the engine's process to
+the server's.
+
+An output is cumulative: it carries all of a sequence's token ids, token texts and logprobs
+so far. Pickled whole every step, a stream would cost the engine's process time that grows
+with the square of its length. So the engine's side sends each list's new tail and the
+server's side rebuilds the same outputs, each with fresh lists as the engine makes them.
+The lists only grow, except that a stop string can drop the last tokens and the last token's
+text can grow when its sequence ends (the rest of a character it ended inside); so each tail
+starts one item before the end of what was sent, and the receiver cuts its copy there first.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from server.outputs import CompletionOutput, RequestMetrics, RequestOutput
+
+
+class Tail(NamedTuple):
+    start: int  # keep this many items (characters, for a text) of what was sent before
+    items: list | str  # then append these
+
+
+class CompletionDelta(NamedTuple):
+    index: int
+    text: Tail
+    token_ids: Tail
+    token_texts: Tail
+    logprobs: Tail | None
+    cumulative_logprob: float
+    finish_reason: str | None
+    stop_reason: str | int | None
+    delta: str
+    seed: int | None
+
+
+class OutputDelta(NamedTuple):
+    request_id: str
+    prompt: tuple[str | None, list[int]] | None  # the prompt and its token ids, in a request's first delta only
+    prompt_logprobs: Tail | None
+    completions: list[CompletionDelta]
+    finished: bool
+    seed: int | None
+    num_cached_tokens: int
+    metrics: tuple | None  # RequestMetrics' fields
+    error: str | None
+
+
+def _tail(sent: int, items: list) -> Tail:
+    start = max(0, min(sent, len(items)) - 1)
+    return Tail(start, items[start:])
+
+
+def _apply(kept: list, tail: Tail) -> None:
+    del kept[tail.start:]
+    kept.extend(tail.items)
+
+
+@dataclass
+class _Sent:
+    """How much of one completion the server's side has."""
+
+    text: str = ""
+    token_ids: int = 0
+    token_texts: int = 0
+    logprobs: int = 0
+
+
+@dataclass
+class _SentRequest:
+    prompt_logprobs: int = 0
+    completions: dict[int, _Sent] = field(default_factory=dict)
+
+
+class OutputEncoder:
+    """The engine process's side: what each running request's outputs have sent so far."""
+
+    def __init__(self):
+        self._sent: dict[str, _SentRequest] = {}
+
+    def encode(self, output: RequestOutput) -> OutputDelta:
+        sent = self._sent.get(output.request_id)
+        first = sent is None
+        if first:
+            sent = self._sent[output.request_id] = _SentRequest()
+        prompt_logprobs = None
+        if output.prompt_logprobs is not None:
+            prompt_logprobs = _tail(sent.prompt_logprobs, output.prompt_logprobs)
+            sent.prompt_logprobs = len(output.prompt_logprobs)
+        completions = [self._completion(sent.completions.setdefault(c.index, _Sent()), c) for c in output.outputs]
+        if output.finished:
+            del self._sent[output.request_id]
+        metrics = output.metrics
+        return OutputDelta(
+            output.request_id, (output.prompt, output.prompt_token_ids) if first else None, prompt_logprobs,
+            completions, output.finished, output.seed, output.num_cached_tokens,
+            None if metrics is None else (metrics.arrival_time, metrics.first_scheduled_time,
+                                          metrics.first_token_time, metrics.finished_time),
+            output.error)
+
+    def forget(self, request_id: str) -> None:
+        """The request ended without a finished output (aborted)."""
+        self._sent.pop(request_id, None)
+
+    @staticmethod
+    def _completion(sent: _Sent, completion: CompletionOutput) -> CompletionDelta:
+        text = completion.text
+        text_start = len(sent.text) if text.startswith(sent.text) else 0
+        sent.text = text
+        token_ids = _tail(sent.token_ids, completion.token_ids)
+        token_texts = _tail(sent.token_texts, completion.token_texts)
+        sent.token_ids, sent.token_texts = len(completion.token_ids), len(completion.token_texts)
+        logprobs = None
+        if completion.logprobs is not None:
+            logprobs = _tail(sent.logprobs, completion.logprobs)
+            sent.logprobs = len(completion.logprobs)
+        return CompletionDelta(
+            completion.index, Tail(text_start, text[text_start:]), token_ids, token_texts, logprobs,
+            completion.cumulative_logprob, completion.finish_reason, completion.stop_reason, completion.delta,
+            completion.seed)
+
+
+@dataclass
+class _Completion:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    token_texts: list[str] = field(default_factory=list)
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+
+
+class OutputRebuilder:
+    """The server process's side, one a request: its outputs rebuilt from their deltas."""
+
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+        self.prompt: str | None = None
+        self.prompt_token_ids: list[int] = []
+        self.prompt_logprobs: list[dict[int, float] | None] = []
+        self.completions: dict[int, _Completion] = {}
+
+    def rebuild(self, delta: OutputDelta) -> RequestOutput:
+        if delta.prompt is not None:
+            self.prompt, self.prompt_token_ids = delta.prompt
+        if delta.prompt_logprobs is not None:
+            _apply(self.prompt_logprobs, delta.prompt_logprobs)
+        return RequestOutput(
+            request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
+            prompt_logprobs=None if delta.prompt_logprobs is None else list(self.prompt_logprobs),
+            outputs=[self._completion(c) for c in delta.completions], finished=delta.finished, seed=delta.seed,
+            num_cached_tokens=delta.num_cached_tokens,
+            metrics=None if delta.metrics is None else RequestMetrics(*delta.metrics), error=delta.error)
+
+    def _completion(self, delta: CompletionDelta) -> CompletionOutput:
+        kept = self.completions.setdefault(delta.index, _Completion())
+        kept.text = kept.text[:delta.text.start] + delta.text.items
+        _apply(kept.token_ids, delta.token_ids)
+        _apply(kept.token_texts, delta.token_texts)
+        if delta.logprobs is not None:
+            _apply(kept.logprobs, delta.logprobs)
+        return CompletionOutput(
+            index=delta.index, text=kept.text, token_ids=list(kept.token_ids),
+            cumulative_logprob=delta.cumulative_logprob,
+            logprobs=None if delta.logprobs is None else list(kept.logprobs),
+            finish_reason=delta.finish_reason, stop_reason=delta.stop_reason, delta=delta.delta, seed=delta.seed,
+            token_texts=list(kept.token_texts))
