@@ -11,6 +11,8 @@ import torch
 
 from conftest import MISTRAL_DATA, build_mistral, out_of_memory_on_calls
 from server import LLM, SamplingParams
+from server.engine.draft_model import check_same_vocabulary
+from server.engine.tokenizer import Tokenizer
 from server.engine.speculation import speculation_depth
 
 PROMPTS = ["one two three four one two three four one two three",
@@ -214,6 +216,14 @@ def test_the_server_refuses_to_start_with_a_draft_of_another_vocabulary(mistral_
                            mistral_window_dir, "--speculate", "2"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert "another vocabulary" in done.stderr + done.stdout
+
+
+def test_a_vocabulary_is_the_same_whatever_the_tokenizer_files_and_another_is_refused(hf_v1, mistral_window_dir,
+                                                                                      mistral_v3):
+    v1 = Tokenizer.load(mistral_window_dir)  # mistral-common's tokenizer.model.v1
+    check_same_vocabulary(hf_v1, v1, 32000, 32000, "v1")  # the same, as a tokenizer.json
+    with pytest.raises(ValueError, match="another vocabulary"):
+        check_same_vocabulary(v1, mistral_v3, 32000, 32000, "v3")  # same sizes said, other tokens
 
 
 def test_a_draft_with_tensor_parallelism_is_refused_before_the_ranks_start(mistral_v03_dir):
