@@ -61,6 +61,11 @@ def test_outputs_rebuilt_from_their_deltas_equal_the_engines(tiny_llm, monkeypat
     assert finished == set(requests)
 
 
+def test_an_engine_that_cannot_start_raises_its_error_in_the_servers_process(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        ProcessEngine(EngineArgs(model=str(tmp_path / "missing")))
+
+
 @pytest.fixture(scope="module")
 def process_app(mistral_v03_dir):
     engine = ProcessEngine(EngineArgs(model=mistral_v03_dir, max_batch_total_tokens=4096))

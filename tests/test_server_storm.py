@@ -5,14 +5,19 @@ import asyncio
 import time
 
 import httpx
+import pytest
 
 from server_process import ServerProcess, metric, wait_until_idle
 
 
-def test_two_hundred_abandoned_requests_free_every_block_and_the_next_is_served(mistral_v03_dir):
+@pytest.mark.parametrize("engine_process", ["false", "true"], ids=["engine-thread", "engine-process"])
+def test_two_hundred_abandoned_requests_free_every_block_and_the_next_is_served(mistral_v03_dir, engine_process):
+    """With the engine in its own process, the aborts cross a pipe while the steps that still
+    carry their requests come back the other way."""
     server = ServerProcess("--model-id", mistral_v03_dir, "--max-concurrent-requests", "256",
                            "--max-total-tokens", "256", "--max-input-tokens", "200",
-                           "--max-batch-total-tokens", "65536", "--max-batch-prefill-tokens", "64")
+                           "--max-batch-total-tokens", "65536", "--max-batch-prefill-tokens", "64",
+                           "--engine-process", engine_process)
     try:
         server.wait_ready()
         long_prompt = "fox " * 90  # ~180 tokens  # prefilled over several steps: some aborts land during prefill
