@@ -17,9 +17,10 @@ from typing import NamedTuple
 from server.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
 
-class Tail(NamedTuple):
-    start: int  # keep this many items (characters, for a text) of what was sent before
-    items: list | str  # then append these
+# (start, items): keep `start` items (characters, for a text) of what was sent before, then
+# append `items`. A plain tuple: several a step for every running request, where a named
+# tuple's constructor would cost the engine's process more than the rest of the encoding.
+Tail = tuple[int, list | str]
 
 
 class CompletionDelta(NamedTuple):
@@ -49,12 +50,13 @@ class OutputDelta(NamedTuple):
 
 def _tail(sent: int, items: list) -> Tail:
     start = max(0, min(sent, len(items)) - 1)
-    return Tail(start, items[start:])
+    return start, items[start:]
 
 
 def _apply(kept: list, tail: Tail) -> None:
-    del kept[tail.start:]
-    kept.extend(tail.items)
+    start, items = tail
+    del kept[start:]
+    kept.extend(items)
 
 
 @dataclass
@@ -116,7 +118,7 @@ class OutputEncoder:
             logprobs = _tail(sent.logprobs, completion.logprobs)
             sent.logprobs = len(completion.logprobs)
         return CompletionDelta(
-            completion.index, Tail(text_start, text[text_start:]), token_ids, token_texts, logprobs,
+            completion.index, (text_start, text[text_start:]), token_ids, token_texts, logprobs,
             completion.cumulative_logprob, completion.finish_reason, completion.stop_reason, completion.delta,
             completion.seed)
 
@@ -153,7 +155,8 @@ class OutputRebuilder:
 
     def _completion(self, delta: CompletionDelta) -> CompletionOutput:
         kept = self.completions.setdefault(delta.index, _Completion())
-        kept.text = kept.text[:delta.text.start] + delta.text.items
+        text_start, text = delta.text
+        kept.text = kept.text[:text_start] + text
         _apply(kept.token_ids, delta.token_ids)
         _apply(kept.token_texts, delta.token_texts)
         if delta.logprobs is not None:
