@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import threading
+import time
 
 import httpx
 import pytest
@@ -230,6 +231,33 @@ def test_the_embedded_model_served_from_an_engine_process(tmp_path):
             assert client.get(f"{server.url}/health").status_code == 503
             r = client.post(f"{server.url}/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}})
             assert r.status_code == 424 and r.json()["error_type"] == "generation"
+        server.terminate()
+        assert server.process.wait(timeout=60) == 0
+    finally:
+        server.stop()
+
+
+def test_tensor_parallel_ranks_run_under_the_engine_process_and_a_dead_one_ends_it(mistral_v03_dir, tiny_llm):
+    """The engine process starts the other ranks itself; one that dies takes the engine process
+    with it (workers.py), which the server then reports as a dead engine, as for any other cause."""
+    server = ServerProcess("--model-id", mistral_v03_dir, "--max-batch-total-tokens", "2048",
+                           "--max-total-tokens", "256", "--num-shard", "2", "--engine-process", "true")
+    try:
+        server.wait_ready()
+        expected = tiny_llm.generate("The quick brown fox", SamplingParams(temperature=0, max_tokens=6),
+                                     use_tqdm=False)[0].outputs[0].text
+        body = {"inputs": "The quick brown fox", "parameters": {"max_new_tokens": 6}}
+        assert httpx.post(f"{server.url}/generate", json=body, timeout=60).json()["generated_text"] == expected
+        rank = int(server.log.split("tensor-parallel rank 1 started (pid ")[1].split(")")[0])
+        child = engine_pid(server)
+        os.kill(rank, signal.SIGKILL)
+        for _ in range(100):
+            if not running(child):
+                break
+            time.sleep(0.1)
+        assert not running(child)
+        assert httpx.get(f"{server.url}/health").status_code == 503
+        assert httpx.post(f"{server.url}/generate", json=body).status_code == 424
         server.terminate()
         assert server.process.wait(timeout=60) == 0
     finally:
