@@ -22,7 +22,12 @@ running OpenAI-compatible server:
     python benchmarks/serving.py --url http://127.0.0.1:8080 --rates 1,4,16,inf --out serving/
 
 serving/ then holds serving.json, the servers' logs, and serving.png where matplotlib is
-(serving_plot.py draws it later from the JSON otherwise).
+(serving_plot.py draws it later from the JSON otherwise). `--ours-args` passes flags through,
+e.g. to compare the engine in its own process (`--engine-process true`, the default on a GPU)
+with the engine in a thread of the HTTP server's process, one run each:
+
+    python benchmarks/serving.py --launch ours --model /tmp/mistral-7b --rates inf --out thread/ \
+        --ours-args "--engine-process false"
 
 Time is bounded: `--time-budget` seconds for everything, starting the servers included, is
 shared by the servers still to run, and a server's share by its rates still to run. Rates run
