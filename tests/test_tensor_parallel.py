@@ -134,7 +134,9 @@ def assert_serves_the_engines_text(server, llm, prompt: str) -> None:
 
 
 def test_the_server_shards_over_two_ranks_and_dies_with_a_rank(mistral_v03_dir, tiny_llm):
-    server = sharded_server(mistral_v03_dir, "--num-shard", "2")
+    """With the engine in the server's process (with its own process, the engine's process dies
+    instead: test_engine_process.py)."""
+    server = sharded_server(mistral_v03_dir, "--num-shard", "2", "--engine-process", "false")
     try:
         assert_serves_the_engines_text(server, tiny_llm, "The quick brown fox")
         worker = int(re.search(r"rank 1 started \(pid (\d+)\)", server.log).group(1))
