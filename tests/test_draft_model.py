@@ -14,6 +14,7 @@ from server import LLM, SamplingParams
 from server.engine.draft_model import check_same_vocabulary
 from server.engine.tokenizer import Tokenizer
 from server.engine.speculation import speculation_depth
+from test_speculation import EXACT
 
 PROMPTS = ["one two three four one two three four one two three",
            "the cat sat on the mat and the cat sat on the",
@@ -50,11 +51,11 @@ def random_draft_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def plain(mistral_v03_dir):
-    return LLM(mistral_v03_dir, max_batch_total_tokens=4096)
+    return LLM(mistral_v03_dir, dtype=EXACT, max_batch_total_tokens=4096)
 
 
 def drafting(target: str, draft: str, n: int = 4, **kwargs) -> LLM:
-    return LLM(target, max_batch_total_tokens=kwargs.pop("max_batch_total_tokens", 4096),
+    return LLM(target, dtype=EXACT, max_batch_total_tokens=kwargs.pop("max_batch_total_tokens", 4096),
                speculative_config={"method": "draft_model", "model": draft, "num_speculative_tokens": n}, **kwargs)
 
 
@@ -156,7 +157,8 @@ def test_eos_inside_an_accepted_run_ends_the_output(plain, mistral_v03_dir, tmp_
             (tmp_path / name).write_text(json.dumps(config))
     params = SamplingParams(temperature=0, max_tokens=30)
     got = drafting(str(tmp_path), str(tmp_path)).generate(PROMPTS[2], params, use_tqdm=False)[0].outputs[0]
-    expected = LLM(str(tmp_path), max_batch_total_tokens=4096).generate(PROMPTS[2], params, use_tqdm=False)[0]
+    expected = LLM(str(tmp_path), dtype=EXACT, max_batch_total_tokens=4096).generate(PROMPTS[2], params,
+                                                                                     use_tqdm=False)[0]
     assert got.token_ids == expected.outputs[0].token_ids
     assert got.finish_reason == "stop" and got.token_ids[-1] == eos and len(got.token_ids) <= 10
 
@@ -246,7 +248,7 @@ def test_speculation_steps_aside_as_the_batch_grows():
 
 
 def test_a_batch_above_the_limit_proposes_nothing_until_it_shrinks(plain, mistral_v03_dir):
-    llm = LLM(mistral_v03_dir, max_batch_total_tokens=4096, speculative_config={
+    llm = LLM(mistral_v03_dir, dtype=EXACT, max_batch_total_tokens=4096, speculative_config={
         "model": mistral_v03_dir, "num_speculative_tokens": 4, "disable_by_batch_size": 3})
     together = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     assert tokens(llm.generate(PROMPTS, together, use_tqdm=False)) == tokens(plain.generate(PROMPTS, together,
@@ -284,8 +286,8 @@ def test_sampling_with_a_draft_keeps_the_distribution_of_plain_sampling(tiny_voc
     sampling's, seeded apart; the same seeds give the same tokens."""
     draws, places = 300, 5
     prompt = [1, 5, 9, 3, 7]
-    plain = LLM(tiny_vocab_dir, max_batch_total_tokens=8192)
-    speculating = LLM(tiny_vocab_dir, max_batch_total_tokens=8192, speculative_config={
+    plain = LLM(tiny_vocab_dir, dtype=EXACT, max_batch_total_tokens=8192)
+    speculating = LLM(tiny_vocab_dir, dtype=EXACT, max_batch_total_tokens=8192, speculative_config={
         "model": tiny_vocab_dir, "num_speculative_tokens": 3, "disable_by_batch_size": draws})
 
     def sample(llm, first_seed):
