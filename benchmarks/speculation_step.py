@@ -5,8 +5,8 @@ each N, and the speed-up that ratio allows at the acceptance rates given (each p
 with probability p, independently: 1 + p + ... + p^N tokens a step, over the ratio).
 
 A decode step replays the CUDA graphs; a verification step is timed eagerly and replayed
-from graphs captured for N (server/runtime/cuda_graphs.py: VerifyGraphs), as the engine runs
-it with `--speculate N`.
+from the decode graphs a row a token (server/runtime/cuda_graphs.py: decode_rows), as the
+engine runs it with `--speculate N`.
 
     python benchmarks/speculation_step.py --model /tmp/mistral-7b --proposals 2,4,8 --batch-sizes 1,8
 """
@@ -24,7 +24,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from server.config import EngineArgs  # noqa: E402
 from server.engine.llm_engine import LLMEngine  # noqa: E402
-from server.runtime.cuda_graphs import VerifyGraphs  # noqa: E402
 from server.runtime.model_runner import SequenceChunk  # noqa: E402
 from server.runtime.sampler import SamplingOptions  # noqa: E402
 
@@ -69,10 +68,10 @@ def main() -> None:
     proposals = [int(n) for n in args.proposals.split(",")]
     sizes = [int(n) for n in args.batch_sizes.split(",")]
     rates = [float(p) for p in args.acceptance.split(",")]
-    engine = LLMEngine(EngineArgs(model=args.model, dtype=args.dtype, device=args.device, max_num_seqs=max(sizes),
-                                  enable_prefix_caching=False))
+    # decode graphs for as many rows as the largest check has tokens
+    engine = LLMEngine(EngineArgs(model=args.model, dtype=args.dtype, device=args.device, enable_prefix_caching=False,
+                                  max_num_seqs=max(sizes) * (max(proposals) + 1)))
     runner = engine.runner
-    max_blocks = -(-(engine.max_model_len + max(proposals) + 1) // runner.block_size)
     report = {"benchmark": "speculation_step", "model": args.model, "context": args.context,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "batches": {}}
     for batch in sizes:
@@ -80,11 +79,9 @@ def main() -> None:
         entry = {"decode_ms": decode}
         for n in proposals:
             chunks = chunks_of(batch, args.context, n, runner.block_size)
-            runner.verify_graphs = None
+            runner.graph_query_len = 1
             eager = step_ms(runner, chunks, args.repeats)
-            if runner.graphs is not None:  # on CUDA
-                runner.verify_graphs = VerifyGraphs(runner.model, [batch], n + 1, max_blocks, runner.device,
-                                                    runner.graphs.pool)
+            runner.graph_query_len = n + 1  # a decode graph's row a token, where the graphs have the rows
             verify = step_ms(runner, chunks, args.repeats)
             ratio = verify / decode
             entry[f"verify_{n}"] = {"ms": verify, "eager_ms": eager, "ratio": ratio,

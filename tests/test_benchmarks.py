@@ -173,3 +173,16 @@ def test_throughput_runs_with_speculation_on(mistral_v03_dir):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
     assert report["speculate"] == 2 and report["engine"]["output_tokens"] == 4 * 5
+
+
+def test_speculation_step_times_checks_against_a_decode_step(mistral_v03_dir):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "speculation_step.py"), "--model",
+                           mistral_v03_dir, "--device", "cpu", "--dtype", "float32", "--batch-sizes", "1,2",
+                           "--proposals", "2", "--repeats", "2", "--context", "40"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    for batch in report["batches"].values():
+        check = batch["verify_2"]
+        assert batch["decode_ms"] > 0 and check["ms"] > 0 and check["eager_ms"] > 0
+        assert check["expected_speedup"]["0.5"] == pytest.approx(1.75 / check["ratio"])

@@ -64,7 +64,6 @@ class DecodeGraphs:
                 self.graphs[size, splits] = graph
         if lora_bank is not None:
             lora_bank.clear()
-        self.pool = pool  # the graphs' memory, which other graphs may share (never replayed at once)
         torch.cuda.synchronize()
 
     @property
@@ -95,75 +94,16 @@ class DecodeGraphs:
         return self.outputs[key][:n]
 
 
-class VerifyGraphs:
-    """Steps whose sequences compute up to `query_len` tokens each (speculation's checks: a
-    sequence's last token and its proposals, beside sequences that propose nothing), captured
-    for a ladder of batch sizes and replayed.
-
-    Each sequence's tokens take one row of `query_len` places, the rest padding: the padding
-    writes no KV (slot -1), and the sequence's context is taken as if all its places were
-    tokens, so that each real token, causal from the bottom right, attends to exactly what it
-    does in an eager step; the padding's outputs are dropped. The block tables are wide enough
-    for the padding's last places, which read keys that nothing uses."""
-
-    def __init__(self, model, sizes: list[int], query_len: int, max_blocks: int, device: torch.device, pool=None):
-        self.sizes = sorted(sizes)
-        self.query_len = q = query_len
-        biggest = self.sizes[-1]
-        self.token_ids = torch.zeros(biggest * q, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(biggest * q, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((biggest * q,), -1, dtype=torch.int64, device=device)
-        self.block_tables = torch.zeros(biggest, max_blocks, dtype=torch.int32, device=device)
-        self.context_lens = torch.zeros(biggest, dtype=torch.int32, device=device)
-        self.cu_query_lens = torch.arange(0, (biggest + 1) * q, q, dtype=torch.int32, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
-        for size in reversed(self.sizes):
-            tokens = size * q
-            meta = AttentionMetadata(
-                slot_mapping=self.slot_mapping[:tokens], block_tables=self.block_tables[:size],
-                context_lens=self.context_lens[:size], cu_query_lens=self.cu_query_lens[:size + 1],
-                query_lens=[q] * size, context_lens_list=[q] * size, decode_only=False, max_query_len=q)
-            args = (self.token_ids[:tokens], self.positions[:tokens], meta)
-            model(*args)  # warm-up: compiles outside the capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[size] = model(*args)
-            pool = graph.pool()
-            self.graphs[size] = graph
-        torch.cuda.synchronize()
-
-    @property
-    def max_size(self) -> int:
-        return self.sizes[-1]
-
-    def run(self, token_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-            block_tables: torch.Tensor, context_lens: torch.Tensor, cu_query_lens: torch.Tensor) -> torch.Tensor:
-        """One step of n <= max_size sequences of at most `query_len` tokens each (flattened, as
-        `cu_query_lens` says) -> hidden states [tokens, hidden], in the same order."""
-        n, tokens, q = context_lens.shape[0], token_ids.shape[0], self.query_len
-        size = self.sizes[bisect.bisect_left(self.sizes, n)]
-        places = padded_places(cu_query_lens, tokens, q)
-        query_lens = cu_query_lens.diff()
-        self.token_ids[:size * q].zero_()
-        self.token_ids[places] = token_ids
-        self.positions[:size * q].zero_()
-        self.positions[places] = positions
-        self.slot_mapping[:size * q].fill_(-1)
-        self.slot_mapping[places] = slot_mapping
-        self.context_lens[:n].copy_(context_lens + (q - query_lens))
-        self.context_lens[n:size].zero_()
-        self.block_tables[:n, :block_tables.shape[1]].copy_(block_tables)
-        self.graphs[size].replay()
-        return self.outputs[size][places]
-
-
-def padded_places(cu_query_lens: torch.Tensor, tokens: int, query_len: int) -> torch.Tensor:
-    """Each of a step's `tokens` tokens (sequence i's at cu_query_lens[i]:cu_query_lens[i + 1])
-    -> its place in rows of `query_len` places a sequence: i * query_len + its index in its
-    sequence. Device ops only."""
+def decode_rows(cu_query_lens: torch.Tensor, context_lens: torch.Tensor, tokens: int):
+    """A step whose sequences compute a few tokens each (speculation's checks: a last token and
+    its proposals) as a decode step of one row a token: each token's sequence [tokens] (whose
+    block table its row takes) and its context [tokens], which ends at the token itself (a
+    step stores all its keys before any is read). Each token then attends exactly as in the
+    step, through the decode kernel, and the step replays the decode graphs. Device ops only."""
     n = cu_query_lens.shape[0] - 1
-    index = torch.arange(max(n, tokens), device=cu_query_lens.device)
-    seq = torch.repeat_interleave(index[:n], cu_query_lens.diff(), output_size=tokens)
-    return seq * query_len + index[:tokens] - cu_query_lens[seq]
+    count = torch.arange(max(n, tokens), device=cu_query_lens.device)
+    query_lens = cu_query_lens.diff()
+    seq = torch.repeat_interleave(count[:n], query_lens, output_size=tokens)
+    # the cached tokens of its sequence, then this step's up to itself
+    contexts = context_lens[seq] - cu_query_lens[seq + 1] + count[:tokens] + 1
+    return seq, contexts.to(context_lens.dtype)

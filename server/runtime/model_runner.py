@@ -23,7 +23,7 @@ from server.layers.parallel import TensorParallel
 from server.models.loader import ModelSource, fill_random_weights, iter_weights
 from server.models.lora import LoRAAdapter, attach_adapters
 from server.models.registry import model_class
-from server.runtime.cuda_graphs import DEFAULT_SIZES, DecodeGraphs, VerifyGraphs
+from server.runtime.cuda_graphs import DEFAULT_SIZES, DecodeGraphs, decode_rows
 from server.runtime.sampler import (AllowedTokens, DeviceSample, SampledToken, SamplingOptions,
                                    prompt_logprobs, sample_on_device, sampled_tokens, to_host)
 
@@ -104,7 +104,7 @@ class ModelRunner:
         self.block_size = 0  # set with the KV cache
         self.graphs: DecodeGraphs | None = None
         self.lora_graphs: DecodeGraphs | None = None  # the same, with LoRA adapters' updates
-        self.verify_graphs: VerifyGraphs | None = None  # steps of a few tokens a sequence (speculation)
+        self.graph_query_len = 1  # steps of at most this many tokens a sequence replay the decode graphs
         self.lora_bank = LoRABank()  # which rows of a step use which adapter (the model's LoRA layers read it)
         self.has_lora = False
         self.lora_kernels = self.device.type == "cuda"  # each step's adapters' updates through the Triton kernels
@@ -187,11 +187,10 @@ class ModelRunner:
             torch.cuda.empty_cache()
 
     @torch.inference_mode()
-    def capture_decode_graphs(self, max_batch_size: int, max_model_len: int, verify_query_len: int = 0,
-                              max_verify_size: int = 0) -> None:
-        """Capture decode steps for batch sizes up to `max_batch_size` (CUDA, triton or flash_attn);
-        with `verify_query_len`, steps of up to that many tokens a sequence for batch sizes up
-        to `max_verify_size` too (speculation's checks; the triton backend)."""
+    def capture_decode_graphs(self, max_batch_size: int, max_model_len: int, max_query_len: int = 1) -> None:
+        """Capture decode steps for batch sizes up to `max_batch_size` (CUDA, triton or flash_attn),
+        which steps of up to `max_query_len` tokens a sequence (speculation's checks) replay too,
+        a row a token (cuda_graphs.decode_rows), where they have no more rows."""
         if self.device.type != "cuda" or self.attention_backend == "torch":
             return
         if any(getattr(module, "graph_safe", True) is False for module in self.model.modules()):
@@ -206,11 +205,7 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self.model, sizes, max_blocks, splits, self.device)
         if self.has_lora:
             self.lora_graphs = DecodeGraphs(self.model, sizes, max_blocks, splits, self.device, self.lora_bank)
-        if verify_query_len > 1 and self.attention_backend == "triton":
-            verify_sizes = [s for s in sizes if s <= max_verify_size] or [1]
-            self.verify_graphs = VerifyGraphs(self.model, verify_sizes, verify_query_len,
-                                              -(-(max_model_len + verify_query_len) // self.block_size), self.device,
-                                              self.graphs.pool)
+        self.graph_query_len = max_query_len
 
     @torch.inference_mode()
     def warm_up(self, max_num_seqs: int = 1) -> None:
@@ -408,14 +403,15 @@ class ModelRunner:
         token_ids, positions, meta, sample_rows, lora_slots = self._unpack(packed, previous)
         # A decode step with adapters' rows replays the graphs captured with their updates.
         graphs = self.lora_graphs if self.lora_bank.active else self.graphs
-        verify = self.verify_graphs
-        if graphs is not None and meta.decode_only and packed.num_chunks <= graphs.max_size:
+        tokens = token_ids.shape[0]
+        if graphs is not None and meta.decode_only and tokens <= graphs.max_size:
             hidden = graphs.run(token_ids, positions, meta.slot_mapping, meta.block_tables, meta.context_lens,
                                 meta.max_context_len, lora_slots if self.lora_bank.active else None)
-        elif verify is not None and meta.max_query_len <= verify.query_len and packed.num_chunks <= verify.max_size \
-                and not packed.scored and not self.lora_bank.active:
-            hidden = verify.run(token_ids, positions, meta.slot_mapping, meta.block_tables, meta.context_lens,
-                                meta.cu_query_lens)
+        elif graphs is not None and meta.max_query_len <= self.graph_query_len and tokens <= graphs.max_size \
+                and not packed.scored:  # speculation's checks, a decode row a token
+            seq, contexts = decode_rows(meta.cu_query_lens, meta.context_lens, tokens)
+            hidden = graphs.run(token_ids, positions, meta.slot_mapping, meta.block_tables[seq], contexts,
+                                meta.max_context_len, self.lora_bank.row_slots if self.lora_bank.active else None)
         else:
             try:
                 hidden = self.model(token_ids, positions, meta)
@@ -515,7 +511,7 @@ class ModelRunner:
     def drop_graphs(self) -> None:
         """Free the captured graphs. Before the ranks' process group is destroyed: NCCL's
         teardown hangs while a graph holding its collectives exists."""
-        self.graphs = self.lora_graphs = self.verify_graphs = None
+        self.graphs = self.lora_graphs = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

@@ -164,8 +164,7 @@ def start_runner(args: EngineArgs, rank: int = 0, port: int = 0) -> StartedRunne
     cache = CacheConfig(block_size, num_blocks, args.enable_prefix_caching)
     runner.allocate_kv_cache(cache)
     if not args.enforce_eager:
-        runner.capture_decode_graphs(args.max_num_seqs, max_model_len, args.speculate + 1 if args.speculate else 0,
-                                     min(args.max_num_seqs, args.speculate_max_batch_size))
+        runner.capture_decode_graphs(args.max_num_seqs, max_model_len, args.speculate + 1)
     runner.warm_up(args.max_num_seqs)
     started = StartedRunner(runner, model, source, cache, max_model_len, device, dtype, [a.name for a in adapters])
     if draft is not None:
