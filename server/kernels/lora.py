@@ -112,6 +112,8 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, rows: LoRARows, splits: int | 
     """x [n, in], a [slots, R, in] -> t [splits, n, R] float32: partial sums of A[s] x over
     `splits` runs of the inputs (by default, enough programs to spread a small step's read).
     Rows of no slot are left unwritten."""
+    if x.stride(1) != 1:  # the kernel walks the inputs with unit stride
+        x = x.contiguous()
     n, in_features = x.shape
     num_slots, rank = a.shape[0], a.shape[1]
     block_m, block_k = _block_m(n), 64
