@@ -12,7 +12,7 @@ import httpx
 
 from benchmarks.servers import ServerExited, free_port, wait_ready
 
-__all__ = ["ServerProcess", "free_port", "metric", "wait_until_idle"]
+__all__ = ["ServerProcess", "free_port", "generate_once", "metric", "wait_until_idle"]
 
 
 class ServerProcess:
@@ -58,6 +58,17 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def generate_once(*args: str, body: dict, env: dict[str, str] | None = None) -> tuple[dict, str]:
+    """Start a server with `args`, answer one /generate `body`, stop it: (its answer, its log)."""
+    server = ServerProcess(*args, env=env)
+    try:
+        server.wait_ready()
+        answer = httpx.post(f"{server.url}/generate", json=body, timeout=60).json()
+    finally:
+        server.stop()
+    return answer, server.log
 
 
 def metric(text: str, name: str, labels: str = "") -> float:

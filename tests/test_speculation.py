@@ -156,18 +156,12 @@ def test_two_ranks_over_gloo_speculate_as_one(mistral_v03_dir, plain):
 def test_the_server_speculates_with_its_flag(mistral_v03_dir, plain, draft):
     """--speculate alone looks n-grams up; SPECULATIVE_MODEL (--speculative-model's variable)
     names a draft model: here the model itself."""
-    import httpx
+    from server_process import generate_once
 
-    from server_process import ServerProcess
-
-    server = ServerProcess("--model-id", mistral_v03_dir, "--max-total-tokens", "256", "--max-batch-total-tokens",
-                           "4096", "--speculate", "3", env={"SPECULATIVE_MODEL": mistral_v03_dir} if draft else None)
-    try:
-        server.wait_ready()
-        body = {"inputs": PROMPTS[1], "parameters": {"max_new_tokens": 20}}
-        r = httpx.post(f"{server.url}/generate", json=body, timeout=60)
-    finally:
-        server.stop()
+    body = {"inputs": PROMPTS[1], "parameters": {"max_new_tokens": 20}}
+    answer, log = generate_once("--model-id", mistral_v03_dir, "--max-total-tokens", "256", "--max-batch-total-tokens",
+                                "4096", "--speculate", "3", body=body,
+                                env={"SPECULATIVE_MODEL": mistral_v03_dir} if draft else None)
     expected = plain.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)[0]
-    assert r.json()["generated_text"] == expected.outputs[0].text
-    assert f"proposed by {mistral_v03_dir if draft else 'n-gram lookup'}" in server.log
+    assert answer["generated_text"] == expected.outputs[0].text
+    assert f"proposed by {mistral_v03_dir if draft else 'n-gram lookup'}" in log

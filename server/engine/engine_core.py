@@ -25,7 +25,6 @@ from server.config import EngineArgs, EngineConfig
 from server.engine.async_engine import EngineStats, EngineStepError, engine_stats
 from server.engine.llm_engine import LLMEngine
 from server.engine.output_deltas import OutputDelta, OutputEncoder
-from server.models.loader import resolve_model
 from server.runtime.workers import exit_with_parent
 
 logger = logging.getLogger(__name__)
@@ -64,7 +63,7 @@ def run_engine_core(args: EngineArgs, commands: Connection, replies: Connection,
         torch.set_num_threads(max(1, torch.get_num_threads() - 1))
     try:
         engine = LLMEngine(args)
-        source = resolve_model(args.model, args.revision, args.download_dir, weights=args.load_format != "dummy")
+        source = engine.source
     except BaseException as error:  # noqa: BLE001 - whatever it was, the server's process reports it
         replies.send(("failed", portable(error)))
         return

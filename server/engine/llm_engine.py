@@ -18,9 +18,10 @@ from server.engine.guidance import Guidance
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Request, Sequence, SequenceStatus
 from server.engine.draft_model import DraftModelProposer, check_same_vocabulary
-from server.engine.speculation import NgramProposer, speculation_depth
+from server.engine.speculation import MedusaProposer, NgramProposer, speculation_depth
 from server.engine.stop import check_text_stop, check_token_stop, stable_text_len
 from server.engine.tokenizer import Tokenizer
+from server.models.medusa import check_medusa, medusa_speculator
 from server.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from server.runtime.model_runner import SequenceChunk
 from server.runtime.random import row_key
@@ -49,6 +50,8 @@ class LLMEngine:
                              "(speculate, num_speculative_tokens) of 1 or more")
         if args.speculative_model and args.tensor_parallel_size > 1:
             raise ValueError(DRAFT_WITHOUT_TENSOR_PARALLELISM)  # before the other ranks start
+        if medusa_speculator(args.model, args.revision, args.download_dir) is not None:
+            check_medusa(args, args.tensor_parallel_size)  # before the other ranks start
         self.workers = None
         port = 0
         if args.tensor_parallel_size > 1 and launched_rank() is None:
@@ -56,6 +59,7 @@ class LLMEngine:
             self.workers = Workers(args, port)
         started = start_runner(args, 0, port)
         self.runner = started.runner
+        self.source = started.source  # the model's files (a Medusa speculator's: its base model's)
         self.tokenizer = Tokenizer.load(started.source.path, started.source.gguf_file)
         model, num_blocks, max_model_len = started.model, started.cache.num_blocks, started.max_model_len
         self.config = EngineConfig(
@@ -73,9 +77,9 @@ class LLMEngine:
         self.lora_adapters = {name: slot for slot, name in enumerate(started.lora_adapters)}
         # Speculative decoding: up to `speculate` tokens proposed a step, by the draft model or
         # else by n-gram lookup, checked in one forward pass; fewer or none in large batches.
-        self.speculate = args.speculate
+        self.speculate = started.speculate
         self.speculate_max_batch_size = args.speculate_max_batch_size
-        self.proposer = self._proposer(args, started) if args.speculate else None
+        self.proposer = self._proposer(args, started) if self.speculate else None
         self.num_speculated = self.num_accepted = 0  # proposed tokens, and those the model kept
         self.requests: dict[str, Request] = {}
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
@@ -319,7 +323,11 @@ class LLMEngine:
                     seq.num_computed_tokens -= num_tokens  # nothing of this step counts
         return launched
 
-    def _proposer(self, args: EngineArgs, started) -> NgramProposer | DraftModelProposer:
+    def _proposer(self, args: EngineArgs, started) -> NgramProposer | DraftModelProposer | MedusaProposer:
+        if started.medusa:
+            logger.info("speculative decoding: up to %d tokens a step proposed by the Medusa heads of %s",
+                        self.speculate, args.model)
+            return MedusaProposer()
         if started.draft is None:
             return NgramProposer(args.speculate_ngram_max, args.speculate_ngram_min)
         draft = started.draft
@@ -431,6 +439,8 @@ class LLMEngine:
                 request.first_token_time = request.first_token_time or now
                 seq.num_pending, seq.pending_is_last = 0, False
                 accepted = self._accepted(seq, chunk, result)
+                # Medusa's proposals for the next step: the heads' picks at the last accepted place
+                seq.medusa = result.medusa[len(accepted) - 1] if result.medusa else []
                 seq.step_logprobs = []
                 for token in accepted:
                     self._append(seq, token)

@@ -52,6 +52,7 @@ class Sequence:
         self.drafts: list[int] = []  # tokens proposed to check in this step (speculative decoding)
         self.ngrams = None  # the proposer's index of its n-grams, once it speculates
         self.draft_cache = None  # its place in a draft model's KV cache (DraftCache), once it speculates
+        self.medusa: list[int] = []  # Medusa heads' picks after its last token, the next proposals
         self.step_logprobs: list[float] = []  # the logprobs of the tokens the last step accepted
 
     @property

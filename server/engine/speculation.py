@@ -74,6 +74,15 @@ class NgramProposer:
         return proposals
 
 
+class MedusaProposer:
+    """Proposals from Medusa heads (server/models/medusa.py): their picks at each sequence's
+    last accepted place in the step before (`seq.medusa`, which the engine sets from each
+    step's results)."""
+
+    def propose(self, seqs: list[Sequence], counts: list[int]) -> list[list[int]]:
+        return [seq.medusa[:count] for seq, count in zip(seqs, counts)]
+
+
 def speculation_depth(speculate: int, num_running: int, max_batch_size: int) -> int:
     """Tokens to propose for each sequence in a step with `num_running` sequences running:
     all `speculate` up to half of `max_batch_size`, half of them (at least one) up to it,

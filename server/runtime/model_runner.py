@@ -80,6 +80,7 @@ class ChunkResult:
     sampled: SampledToken | None
     prompt_logprobs: list[dict[int, float]]
     draft_samples: list[SampledToken] = field(default_factory=list)  # the rows before the last, in order
+    medusa: list[list[int]] = field(default_factory=list)  # each sampled row's Medusa heads' picks, in order
 
 
 GRAPH_RESERVE_BYTES = 512 << 20  # what captured graphs and the allocator's slack may take
@@ -105,6 +106,8 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.lora_graphs: DecodeGraphs | None = None  # the same, with LoRA adapters' updates
         self.graph_query_len = 1  # steps of at most this many tokens a sequence replay the decode graphs
+        self.medusa = None  # Medusa heads (server/models/medusa.py): proposals from each sampled row
+        self.medusa_max_rows = 0  # of a step whose rows the heads read
         self.lora_bank = LoRABank()  # which rows of a step use which adapter (the model's LoRA layers read it)
         self.has_lora = False
         self.lora_kernels = self.device.type == "cuda"  # each step's adapters' updates through the Triton kernels
@@ -488,7 +491,7 @@ class ModelRunner:
         `allowed_tokens` gives the grammar masks of the sampled rows (numbered in the order of
         the chunks that sample); it is called once the logits are queued, so that the host
         fills the masks while the device computes them."""
-        picked = None
+        picked = medusa = None
         if step.hidden is not None and self.tp.rank == 0:  # the other ranks did their part in forward
             logits = self.model.compute_logits(step.hidden)  # a collective: every rank
             allowed = allowed_tokens() if allowed_tokens is not None else None
@@ -496,7 +499,10 @@ class ModelRunner:
             if self.tp.size > 1:
                 dist.broadcast(picked.next_ids, src=0, group=self.tp.group)
             picked = to_host(picked)
-        return LaunchedStep(step.chunks, step.results, step.row_chunks, picked)
+            if self.medusa is not None and step.hidden.shape[0] <= self.medusa_max_rows:
+                # one rank: the heads' picks, read back with the step's (larger steps never speculate)
+                medusa = self.medusa(step.hidden, self.model.compute_logits)
+        return LaunchedStep(step.chunks, step.results, step.row_chunks, picked, medusa)
 
     def serve_steps(self) -> None:
         """The loop of a rank other than 0: run each step rank 0 sends, until it sends None."""
@@ -523,6 +529,9 @@ class ModelRunner:
 
     def collect(self, step: "LaunchedStep") -> list[ChunkResult]:
         """Wait for a launched step (and nothing queued after it) and return its results."""
+        if step.medusa is not None:
+            for i, picks in zip(step.row_chunks, step.medusa.tolist()):
+                step.results[i].medusa.append(picks)
         if step.picked is not None:
             for i, token in zip(step.row_chunks, sampled_tokens(step.picked, row_options(step.chunks, step.row_chunks))):
                 result = step.results[i]  # a chunk's draft rows come first, its last row after them
@@ -608,3 +617,4 @@ class LaunchedStep:
     results: list[ChunkResult]
     row_chunks: list[int]  # the chunk each sampled row belongs to (a chunk's rows in order)
     picked: DeviceSample | None
+    medusa: torch.Tensor | None = None  # [rows, heads] the Medusa heads' picks of each sampled row

@@ -16,6 +16,7 @@ from server.layers.attention import default_block_size
 from server.layers.parallel import TensorParallel, set_tensor_parallel
 from server.models.loader import ModelSource, load_config, load_generation_config, resolve_model
 from server.models.lora import read_adapter
+from server.models.medusa import MedusaHeads, check_medusa, medusa_speculator
 from server.models.quantization import resolve_quantization
 from server.runtime.model_runner import ModelRunner
 
@@ -39,6 +40,8 @@ class StartedRunner:
     dtype: str
     lora_adapters: list[str]  # the adapters' names, in slot order
     draft: "StartedDraft | None" = None  # speculative decoding's draft model, on rank 0
+    speculate: int = 0  # tokens proposed a step (--speculate, or a Medusa speculator's heads)
+    medusa: bool = False  # proposals from Medusa heads
 
 
 @dataclass
@@ -125,7 +128,12 @@ def start_runner(args: EngineArgs, rank: int = 0, port: int = 0) -> StartedRunne
     if args.speculative_model and tp.size > 1:  # ranks that torchrun started
         raise ValueError(DRAFT_WITHOUT_TENSOR_PARALLELISM)
     dummy = args.load_format == "dummy"
-    source, model = read_model(args.model, args.revision, args, args.quantize)
+    medusa = medusa_speculator(args.model, args.revision, args.download_dir)
+    if medusa is not None:  # TGI's way: the speculator names its base model, which is loaded
+        check_medusa(args, tp.size)
+        source, model = read_model(medusa[1]["base_model_name_or_path"], None, args, args.quantize)
+    else:
+        source, model = read_model(args.model, args.revision, args, args.quantize)
     device, dtype = device_and_dtype(args, model, rank)
     kv_dtype = kv_cache_dtype(args.kv_cache_dtype)
     if model.quantization is not None and model.quantization.method == "fp8":
@@ -144,6 +152,12 @@ def start_runner(args: EngineArgs, rank: int = 0, port: int = 0) -> StartedRunne
     adapters = [read_adapter(name, where, args.download_dir, args.max_lora_rank)
                 for name, where in (args.lora_adapters or {}).items()]
     runner.attach_lora(adapters)
+    speculate = args.speculate
+    if medusa is not None:  # before the KV cache is sized: the heads' weights come out of its memory
+        runner.medusa = MedusaHeads.load(*medusa, runner.dtype, runner.device)
+        check_medusa(args, tp.size, runner.medusa.num_heads)
+        speculate = args.speculate or runner.medusa.num_heads
+        runner.medusa_max_rows = args.speculate_max_batch_size * (speculate + 1)
     block_size = args.block_size or default_block_size(runner.attention_backend)
     model_len = min(args.max_model_len or model.max_position_embeddings, model.max_position_embeddings)
     kv_tokens = args.max_batch_total_tokens or runner.kv_tokens_that_fit(
@@ -164,9 +178,10 @@ def start_runner(args: EngineArgs, rank: int = 0, port: int = 0) -> StartedRunne
     cache = CacheConfig(block_size, num_blocks, args.enable_prefix_caching)
     runner.allocate_kv_cache(cache)
     if not args.enforce_eager:
-        runner.capture_decode_graphs(args.max_num_seqs, max_model_len, args.speculate + 1)
+        runner.capture_decode_graphs(args.max_num_seqs, max_model_len, speculate + 1)
     runner.warm_up(args.max_num_seqs)
-    started = StartedRunner(runner, model, source, cache, max_model_len, device, dtype, [a.name for a in adapters])
+    started = StartedRunner(runner, model, source, cache, max_model_len, device, dtype, [a.name for a in adapters],
+                            speculate=speculate, medusa=medusa is not None)
     if draft is not None:
         draft.allocate_kv_cache(replace(cache, enable_prefix_caching=False))
         draft_len = min(draft.model_config.max_position_embeddings, max_model_len)
