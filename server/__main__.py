@@ -74,8 +74,9 @@ FLAGS = [
     ("--speculate", int, 0, "Speculative decoding: up to this many tokens a step proposed by n-gram lookup in "
      "the prompt and output (or by --speculative-model), checked in one forward pass; outputs are the same as "
      "without it. 0: off, unless --model-id is a Medusa speculator (TGI's layout: a config.json with "
-     "medusa_num_heads and base_model_name_or_path, and medusa_lm_head.safetensors), whose base model is "
-     "served with its heads proposing: then as many tokens as it has heads, or fewer when set."),
+     "medusa_num_heads and base_model_name_or_path, and medusa_lm_head.safetensors; or a checkpoint with "
+     "a medusa_config.json beside them), whose model is served with the heads proposing: then as many "
+     "tokens as there are heads, or fewer when set."),
     ("--speculate-max-batch-size", int, 32, "Above this many running requests nothing is speculated (and "
      "above half of it, half the --speculate tokens): a large batch's step has no compute to spare for checking "
      "proposals. The default is to be measured on the GPU."),

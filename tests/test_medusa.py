@@ -4,6 +4,7 @@ The oracle: transformers' final hidden states of the base model, through the hea
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,22 @@ def test_medusa_gives_the_tokens_of_plain_decoding(speculator, plain, params):
     got = llm.generate(PROMPTS, params, use_tqdm=False)
     expected = plain.generate(PROMPTS, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
+    assert llm.engine.num_speculated > 0
+
+
+def test_a_checkpoint_that_ships_heads_speculates_with_them(mistral_v03_dir, plain, tmp_path):
+    """medusa_config.json and medusa_lm_head.safetensors beside the model's own files."""
+    shipped = tmp_path / "model"
+    shutil.copytree(mistral_v03_dir, shipped)
+    write_medusa(tmp_path / "heads", mistral_v03_dir, own_outputs=False)
+    shutil.copy(tmp_path / "heads" / "medusa_lm_head.safetensors", shipped)
+    (shipped / "medusa_config.json").write_text((tmp_path / "heads" / "config.json").read_text())
+    llm = LLM(str(shipped), dtype=EXACT, max_batch_total_tokens=4096)
+    assert llm.engine.speculate == HEADS and type(llm.engine.proposer).__name__ == "MedusaProposer"
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    got = llm.generate(PROMPTS, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in plain.generate(
+        PROMPTS, params, use_tqdm=False)]
     assert llm.engine.num_speculated > 0
 
 

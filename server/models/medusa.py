@@ -2,7 +2,8 @@
 
 A Medusa speculator is a directory (or hub repo) whose `config.json` holds `medusa_num_heads`,
 `medusa_num_layers` and `base_model_name_or_path` (the model it was trained on), beside
-`medusa_lm_head.safetensors`. Head i holds `medusa_num_layers` residual blocks,
+`medusa_lm_head.safetensors`; a checkpoint directory may also ship heads for itself, with a
+`medusa_config.json` holding those numbers beside its own config and weights. Head i holds `medusa_num_layers` residual blocks,
 `{i}.{j}.linear.weight` [hidden, hidden] and `{i}.{j}.linear.bias` [hidden], each
 x -> x + silu(linear(x)), then its own output projection `{i}.{medusa_num_layers}.weight`
 [vocab, hidden], or, where the file has none, the model's LM head. Fed the final (normed)
@@ -33,11 +34,14 @@ def medusa_speculator(model: str | None, revision: str | None = None,
         return None
     local = Path(model).expanduser()
     if local.is_dir():
-        config_file = local / "config.json"
-        if not config_file.is_file():
-            return None
-        config = json.loads(config_file.read_text())
-        return (str(local), config) if "medusa_num_heads" in config else None
+        for name in ("config.json", "medusa_config.json"):  # a speculator, or a checkpoint shipping heads
+            config_file = local / name
+            config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+            if "medusa_num_heads" in config:
+                if name == "medusa_config.json":  # the heads sit beside the model's own weights
+                    config["base_model_name_or_path"] = str(local)
+                return str(local), config
+        return None
     if local.exists() or model.count("/") != 1:
         return None
     from huggingface_hub import hf_hub_download
