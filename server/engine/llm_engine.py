@@ -50,7 +50,7 @@ class LLMEngine:
                              "(speculate, num_speculative_tokens) of 1 or more")
         if args.speculative_model and args.tensor_parallel_size > 1:
             raise ValueError(DRAFT_WITHOUT_TENSOR_PARALLELISM)  # before the other ranks start
-        if medusa_speculator(args.model, args.revision, args.download_dir) is not None:
+        if args.tensor_parallel_size > 1 and medusa_speculator(args.model, args.revision, args.download_dir):
             check_medusa(args, args.tensor_parallel_size)  # before the other ranks start
         self.workers = None
         port = 0
@@ -75,8 +75,8 @@ class LLMEngine:
         self.guidance = Guidance(self.tokenizer, model.vocab_size, self.eos_token_ids,
                                  on_gpu=started.device.startswith("cuda"))
         self.lora_adapters = {name: slot for slot, name in enumerate(started.lora_adapters)}
-        # Speculative decoding: up to `speculate` tokens proposed a step, by the draft model or
-        # else by n-gram lookup, checked in one forward pass; fewer or none in large batches.
+        # Speculative decoding: up to `speculate` tokens proposed a step, by Medusa heads, a draft
+        # model or else n-gram lookup, checked in one forward pass; fewer or none in large batches.
         self.speculate = started.speculate
         self.speculate_max_batch_size = args.speculate_max_batch_size
         self.proposer = self._proposer(args, started) if self.speculate else None

@@ -1,8 +1,8 @@
 """Speculative decoding's proposals, and how many tokens to propose.
 
 A proposer answers `propose(seqs, counts)` with up to `counts[i]` tokens for each sequence:
-n-gram prompt lookup here (TGI's `--speculate` without Medusa heads), a draft model in
-draft_model.py. The last n tokens of a sequence (n from `max_n` down to `min_n`) are looked for earlier in its
+n-gram prompt lookup here (TGI's `--speculate` without Medusa heads), Medusa heads' picks here
+(their heads in server/models/medusa.py), a draft model in draft_model.py. The last n tokens of a sequence (n from `max_n` down to `min_n`) are looked for earlier in its
 prompt and output; the tokens that followed their latest earlier occurrence are proposed. The
 engine checks the proposals in one forward pass with the sequence's last token, sampling each
 position as it would have without speculation (a row's random key depends on its seed and

@@ -98,14 +98,15 @@ class MedusaHeads(nn.Module):
     def forward(self, hidden: torch.Tensor, lm_head) -> torch.Tensor:
         """hidden [rows, hidden] (normed, as the LM head reads it) -> each head's argmax [rows, heads];
         `lm_head(x)` gives logits where the heads share the model's."""
-        picks = []
+        states = []
         for i in range(self.num_heads):
             x = hidden
             for k in range(i * self.layers, (i + 1) * self.layers):
                 x = x + F.silu(F.linear(x, self.weights[k], self.biases[k]))
-            logits = F.linear(x, self.outs[i]) if self.outs is not None else lm_head(x)
-            picks.append(logits.argmax(dim=-1))
-        return torch.stack(picks, dim=1)
+            states.append(x)
+        if self.outs is None:  # one pass of the shared LM head for every head: its weights read once
+            return lm_head(torch.cat(states)).argmax(dim=-1).view(self.num_heads, -1).T
+        return torch.stack([F.linear(x, out).argmax(dim=-1) for x, out in zip(states, self.outs)], dim=1)
 
 
 def check_medusa(args, ranks: int, heads: int | None = None) -> None:

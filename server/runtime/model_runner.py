@@ -359,7 +359,7 @@ class ModelRunner:
             max_query_len=max(query_lens), cu_context_lens=cu_context_d, max_context_len=max(context_lens),
             num_splits=self._num_splits(decoding, max(context_lens)) if decoding else 1,
             single_seqs=singles_d if mixed else None, multi_seqs=multis_d if mixed else None)
-        return ids_d, positions_d, meta, sample_d, lora_slots_d
+        return ids_d, positions_d, meta, sample_d
 
     def attach_lora(self, adapters: list[LoRAAdapter]) -> None:
         """Put LoRA adapters in the model's slots (slot i: adapters[i]), this rank's share."""
@@ -403,18 +403,16 @@ class ModelRunner:
 
     def _run(self, packed: "PackedStep", previous: "LaunchedStep | None") -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states [num_tokens, hidden] and the rows to sample from."""
-        token_ids, positions, meta, sample_rows, lora_slots = self._unpack(packed, previous)
-        # A decode step with adapters' rows replays the graphs captured with their updates.
+        token_ids, positions, meta, sample_rows = self._unpack(packed, previous)
+        # A step with adapters' rows replays the graphs captured with their updates.
         graphs = self.lora_graphs if self.lora_bank.active else self.graphs
-        tokens = token_ids.shape[0]
-        if graphs is not None and meta.decode_only and tokens <= graphs.max_size:
-            hidden = graphs.run(token_ids, positions, meta.slot_mapping, meta.block_tables, meta.context_lens,
-                                meta.max_context_len, lora_slots if self.lora_bank.active else None)
-        elif graphs is not None and meta.max_query_len <= self.graph_query_len and tokens <= graphs.max_size \
-                and not packed.scored:  # speculation's checks, a decode row a token
-            seq, contexts = decode_rows(meta.cu_query_lens, meta.context_lens, tokens)
-            hidden = graphs.run(token_ids, positions, meta.slot_mapping, meta.block_tables[seq], contexts,
-                                meta.max_context_len, self.lora_bank.row_slots if self.lora_bank.active else None)
+        if graphs is not None and token_ids.shape[0] <= graphs.max_size and meta.max_query_len <= self.graph_query_len:
+            tables, contexts = meta.block_tables, meta.context_lens
+            if not meta.decode_only:  # speculation's checks: a decode row a token
+                seq, contexts = decode_rows(meta.cu_query_lens, contexts, token_ids.shape[0])
+                tables = tables[seq]
+            hidden = graphs.run(token_ids, positions, meta.slot_mapping, tables, contexts, meta.max_context_len,
+                                self.lora_bank.row_slots if self.lora_bank.active else None)
         else:
             try:
                 hidden = self.model(token_ids, positions, meta)
