@@ -83,6 +83,26 @@ class Server:
         with open(self.log_path, errors="replace") as f:
             return "".join(f.readlines()[-lines:])
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system) so far of the server's process ("server") and of the rest
+        of its process group together ("children": an engine process, tensor-parallel ranks),
+        read from /proc (Linux; empty elsewhere)."""
+        tick = os.sysconf("SC_CLK_TCK")
+        times = {"server": 0.0, "children": 0.0}
+        for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:  # gone since the listing
+                continue
+            if int(fields[2]) != self.process.pid:  # its process group
+                continue
+            seconds = (int(fields[11]) + int(fields[12])) / tick
+            times["server" if int(entry) == self.process.pid else "children"] += seconds
+        return times if any(times.values()) else {}
+
     def stop(self, grace_s: float = 15) -> None:
         """SIGTERM to the group, SIGKILL to whatever is left of it after `grace_s`."""
         try:

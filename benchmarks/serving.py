@@ -34,6 +34,10 @@ shared by the servers still to run, and a server's share by its rates still to r
 from the highest down, so what the fast ones leave goes to the low rates, whose arrivals alone
 take num_prompts / rate seconds. A rate's requests still running at its end are cut off and
 counted as such (the tokens they streamed count towards its output-token throughput).
+For a started server each rate also reports `cpu_us_per_token`: the CPU time its own process
+("server") and the rest of its process group ("children": the engine's process) spent per
+streamed token, which says whether the HTTP side or the engine's host work runs out of core
+first (a process near 1e6 / tokens-per-second is saturated).
 """
 from __future__ import annotations
 
@@ -211,7 +215,10 @@ def bench(name: str, args, prompts, outputs, deadline: float, entry: dict) -> No
         rates = sorted((float(r) for r in args.rates.split(",")), reverse=True)
         for i, rate in enumerate(rates):
             share = (deadline - time.perf_counter()) / (len(rates) - i)
+            cpu_before = server.cpu_seconds() if server else {}
             run = asyncio.run(run_rate(url, model, rate, prompts, outputs, time.perf_counter() + share, args))
+            if cpu_before:
+                run["cpu_us_per_token"] = cpu_per_token(cpu_before, server.cpu_seconds(), run)
             entry["runs"].insert(0, run)
             print(f"{name} at {run['request_rate']} req/s: {run['completed']} of {len(prompts)} served, "
                   f"{run['output_token_throughput']:.0f} tokens/s", file=sys.stderr)
@@ -225,6 +232,14 @@ def bench(name: str, args, prompts, outputs, deadline: float, entry: dict) -> No
     finally:
         if server:
             server.stop()
+
+
+def cpu_per_token(before: dict[str, float], after: dict[str, float], run: dict) -> dict[str, float | None]:
+    """Microseconds of CPU each of a started server's processes spent per streamed output token
+    during one rate: where the host's time goes, whatever else shares the machine's cores."""
+    tokens = run["output_token_throughput"] * run["duration_s"]
+    return {name: (after.get(name, 0.0) - spent) * 1e6 / tokens if tokens else None
+            for name, spent in before.items()}
 
 
 def ratios(first: dict, second: dict) -> list[dict]:

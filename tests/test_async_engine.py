@@ -49,6 +49,48 @@ def test_stream_equals_the_offline_result(engine, mistral_v03_dir):
     assert final.outputs[0].text == offline.outputs[0].text
 
 
+def test_a_reader_that_falls_behind_gets_merged_outputs_whose_deltas_still_join(engine):
+    """Outputs waiting together in a request's queue come out as one: fewer outputs than
+    tokens, and still every token and every character once, in order."""
+    params = SamplingParams(temperature=1.0, seed=5, max_tokens=40, ignore_eos=True, stop=["e "])
+
+    async def slow_reader():
+        deltas, counts, last = [], [], None
+        async for output in engine.generate(PROMPTS[3], params):
+            deltas.append(output.outputs[0].delta)
+            counts.append(len(output.outputs[0].token_ids))
+            last = output
+            time.sleep(0.05)  # the event loop busy elsewhere: the engine's steps pile up
+        return deltas, counts, last
+
+    deltas, counts, final = asyncio.run(slow_reader())
+    _, alone = asyncio.run(collect(engine, PROMPTS[3], params))
+    assert final.outputs[0].token_ids == alone.outputs[0].token_ids
+    assert "".join(deltas) == final.outputs[0].text == alone.outputs[0].text
+    assert len(deltas) < len(final.outputs[0].token_ids)
+    assert counts == sorted(counts) and len(set(counts)) == len(counts)
+
+
+def test_queued_outputs_before_an_error_come_out_before_it():
+    from server.engine.async_engine import stream_outputs
+    from server.outputs import CompletionOutput, RequestOutput
+
+    def output(text, delta):
+        return RequestOutput("r", None, [1], None, [CompletionOutput(0, text, [], 0.0, None, None, delta=delta)], False)
+
+    async def main():
+        stream, seen = asyncio.Queue(), []
+        for item in (output("a", "a"), output("ab", "b"), output("abc", "c"), RuntimeError("step failed")):
+            stream.put_nowait(item)
+        with pytest.raises(RuntimeError, match="step failed"):
+            async for item in stream_outputs(stream, lambda: None):
+                seen.append(item)
+        return seen
+
+    seen = asyncio.run(main())
+    assert [(o.outputs[0].text, o.outputs[0].delta) for o in seen] == [("abc", "abc")]
+
+
 def test_leaving_a_stream_aborts_the_request_and_frees_its_blocks(engine):
     params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
 

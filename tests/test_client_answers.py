@@ -14,7 +14,7 @@ import torch
 from openai import OpenAI
 
 from server import SamplingParams
-from server.api.streaming import with_keepalive
+from server.api.streaming import send_with_keepalive
 from server.engine.chat_template import mistral_call_ids, tool_calls_as_text
 
 EOS = 2
@@ -300,13 +300,25 @@ def test_a_quiet_stream_sends_keepalive_comments_between_its_events():
         await asyncio.sleep(0.35)
         yield "data: 1\n\n"
         yield "data: 2\n\n"
+        await asyncio.sleep(0.25)
+        yield "data: 3\n\n"
 
     async def collect():
-        return [event async for event in with_keepalive(slow(), 0.1)]
+        sent = []
+
+        async def send(text):
+            sent.append(text)
+
+        await send_with_keepalive(slow(), send, 0.1)
+        return sent
 
     events = asyncio.run(collect())
-    assert events[-2:] == ["data: 1\n\n", "data: 2\n\n"]
-    assert set(events[:-2]) == {":\n\n"} and 2 <= len(events) - 2 <= 4
+    data = [i for i, e in enumerate(events) if e != ":\n\n"]
+    assert [events[i] for i in data] == ["data: 1\n\n", "data: 2\n\n", "data: 3\n\n"]
+    assert set(events) - {events[i] for i in data} == {":\n\n"}
+    assert 2 <= data[0] <= 4  # comments while the first event is awaited
+    assert data[1] == data[0] + 1  # none between events that come together
+    assert 1 <= data[2] - data[1] - 1 <= 3  # and again in the quiet after them
 
 
 def test_leaving_a_stream_during_a_keepalive_wait_closes_its_events():
@@ -321,9 +333,18 @@ def test_leaving_a_stream_during_a_keepalive_wait_closes_its_events():
             closed.append(True)
 
     async def leave():
-        stream = with_keepalive(endless(), 0.05)
-        assert await anext(stream) == ":\n\n"
-        await stream.aclose()
+        sent = []
+
+        async def send(text):
+            sent.append(text)
+
+        task = asyncio.ensure_future(send_with_keepalive(endless(), send, 0.05))
+        while not sent:
+            await asyncio.sleep(0.01)
+        assert sent == [":\n\n"]
+        task.cancel()  # as Starlette does when the client leaves
+        with pytest.raises(asyncio.CancelledError):
+            await task
 
     asyncio.run(leave())
     assert closed == [True]

@@ -100,20 +100,26 @@ class Generation:
         if output.prompt_logprobs is not None:
             self.prompt_logprobs = output.prompt_logprobs
         steps = []
+        is_special = self.tokenizer.is_special
         for completion in output.outputs:
-            seq = self.sequences.setdefault(completion.index, SequenceResult(completion.index))
+            seq = self.sequences.get(completion.index)
+            if seq is None:
+                seq = self.sequences[completion.index] = SequenceResult(completion.index)
             seq.seed = completion.seed
-            new_ids = completion.token_ids[len(seq.tokens):]
             tokens, tops = [], []
-            for offset, token_id in enumerate(new_ids):
-                position = len(seq.tokens) + offset
-                logprobs = completion.logprobs[position] if completion.logprobs else {}
-                special = self.tokenizer.is_special(token_id)
-                text = completion.token_texts[position] if position < len(completion.token_texts) else ""
+            logprobs, texts = completion.logprobs, completion.token_texts
+            for position in range(len(seq.tokens), len(completion.token_ids)):
+                token_id = completion.token_ids[position]
+                text = texts[position] if position < len(texts) else ""
+                special = is_special(token_id)
                 if special:
                     text += self.tokenizer.token_text(token_id)
-                tokens.append(TokenInfo(token_id, text, logprobs.get(token_id), special))
-                tops.append(self.top_tokens(logprobs))
+                if logprobs:
+                    tokens.append(TokenInfo(token_id, text, logprobs[position].get(token_id), special))
+                    tops.append(self.top_tokens(logprobs[position]))
+                else:
+                    tokens.append(TokenInfo(token_id, text, None, special))
+                    tops.append([])
             seq.tokens.extend(tokens)
             seq.top_tokens.extend(tops)
             seq.text = completion.text

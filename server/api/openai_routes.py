@@ -13,7 +13,7 @@ from server.api.guided import check_grammar, guided_json, response_format
 from server.api.openai_schemas import (ChatCompletion, ChatRequest, Completion, CompletionRequest,
                                        ModelList)
 from server.api.state import RequestTrace, ServerState
-from server.api.streaming import EventStream, merge, openai_event, until_disconnected
+from server.api.streaming import EventStream, merge, openai_chunks, openai_event, until_disconnected
 from server.api.tgi_schemas import ErrorResponse
 from server.api.tools import ToolUse, tool_error, tool_use, with_tool_prompt
 from server.api.validation import openai_adapter, openai_params
@@ -117,11 +117,7 @@ class OpenAIRoutes:
                 "created": int(time.time()), "model": self.state.settings.model_id,
                 "system_fingerprint": self.fingerprint}
 
-        def chunk(choices: list[dict], **extra) -> str:
-            payload = {**base, "choices": choices, **extra}
-            if include_usage and "usage" not in payload:
-                payload["usage"] = None
-            return openai_event(payload)
+        chunk = openai_chunks(base, include_usage)
 
         n = generation.params.n
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": "", "tool_calls": None},
@@ -147,7 +143,8 @@ class OpenAIRoutes:
         results = generation.results()
         trace.succeeded(generation, results)
         if include_usage:
-            yield chunk([], usage=usage(len(generation.token_ids), sum(len(s.tokens) for s in results)))
+            yield openai_event({**base, "choices": [], "usage": usage(len(generation.token_ids),
+                                                                     sum(len(s.tokens) for s in results))})
 
     # -- completions ----------------------------------------------------------------------
     def prepare_completion(self, body: CompletionRequest) -> list[Generation]:
@@ -225,7 +222,7 @@ class OpenAIRoutes:
         base = {"id": f"cmpl-{generations[0].request_id}", "object": "text_completion",
                 "created": int(time.time()), "model": self.state.settings.model_id,
                 "system_fingerprint": self.fingerprint}
-        echoed = set()
+        echoed, chunk = set(), openai_chunks(base)
         async for position, steps in merge([g.steps() for g in generations]):
             generation = generations[position]
             if body.echo and position not in echoed:  # once its prompt is scored: at its first output
@@ -242,9 +239,8 @@ class OpenAIRoutes:
                 if body.logprobs is not None:
                     partial = SequenceResult(step.sequence.index, tokens=step.tokens, top_tokens=step.top_tokens)
                     logprobs = self.completion_logprobs(partial, 0)
-                yield openai_event({**base, "choices": [{
-                    "index": position * generation.params.n + step.sequence.index, "text": step.delta,
-                    "logprobs": logprobs, "finish_reason": finish_reason(step.sequence)}]})
+                yield chunk([{"index": position * generation.params.n + step.sequence.index, "text": step.delta,
+                              "logprobs": logprobs, "finish_reason": finish_reason(step.sequence)}])
         results = [r for g in generations for r in g.results()]
         for generation in generations:
             trace.succeeded(generation, generation.results())

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from fastapi import Request
@@ -23,8 +24,14 @@ _LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": 
 KEEPALIVE_SECONDS = 15.0  # TGI's: an SSE comment when a stream has had nothing to say this long
 
 
+_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def _json(payload: Any) -> str:
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).translate(_LINE_BREAKS)
+    text = _ENCODE(payload)
+    if "\x85" in text or "\u2028" in text or "\u2029" in text:  # rare: a scan is cheaper than translate's
+        text = text.translate(_LINE_BREAKS)
+    return text
 
 
 def tgi_event(payload: dict[str, Any]) -> str:
@@ -36,15 +43,34 @@ def openai_event(payload: dict[str, Any] | str) -> str:
     return f"data: {data}\n\n"
 
 
+def openai_chunks(base: dict[str, Any], with_usage: bool = False) -> Callable[[list[dict[str, Any]]], str]:
+    """The events of one OpenAI stream's chunks: `base`'s fields (id, object, created, model),
+    encoded once for the whole stream, then the `choices` given for each chunk, then a null
+    `usage` when the stream ends with one."""
+    head = f"data: {_json(base)[:-1]},\"choices\":"
+    tail = ',"usage":null}\n\n' if with_usage else "}\n\n"
+    return lambda choices: head + _json(choices) + tail
+
+
 class EventStream(StreamingResponse):
     """An SSE response that runs `on_close` however it ends: finished, failed or cut off by
     the client (Starlette cancels the iteration when the client leaves, which aborts the
-    engine request inside it)."""
+    engine request inside it). While its events are slow to come it sends keep-alive comments
+    (`send_with_keepalive`)."""
 
     def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None]):
-        super().__init__(with_keepalive(events, KEEPALIVE_SECONDS), media_type="text/event-stream",
+        super().__init__(events, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self._on_close = on_close
+
+    async def stream_response(self, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+
+        async def send_text(text: str) -> None:
+            await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
+
+        await send_with_keepalive(self.body_iterator, send_text, KEEPALIVE_SECONDS)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope, receive, send) -> None:
         try:
@@ -53,29 +79,38 @@ class EventStream(StreamingResponse):
             self._on_close()
 
 
-async def with_keepalive(events: AsyncIterator[str], interval: float) -> AsyncIterator[str]:
-    """`events`, with an SSE comment (":") after each `interval` seconds without one, so that
-    proxies with idle timeouts keep a stream whose prompt is still queued or prefilling."""
-    iterator = aiter(events)
-    pending = asyncio.ensure_future(anext(iterator))
-    try:
+async def send_with_keepalive(events: AsyncIterator[str], send: Callable[[str], Awaitable[None]],
+                              interval: float) -> None:
+    """Send each of `events`, and an SSE comment (":") whenever `interval` seconds pass without
+    anything sent, so that proxies with idle timeouts keep a stream whose prompt is still
+    queued or prefilling. The comments come from a task of their own, so that an event costs
+    no more than its send; a lock keeps the two from writing at once. However this ends, the
+    events are closed (an abort when the client left)."""
+    lock = asyncio.Lock()
+    last_sent = time.monotonic()
+
+    async def keep_alive() -> None:
+        nonlocal last_sent
         while True:
-            done, _ = await asyncio.wait({pending}, timeout=interval)
-            if not done:
-                yield ":\n\n"
-                continue
-            try:
-                event = pending.result()
-            except StopAsyncIteration:
-                return
-            yield event
-            pending = asyncio.ensure_future(anext(iterator))
+            await asyncio.sleep(last_sent + interval - time.monotonic())
+            if time.monotonic() - last_sent >= interval:
+                async with lock:
+                    await send(":\n\n")
+                last_sent = time.monotonic()
+
+    comments = asyncio.ensure_future(keep_alive())
+    try:
+        async for event in events:
+            async with lock:
+                await send(event)
+            last_sent = time.monotonic()
     finally:  # the client may have left: the events' own clean-up (an abort) runs now
-        pending.cancel()
+        comments.cancel()
         with contextlib.suppress(BaseException):
-            await pending
-        with contextlib.suppress(BaseException):
-            await iterator.aclose()
+            await comments
+        if hasattr(events, "aclose"):
+            with contextlib.suppress(BaseException):
+                await events.aclose()
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
@@ -103,6 +138,11 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
 
 async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
     """Interleave several async iterators as their items arrive, tagged with their position."""
+    if len(streams) == 1:  # no tasks and no queue between each item and its reader
+        async with contextlib.aclosing(streams[0]) as stream:
+            async for item in stream:
+                yield 0, item
+        return
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 

@@ -97,6 +97,7 @@ class TGIRoutes:
             index = 0
             try:
                 async for steps in generation.steps():
+                    events = []  # one event a token, all of an output's sent at once
                     for step in steps:
                         for position, token in enumerate(step.tokens):
                             index += 1
@@ -107,7 +108,9 @@ class TGIRoutes:
                             event["generated_text"] = prefix + step.sequence.text if last else None
                             event["details"] = _stream_details(generation, step.sequence) \
                                 if last and inputs.details else None
-                            yield tgi_event(event)
+                            events.append(tgi_event(event))
+                    if events:
+                        yield "".join(events)
                 trace.succeeded(generation, generation.results())
             except APIError as error:
                 trace.failed(error)

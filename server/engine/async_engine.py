@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import AsyncIterator, Callable
 
 from server.config import EngineArgs, EngineConfig
@@ -194,21 +194,48 @@ class AsyncEngine:
             future.set_result(request_id)
 
 
-async def stream_outputs(stream: asyncio.Queue, abort: Callable[[], None]) -> AsyncIterator[RequestOutput]:
+async def stream_outputs(stream: asyncio.Queue, abort: Callable[[], None],
+                         combine: Callable[[list], RequestOutput] | None = None) -> AsyncIterator[RequestOutput]:
     """A request's outputs as they come to its queue, up to the last one (an error that comes
-    instead is raised); leaving early calls `abort`."""
+    instead is raised); leaving early calls `abort`.
+
+    Items that wait in the queue together come out as one output, `combine(items)` (by
+    default the outputs `merged`): a reader that falls behind the engine, as a server's event
+    loop does under load, then catches up with one response event for several steps instead
+    of falling further behind (vLLM does the same)."""
+    combine = combine or merged
     finished = False
     try:
         while not finished:
-            item = await stream.get()
-            if isinstance(item, BaseException):
+            item, waiting = await stream.get(), []
+            while not isinstance(item, BaseException):
+                waiting.append(item)
+                item = None if stream.empty() else stream.get_nowait()
+                if item is None:
+                    break
+            if waiting:
+                output = combine(waiting)
+                finished = output.finished
+                yield output
+            if item is not None:  # an error, after what came before it
                 finished = True
                 raise item
-            finished = item.finished
-            yield item
     finally:
         if not finished:
             abort()
+
+
+def merged(outputs: list[RequestOutput]) -> RequestOutput:
+    """Outputs of one request, one after another, as one: the last, whose lists and texts
+    already hold all of the others' (they are cumulative), with each sequence's `delta`
+    joining what theirs said."""
+    if len(outputs) == 1:
+        return outputs[0]
+    deltas: dict[int, str] = {}
+    for output in outputs:
+        for completion in output.outputs:
+            deltas[completion.index] = deltas.get(completion.index, "") + completion.delta
+    return replace(outputs[-1], outputs=[replace(c, delta=deltas[c.index]) for c in outputs[-1].outputs])
 
 
 def deliver(items: list[tuple[asyncio.Queue, object]]) -> None:

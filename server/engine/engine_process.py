@@ -8,8 +8,8 @@ streams. Here they run side by side. The child is started with the spawn method,
 CUDA is initialised there only. This process keeps what validation needs at hand: the same
 tokenizer (prompts, chat templates, token texts), the grammar checks, and the facts the child
 reports once at start (config, adapters). A writer thread sends the commands; a reader thread
-takes each step's report and rebuilds its outputs, and wakes each event loop once for all of
-them. If the child dies, every open and later request gets `EngineDeadError`.
+takes each step's report, hands each request's delta to its queue, and wakes each event loop
+once for all of them; a request's reader rebuilds its output from the deltas that came by then. If the child dies, every open and later request gets `EngineDeadError`.
 
 `python -m server --engine-process` chooses between this and `AsyncEngine`: by default this on
 a GPU, where the host's work per step competes with a step of a few milliseconds, and the
@@ -36,7 +36,7 @@ from server.config import EngineArgs, EngineConfig
 from server.engine.async_engine import EngineDeadError, EngineStats, EngineStepError, deliver, stream_outputs
 from server.engine.engine_core import EngineFacts, StepReport, run_engine_core
 from server.engine.guidance import Guidance
-from server.engine.output_deltas import OutputRebuilder
+from server.engine.output_deltas import OutputRebuilder, delta_status
 from server.engine.tokenizer import Tokenizer
 from server.outputs import RequestOutput
 from server.sampling_params import LoRARequest, SamplingParams
@@ -121,7 +121,8 @@ class ProcessEngine:
             self._engine_ids[request_id] = engine_id
         self._outbox.put(("add", engine_id, prompt, params, lora_request))
         try:
-            async with aclosing(stream_outputs(request.stream, lambda: self._abort(engine_id))) as outputs:
+            async with aclosing(stream_outputs(request.stream, lambda: self._abort(engine_id),
+                                               request.rebuilder.rebuild)) as outputs:
                 async for output in outputs:
                     yield output
         finally:
@@ -198,14 +199,15 @@ class ProcessEngine:
         self._stats = report.stats
         deliveries: dict[asyncio.AbstractEventLoop, list] = {}
         for delta in report.outputs:
-            request = self._requests.get(delta.request_id)
+            engine_id, finished, error = delta_status(delta)
+            request = self._requests.get(engine_id)
             if request is None:  # aborted meanwhile
                 continue
-            output = request.rebuilder.rebuild(delta)
-            item = EngineStepError(f"Request failed during generation: {output.error}") if output.error else output
+            # Outputs are rebuilt where they are read, from as many deltas as have come by then.
+            item = EngineStepError(f"Request failed during generation: {error}") if error else delta
             deliveries.setdefault(request.loop, []).append((request.stream, item))
-            if output.finished:
-                self._requests.pop(delta.request_id, None)
+            if finished:
+                self._requests.pop(engine_id, None)
         for engine_id, error in report.failures:
             request = self._requests.pop(engine_id, None)
             if request is not None:

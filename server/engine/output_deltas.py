@@ -12,40 +12,31 @@ starts one item before the end of what was sent, and the receiver cuts its copy 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 from server.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
 
+# Every delta is a plain tuple: several a step for every running request, pickled in the
+# engine's process and unpickled in the server's, where a named tuple runs a Python
+# constructor on both sides (more than the rest of the encoding) and a plain one runs none.
+
 # (start, items): keep `start` items (characters, for a text) of what was sent before, then
-# append `items`. A plain tuple: several a step for every running request, where a named
-# tuple's constructor would cost the engine's process more than the rest of the encoding.
+# append `items`.
 Tail = tuple[int, list | str]
 
+# One completion's: (index, text: Tail, token_ids: Tail, token_texts: Tail, logprobs: Tail or
+# None, cumulative_logprob, finish_reason, stop_reason, delta, seed).
+CompletionDelta = tuple
 
-class CompletionDelta(NamedTuple):
-    index: int
-    text: Tail
-    token_ids: Tail
-    token_texts: Tail
-    logprobs: Tail | None
-    cumulative_logprob: float
-    finish_reason: str | None
-    stop_reason: str | int | None
-    delta: str
-    seed: int | None
+# One request's: (request_id, prompt, prompt_logprobs: Tail or None, completions: a list of
+# CompletionDelta, finished, seed, num_cached_tokens, metrics: RequestMetrics' fields or None,
+# error). `prompt` is (the prompt, its token ids) in a request's first delta, else None.
+OutputDelta = tuple
 
 
-class OutputDelta(NamedTuple):
-    request_id: str
-    prompt: tuple[str | None, list[int]] | None  # the prompt and its token ids, in a request's first delta only
-    prompt_logprobs: Tail | None
-    completions: list[CompletionDelta]
-    finished: bool
-    seed: int | None
-    num_cached_tokens: int
-    metrics: tuple | None  # RequestMetrics' fields
-    error: str | None
+def delta_status(delta: OutputDelta) -> tuple[str, bool, str | None]:
+    """A request's delta's request id, whether it finished, and the error that ended it."""
+    return delta[0], delta[4], delta[8]
 
 
 def _tail(sent: int, items: list) -> Tail:
@@ -94,12 +85,11 @@ class OutputEncoder:
         if output.finished:
             del self._sent[output.request_id]
         metrics = output.metrics
-        return OutputDelta(
-            output.request_id, (output.prompt, output.prompt_token_ids) if first else None, prompt_logprobs,
-            completions, output.finished, output.seed, output.num_cached_tokens,
-            None if metrics is None else (metrics.arrival_time, metrics.first_scheduled_time,
-                                          metrics.first_token_time, metrics.finished_time),
-            output.error)
+        return (output.request_id, (output.prompt, output.prompt_token_ids) if first else None, prompt_logprobs,
+                completions, output.finished, output.seed, output.num_cached_tokens,
+                None if metrics is None else (metrics.arrival_time, metrics.first_scheduled_time,
+                                              metrics.first_token_time, metrics.finished_time),
+                output.error)
 
     def forget(self, request_id: str) -> None:
         """The request ended without a finished output (aborted)."""
@@ -117,10 +107,9 @@ class OutputEncoder:
         if completion.logprobs is not None:
             logprobs = _tail(sent.logprobs, completion.logprobs)
             sent.logprobs = len(completion.logprobs)
-        return CompletionDelta(
-            completion.index, (text_start, text[text_start:]), token_ids, token_texts, logprobs,
-            completion.cumulative_logprob, completion.finish_reason, completion.stop_reason, completion.delta,
-            completion.seed)
+        return (completion.index, (text_start, text[text_start:]), token_ids, token_texts, logprobs,
+                completion.cumulative_logprob, completion.finish_reason, completion.stop_reason, completion.delta,
+                completion.seed)
 
 
 @dataclass
@@ -141,29 +130,39 @@ class OutputRebuilder:
         self.prompt_logprobs: list[dict[int, float] | None] = []
         self.completions: dict[int, _Completion] = {}
 
-    def rebuild(self, delta: OutputDelta) -> RequestOutput:
-        if delta.prompt is not None:
-            self.prompt, self.prompt_token_ids = delta.prompt
-        if delta.prompt_logprobs is not None:
-            _apply(self.prompt_logprobs, delta.prompt_logprobs)
+    def rebuild(self, deltas: list[OutputDelta]) -> RequestOutput:
+        """The output after `deltas`, which came one after another (a reader that fell behind
+        takes several at once): as the last delta's output, but with each sequence's `delta`
+        text joining all of theirs."""
+        texts: dict[int, str] = {}
+        with_prompt_logprobs = False
+        for _, prompt, prompt_logprobs, completions, *_ in deltas:
+            if prompt is not None:
+                self.prompt, self.prompt_token_ids = prompt
+            if prompt_logprobs is not None:
+                _apply(self.prompt_logprobs, prompt_logprobs)
+                with_prompt_logprobs = True
+            for index, text, token_ids, token_texts, logprobs, *_, delta, _ in completions:
+                kept = self.completions.get(index)
+                if kept is None:
+                    kept = self.completions[index] = _Completion()
+                kept.text = kept.text[:text[0]] + text[1]
+                _apply(kept.token_ids, token_ids)
+                _apply(kept.token_texts, token_texts)
+                if logprobs is not None:
+                    _apply(kept.logprobs, logprobs)
+                texts[index] = texts.get(index, "") + delta
+        _, _, _, completions, finished, seed, num_cached_tokens, metrics, error = deltas[-1]
+        outputs = []
+        for index, _, _, _, logprobs, cumulative_logprob, finish_reason, stop_reason, _, completion_seed in completions:
+            kept = self.completions[index]
+            outputs.append(CompletionOutput(
+                index=index, text=kept.text, token_ids=list(kept.token_ids), cumulative_logprob=cumulative_logprob,
+                logprobs=None if logprobs is None else list(kept.logprobs), finish_reason=finish_reason,
+                stop_reason=stop_reason, delta=texts[index], seed=completion_seed,
+                token_texts=list(kept.token_texts)))
         return RequestOutput(
             request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
-            prompt_logprobs=None if delta.prompt_logprobs is None else list(self.prompt_logprobs),
-            outputs=[self._completion(c) for c in delta.completions], finished=delta.finished, seed=delta.seed,
-            num_cached_tokens=delta.num_cached_tokens,
-            metrics=None if delta.metrics is None else RequestMetrics(*delta.metrics), error=delta.error)
-
-    def _completion(self, delta: CompletionDelta) -> CompletionOutput:
-        kept = self.completions.setdefault(delta.index, _Completion())
-        text_start, text = delta.text
-        kept.text = kept.text[:text_start] + text
-        _apply(kept.token_ids, delta.token_ids)
-        _apply(kept.token_texts, delta.token_texts)
-        if delta.logprobs is not None:
-            _apply(kept.logprobs, delta.logprobs)
-        return CompletionOutput(
-            index=delta.index, text=kept.text, token_ids=list(kept.token_ids),
-            cumulative_logprob=delta.cumulative_logprob,
-            logprobs=None if delta.logprobs is None else list(kept.logprobs),
-            finish_reason=delta.finish_reason, stop_reason=delta.stop_reason, delta=delta.delta, seed=delta.seed,
-            token_texts=list(kept.token_texts))
+            prompt_logprobs=list(self.prompt_logprobs) if with_prompt_logprobs else None, outputs=outputs,
+            finished=finished, seed=seed, num_cached_tokens=num_cached_tokens,
+            metrics=None if metrics is None else RequestMetrics(*metrics), error=error)
