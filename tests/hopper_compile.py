@@ -40,7 +40,7 @@ from server.kernels.prefill_attention import prefill_attention  # noqa: E402
 from server.kernels.quant_reference import FP8, Fp8Experts, Int4Experts  # noqa: E402
 from server.kernels.quantized_moe import quantized_moe  # noqa: E402
 from server.kernels.rotary import rotate_and_store  # noqa: E402
-from server.kernels.lora import lora_expand, lora_fused, lora_rows, lora_shrink  # noqa: E402
+from server.kernels.lora import lora_expand, lora_rows, lora_shrink  # noqa: E402
 from server.kernels.sampling import sample_rows  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -117,14 +117,6 @@ def decode_step_launches() -> None:
         t = lora_shrink(e(M, 4096, dtype=bf16), e(8, 48, 4096, dtype=bf16), rows)
         lora_expand(t, e(8, 6144, 48, dtype=bf16), rows, e(M, 6144, dtype=bf16))
         lora_expand(e(2, M, 32), e(8, 28672, 32, dtype=bf16), rows, e(M, 28672, dtype=bf16))
-    for M in (1, 16):  # a decode step's in one launch: qkv, gate/up, and down reading [gate | up]
-        rows = lora_rows(torch.arange(M) % 8, 8)
-        lora_fused(e(M, 4096, dtype=bf16), e(8, 48, 4096, dtype=bf16), e(8, 6144, 48, dtype=bf16), rows,
-                   e(M, 6144, dtype=bf16))
-        lora_fused(e(M, 4096, dtype=bf16), e(8, 32, 4096, dtype=bf16), e(8, 28672, 32, dtype=bf16), rows,
-                   e(M, 28672, dtype=bf16))
-        lora_fused(e(M, 2 * 14336, dtype=bf16), e(8, 16, 14336, dtype=bf16), e(8, 4096, 16, dtype=bf16), rows,
-                   e(M, 4096, dtype=bf16), gated=True)
     for count in (1, 256):  # the sampling step's random rows, with no filter and with all three
         column, ids = e(count), torch.zeros(count, dtype=torch.int64)
         sample_rows(e(count, 32768), ids, column, ids)

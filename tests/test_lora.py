@@ -103,7 +103,7 @@ def test_a_mixed_batch_gives_each_request_what_it_gives_alone(lora_llm):
 def test_the_lora_kernels_on_mistral_shapes(rows, in_features, out_features, rank):
     """qkv (three pieces of rank 16), gate/up (two) and down, eight adapters and the base model
     mixed, from a decode step of one row to a prefill of 4,096, in bfloat16."""
-    from server.kernels.lora import lora_expand, lora_fused, lora_reference, lora_rows, lora_shrink
+    from server.kernels.lora import lora_expand, lora_reference, lora_rows, lora_shrink
 
     generator = torch.Generator(device="cuda").manual_seed(rows)
     x = torch.randn(rows, in_features, generator=generator, device="cuda").bfloat16()
@@ -113,28 +113,7 @@ def test_the_lora_kernels_on_mistral_shapes(rows, in_features, out_features, ran
     out = torch.randn(rows, out_features, generator=generator, device="cuda").bfloat16()
     expected = lora_reference(x, a, b, slots, out.clone())
     ordered = lora_rows(slots, 8)
-    if rows <= 16:  # a decode step's: one launch
-        fused = lora_fused(x, a, b, ordered, out.clone())
-        assert torch.allclose(fused.float(), expected.float(), atol=0.05, rtol=0.02)
     lora_expand(lora_shrink(x, a, ordered), b, ordered, out)
-    assert torch.allclose(out.float(), expected.float(), atol=0.05, rtol=0.02)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="Mistral-7B's shapes: on the GPU only")
-@pytest.mark.parametrize("rows", [1, 16])
-def test_the_fused_lora_kernel_reads_the_down_projections_gated_input(rows):
-    from server.kernels.lora import lora_fused, lora_reference, lora_rows
-    from server.kernels.reference import silu_and_mul_reference
-
-    generator = torch.Generator(device="cuda").manual_seed(rows)
-    x = torch.randn(rows, 2 * 14336, generator=generator, device="cuda").bfloat16()
-    a = (torch.randn(8, 16, 14336, generator=generator, device="cuda") * 0.02).bfloat16()
-    b = (torch.randn(8, 4096, 16, generator=generator, device="cuda") * 0.02).bfloat16()
-    slots = torch.randint(-1, 8, (rows,), generator=generator, device="cuda")
-    out = torch.randn(rows, 4096, generator=generator, device="cuda").bfloat16()
-    expected = lora_reference(silu_and_mul_reference(x), a, b, slots, out.clone())
-    lora_fused(x, a, b, lora_rows(slots, 8), out, gated=True)
     assert torch.allclose(out.float(), expected.float(), atol=0.05, rtol=0.02)
 
 
@@ -320,26 +299,3 @@ def test_the_lora_kernels_equal_their_reference(rows, rank, splits, dtype):
     tolerance = dict(atol=1e-3, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.5, rtol=0.02)
     assert torch.allclose(view.float(), expected.float(), **tolerance)
     assert torch.equal(out[slots < 0, 50:180], expected[slots < 0])
-
-
-@pytest.mark.parametrize("rows, rank, gated, dtype", [(1, 4, False, torch.float32), (7, 16, True, torch.float32),
-                                                      (16, 48, False, torch.float32), (5, 16, True, HALF)])
-def test_the_fused_lora_kernel_equals_its_reference(rows, rank, gated, dtype):
-    """A decode step's update in one launch: rows of several slots and none, into a piece of a
-    wider output; gated, the input is [gate | up] and the update reads silu(gate) * up."""
-    from server.kernels.lora import lora_fused, lora_reference, lora_rows
-    from server.kernels.reference import silu_and_mul_reference
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    generator = torch.Generator().manual_seed(rows + 100)
-    x = torch.randn(rows, 600 if gated else 300, generator=generator).to(device, dtype)
-    a = torch.randn(3, rank, 300, generator=generator).to(device, dtype)
-    b = torch.randn(3, 330, rank, generator=generator).to(device, dtype)
-    slots = torch.tensor([(i * 7 % 5) - 1 for i in range(rows)], device=device).clamp(max=2)
-    out = torch.randn(rows, 400, generator=generator).to(device, dtype)
-    view = out[:, 50:380]
-    expected = lora_reference(silu_and_mul_reference(x) if gated else x, a, b, slots, view.clone())
-    lora_fused(x, a, b, lora_rows(slots, 3), view, gated)
-    tolerance = dict(atol=1e-3, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.5, rtol=0.02)
-    assert torch.allclose(view.float(), expected.float(), **tolerance)
-    assert torch.equal(view[slots < 0], expected[slots < 0])

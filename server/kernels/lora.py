@@ -1,5 +1,5 @@
 """LoRA updates of a batch whose rows use different adapters: out[i] += B[s](A[s] x[i]) with
-s = slots[i] (no update where s < 0), in two launches a projection (one for a decode step).
+s = slots[i] (no update where s < 0), in two launches a projection.
 
 The rows are first put in order of their slot (`lora_rows`, device ops only: once a step, for
 every projection), so that each adapter's rows are one run of the order. Then each program
@@ -10,11 +10,6 @@ cores: an adapter's A and B are read once for each block of its rows, not once a
     A over many SMs;
   - `lora_expand`: out[i, :] += (sum of t's splits) B[s]^T, one program a slot, block and tile
     of outputs, added in place.
-  - `lora_fused`: both in one launch, for the few rows of a decode step, where a launch costs
-    more than the work: each program computes its rows' whole t (A[s] from L2, read again by
-    every program of the slot) and adds its tile of outputs. With `gated` its input is a gated
-    layer's [gate | up], taken as silu(gate) * up as it is read, so the down projection's
-    base product keeps its own fused SiLU and no launch makes the activation apart.
 A merged projection (q, k, v) keeps its pieces' A stacked along R and their B block-diagonal,
 so one shrink and one expand serve all of them. The slots are read on the device, so that a
 captured CUDA graph serves any mix of adapters: what decode steps with adapters replay.
@@ -23,7 +18,6 @@ The torch reference is `lora_reference`.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -63,22 +57,6 @@ def _slot_block(order_ptr, starts_ptr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _add_update(t, b_ptr, slot, rows, valid, out_ptr, out_features, rank, stride_b_slot, stride_b_out, stride_out,
-                BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
-    """out[rows, this program's tile] += t [BLOCK_M, BLOCK_R] B[slot]^T, in place."""
-    r = tl.arange(0, BLOCK_R)
-    n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = n < out_features
-    b = tl.load(b_ptr + slot * stride_b_slot + n[None, :] * stride_b_out + r[:, None],
-                mask=(r[:, None] < rank) & nmask[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
-    update = tl.dot(t.to(b.dtype), b, input_precision=PRECISION)
-    mask = valid[:, None] & nmask[None, :]
-    where = out_ptr + rows[:, None] * stride_out + n[None, :]
-    old = tl.load(where, mask=mask, other=0.0)
-    tl.store(where, (old.to(tl.float32) + update).to(old.dtype), mask=mask)
-
-
-@triton.jit
 def _shrink_kernel(x_ptr, a_ptr, order_ptr, starts_ptr, t_ptr, in_features, rank, split_len,
                    stride_x, stride_a_slot, stride_a_rank, stride_t_split, stride_t,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
@@ -111,34 +89,15 @@ def _expand_kernel(t_ptr, b_ptr, order_ptr, starts_ptr, out_ptr, out_features, r
         t = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
         for split in range(0, splits):
             t += tl.load(t_ptr + split * stride_t_split + rows[:, None] * stride_t + r[None, :], mask=tmask, other=0.0)
-        _add_update(t, b_ptr, slot, rows, valid, out_ptr, out_features, rank, stride_b_slot, stride_b_out,
-                    stride_out, BLOCK_N, BLOCK_R, PRECISION)
-
-
-@triton.jit
-def _lora_fused_kernel(x_ptr, a_ptr, b_ptr, order_ptr, starts_ptr, out_ptr, in_features, out_features, rank,
-                       stride_x, stride_a_slot, stride_a_rank, stride_b_slot, stride_b_out, stride_out,
-                       GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
-    slot, rows, valid, live = _slot_block(order_ptr, starts_ptr, BLOCK_M)
-    if live:
-        r = tl.arange(0, BLOCK_R)
-        t = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-        for k0 in range(0, in_features, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            kmask = k < in_features
-            xmask = valid[:, None] & kmask[None, :]
-            x = tl.load(x_ptr + rows[:, None] * stride_x + k[None, :], mask=xmask, other=0.0)
-            if GATED:  # silu(gate) * up, rounded as silu_and_mul rounds it
-                up = tl.load(x_ptr + rows[:, None] * stride_x + in_features + k[None, :], mask=xmask, other=0.0)
-                g = x.to(tl.float32)
-                silu = (g / (1.0 + tl.exp(-g))).to(x.dtype)
-                x = (silu.to(tl.float32) * up.to(tl.float32)).to(x.dtype)
-            a = tl.load(a_ptr + slot * stride_a_slot + r[None, :] * stride_a_rank + k[:, None],
-                        mask=kmask[:, None] & (r[None, :] < rank), other=0.0)
-            t = tl.dot(x, a, t, input_precision=PRECISION)
-        _add_update(t, b_ptr, slot, rows, valid, out_ptr, out_features, rank, stride_b_slot, stride_b_out,
-                    stride_out, BLOCK_N, BLOCK_R, PRECISION)
+        n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < out_features
+        b = tl.load(b_ptr + slot * stride_b_slot + n[None, :] * stride_b_out + r[:, None],
+                    mask=(r[:, None] < rank) & nmask[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
+        update = tl.dot(t.to(b.dtype), b, input_precision=PRECISION)
+        mask = valid[:, None] & nmask[None, :]
+        where = out_ptr + rows[:, None] * stride_out + n[None, :]
+        old = tl.load(where, mask=mask, other=0.0)
+        tl.store(where, (old.to(tl.float32) + update).to(old.dtype), mask=mask)
 
 
 def _block_m(rows: int) -> int:
@@ -180,30 +139,6 @@ def lora_expand(t: torch.Tensor, b: torch.Tensor, rows: LoRARows, out: torch.Ten
         t, b, rows.order, rows.starts, out, out_features, rank, t.shape[0], t.stride(0), t.stride(1), b.stride(0),
         b.stride(1), out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(rank),
         PRECISION=dot_precision(b.dtype))
-    return out
-
-
-# Steps of up to this many rows take lora_fused (one block of rows a slot); LORA_FUSED=0 in the
-# environment turns it off, to measure one against the other.
-FUSED_ROWS = 16 if os.environ.get("LORA_FUSED", "1") != "0" else 0
-
-
-def lora_fused(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: LoRARows, out: torch.Tensor,
-               gated: bool = False) -> torch.Tensor:
-    """lora_expand(lora_shrink(x, a, rows), b, rows, out) in one launch, for at most 16 rows; `gated`: x [n, 2 * in] is [gate | up], and the update reads silu(gate) * up."""
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    n, out_features = out.shape
-    num_slots, rank, in_features = a.shape
-    if n > 16 or x.shape[1] != in_features * (2 if gated else 1):
-        raise ValueError(f"lora_fused takes up to 16 rows of {in_features} inputs"
-                         f"{' (gated: twice as wide)' if gated else ''}; got {list(x.shape)}")
-    block_n = 128 if out_features <= 8192 else 256
-    _lora_fused_kernel[(num_slots, 1, triton.cdiv(out_features, block_n))](
-        x, a, b, rows.order, rows.starts, out, in_features, out_features, rank, x.stride(0), a.stride(0),
-        a.stride(1), b.stride(0), b.stride(1), out.stride(0), GATED=gated, BLOCK_M=16,
-        BLOCK_K=128 if in_features >= 8192 else 64, BLOCK_N=block_n, BLOCK_R=_block_r(rank),
-        PRECISION=dot_precision(x.dtype))
     return out
 
 

@@ -146,14 +146,11 @@ class RowParallelLinear(nn.Module):
         return self.in_share[1], [(0, self.out_features)], [None], self.in_share
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lora = self.lora if self.lora is not None and self.lora.bank.active else None
-        if lora is not None and not lora.fuses(x):
+        if self.lora is not None and self.lora.bank.active:
             # The update reads the layer's real input: silu(gate) * up of a gated layer.
             x = silu_and_mul(x) if self.gated else x
-            partial = lora.add_to(x, self.scheme.apply(self, x, None, False))
+            partial = self.lora.add_to(x, self.scheme.apply(self, x, None, False))
         else:
             partial = self.scheme.apply(self, x, None, self.gated)
-            if lora is not None:  # a decode step's: one launch, which takes silu(gate) * up itself
-                partial = lora.add_to(x, partial, self.gated)
         out = all_reduce(partial)  # the ranks' shares of the product and of the update
         return out + self.bias if self.bias is not None else out

@@ -7,9 +7,8 @@ so that one pair of products serves them all; each rank is padded with zeros to 
 (exact), each scale folded into B. A layer adds B_s(A_s x) to the rows of slot s after its base
 product for the whole batch. The runner tells the `LoRABank` which rows use which slot:
   - on a GPU, as a slot per row on the device (`use_rows`), for every step (replayed from the
-    decode graphs or run eagerly): server/kernels/lora.py's two launches a projection (one in a
-    step of a few rows, which also reads a gated layer's input as silu(gate) * up itself),
-    whatever the mix of adapters, the rows put in order of their slots once a step;
+    decode graphs or run eagerly): server/kernels/lora.py's two launches a projection, whatever
+    the mix of adapters, the rows put in order of their slots once a step;
   - elsewhere, as runs of rows (`set`): one pair of torch products per adapter, over its rows.
 
 Tensor parallelism shards the slots with their layer: a column-parallel layer keeps B's rows of
@@ -22,10 +21,9 @@ import torch
 from torch import nn
 
 try:
-    from server.kernels.lora import FUSED_ROWS, LoRARows, lora_expand, lora_fused, lora_rows, lora_shrink
+    from server.kernels.lora import LoRARows, lora_expand, lora_rows, lora_shrink
 except ImportError:  # pragma: no cover - no triton: the CPU path only
-    LoRARows = lora_expand = lora_fused = lora_rows = lora_shrink = None
-    FUSED_ROWS = 0
+    LoRARows = lora_expand = lora_rows = lora_shrink = None
 
 
 class LoRABank:
@@ -111,18 +109,10 @@ class LoRASlots:
         self.A[slot, first:first + rank] = a
         self.B[slot, offset:offset + length, first:first + rank] = b
 
-    def fuses(self, x: torch.Tensor) -> bool:
-        """Whether the update of input x takes one launch (lora_fused), which reads a gated
-        layer's [gate | up] itself."""
-        return self.bank.row_slots is not None and x.shape[0] <= FUSED_ROWS and x.dtype == self.A.dtype
-
-    def add_to(self, x: torch.Tensor, out: torch.Tensor, gated: bool = False) -> torch.Tensor:
-        """out (the base product of x [rows, in]) plus each row's adapter update, in place;
-        `gated` (only where `fuses(x)`): x is [gate | up] and the update reads silu(gate) * up."""
+    def add_to(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out (the base product of x [rows, in]) plus each row's adapter update, in place."""
         if self.bank.row_slots is not None:
             rows = self.bank.rows(self.A.shape[0])
-            if self.fuses(x):
-                return lora_fused(x, self.A, self.B, rows, out, gated)
             return lora_expand(lora_shrink(x, self.A, rows), self.B, rows, out)
         for slot, rows in self.bank.groups:
             update = (x[rows] @ self.A[slot].T) @ self.B[slot].T  # [n, out]
