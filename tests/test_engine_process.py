@@ -4,6 +4,7 @@ an engine process that dies, the server told to stop."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import signal
@@ -142,6 +143,14 @@ def test_refused_input_is_4xx_and_the_engine_keeps_serving(process_app):
     r = request(app, "POST", "/generate", json={"inputs": "The quick brown fox", "parameters": {"max_new_tokens": 4}})
     assert r.status_code == 200 and r.json()["generated_text"]
     assert engine.is_alive
+
+
+@pytest.mark.skipif(not hasattr(fcntl, "F_GETPIPE_SZ"), reason="pipe sizes are Linux's")
+def test_the_engines_reports_have_a_megabyte_of_pipe(process_app):
+    """A step's report for a few hundred requests outgrows Linux's default 64 KB: with more room
+    the engine's loop does not wait for this process's reader to take its turn at the GIL."""
+    _, engine = process_app
+    assert fcntl.fcntl(engine._replies.fileno(), fcntl.F_GETPIPE_SZ) >= 1 << 20
 
 
 def test_leaving_a_stream_aborts_its_request_in_the_engine_process(process_app):

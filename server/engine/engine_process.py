@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import fcntl
 import itertools
 import logging
 import multiprocessing
@@ -66,6 +67,7 @@ class ProcessEngine:
         context = multiprocessing.get_context("spawn")
         child_commands, self._commands = context.Pipe(duplex=False)
         self._replies, child_replies = context.Pipe(duplex=False)
+        _widen(self._replies)
         # Not a daemon: a daemon may not start the tensor-parallel ranks' processes.
         self._process = context.Process(
             target=run_engine_core, name="engine",
@@ -222,6 +224,20 @@ class ProcessEngine:
         error = EngineDeadError(f"the engine has stopped: {reason}")
         for request in requests.values():
             _call_soon(request.loop, request.stream.put_nowait, error)
+
+
+REPLY_PIPE_BYTES = 1 << 20
+
+
+def _widen(connection) -> None:
+    """Give the pipe of the engine's reports a megabyte of buffer (Linux's default is 64 KB,
+    less than one step's report for a few hundred requests): the engine's loop writes a report
+    and goes on stepping while this process's reader thread waits its turn for the GIL,
+    instead of waiting for it with the device idle."""
+    try:
+        fcntl.fcntl(connection.fileno(), fcntl.F_SETPIPE_SZ, REPLY_PIPE_BYTES)
+    except (OSError, AttributeError):  # not Linux, or a system limit below it: the default stays
+        pass
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback, *args) -> None:
