@@ -224,13 +224,17 @@ def main() -> None:
                         help="n-gram speculation's tokens a step (0: off), under its batch-size limit")
     parser.add_argument("--dataset", choices=DATASETS, default="uniform",
                         help="prompt and output lengths: uniform in their ranges, or ShareGPT-like (log-normal)")
+    parser.add_argument("--waiting-served-ratio", type=float, default=0.0,
+                        help="TGI's rule for prompts joining a decoding batch (0: whenever there is room)")
+    parser.add_argument("--max-waiting-tokens", type=int, default=20)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     # Prefix caching off: repeats run the same prompts, and the peer has no such cache.
     llm = LLM(args.model, device=args.device, dtype=args.dtype, enable_prefix_caching=False,
               max_num_seqs=args.max_num_seqs, max_batch_prefill_tokens=args.max_batch_prefill_tokens,
               kv_cache_dtype=args.kv_cache_dtype,
-              speculative_config={"num_speculative_tokens": args.speculate} if args.speculate else None)
+              speculative_config={"num_speculative_tokens": args.speculate} if args.speculate else None,
+              waiting_served_ratio=args.waiting_served_ratio, max_waiting_tokens=args.max_waiting_tokens)
     config = llm.engine.config
     prompts = make_prompts(args.num_prompts, args.min_prompt_len, args.max_prompt_len,
                            config.model.vocab_size, args.seed, args.dataset)
@@ -253,7 +257,8 @@ def main() -> None:
         "output_len": [min(lens), max(lens)], "dataset": args.dataset, "repeats": args.repeats,
         "kv_cache_tokens": kv_tokens,
         "max_batch_prefill_tokens": args.max_batch_prefill_tokens, "kv_cache_dtype": args.kv_cache_dtype,
-        "speculate": args.speculate, "torch_threads": torch.get_num_threads(), "engine": engine,
+        "speculate": args.speculate, "waiting_served_ratio": args.waiting_served_ratio,
+        "max_waiting_tokens": args.max_waiting_tokens, "torch_threads": torch.get_num_threads(), "engine": engine,
     }
     if roofline is not None:
         report["roofline"] = roofline

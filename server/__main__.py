@@ -40,10 +40,12 @@ FLAGS = [
      "prefilled in chunks over several steps."),
     ("--max-batch-total-tokens", int, None, "KV cache capacity in tokens, shared by all running "
      "requests. Default: what fits in memory after the weights."),
-    ("--waiting-served-ratio", float, 0.3, "Accepted for TGI compatibility. This server mixes new "
-     "prompts (in chunks) into every decode step, so it never pauses running requests to admit "
-     "waiting ones and has nothing for this ratio to tune."),
-    ("--max-waiting-tokens", int, 20, "Accepted for TGI compatibility; see --waiting-served-ratio."),
+    ("--waiting-served-ratio", float, 0.0, "TGI's rule for adding waiting prompts to a batch that is "
+     "decoding: only once at least this ratio times the running requests could be admitted, or "
+     "--max-waiting-tokens steps after the last admission, so that steps that take prompts (run eagerly, "
+     "outside the CUDA graphs) come in fewer, larger batches. 0 (ours; TGI's is 0.3): whenever there is room."),
+    ("--max-waiting-tokens", int, 20, "With --waiting-served-ratio: decode steps after which waiting prompts "
+     "are admitted however few."),
     ("--cuda-memory-fraction", float, 1.0, "Share of the GPU's memory this server may use."),
     ("--hostname", str, "0.0.0.0", "Address to listen on."),
     ("--port", int, 3000, "Port to listen on (the Docker image sets PORT=80)."),
@@ -247,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         load_format=args.load_format, kv_cache_dtype=args.kv_cache_dtype,
         async_scheduling=not args.disable_async_scheduling, lora_adapters=lora_adapters,
         max_lora_rank=args.max_lora_rank, speculate=args.speculate, speculative_model=args.speculative_model,
-        speculate_max_batch_size=args.speculate_max_batch_size)
+        speculate_max_batch_size=args.speculate_max_batch_size,
+        waiting_served_ratio=args.waiting_served_ratio, max_waiting_tokens=args.max_waiting_tokens)
     if rank:
         log.info("rank %d of %d: running the steps rank 0 sends", rank, engine_args.tensor_parallel_size)
         start_runner(engine_args, rank).runner.serve_steps()

@@ -93,6 +93,9 @@ class SchedulerConfig:
     max_batch_prefill_tokens: int = 4096
     max_num_seqs: int = 256
     max_model_len: int = 4096
+    # TGI's rule for adding prompts to a batch that is decoding (scheduler.py); 0: whenever room
+    waiting_served_ratio: float = 0.0
+    max_waiting_tokens: int = 20
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,8 @@ class EngineArgs:
     max_batch_prefill_tokens: int = 4096
     max_num_seqs: int = 256
     max_model_len: int | None = None
+    waiting_served_ratio: float = 0.0  # TGI's: see SchedulerConfig
+    max_waiting_tokens: int = 20
     block_size: int | None = None  # KV tokens per block: 16, or 256 with flash-attn (whose paged kernels need it)
     enable_prefix_caching: bool = True
     cpu_kv_cache_bytes: int = 2 << 30

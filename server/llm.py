@@ -51,7 +51,8 @@ class LLM:
                  download_dir: str | None = None, quantization: str | None = None,
                  kv_cache_dtype: str = "auto", async_scheduling: bool = True,
                  lora_adapters: dict[str, str] | str | None = None, max_lora_rank: int = 64,
-                 speculative_config: dict | None = None):
+                 speculative_config: dict | None = None, waiting_served_ratio: float = 0.0,
+                 max_waiting_tokens: int = 20):
         """`quantization`: TGI's --quantize (fp8, awq, gptq, compressed-tensors; None: as the
         checkpoint's quantization_config says); `kv_cache_dtype`: "auto" or "fp8";
         `async_scheduling`: queue each step on the device before reading the last one back;
@@ -61,7 +62,8 @@ class LLM:
         "prompt_lookup_max": 3, "prompt_lookup_min": 1} (n-gram prompt lookup) or {"method":
         "draft_model", "model": hub id or directory, "num_speculative_tokens": N} (a draft model
         of the same tokenizer), either with "disable_by_batch_size" (32: no speculation with
-        more sequences running)."""
+        more sequences running); `waiting_served_ratio`, `max_waiting_tokens`: TGI's rule for
+        adding prompts to a batch that is decoding (the server's flags of those names)."""
         speculation = speculative_settings(speculative_config)
         if isinstance(lora_adapters, str):
             lora_adapters = parse_lora_adapters(lora_adapters)
@@ -72,7 +74,7 @@ class LLM:
             max_num_seqs=max_num_seqs, max_model_len=max_model_len, block_size=block_size,
             enable_prefix_caching=enable_prefix_caching, quantize=quantization, kv_cache_dtype=kv_cache_dtype,
             async_scheduling=async_scheduling, lora_adapters=lora_adapters, max_lora_rank=max_lora_rank,
-            **speculation))
+            waiting_served_ratio=waiting_served_ratio, max_waiting_tokens=max_waiting_tokens, **speculation))
         self.engine.stream_outputs = False  # generate() returns finished requests only
 
     def get_tokenizer(self):

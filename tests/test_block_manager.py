@@ -84,3 +84,39 @@ def test_scheduler_preempts_the_newest_sequence_when_blocks_run_out():
     assert batch.seqs == [old] and batch.preempted == [new]
     assert len(new.block_table) == 0 and new.num_computed_tokens == 0
     assert scheduler.waiting[0] is new
+
+
+def decode_step(scheduler):
+    """One step: every scheduled sequence computes its tokens and gets one more to decode."""
+    batch = scheduler.schedule()
+    for seq, count in zip(batch.seqs, batch.num_new_tokens):
+        seq.num_computed_tokens += count
+        seq.token_ids.append(0)
+    return batch
+
+
+def test_with_a_waiting_served_ratio_prompts_join_a_decoding_batch_in_groups():
+    """TGI's rule: four sequences decoding and a ratio of 0.5 take waiting prompts once two
+    could join, or when three steps have gone by without one joining; 0 takes each at once."""
+    def scheduler_with(ratio):
+        scheduler = Scheduler(SchedulerConfig(max_batch_prefill_tokens=100, max_num_seqs=8,
+                                              waiting_served_ratio=ratio, max_waiting_tokens=3),
+                              BlockManager(num_blocks=200, block_size=4))
+        for i in range(4):
+            scheduler.add(make_seq([1000 + 10 * i + j for j in range(5)], i))
+        assert len(decode_step(scheduler).seqs) == 4  # an idle batch takes them all
+        return scheduler
+
+    scheduler = scheduler_with(0.5)
+    scheduler.add(make_seq([1, 2, 3], 10))
+    steps = [[s.seq_id for s in decode_step(scheduler).seqs] for _ in range(4)]
+    assert steps[:3] == [[0, 1, 2, 3]] * 3  # one waiting: fewer than 4 x 0.5
+    assert steps[3] == [0, 1, 2, 3, 10]  # after three steps without one joining
+    scheduler.add(make_seq([4, 5, 6], 11))
+    assert [s.seq_id for s in decode_step(scheduler).seqs] == [0, 1, 2, 3, 10]
+    scheduler.add(make_seq([7, 8, 9], 12))  # two waiting, 5 x 0.5 -> 2: both join
+    assert [s.seq_id for s in decode_step(scheduler).seqs] == [0, 1, 2, 3, 10, 11, 12]
+
+    eager = scheduler_with(0.0)
+    eager.add(make_seq([1, 2, 3], 10))
+    assert [s.seq_id for s in decode_step(eager).seqs] == [0, 1, 2, 3, 10]

@@ -64,7 +64,8 @@ class LLMEngine:
         model, num_blocks, max_model_len = started.model, started.cache.num_blocks, started.max_model_len
         self.config = EngineConfig(
             model=model, cache=started.cache,
-            scheduler=SchedulerConfig(args.max_batch_prefill_tokens, args.max_num_seqs, max_model_len),
+            scheduler=SchedulerConfig(args.max_batch_prefill_tokens, args.max_num_seqs, max_model_len,
+                                      args.waiting_served_ratio, args.max_waiting_tokens),
             dtype=started.dtype, device=started.device, model_id=started.source.model_id)
         if args.tensor_parallel_size > 1:
             self.runner.sends_steps = True

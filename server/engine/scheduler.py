@@ -3,7 +3,10 @@
 Every step, running sequences go first (one token each when decoding, a chunk when their
 prefill is still in progress), then waiting sequences are admitted first come, first served
 while the prefill token budget and the KV blocks last; a prompt longer than the budget is
-prefilled in chunks over several steps. When blocks run out, the newest running sequence is
+prefilled in chunks over several steps. With TGI's `waiting_served_ratio`, prompts join a batch
+that is decoding only in groups: once at least that ratio times the running sequences could be
+admitted, or `max_waiting_tokens` steps after the last admission (0, the default: whenever
+there is room). When blocks run out, the newest running sequence is
 preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed
 (usually from the prefix cache) later. Nothing here touches a tensor.
 """
@@ -54,6 +57,7 @@ class Scheduler:
         # After a failed step, the engine names one request to run alone (`Request`); the
         # others keep their blocks and wait.
         self.isolated = None
+        self._steps_since_admission = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -98,13 +102,27 @@ class Scheduler:
             if remaining > 1:
                 budget -= num_tokens
         self.running = kept
-        if not batch.preempted:
-            self._admit_waiting(batch, budget)
+        if not batch.preempted and self.waiting:
+            admitted = self._admits_now() and self._admit_waiting(batch, budget)
+            self._steps_since_admission = 0 if admitted else self._steps_since_admission + 1
         return batch
 
-    def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
-        deferred = []
-        limit = min(self.config.max_num_seqs, self.memory_limit or self.config.max_num_seqs)
+    def _limit(self) -> int:
+        return min(self.config.max_num_seqs, self.memory_limit or self.config.max_num_seqs)
+
+    def _admits_now(self) -> bool:
+        """TGI's rule: a batch that is decoding takes prompts once at least waiting_served_ratio
+        times its size could join it (as many as wait, up to the free places), or after
+        max_waiting_tokens steps without taking any."""
+        ratio = self.config.waiting_served_ratio
+        if ratio <= 0 or not self.running or self._steps_since_admission >= self.config.max_waiting_tokens:
+            return True
+        return min(len(self.waiting), self._limit() - len(self.running)) >= int(len(self.running) * ratio)
+
+    def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> bool:
+        """Admit what fits, first come first served; whether any was admitted."""
+        deferred, admitted = [], False
+        limit = self._limit()
         while self.waiting and budget > 0 and len(self.running) < limit:
             seq = self.waiting[0]
             if _waits_for_first_sample(seq) or not self._may_run(seq):
@@ -122,7 +140,9 @@ class Scheduler:
             self.running.append(seq)
             batch.add(seq, num_tokens)
             budget -= num_tokens
+            admitted = True
         self.waiting.extendleft(reversed(deferred))
+        return admitted
 
     def preempt_newest(self, count: int) -> None:
         """After a step that ran out of device memory: send the `count` newest running
