@@ -227,6 +227,8 @@ def main() -> None:
     parser.add_argument("--waiting-served-ratio", type=float, default=0.0,
                         help="TGI's rule for prompts joining a decoding batch (0: whenever there is room)")
     parser.add_argument("--max-waiting-tokens", type=int, default=20)
+    parser.add_argument("--max-graph-query-len", type=int, default=1,
+                        help="steps of at most this many tokens a sequence replay the decode graphs")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     # Prefix caching off: repeats run the same prompts, and the peer has no such cache.
@@ -234,7 +236,8 @@ def main() -> None:
               max_num_seqs=args.max_num_seqs, max_batch_prefill_tokens=args.max_batch_prefill_tokens,
               kv_cache_dtype=args.kv_cache_dtype,
               speculative_config={"num_speculative_tokens": args.speculate} if args.speculate else None,
-              waiting_served_ratio=args.waiting_served_ratio, max_waiting_tokens=args.max_waiting_tokens)
+              waiting_served_ratio=args.waiting_served_ratio, max_waiting_tokens=args.max_waiting_tokens,
+              max_graph_query_len=args.max_graph_query_len)
     config = llm.engine.config
     prompts = make_prompts(args.num_prompts, args.min_prompt_len, args.max_prompt_len,
                            config.model.vocab_size, args.seed, args.dataset)
@@ -258,7 +261,8 @@ def main() -> None:
         "kv_cache_tokens": kv_tokens,
         "max_batch_prefill_tokens": args.max_batch_prefill_tokens, "kv_cache_dtype": args.kv_cache_dtype,
         "speculate": args.speculate, "waiting_served_ratio": args.waiting_served_ratio,
-        "max_waiting_tokens": args.max_waiting_tokens, "torch_threads": torch.get_num_threads(), "engine": engine,
+        "max_waiting_tokens": args.max_waiting_tokens, "max_graph_query_len": args.max_graph_query_len,
+        "torch_threads": torch.get_num_threads(), "engine": engine,
     }
     if roofline is not None:
         report["roofline"] = roofline

@@ -79,6 +79,11 @@ FLAGS = [
      "medusa_num_heads and base_model_name_or_path, and medusa_lm_head.safetensors; or a checkpoint with "
      "a medusa_config.json beside them), whose model is served with the heads proposing: then as many "
      "tokens as there are heads, or fewer when set."),
+    ("--max-graph-query-len", int, 1, "Steps in which each request computes at most this many tokens (short "
+     "prompt chunks mixed into decoding) replay the decode CUDA graphs, a row a token, when all their tokens "
+     "fit the largest graph (256 tokens): such steps otherwise run eagerly, launching every "
+     "kernel from Python. 1: decode steps only (speculation raises it to its tokens); larger values are to "
+     "be measured on the GPU (benchmarks/throughput.py --max-graph-query-len)."),
     ("--speculate-max-batch-size", int, 32, "Above this many running requests nothing is speculated (and "
      "above half of it, half the --speculate tokens): a large batch's step has no compute to spare for checking "
      "proposals. The default is to be measured on the GPU."),
@@ -143,6 +148,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error("--sharded true needs at least two visible GPUs, or --num-shard")
     if args.speculate < 0 or args.speculate_max_batch_size < 0:
         parser.error("--speculate and --speculate-max-batch-size must be 0 (off) or positive")
+    if args.max_graph_query_len < 1 or args.waiting_served_ratio < 0 or args.max_waiting_tokens < 0:
+        parser.error("--max-graph-query-len must be at least 1, --waiting-served-ratio and "
+                     "--max-waiting-tokens at least 0")
     if args.speculative_model and args.speculate < 1:
         parser.error("--speculative-model needs --speculate N: how many tokens it proposes a step")
     if args.speculative_model and (args.num_shard or 1) > 1:
@@ -250,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         async_scheduling=not args.disable_async_scheduling, lora_adapters=lora_adapters,
         max_lora_rank=args.max_lora_rank, speculate=args.speculate, speculative_model=args.speculative_model,
         speculate_max_batch_size=args.speculate_max_batch_size,
-        waiting_served_ratio=args.waiting_served_ratio, max_waiting_tokens=args.max_waiting_tokens)
+        waiting_served_ratio=args.waiting_served_ratio, max_waiting_tokens=args.max_waiting_tokens,
+        max_graph_query_len=args.max_graph_query_len)
     if rank:
         log.info("rank %d of %d: running the steps rank 0 sends", rank, engine_args.tensor_parallel_size)
         start_runner(engine_args, rank).runner.serve_steps()

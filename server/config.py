@@ -141,3 +141,6 @@ class EngineArgs:
     speculate_ngram_min: int = 1  # the shortest
     speculative_model: str | None = None  # a draft model proposes instead (hub id or directory, same tokenizer)
     speculate_max_batch_size: int = 32  # no speculation with more sequences running (engine/speculation.py)
+    # Steps whose sequences compute at most this many tokens each (short prompt chunks mixed into
+    # decoding) replay the decode graphs a row a token, where their tokens fit the largest graph
+    max_graph_query_len: int = 1

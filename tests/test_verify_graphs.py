@@ -20,14 +20,17 @@ def test_each_token_gets_its_sequence_and_a_context_ending_at_itself():
     assert contexts.tolist() == [8, 1, 2, 3, 20, 8, 9, 10, 11, 12]
 
 
-@pytest.mark.parametrize("splits", [1, 3])
-def test_decode_rows_attend_as_the_packed_step(splits):
+@pytest.mark.parametrize("splits, query_lens, starts", [
+    (1, [1, 3, 5, 2], [9, 0, 70, 13]), (3, [1, 3, 5, 2], [9, 0, 70, 13]),
+    (2, [1, 1, 37, 1, 20], [9, 12, 0, 5, 40]),  # prompt chunks mixed into decoding (--max-graph-query-len)
+])
+def test_decode_rows_attend_as_the_packed_step(splits, query_lens, starts):
     from server.kernels.decode_attention import decode_attention
     from server.kernels.prefill_attention import prefill_attention
 
     generator = torch.Generator().manual_seed(splits)  # float32 tensors, moved to the device below
     heads, kv_heads, dim, page = 4, 2, 16, 4
-    query_lens, starts = [1, 3, 5, 2], [9, 0, 70, 13]  # tokens computed before this step
+    # starts: the tokens each sequence computed before this step
     context_lens = torch.tensor([s + n for s, n in zip(starts, query_lens)])
     blocks = -(-int(context_lens.max()) // page)
     tables = torch.randperm(len(query_lens) * blocks, generator=generator).view(len(query_lens), blocks)

@@ -178,7 +178,7 @@ def start_runner(args: EngineArgs, rank: int = 0, port: int = 0) -> StartedRunne
     cache = CacheConfig(block_size, num_blocks, args.enable_prefix_caching)
     runner.allocate_kv_cache(cache)
     if not args.enforce_eager:
-        runner.capture_decode_graphs(args.max_num_seqs, max_model_len, speculate + 1)
+        runner.capture_decode_graphs(args.max_num_seqs, max_model_len, max(speculate + 1, args.max_graph_query_len))
     runner.warm_up(args.max_num_seqs)
     started = StartedRunner(runner, model, source, cache, max_model_len, device, dtype, [a.name for a in adapters],
                             speculate=speculate, medusa=medusa is not None)
