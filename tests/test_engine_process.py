@@ -67,7 +67,7 @@ def test_outputs_rebuilt_from_their_deltas_equal_the_engines(tiny_llm, monkeypat
             assert one_by_one[output.request_id].rebuild([delta]) == output
             waiting[output.request_id].append((delta, output))
             if output.finished or step % 3 == 0:
-                deltas, outputs = zip(*waiting.pop(output.request_id))
+                deltas, outputs = zip(*waiting[output.request_id])
                 waiting[output.request_id] = []
                 assert in_threes[output.request_id].rebuild(list(deltas)) == merged(list(outputs))
             if output.finished:

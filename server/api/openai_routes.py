@@ -229,9 +229,8 @@ class OpenAIRoutes:
                 echoed.add(position)
                 text, logprobs = self.echo(generation, body.logprobs is not None)
                 for i in range(generation.params.n):
-                    yield openai_event({**base, "choices": [{
-                        "index": position * generation.params.n + i, "text": text,
-                        "logprobs": logprobs, "finish_reason": None}]})
+                    yield chunk([{"index": position * generation.params.n + i, "text": text,
+                                  "logprobs": logprobs, "finish_reason": None}])
             for step in steps:
                 if not step.delta and not step.finished:
                     continue

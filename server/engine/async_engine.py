@@ -207,12 +207,13 @@ async def stream_outputs(stream: asyncio.Queue, abort: Callable[[], None],
     finished = False
     try:
         while not finished:
-            item, waiting = await stream.get(), []
+            waiting, item = [], await stream.get()
             while not isinstance(item, BaseException):
                 waiting.append(item)
-                item = None if stream.empty() else stream.get_nowait()
-                if item is None:
+                if stream.empty():
+                    item = None
                     break
+                item = stream.get_nowait()
             if waiting:
                 output = combine(waiting)
                 finished = output.finished

@@ -9,7 +9,8 @@ CUDA is initialised there only. This process keeps what validation needs at hand
 tokenizer (prompts, chat templates, token texts), the grammar checks, and the facts the child
 reports once at start (config, adapters). A writer thread sends the commands; a reader thread
 takes each step's report, hands each request's delta to its queue, and wakes each event loop
-once for all of them; a request's reader rebuilds its output from the deltas that came by then. If the child dies, every open and later request gets `EngineDeadError`.
+once for all of them; a request's reader rebuilds its output from the deltas that came by
+then. If the child dies, every open and later request gets `EngineDeadError`.
 
 `python -m server --engine-process` chooses between this and `AsyncEngine`: by default this on
 a GPU, where the host's work per step competes with a step of a few milliseconds, and the

@@ -6,9 +6,9 @@ while the prefill token budget and the KV blocks last; a prompt longer than the 
 prefilled in chunks over several steps. With TGI's `waiting_served_ratio`, prompts join a batch
 that is decoding only in groups: once at least that ratio times the running sequences could be
 admitted, or `max_waiting_tokens` steps after the last admission (0, the default: whenever
-there is room). When blocks run out, the newest running sequence is
-preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed
-(usually from the prefix cache) later. Nothing here touches a tensor.
+there is room). When blocks run out, the newest running sequence is preempted: its blocks are
+freed and it goes back to the front of the queue, to be recomputed (usually from the prefix
+cache) later. Nothing here touches a tensor.
 """
 from __future__ import annotations
 
