@@ -40,6 +40,8 @@ FLAGS = [
      "prefilled in chunks over several steps."),
     ("--max-batch-total-tokens", int, None, "KV cache capacity in tokens, shared by all running "
      "requests. Default: what fits in memory after the weights."),
+    ("--max-batch-size", int, 256, "Most requests in one step (running at once; the others wait their "
+     "turn). Decode steps of up to this many are captured as CUDA graphs."),
     ("--waiting-served-ratio", float, 0.0, "TGI's rule for adding waiting prompts to a batch that is "
      "decoding: only once at least this ratio times the running requests could be admitted, or "
      "--max-waiting-tokens steps after the last admission, so that steps that take prompts (run eagerly, "
@@ -166,7 +168,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             and args.max_batch_total_tokens < args.max_total_tokens:
         parser.error("--max-batch-total-tokens must be >= --max-total-tokens")
     for name in ("max_concurrent_requests", "max_best_of", "max_batch_prefill_tokens", "payload_limit", "max_lora_rank",
-                 "max_client_batch_size"):
+                 "max_client_batch_size", "max_batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     return args
@@ -252,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model_id, revision=args.revision, download_dir=args.huggingface_hub_cache,
         dtype=args.dtype or "auto", tensor_parallel_size=args.num_shard or 1,
         max_batch_total_tokens=args.max_batch_total_tokens,
-        max_batch_prefill_tokens=args.max_batch_prefill_tokens, max_model_len=args.max_total_tokens,
+        max_batch_prefill_tokens=args.max_batch_prefill_tokens, max_num_seqs=args.max_batch_size,
+        max_model_len=args.max_total_tokens,
         cuda_memory_fraction=args.cuda_memory_fraction, quantize=args.quantize,
         load_format=args.load_format, kv_cache_dtype=args.kv_cache_dtype,
         async_scheduling=not args.disable_async_scheduling, lora_adapters=lora_adapters,

@@ -48,3 +48,14 @@ def test_decode_rows_attend_as_the_packed_step(splits, query_lens, starts):
     assert torch.allclose(rows, packed, atol=1e-5)
     whole = decode_attention(queries, k_cache, v_cache, tables[seq], context_lens[seq], 0.25, None, splits)
     assert not torch.allclose(whole, packed, atol=1e-3)  # a check that can fail: every token seeing all
+
+
+@pytest.mark.parametrize("largest, expected_tail", [
+    (256, [240, 248, 256]), (100, [88, 96, 100]), (1024, [256, 288, 320, 992, 1024]), (300, [256, 288, 300])])
+def test_graph_sizes_reach_the_largest_batch(largest, expected_tail):
+    from server.runtime.cuda_graphs import graph_sizes
+
+    sizes = graph_sizes(largest)
+    assert sizes == sorted(set(sizes)) and sizes[0] == 1 and sizes[-1] == largest
+    assert [s for s in sizes if s in expected_tail] == expected_tail
+    assert graph_sizes(1) == [1]

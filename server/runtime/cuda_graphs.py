@@ -23,6 +23,13 @@ from server.layers.lora import LoRABank
 DEFAULT_SIZES = (1, 2, 4, 8) + tuple(range(16, 257, 8))
 
 
+def graph_sizes(max_batch_size: int) -> list[int]:
+    """The batch sizes captured for up to `max_batch_size` sequences: DEFAULT_SIZES, then every
+    32 past 256 (padding 31 rows of several hundred costs a few percent), and the largest itself."""
+    ladder = DEFAULT_SIZES + tuple(range(288, max_batch_size + 1, 32))
+    return sorted({s for s in ladder if s < max_batch_size} | {max(max_batch_size, 1)})
+
+
 class DecodeGraphs:
     def __init__(self, model, sizes: list[int], max_blocks: int, num_splits, device: torch.device,
                  lora_bank: LoRABank | None = None):

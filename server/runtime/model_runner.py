@@ -23,7 +23,7 @@ from server.layers.parallel import TensorParallel
 from server.models.loader import ModelSource, fill_random_weights, iter_weights
 from server.models.lora import LoRAAdapter, attach_adapters
 from server.models.registry import model_class
-from server.runtime.cuda_graphs import DEFAULT_SIZES, DecodeGraphs, decode_rows
+from server.runtime.cuda_graphs import DecodeGraphs, decode_rows, graph_sizes
 from server.runtime.sampler import (AllowedTokens, DeviceSample, SampledToken, SamplingOptions,
                                    prompt_logprobs, sample_on_device, sampled_tokens, to_host)
 
@@ -198,7 +198,7 @@ class ModelRunner:
             return
         if any(getattr(module, "graph_safe", True) is False for module in self.model.modules()):
             return  # a layer reads the step's values on the host (quantized experts): eager steps
-        sizes = [s for s in DEFAULT_SIZES if s <= max_batch_size] or [1]
+        sizes = graph_sizes(max_batch_size)
         max_blocks = -(-max_model_len // self.block_size)
         kv_heads, sms = self.num_kv_heads, self.num_sms  # the graphs keep no reference to the runner
 
