@@ -52,7 +52,7 @@ class LLM:
                  kv_cache_dtype: str = "auto", async_scheduling: bool = True,
                  lora_adapters: dict[str, str] | str | None = None, max_lora_rank: int = 64,
                  speculative_config: dict | None = None, waiting_served_ratio: float = 0.0,
-                 max_waiting_tokens: int = 20, max_graph_query_len: int = 1):
+                 max_waiting_tokens: int = 20, max_graph_query_len: int = 1, load_format: str = "auto"):
         """`quantization`: TGI's --quantize (fp8, awq, gptq, compressed-tensors; None: as the
         checkpoint's quantization_config says); `kv_cache_dtype`: "auto" or "fp8";
         `async_scheduling`: queue each step on the device before reading the last one back;
@@ -65,7 +65,8 @@ class LLM:
         more sequences running); `waiting_served_ratio`, `max_waiting_tokens`: TGI's rule for
         adding prompts to a batch that is decoding (the server's flags of those names);
         `max_graph_query_len`: steps of at most this many tokens a sequence replay the decode
-        graphs (the server's --max-graph-query-len)."""
+        graphs (the server's --max-graph-query-len); `load_format`: "auto", or "dummy" (random
+        weights of the checkpoint's shapes, for benchmarks: only its config and tokenizer are read)."""
         speculation = speculative_settings(speculative_config)
         if isinstance(lora_adapters, str):
             lora_adapters = parse_lora_adapters(lora_adapters)
@@ -77,7 +78,7 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching, quantize=quantization, kv_cache_dtype=kv_cache_dtype,
             async_scheduling=async_scheduling, lora_adapters=lora_adapters, max_lora_rank=max_lora_rank,
             waiting_served_ratio=waiting_served_ratio, max_waiting_tokens=max_waiting_tokens,
-            max_graph_query_len=max_graph_query_len, **speculation))
+            max_graph_query_len=max_graph_query_len, load_format=load_format, **speculation))
         self.engine.stream_outputs = False  # generate() returns finished requests only
 
     def get_tokenizer(self):

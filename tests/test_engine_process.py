@@ -75,6 +75,43 @@ def test_outputs_rebuilt_from_their_deltas_equal_the_engines(tiny_llm, monkeypat
     assert finished == set(requests)
 
 
+def test_deltas_made_from_the_sequences_equal_the_encoded_outputs(tiny_llm, monkeypatch):
+    """The engine process's steps give deltas read straight from the sequences (no cumulative
+    output made and encoded): the same deltas, step by step, as encoding the outputs gives,
+    but for the clock's readings."""
+    engine = tiny_llm.engine
+    monkeypatch.setattr(engine, "stream_outputs", True)
+    requests = {
+        "greedy": ("The quick brown fox", SamplingParams(temperature=0, max_tokens=12)),
+        "stop strings": ("Once upon a time", SamplingParams(temperature=1.0, seed=3, max_tokens=40, stop=["e", "ab"],
+                                                            include_stop_str_in_output=True)),
+        "stop token": ("Once upon a time", SamplingParams(temperature=1.0, seed=3, max_tokens=40, stop=["e"])),
+        "held back": ("Once upon a time", SamplingParams(temperature=1.0, seed=4, max_tokens=30, stop=["zzz!"])),
+        "logprobs": ("In the beginning", SamplingParams(temperature=0.8, seed=5, max_tokens=10, logprobs=2,
+                                                         prompt_logprobs=1)),
+        "best of": ("Hello there", SamplingParams(temperature=1.0, seed=7, max_tokens=8, n=2, best_of=3)),
+        "two": ("数学は", SamplingParams(temperature=1.0, seed=9, max_tokens=16, n=2, ignore_eos=True)),
+    }
+
+    def run(direct: bool) -> list:
+        encoder = OutputEncoder()
+        monkeypatch.setattr(engine, "delta_encoder", encoder if direct else None)
+        for request_id, (prompt, params) in requests.items():
+            engine.add_request(prompt, params, request_id)
+        steps = []
+        while engine.has_unfinished_requests():
+            deltas = [output if direct else encoder.encode(output) for output in engine.step()]
+            # all but the clock's readings and the seeds drawn for requests that gave none
+            steps.append(sorted((*delta[:3], [c[:9] for c in delta[3]], delta[4], delta[6], delta[8])
+                                for delta in deltas))
+        assert all(isinstance(delta, tuple) for step in steps for delta in step)
+        return steps
+
+    encoded, direct = run(False), run(True)
+    assert len(encoded) > 10 and any(len(step) == len(requests) for step in encoded)
+    assert direct == encoded
+
+
 def test_an_engine_that_cannot_start_raises_its_error_in_the_servers_process(tmp_path):
     with pytest.raises(ValueError, match="not found"):
         ProcessEngine(EngineArgs(model=str(tmp_path / "missing")))

@@ -90,6 +90,7 @@ class EngineCore:
         self.engine = engine
         self.replies = replies
         self.encoder = OutputEncoder()
+        engine.delta_encoder = self.encoder  # its steps give deltas (a failed request's output, encoded here)
         self.outputs: list[OutputDelta] = []
         self.failures: list[tuple[str, BaseException]] = []
 
@@ -133,7 +134,7 @@ class EngineCore:
                 self.encoder.forget(request_id)
                 self.failures.append((request_id, failure))
             return
-        self.outputs.extend(self.encoder.encode(output) for output in outputs)
+        self.outputs.extend(output if isinstance(output, tuple) else self.encoder.encode(output) for output in outputs)
 
 
 def portable(error: BaseException) -> BaseException:

@@ -15,6 +15,7 @@ from server.config import EngineArgs, EngineConfig, SchedulerConfig
 from server.engine.block_manager import BlockManager
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.guidance import Guidance
+from server.engine.output_deltas import OutputDelta, OutputEncoder, SentCompletion, tail
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Request, Sequence, SequenceStatus
 from server.engine.draft_model import DraftModelProposer, check_same_vocabulary
@@ -86,6 +87,9 @@ class LLMEngine:
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
         self._unfinished_outputs: list[Sequence] = []  # sampled last step, text not yet made
         self.stream_outputs = True  # False: an output only when a request finishes (offline use)
+        # Set (by the engine's own process): steps return each request's OutputDelta, made
+        # from its sequences, instead of a cumulative RequestOutput that copies every list
+        self.delta_encoder: OutputEncoder | None = None
         self.async_scheduling = args.async_scheduling  # queue each step before reading the last one back
         self._in_flight = None  # (batch, launched step) queued and not yet read back
         self._stepping: list = []  # the batches the step under way touches (for failures)
@@ -508,7 +512,7 @@ class LLMEngine:
                 continue
             finished = request.is_finished
             if finished or self.stream_outputs:
-                outputs.append(self._output(request))
+                outputs.append(self._output(request) if self.delta_encoder is None else self._delta(request))
             if finished:
                 self.requests.pop(request.request_id, None)
         for request, error in failed.values():
@@ -593,6 +597,45 @@ class LLMEngine:
         if end == len(seq) and params.max_tokens != 0:
             chunk.sampling = TO_BE_SET  # made when the step's sampling is queued
         return chunk
+
+    def _delta(self, request: Request) -> OutputDelta:
+        """What `delta_encoder.encode(self._output(request))` gives, without the output: each
+        list's new tail read from the sequence, and the text's new part (the text before it
+        never changes: `stable_text_len` holds back what a stop string could cut)."""
+        params = request.params
+        if params.best_of > params.n:  # completions ranked at the end: rare, the long way
+            return self.delta_encoder.encode(self._output(request))
+        sent, first = self.delta_encoder.sent(request.request_id)
+        finished = request.is_finished
+        completions = []
+        for seq in request.sequences:
+            state = sent.completions.get(seq.index)
+            if state is None:
+                state = sent.completions[seq.index] = SentCompletion()
+            start, end = seq.emitted_text_len, stable_text_len(seq)
+            delta = seq.text[start:end]
+            seq.emitted_text_len = end
+            num_output = seq.num_output_tokens
+            token_ids = tail(state.token_ids, seq.token_ids, num_output, seq.num_prompt_tokens)
+            token_texts = tail(state.token_texts, seq.token_texts, min(num_output, len(seq.token_texts)))
+            state.token_ids, state.token_texts = num_output, min(num_output, len(seq.token_texts))
+            logprobs = None
+            if params.logprobs is not None:
+                logprobs = tail(state.logprobs, seq.output_logprobs, len(seq.output_logprobs))
+                state.logprobs = len(seq.output_logprobs)
+            completions.append((seq.index, (start, delta), token_ids, token_texts, logprobs, seq.cumulative_logprob,
+                                seq.finish_reason, seq.stop_reason, delta, seq.seed))
+        prompt_logprobs = None
+        if params.prompt_logprobs is not None:
+            prompt_logprobs = tail(sent.prompt_logprobs, request.prompt_logprobs, len(request.prompt_logprobs))
+            sent.prompt_logprobs = len(request.prompt_logprobs)
+        if finished:
+            self.delta_encoder.forget(request.request_id)
+        seqs = request.sequences
+        return (request.request_id, (request.prompt, request.prompt_token_ids) if first else None, prompt_logprobs,
+                completions, finished, request.seed, seqs[0].num_cached_tokens if seqs else 0,
+                (request.arrival_time, request.first_scheduled_time, request.first_token_time,
+                 time.monotonic() if finished else None), None)
 
     def _output(self, request: Request) -> RequestOutput:
         params = request.params

@@ -44,6 +44,12 @@ def _tail(sent: int, items: list) -> Tail:
     return start, items[start:]
 
 
+def tail(sent: int, items: list, length: int, offset: int = 0) -> Tail:
+    """`_tail(sent, items[offset:offset + length])`, copying only the tail."""
+    start = max(0, min(sent, length) - 1)
+    return start, items[offset + start:offset + length]
+
+
 def _apply(kept: list, tail: Tail) -> None:
     start, items = tail
     del kept[start:]
@@ -51,7 +57,7 @@ def _apply(kept: list, tail: Tail) -> None:
 
 
 @dataclass
-class _Sent:
+class SentCompletion:
     """How much of one completion the server's side has."""
 
     text: str = ""
@@ -63,7 +69,7 @@ class _Sent:
 @dataclass
 class _SentRequest:
     prompt_logprobs: int = 0
-    completions: dict[int, _Sent] = field(default_factory=dict)
+    completions: dict[int, SentCompletion] = field(default_factory=dict)
 
 
 class OutputEncoder:
@@ -73,15 +79,12 @@ class OutputEncoder:
         self._sent: dict[str, _SentRequest] = {}
 
     def encode(self, output: RequestOutput) -> OutputDelta:
-        sent = self._sent.get(output.request_id)
-        first = sent is None
-        if first:
-            sent = self._sent[output.request_id] = _SentRequest()
+        sent, first = self.sent(output.request_id)
         prompt_logprobs = None
         if output.prompt_logprobs is not None:
             prompt_logprobs = _tail(sent.prompt_logprobs, output.prompt_logprobs)
             sent.prompt_logprobs = len(output.prompt_logprobs)
-        completions = [self._completion(sent.completions.setdefault(c.index, _Sent()), c) for c in output.outputs]
+        completions = [self._completion(sent.completions.setdefault(c.index, SentCompletion()), c) for c in output.outputs]
         if output.finished:
             del self._sent[output.request_id]
         metrics = output.metrics
@@ -91,12 +94,20 @@ class OutputEncoder:
                                               metrics.first_token_time, metrics.finished_time),
                 output.error)
 
+    def sent(self, request_id: str) -> tuple[_SentRequest, bool]:
+        """What a request has sent so far, and whether this is its first delta."""
+        sent = self._sent.get(request_id)
+        if sent is None:
+            sent = self._sent[request_id] = _SentRequest()
+            return sent, True
+        return sent, False
+
     def forget(self, request_id: str) -> None:
         """The request ended without a finished output (aborted)."""
         self._sent.pop(request_id, None)
 
     @staticmethod
-    def _completion(sent: _Sent, completion: CompletionOutput) -> CompletionDelta:
+    def _completion(sent: SentCompletion, completion: CompletionOutput) -> CompletionDelta:
         text = completion.text
         text_start = len(sent.text) if text.startswith(sent.text) else 0
         sent.text = text
