@@ -106,6 +106,8 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         num_full = min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size
+        if num_full <= seq.num_committed_blocks:  # most steps: no block completed
+            return
         hashes = self._full_block_hashes(seq)
         for i in range(seq.num_committed_blocks, num_full):
             block = seq.block_table[i]

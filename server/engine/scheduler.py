@@ -76,6 +76,7 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.config.max_batch_prefill_tokens
+        block_size = self.block_manager.block_size
         queue = deque(self.running)
         kept: list[Sequence] = []
         while queue:
@@ -91,12 +92,13 @@ class Scheduler:
                 kept.append(seq)
                 continue
             total = seq.num_computed_tokens + num_tokens
-            while not self.block_manager.can_grow(seq, total) and queue:
-                self._preempt(queue.pop(), batch)
-            if not self.block_manager.can_grow(seq, total):
-                self._preempt(seq, batch)
-                continue
-            self.block_manager.grow(seq, total)
+            if total > len(seq.block_table) * block_size:  # needs another block (most steps don't)
+                while not self.block_manager.can_grow(seq, total) and queue:
+                    self._preempt(queue.pop(), batch)
+                if not self.block_manager.can_grow(seq, total):
+                    self._preempt(seq, batch)
+                    continue
+                self.block_manager.grow(seq, total)
             batch.add(seq, num_tokens)
             kept.append(seq)
             if remaining > 1:
