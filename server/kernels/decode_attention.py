@@ -81,14 +81,15 @@ def _decode_split_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, part_out_ptr, part_lse_ptr, out_ptr,
         seq_ids_ptr, cu_query_ptr,
         scale_log2, window, k_scale, v_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_cb,
-        stride_cs, stride_ch, num_splits,
+        stride_cs, stride_ch, num_splits, fresh,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         PAGE: tl.constexpr, BLOCK_N: tl.constexpr, ONE_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
         FP8_CACHE: tl.constexpr, INDEXED: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr):
     # Before the wait for the kernel ahead (server/kernels/launch.py): the step's inputs (written
     # before the forward starts) and, with EARLY, the first tile of this split's keys and
-    # values but the newest token's, which the kernel ahead stores; every other cached token
-    # was stored by an earlier step.
+    # values but the newest `fresh` tokens', which the kernel ahead stores (a decode row's own;
+    # a row of speculation's checks, up to its sequence's tokens of the step before it); every
+    # other cached token was stored by an earlier step.
     kv_head = tl.program_id(0)
     index = tl.program_id(1)  # of the sequence among those this launch takes
     seq, row = sequence_and_row(index, seq_ids_ptr, cu_query_ptr, INDEXED)
@@ -116,8 +117,8 @@ def _decode_split_kernel(
                              stride_ch)
         at = slot[:, None] + d[None, :]
         cached = pmask[:, None] & dmask[None, :]
-        newest = cached & (pos == ctx - 1)[:, None]
-        older = cached & (pos != ctx - 1)[:, None]
+        newest = cached & (pos >= ctx - fresh)[:, None]
+        older = cached & (pos < ctx - fresh)[:, None]
         k = tl.load(k_cache_ptr + at, mask=older, other=0.0).to(dtype)  # [BLOCK_N, BLOCK_D]
         v = tl.load(v_cache_ptr + at, mask=older, other=0.0).to(dtype)
     wait_for_inputs(PDL)
@@ -245,14 +246,17 @@ def kernel_choice(num_seqs: int, num_kv_heads: int, num_splits: int, head_dim: i
 
 def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float,
                      window: int | None, num_splits: int, out=None, k_scale: float = 1.0, v_scale: float = 1.0,
-                     config: DecodeConfig | None = None, seq_ids=None, cu_query_lens=None):
+                     config: DecodeConfig | None = None, seq_ids=None, cu_query_lens=None, fresh: int = 1):
     """q [num_seqs, heads, head_dim] -> [num_seqs, heads, head_dim]; block_tables [num_seqs,
     max_blocks] and context_lens [num_seqs] are integer tensors on the device. With one split
     (a batch large enough to fill the GPU without splitting) the split kernel writes the output
     itself and the merge is not launched.
 
     In a mixed step, `seq_ids` picks the sequences of one token (q then holds every token of the
-    step, sequence i's from cu_query_lens[i]); their rows of `out` are written, no others."""
+    step, sequence i's from cu_query_lens[i]); their rows of `out` are written, no others.
+    `fresh`: how many of the newest tokens of a row's context this step stores (the decode
+    graphs replayed a row a token, as speculation's checks run, store up to their query
+    length): programs that start before the storing kernel finishes read those after it."""
     num_heads, head_dim = q.shape[1:]
     indexed = seq_ids is not None
     if indexed and (out is None or cu_query_lens is None):
@@ -273,7 +277,7 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: flo
     _decode_split_kernel[(num_kv_heads, num_seqs, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, part_out, part_lse, out, *ids,
         scale * LOG2E, window or 0, k_scale, v_scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), num_splits,
+        block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), num_splits, fresh,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         PAGE=page, BLOCK_N=c.block_n, ONE_SPLIT=num_splits == 1, PRECISION=dot_precision(q.dtype),
         FP8_CACHE=k_cache.dtype == FP8, INDEXED=indexed, EARLY=early, PDL=PDL,

@@ -90,6 +90,9 @@ class AttentionMetadata:
     multi_seqs: torch.Tensor | None = None
     cu_context_lens: torch.Tensor | None = None  # [num_seqs + 1] int32: flash-attn's cu_seqlens_k
     max_context_len: int = 0
+    # Of a decode step, the newest tokens of a row's context that the step stores: 1, or for the
+    # decode graphs that speculation's checks replay a row a token, the longest query they take.
+    fresh_tokens: int = 1
 
 
 class Attention(nn.Module):
@@ -140,7 +143,8 @@ class Attention(nn.Module):
         scales = dict(k_scale=self.k_scale, v_scale=self.v_scale)
         if meta.decode_only:
             return decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
-                                    self.scale, self.sliding_window, meta.num_splits, **scales)
+                                    self.scale, self.sliding_window, meta.num_splits, fresh=meta.fresh_tokens,
+                                    **scales)
         out = None
         if meta.single_seqs is not None:  # the decode kernel reads a context once for a KV head's query heads
             out = torch.empty_like(q)

@@ -32,11 +32,13 @@ def graph_sizes(max_batch_size: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model, sizes: list[int], max_blocks: int, num_splits, device: torch.device,
-                 lora_bank: LoRABank | None = None):
+                 lora_bank: LoRABank | None = None, max_query_len: int = 1):
         """`num_splits(batch_size, max_context)` gives the decode kernel's context splits for a
         size, where every context is at most max_context tokens (None: any): a size is captured
         with those of any context and with those of the shortest, where they differ. With
-        `lora_bank`, the graphs take each row's adapter slot (`run`'s `lora_slots`)."""
+        `lora_bank`, the graphs take each row's adapter slot (`run`'s `lora_slots`). With
+        `max_query_len` > 1, steps of up to that many tokens a sequence replay them a row a token
+        (decode_rows): a row's context then ends in up to that many tokens the step stores."""
         self.sizes = sorted(sizes)
         biggest = self.sizes[-1]
         self.token_ids = torch.zeros(biggest, dtype=torch.int64, device=device)
@@ -56,7 +58,7 @@ class DecodeGraphs:
                     slot_mapping=self.slot_mapping[:size], block_tables=self.block_tables[:size],
                     context_lens=self.context_lens[:size], cu_query_lens=self.cu_query_lens[:size + 1],
                     query_lens=[1] * size, context_lens_list=[1] * size, decode_only=True, max_query_len=1,
-                    num_splits=splits)
+                    num_splits=splits, fresh_tokens=max_query_len)
                 args = (self.token_ids[:size], self.positions[:size], meta)
                 if lora_bank is not None:
                     lora_bank.use_rows(self.lora_slots[:size])

@@ -205,9 +205,10 @@ class ModelRunner:
         def splits(size: int, context: int | None) -> int:
             return decode_splits(size, kv_heads, sms, context)
 
-        self.graphs = DecodeGraphs(self.model, sizes, max_blocks, splits, self.device)
+        self.graphs = DecodeGraphs(self.model, sizes, max_blocks, splits, self.device, max_query_len=max_query_len)
         if self.has_lora:
-            self.lora_graphs = DecodeGraphs(self.model, sizes, max_blocks, splits, self.device, self.lora_bank)
+            self.lora_graphs = DecodeGraphs(self.model, sizes, max_blocks, splits, self.device, self.lora_bank,
+                                            max_query_len)
         self.graph_query_len = max_query_len
 
     @torch.inference_mode()
