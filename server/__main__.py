@@ -45,7 +45,8 @@ FLAGS = [
     ("--waiting-served-ratio", float, 0.0, "TGI's rule for adding waiting prompts to a batch that is "
      "decoding: only once at least this ratio times the running requests could be admitted, or "
      "--max-waiting-tokens steps after the last admission, so that steps that take prompts (run eagerly, "
-     "outside the CUDA graphs) come in fewer, larger batches. 0 (ours; TGI's is 0.3): whenever there is room."),
+     "outside the CUDA graphs) come in fewer, larger batches. 0 (ours; TGI's is 0.3): whenever there is room "
+     "(on an H100, 0.3 made 1,000 ShareGPT-like requests 6% slower offline)."),
     ("--max-waiting-tokens", int, 20, "With --waiting-served-ratio: decode steps after which waiting prompts "
      "are admitted however few."),
     ("--cuda-memory-fraction", float, 1.0, "Share of the GPU's memory this server may use."),
@@ -83,9 +84,9 @@ FLAGS = [
      "tokens as there are heads, or fewer when set."),
     ("--max-graph-query-len", int, 1, "Steps in which each request computes at most this many tokens (short "
      "prompt chunks mixed into decoding) replay the decode CUDA graphs, a row a token, when all their tokens "
-     "fit the largest graph (256 tokens): such steps otherwise run eagerly, launching every "
-     "kernel from Python. 1: decode steps only (speculation raises it to its tokens); larger values are to "
-     "be measured on the GPU (benchmarks/throughput.py --max-graph-query-len)."),
+     "fit the largest graph (--max-batch-size tokens): such steps otherwise run eagerly. 1: decode steps only "
+     "(speculation raises it to its tokens). On an H100, 1,000 ShareGPT-like requests gained nothing from it "
+     "(docs/performance.md)."),
     ("--speculate-max-batch-size", int, 32, "Above this many running requests nothing is speculated (and "
      "above half of it, half the --speculate tokens): a large batch's step has no compute to spare for checking "
      "proposals. The default is to be measured on the GPU."),
