@@ -3,7 +3,9 @@ and seeded requests alike, alone and in mixed batches, with stops, logprobs and 
 from __future__ import annotations
 
 import pytest
+import torch
 
+from conftest import SMOLLM2_DIR
 from server import LLM, SamplingParams
 from server.engine.speculation import NgramIndex, propose_ngram
 
@@ -165,3 +167,23 @@ def test_the_server_speculates_with_its_flag(mistral_v03_dir, plain, draft):
     expected = plain.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)[0]
     assert answer["generated_text"] == expected.outputs[0].text
     assert f"proposed by {mistral_v03_dir if draft else 'n-gram lookup'}" in log
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not SMOLLM2_DIR, reason="needs CUDA and SmolLM2")
+def test_checks_through_the_decode_graphs_keep_a_real_models_greedy_tokens_in_bfloat16():
+    """On a GPU the checks replay the decode graphs a row a token, and the decode kernel reads
+    its first keys before the kernel that stores the step's own has finished: a check's rows
+    must still read their sequence's keys of the same step (an H100 found them read stale,
+    and SmolLM2 copying a passage wrote another from its 5th token)."""
+    passage = ("The river rose slowly through the night, and by morning the lower fields were under water. "
+               "The farmers moved their animals to the hill behind the village, where the old church stood.")
+    conversation = [[{"role": "user", "content": f"Copy this passage exactly, word for word:\n\n{passage}"}]]
+    params = SamplingParams(temperature=0, max_tokens=64)
+    plain = LLM(dtype="bfloat16", device="cuda")
+    expected = tokens(plain.chat(conversation, params, use_tqdm=False))
+    del plain
+    speculating = LLM(dtype="bfloat16", device="cuda",
+                      speculative_config={"method": "ngram", "num_speculative_tokens": 4})
+    assert tokens(speculating.chat(conversation, params, use_tqdm=False)) == expected
+    assert speculating.engine.num_accepted >= 20  # the copy was mostly proposed and kept
