@@ -87,11 +87,12 @@ def main() -> None:
     parser.add_argument("--speculate", type=int, default=4)
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--dtype", default="auto", help="float32: outputs that must equal plain decoding's exactly")
     args = parser.parse_args()
     sizes = [int(s) for s in args.batch_sizes.split(",")]
 
     plain, plain_ids = {}, {}
-    llm = LLM(args.model)
+    llm = LLM(args.model, dtype=args.dtype)
     for size in sizes:
         plain[size], plain_ids[size] = run(llm, size, args.max_tokens)
     del llm
@@ -99,10 +100,11 @@ def main() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     config = {"method": "draft_model", "model": args.draft_model} if args.draft_model else {"method": "ngram"}
-    llm = LLM(args.model, speculative_config={**config, "num_speculative_tokens": args.speculate})
+    llm = LLM(args.model, dtype=args.dtype, speculative_config={**config, "num_speculative_tokens": args.speculate})
     report = {"benchmark": "speculation", "model": args.model or "SmolLM2-135M-Instruct",
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "proposer": args.draft_model or "ngram", "speculate": args.speculate, "batches": {}}
+              "proposer": args.draft_model or "ngram", "speculate": args.speculate, "dtype": args.dtype,
+              "batches": {}}
     for size in sizes:
         engine = llm.engine
         proposed, kept = engine.num_speculated, engine.num_accepted
