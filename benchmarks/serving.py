@@ -37,7 +37,13 @@ counted as such (the tokens they streamed count towards its output-token through
 For a started server each rate also reports `cpu_us_per_token`: the CPU time its own process
 ("server") and the rest of its process group ("children": the engine's process) spent per
 streamed token, which says whether the HTTP side or the engine's host work runs out of core
-first (a process near 1e6 / tokens-per-second is saturated).
+first (a process near 1e6 / tokens-per-second is saturated); every rate reports
+`client_cpu_cores`, the CPU the client's processes spent over the run in cores (near
+`--client-processes`: the client is the bottleneck; give it more processes).
+With `--py-spy SECONDS` (py-spy on the PATH), a started server's processes are sampled for
+that long from the start of each rate, and the rate reports where their samples fell
+(`profile`: the busiest frames of each process, by self and by inclusive samples), beside
+the raw stacks in --out.
 """
 from __future__ import annotations
 
@@ -50,6 +56,7 @@ import random
 import shlex
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -142,16 +149,49 @@ def summary(records: list[dict], elapsed: float, slo_ttft_ms: float, slo_tpot_ms
             "e2e_ms": ms(r["end"] - r["start"] for r in done)}
 
 
-async def run_rate(url: str, model: str, rate: float, prompts, outputs, deadline: float, args) -> dict:
+def run_rate(url: str, model: str, rate: float, prompts, outputs, deadline: float, args) -> dict:
     """Requests arrive until all are sent or `deadline` (a perf_counter time) passes; those
-    still running then are cancelled."""
-    rng = random.Random(args.seed)
+    still running then are cancelled. With --client-processes N, N processes each send every
+    N-th request at rate / N (Poisson arrivals split N ways are Poisson at rate / N), so that
+    one client process's parsing of the streams does not set the pace."""
+    n = max(1, min(args.client_processes, len(prompts)))
+    shares = [(url, model, rate / n, prompts[i::n], outputs[i::n], deadline, args.seed + i, args.request_timeout)
+              for i in range(n)]
+    if n == 1:
+        results = [send_share(*shares[0])]
+    else:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(n) as pool:  # fresh interpreters, no forked loop
+            results = pool.starmap(send_share, shares)
+    records = [record for share_records, *_ in results for record in share_records]
+    start, end = min(r[1] for r in results), max(r[2] for r in results)
+    elapsed = end - start
+    result = {"request_rate": rate if math.isfinite(rate) else "inf", "sent": len(records),
+              "not_sent": len(prompts) - len(records),
+              **summary(records, elapsed, args.slo_ttft_ms, args.slo_tpot_ms)}
+    # The client processes' CPU over the run, in cores: near their number, the clients set the
+    # pace, not the server.
+    result["client_processes"] = n
+    result["client_cpu_cores"] = sum(r[3] for r in results) / elapsed if elapsed else None
+    return result
+
+
+def send_share(url: str, model: str, rate: float, prompts, outputs, deadline: float, seed: int,
+               request_timeout: float) -> tuple[list[dict], float, float, float]:
+    """One client process's requests: their records, its start and end (perf_counter, one clock
+    for every process of the machine) and the CPU seconds it spent."""
+    return asyncio.run(_send_share(url, model, rate, prompts, outputs, deadline, seed, request_timeout))
+
+
+async def _send_share(url, model, rate, prompts, outputs, deadline, seed, request_timeout):
+    rng = random.Random(seed)
     records: list[dict] = []
     tasks = []
     limits = httpx.Limits(max_connections=len(prompts) + 10)
-    timeout = httpx.Timeout(args.request_timeout, connect=10)
+    timeout = httpx.Timeout(request_timeout, connect=10)
     async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for prompt, max_tokens in zip(prompts, outputs):
             if time.perf_counter() >= deadline:
                 break
@@ -163,10 +203,8 @@ async def run_rate(url: str, model: str, rate: float, prompts, outputs, deadline
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        elapsed = time.perf_counter() - start
-    return {"request_rate": rate if math.isfinite(rate) else "inf", "sent": len(records),
-            "not_sent": len(prompts) - len(records),
-            **summary(records, elapsed, args.slo_ttft_ms, args.slo_tpot_ms)}
+        end = time.perf_counter()
+    return records, start, end, time.process_time() - cpu_start
 
 
 async def warm_up(url: str, model: str, deadline: float) -> None:
@@ -216,9 +254,13 @@ def bench(name: str, args, prompts, outputs, deadline: float, entry: dict) -> No
         for i, rate in enumerate(rates):
             share = (deadline - time.perf_counter()) / (len(rates) - i)
             cpu_before = server.cpu_seconds() if server else {}
-            run = asyncio.run(run_rate(url, model, rate, prompts, outputs, time.perf_counter() + share, args))
+            profiler = start_profile(server.process.pid, args.py_spy, os.path.join(
+                args.out, f"{name}-{rate:g}.pyspy")) if server and args.py_spy else None
+            run = run_rate(url, model, rate, prompts, outputs, time.perf_counter() + share, args)
             if cpu_before:
                 run["cpu_us_per_token"] = cpu_per_token(cpu_before, server.cpu_seconds(), run)
+            if profiler:
+                run["profile"] = finish_profile(*profiler)
             entry["runs"].insert(0, run)
             print(f"{name} at {run['request_rate']} req/s: {run['completed']} of {len(prompts)} served, "
                   f"{run['output_token_throughput']:.0f} tokens/s", file=sys.stderr)
@@ -232,6 +274,51 @@ def bench(name: str, args, prompts, outputs, deadline: float, entry: dict) -> No
     finally:
         if server:
             server.stop()
+
+
+def start_profile(pid: int, seconds: float, path: str) -> tuple[subprocess.Popen, str, float]:
+    """py-spy sampling a server's process and its children for `seconds`, raw stacks to `path`."""
+    command = ["py-spy", "record", "--pid", str(pid), "--subprocesses", "--duration", str(round(seconds)),
+               "--rate", "100", "--format", "raw", "--output", path, "--nonblocking"]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), path, seconds
+
+
+def finish_profile(process: subprocess.Popen, path: str, seconds: float) -> dict:
+    try:
+        process.wait(seconds + 30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    if not os.path.exists(path):
+        return {"error": f"py-spy wrote nothing (exit status {process.returncode})"}
+    with open(path) as f:
+        return {"file": path, "processes": profile_summary(f)}
+
+
+def profile_summary(lines, top: int = 15) -> dict:
+    """py-spy's raw stacks (`frame;frame;... count` lines; with --subprocesses the first frames
+    name the process and its parents) -> per process: its samples, and the frames with the most samples of
+    their own and, of our code (server/), the most samples under them, each with its share."""
+    processes: dict[str, dict[str, Counter]] = {}
+    for line in lines:
+        stack, _, count = line.rstrip("\n").rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        process = "all"
+        while frames[0].startswith("process "):  # a child's stacks start with its parents' names, then its own
+            process = frames.pop(0).split(":", 1)[0]
+        tallies = processes.setdefault(process, {"self": Counter(), "under": Counter()})
+        tallies["self"][frames[-1]] += int(count)
+        for frame in set(frames):
+            if "server/" in frame:
+                tallies["under"][frame] += int(count)
+    summary = {}
+    for process, tallies in processes.items():
+        samples = sum(tallies["self"].values())
+        summary[process] = {"samples": samples, **{
+            kind: [[frame, round(n / samples, 4)] for frame, n in counter.most_common(top)]
+            for kind, counter in (("self", tallies["self"]), ("under", tallies["under"]))}}
+    return summary
 
 
 def cpu_per_token(before: dict[str, float], after: dict[str, float], run: dict) -> dict[str, float | None]:
@@ -281,6 +368,11 @@ def main() -> None:
     parser.add_argument("--time-budget", type=float, default=420, help="seconds for the whole run, starts included")
     parser.add_argument("--request-timeout", type=float, default=120, help="seconds a request may wait for a chunk")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--client-processes", type=int, default=1,
+                        help="processes sending the requests, each every N-th at rate / N (one Python client "
+                             "parses a few thousand streamed tokens a second)")
+    parser.add_argument("--py-spy", type=float, default=0, metavar="SECONDS",
+                        help="sample a started server's processes with py-spy this long in each rate (0: no)")
     parser.add_argument("--out", default="serving", help="directory for serving.json, the PNG and the servers' logs")
     args = parser.parse_args()
     if args.launch and not args.model:

@@ -186,3 +186,36 @@ def test_speculation_step_times_checks_against_a_decode_step(mistral_v03_dir):
         check = batch["verify_2"]
         assert batch["decode_ms"] > 0 and check["ms"] > 0 and check["eager_ms"] > 0
         assert check["expected_speedup"]["0.5"] == pytest.approx(1.75 / check["ratio"])
+
+
+def test_serving_streams_every_request_from_several_client_processes(mistral_v03_dir, tmp_path):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "serving.py"), "--launch", "ours",
+                           "--model", mistral_v03_dir, "--dtype", "float32", "--rates", "inf,20", "--num-prompts", "12",
+                           "--prompt-len", "4,30", "--output-len", "2,8", "--client-processes", "2",
+                           "--time-budget", "240", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ours = json.loads(open(tmp_path / "serving.json").read())["servers"]["ours"]
+    assert "error" not in ours, ours
+    for run in ours["runs"]:
+        assert run["completed"] == 12 and run["outcomes"] == {"ok": 12}
+        assert run["client_processes"] == 2 and run["client_cpu_cores"] > 0
+        assert run["ttft_ms"]["p50"] > 0 and run["output_token_throughput"] > 0
+        assert run["cpu_us_per_token"]["server"] > 0
+
+
+def test_a_profile_is_summed_per_process_from_py_spys_stacks():
+    sys.path.insert(0, ROOT)
+    from benchmarks.serving import profile_summary
+
+    parent = 'process 10:"python -m server"'
+    child = 'process 11:"python -m server (engine)"'
+    stacks = [f"{parent};main (server/__main__.py:3);send (uvicorn/x.py:5) 30",
+              f"{parent};main (server/__main__.py:3);encode (json/encoder.py:9) 10",
+              f"{parent};{child};run (server/engine/engine_core.py:7);step (server/engine/llm_engine.py:2) 45",
+              f"{parent};{child};run (server/engine/engine_core.py:7);send (multiprocessing/connection.py:4) 15",
+              "not a stack line"]
+    summary = profile_summary(stacks)
+    assert summary["process 10"]["samples"] == 40 and summary["process 11"]["samples"] == 60
+    assert summary["process 10"]["self"][0] == ["send (uvicorn/x.py:5)", 0.75]
+    assert summary["process 11"]["under"][0] == ["run (server/engine/engine_core.py:7)", 1.0]
+    assert ["step (server/engine/llm_engine.py:2)", 0.75] in summary["process 11"]["under"]
