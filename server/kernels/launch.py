@@ -25,8 +25,9 @@ weights and tables (constants), and the step's inputs (positions, slots, block t
 context lengths), which are written before the forward's first kernel starts: a kernel
 launched this way starts only after the one ahead has started, so every kernel of the
 forward starts after the work queued before it has finished. And the KV cache but for this
-step's new slots: a sequence's context holds no slot written in the same step (the block
-manager publishes blocks to the prefix cache after their step is queued). Reading them early
+step's new slots: a decode row's context holds only its own (the block manager publishes blocks
+to the prefix cache after their step is queued), and a row of speculation's checks, replayed
+a row a token, its sequence's tokens of the step up to its own (decode_attention's `fresh`). Reading them early
 turned a decode step's small kernels from a chain of round trips into one each: the norm's
 weight, the rotary kernel's position, slot and angles, the decode attention's first tile
 (server/kernels/decode_attention.py) and the 4-bit products' first groups (kernels/int4_gemv.py).

@@ -12,7 +12,10 @@ cores: an adapter's A and B are read once for each block of its rows, not once a
     of outputs, added in place.
 A merged projection (q, k, v) keeps its pieces' A stacked along R and their B block-diagonal,
 so one shrink and one expand serve all of them. The slots are read on the device, so that a
-captured CUDA graph serves any mix of adapters: what decode steps with adapters replay.
+captured CUDA graph serves any mix of adapters: what decode steps with adapters replay. Both
+are launched as the forward's other kernels are (server/kernels/launch.py: placed while the
+kernel ahead drains, each waiting for it before reading), so that they do not break the chain
+of early launches twice a projection.
 
 The torch reference is `lora_reference`.
 """
@@ -24,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from server.kernels.launch import LAUNCH, PDL, wait_for_inputs
 from server.kernels.precision import dot_precision
 
 
@@ -59,7 +63,9 @@ def _slot_block(order_ptr, starts_ptr, BLOCK_M: tl.constexpr):
 @triton.jit
 def _shrink_kernel(x_ptr, a_ptr, order_ptr, starts_ptr, t_ptr, in_features, rank, split_len,
                    stride_x, stride_a_slot, stride_a_rank, stride_t_split, stride_t,
-                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+                   PDL: tl.constexpr):
+    wait_for_inputs(PDL)  # the rows' order is made in the forward, like x
     slot, rows, valid, live = _slot_block(order_ptr, starts_ptr, BLOCK_M)
     if live:
         split = tl.program_id(2)
@@ -81,7 +87,9 @@ def _shrink_kernel(x_ptr, a_ptr, order_ptr, starts_ptr, t_ptr, in_features, rank
 @triton.jit
 def _expand_kernel(t_ptr, b_ptr, order_ptr, starts_ptr, out_ptr, out_features, rank, splits,
                    stride_t_split, stride_t, stride_b_slot, stride_b_out, stride_out,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+                   PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     slot, rows, valid, live = _slot_block(order_ptr, starts_ptr, BLOCK_M)
     if live:
         r = tl.arange(0, BLOCK_R)
@@ -126,7 +134,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, rows: LoRARows, splits: int | 
     _shrink_kernel[(num_slots, blocks, splits)](
         x, a, rows.order, rows.starts, t, in_features, rank, split_len, x.stride(0), a.stride(0), a.stride(1),
         t.stride(0), t.stride(1), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=_block_r(rank),
-        PRECISION=dot_precision(x.dtype))
+        PRECISION=dot_precision(x.dtype), PDL=PDL, **LAUNCH)
     return t
 
 
@@ -138,7 +146,7 @@ def lora_expand(t: torch.Tensor, b: torch.Tensor, rows: LoRARows, out: torch.Ten
     _expand_kernel[(num_slots, triton.cdiv(n, block_m), triton.cdiv(out_features, block_n))](
         t, b, rows.order, rows.starts, out, out_features, rank, t.shape[0], t.stride(0), t.stride(1), b.stride(0),
         b.stride(1), out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(rank),
-        PRECISION=dot_precision(b.dtype))
+        PRECISION=dot_precision(b.dtype), PDL=PDL, **LAUNCH)
     return out
 
 
