@@ -10,6 +10,7 @@ import torch
 
 from server.kernels.quant_reference import Fp8Experts, Int4Experts, group_of_each_input, pack_int4, quantize_fp8_rows
 from server.kernels.reference import quantized_moe_reference
+from server.kernels.gemv import gemv as _gemv
 from test_kernels import DEVICE, DTYPES, gpu_only, tol
 
 
@@ -76,6 +77,29 @@ def test_quantized_moe_matches_the_reference(tokens, experts, top_k, hidden, int
         out = quantized_moe(x, w13, w2, weights, ids, config)
         assert out.dtype == dtype
         torch.testing.assert_close(out.float(), ref, **tol(dtype))
+
+
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_fp8_decode_rows_read_their_experts_through_gemv(tokens, monkeypatch):
+    """One or two tokens of e4m3 experts in half precision (a decode step) take gemv's rows read
+    from their own experts, as bf16 experts do: the reference's sums, and gemv called twice."""
+    import server.kernels.quantized_moe as module
+
+    g = torch.Generator().manual_seed(tokens)
+    w13, w2 = fp8_experts(4, 64, 192, g), fp8_experts(4, 96, 64, g)
+    x = torch.randn(tokens, 64, generator=g).to(torch.bfloat16).to(DEVICE)
+    weights, ids = routed(tokens, 4, 2, g)
+    gated = []
+
+    def counted(*args, **kwargs):
+        gated.append(kwargs.get("gated", False))
+        return _gemv(*args, **kwargs)
+
+    monkeypatch.setattr(module, "gemv", counted)
+    out = module.quantized_moe(x, w13, w2, weights, ids)
+    assert gated == [False, True]
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), quantized_moe_reference(x, w13, w2, weights, ids), **tol(torch.bfloat16))
 
 
 def test_the_reference_puts_each_act_order_row_on_the_input_it_multiplies():

@@ -18,7 +18,12 @@ w13's outputs:
 Everything is device work (the sort too), so a decode step through this layer can be
 captured in a CUDA graph.
 
-Decode (up to BY_PAIR_MAX pairs) skips the sort, whose dozen small launches a layer would
+An e4m3 decode step of up to GEMV_PAIRS pairs goes through gemv instead (server/kernels/gemv.py:
+each pair's rows read from its own expert's stack, the per-channel scales applied at the end,
+SiLU-and-multiply fused into the down product), as fused_moe.py's half-precision one does: the
+grouped kernel's tiles of 16 rows for one or two would read the weight below the copy rate.
+
+Other decode steps (up to BY_PAIR_MAX pairs) skip the sort, whose dozen small launches a layer would
 weigh on a step that reads little else: each pair is a block of its own (row 0 of BLOCK_M),
 its expert read from topk_ids, so only the picked experts' weights are read (an expert that
 two pairs pick, twice). The down kernel can split K (`split_k`) so that a few pairs still
@@ -33,7 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from server.kernels.fused_moe import MoEConfig, sort_by_expert
+from server.kernels.fused_moe import GEMV_PAIRS, MoEConfig, sort_by_expert
+from server.kernels.gemv import MAX_ROWS, gemv
 from server.kernels.int4_matmul import _dequantized_tile, tile_k
 from server.kernels.precision import dot_precision
 from server.kernels.quant_reference import Fp8Experts, Int4Experts
@@ -182,6 +188,12 @@ def quantized_moe(x: torch.Tensor, w13: Int4Experts | Fp8Experts, w2: Int4Expert
     num_experts = w13.scale.shape[0] if isinstance(w13, Fp8Experts) else w13.qweight.shape[0]
     top_k = topk_ids.shape[1]
     num_pairs = num_tokens * top_k
+    if config is None and isinstance(w13, Fp8Experts) and num_pairs <= min(GEMV_PAIRS, MAX_ROWS) \
+            and x.dtype in (torch.bfloat16, torch.float16):  # e4m3 decode rows: gemv, as fused_moe's bf16 ones
+        experts = topk_ids.flatten()
+        gate_up = gemv(x.contiguous(), w13.weight, weight_scale=w13.scale, experts=experts)  # [pairs, 2 * inter]
+        down = gemv(gate_up, w2.weight, weight_scale=w2.scale, experts=experts, gated=True)  # [pairs, hidden]
+        return (down.view(num_tokens, top_k, hidden).float() * topk_weights[..., None]).sum(dim=1).to(x.dtype)
     c = config or default_config(num_pairs)
     if c.by_pair:
         block_expert = topk_ids.flatten()
