@@ -102,6 +102,34 @@ def test_fp8_decode_rows_read_their_experts_through_gemv(tokens, monkeypatch):
     torch.testing.assert_close(out.float(), quantized_moe_reference(x, w13, w2, weights, ids), **tol(torch.bfloat16))
 
 
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_4bit_decode_rows_read_their_experts_through_the_mma_path(tokens, monkeypatch):
+    """One or two tokens of 4-bit experts whose groups are runs (a decode step) take int4_gemv's
+    mma path, a row from each pair's expert (the mma emulated here), K split for the down
+    product; act-order experts keep the grouped kernel (test_quantized_moe_matches_the_reference)."""
+    import server.kernels.quantized_moe as module
+    from server.kernels.int4_gemv import int4_gemv_experts
+
+    g = torch.Generator().manual_seed(tokens)
+    calls = []
+
+    def counted(x, *args):
+        calls.append(x.shape[0])
+        return int4_gemv_experts(x, *args)
+
+    monkeypatch.setattr(module, "int4_gemv_experts", counted)
+    w13 = int4_experts(4, 64, 192, 32, "runs", torch.bfloat16, g)
+    w2 = int4_experts(4, 96, 64, 32, "runs", torch.bfloat16, g)
+    x = torch.randn(tokens, 64, generator=g).to(torch.bfloat16).to(DEVICE)
+    weights, ids = routed(tokens, 4, 2, g)
+    ids[0, 1] = ids[0, 0]  # an expert picked twice
+    out = module.quantized_moe(x, w13, w2, weights, ids)
+    assert calls == [tokens, 2 * tokens]  # gate_up from the tokens' rows, down from the pairs'
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), quantized_moe_reference(x, w13, w2, weights, ids), **tol(torch.bfloat16))
+    assert not module._runs_for_mma(int4_experts(4, 64, 192, 32, "act-order", torch.bfloat16, g))
+
+
 def test_the_reference_puts_each_act_order_row_on_the_input_it_multiplies():
     """Int4Experts.dense undoes perm: row k of qweight is input perm[k]'s weight."""
     g = torch.Generator().manual_seed(0)

@@ -363,9 +363,10 @@ def _group_product(acc, words, x_words, group, c, ones, all_ones, zero, GROUP_SI
 
 @triton.jit
 def _int4_mma_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, out_ptr, partial_ptr, counters_ptr, M, N,
-                     stride_xm, groups_per_split, num_splits, num_groups, ones, GROUP_SIZE: tl.constexpr,
-                     J: tl.constexpr, BLOCK_M: tl.constexpr, BF16: tl.constexpr, SPLIT: tl.constexpr,
-                     SUMS: tl.constexpr, EARLY: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr):
+                     stride_xm, groups_per_split, num_splits, num_groups, ones, experts_ptr, x_repeat, split_stride,
+                     GROUP_SIZE: tl.constexpr, J: tl.constexpr, BLOCK_M: tl.constexpr, BF16: tl.constexpr,
+                     SPLIT: tl.constexpr, SUMS: tl.constexpr, EARLY: tl.constexpr, EMULATE: tl.constexpr,
+                     EXPERTS: tl.constexpr, PDL: tl.constexpr):
     block = tl.program_id(0)
     split = tl.program_id(1)
     lane = tl.arange(0, 32)
@@ -382,6 +383,15 @@ def _int4_mma_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, out_ptr, partial
         more = _group_words(qweight_ptr, zeros_ptr, scales_ptr, tl.minimum(first + 1, end - 1), col, c, N,
                             GROUP_SIZE, J)
     wait_for_inputs(PDL)
+    if EXPERTS:  # program (block, split, row): output row `row` (M is 1) from its expert's stacked weight
+        row = tl.program_id(2)
+        expert = tl.load(experts_ptr + row).to(tl.int64)  # the router's pick: read after the wait, so EARLY is 0
+        qweight_ptr += expert * (num_groups * (GROUP_SIZE // 8) * N)
+        zeros_ptr += expert * (num_groups * N)
+        scales_ptr += expert * (num_groups * N)
+        x_ptr += (row // x_repeat) * stride_xm
+        out_ptr += row * N
+        partial_ptr += row * N
     x_words = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + tl.minimum(g, M - 1) * (stride_xm // 2)  # B col g
     all_ones = tl.zeros([32], tl.int32) + ones  # A of the mma that sums x
     zero = tl.zeros([32], tl.float32)
@@ -397,7 +407,7 @@ def _int4_mma_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, out_ptr, partial
         acc = _group_product(acc, words, x_words, group, c, ones, all_ones, zero, GROUP_SIZE, J, BF16, EMULATE)
     rows = 2 * c  # x rows of acc[4j] and acc[4j + 2]; acc[4j + 1] and acc[4j + 3] have the next
     if SPLIT and not SUMS:
-        at = partial_ptr + split * M * N
+        at = partial_ptr + split * split_stride
     else:
         at = out_ptr
     for j in tl.static_range(J):
@@ -408,7 +418,7 @@ def _int4_mma_kernel(x_ptr, qweight_ptr, zeros_ptr, scales_ptr, out_ptr, partial
                 tl.atomic_add(at + place, (acc[4 * j + k] * PER_UNIT).to(tl.int64), mask=keep, sem="relaxed")
             else:
                 tl.store(at + place, acc[4 * j + k].to(at.dtype.element_ty), mask=keep)
-    if SPLIT and not SUMS:
+    if SPLIT and not SUMS and not EXPERTS:  # experts' splits are added up by the caller
         _sum_splits(partial_ptr, out_ptr, counters_ptr, block, num_splits, M, N, tl.arange(0, BLOCK_M),
                     block * 16 * J + tl.arange(0, 16 * J))
 
@@ -595,8 +605,40 @@ def _int4_mma(x, qweight, zeros, scales, group_size: int, c: Int4GemvConfig, cou
         partial, counters = _split_sums(out, split_k, counters)
     _int4_mma_kernel[(blocks, split_k)](
         x, qweight, zeros, scales, out, partial, counters, M, N, x.stride(0), per_split,
-        split_k, groups, HALVES[x.dtype], GROUP_SIZE=group_size, J=c.block_n // 16,
+        split_k, groups, HALVES[x.dtype], x, 1, M * N, GROUP_SIZE=group_size, J=c.block_n // 16,
         BLOCK_M=triton.next_power_of_2(M), BF16=x.dtype == torch.bfloat16, SPLIT=split_k > 1,
-        SUMS=sums is not None, EARLY=c.early, EMULATE=knobs.runtime.interpret, PDL=PDL, num_warps=1,
+        SUMS=sums is not None, EARLY=c.early, EMULATE=knobs.runtime.interpret, EXPERTS=False, PDL=PDL, num_warps=1,
         num_stages=c.num_stages, **LAUNCH)
     return out
+
+
+def int4_gemv_experts(x: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
+                      group_size: int, experts: torch.Tensor) -> torch.Tensor:
+    """A mixture-of-experts layer's few decode rows, each from the expert it was routed to:
+    qweight [E, K/8, N], zeros and scales [E, G, N] (groups that are runs of inputs), experts [P]
+    (P a multiple of x's M rows, at most MAX_ROWS): output row p is x[p // (P / M)] times
+    expert experts[p]'s weight -> [P, N] in x's dtype. The mma path's programs, a third grid
+    axis for the rows; the expert is read on the device (a CUDA graph captures it), after the
+    wait for the kernel ahead (so no group is read early), and K's splits write float32 sums
+    that are added up after."""
+    M, K = x.shape
+    P, N = experts.numel(), qweight.shape[2]
+    if qweight.dim() != 3 or qweight.shape[1] * 8 != K or P % M or not 1 <= P <= MAX_ROWS or x.dtype not in HALVES:
+        raise ValueError(f"experts' rows take x [M, K] in half precision, a stack [E, K/8, N] and 1 to {MAX_ROWS} "
+                         f"rows, a multiple of M; not x {list(x.shape)} {x.dtype}, qweight {list(qweight.shape)}, "
+                         f"{P} rows")
+    x = x.contiguous()
+    if not mma_suits(x[:1], qweight[0], group_size):
+        raise ValueError(f"experts' rows need the mma path's shapes (groups of whole 32-input steps, outputs in fours)")
+    c = mma_config(1, N, K, group_size)
+    groups = K // group_size
+    per_split = triton.cdiv(groups, c.split_k)
+    split_k = triton.cdiv(groups, per_split)
+    out = torch.empty((P, N), dtype=x.dtype, device=x.device)
+    partial = out if split_k == 1 else torch.empty((split_k, P, N), dtype=torch.float32, device=x.device)
+    _int4_mma_kernel[(triton.cdiv(N, c.block_n), split_k, P)](
+        x, qweight, zeros, scales, partial, partial, partial, 1, N, x.stride(0), per_split,
+        split_k, groups, HALVES[x.dtype], experts, P // M, P * N, GROUP_SIZE=group_size, J=c.block_n // 16,
+        BLOCK_M=1, BF16=x.dtype == torch.bfloat16, SPLIT=split_k > 1, SUMS=False, EARLY=0,
+        EMULATE=knobs.runtime.interpret, EXPERTS=True, PDL=PDL, num_warps=1, num_stages=c.num_stages, **LAUNCH)
+    return out if split_k == 1 else partial.sum(dim=0).to(x.dtype)

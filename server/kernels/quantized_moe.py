@@ -18,10 +18,12 @@ w13's outputs:
 Everything is device work (the sort too), so a decode step through this layer can be
 captured in a CUDA graph.
 
-An e4m3 decode step of up to GEMV_PAIRS pairs goes through gemv instead (server/kernels/gemv.py:
-each pair's rows read from its own expert's stack, the per-channel scales applied at the end,
-SiLU-and-multiply fused into the down product), as fused_moe.py's half-precision one does: the
-grouped kernel's tiles of 16 rows for one or two would read the weight below the copy rate.
+A decode step of up to GEMV_PAIRS pairs reads each pair's rows from its own expert through
+the dense layers' decode products instead, as fused_moe.py's half-precision one does (the
+grouped kernel's tiles of 16 rows for one or two would read the weight below the copy rate):
+e4m3 through gemv (server/kernels/gemv.py: the per-channel scales applied at the end,
+SiLU-and-multiply fused into the down product); 4-bit whose groups are runs through int4_gemv's
+mma path (`int4_gemv_experts`), SiLU-and-multiply between the two.
 
 Other decode steps (up to BY_PAIR_MAX pairs) skip the sort, whose dozen small launches a layer would
 weigh on a step that reads little else: each pair is a block of its own (row 0 of BLOCK_M),
@@ -39,7 +41,9 @@ import triton
 import triton.language as tl
 
 from server.kernels.fused_moe import GEMV_PAIRS, MoEConfig, sort_by_expert
+from server.kernels.activation import silu_and_mul
 from server.kernels.gemv import MAX_ROWS, gemv
+from server.kernels.int4_gemv import int4_gemv_experts
 from server.kernels.int4_matmul import _dequantized_tile, tile_k
 from server.kernels.precision import dot_precision
 from server.kernels.quant_reference import Fp8Experts, Int4Experts
@@ -178,6 +182,12 @@ def _weight_arguments(w: Int4Experts | Fp8Experts, largest_k: int) -> tuple[tupl
                           HAS_PERM=w.perm is not None, BLOCK_K=tile_k(w.in_features, w.group_size, largest_k))
 
 
+def _runs_for_mma(w: Int4Experts) -> bool:
+    """Whether int4_gemv's mma path can read these experts: groups that are runs of inputs
+    (no act-order), of whole 32-input steps, and outputs in fours."""
+    return w.g_idx is None and w.perm is None and w.group_size % 32 == 0 and w.qweight.shape[2] % 4 == 0
+
+
 def quantized_moe(x: torch.Tensor, w13: Int4Experts | Fp8Experts, w2: Int4Experts | Fp8Experts,
                   topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                   config: QuantizedMoEConfig | None = None) -> torch.Tensor:
@@ -193,6 +203,13 @@ def quantized_moe(x: torch.Tensor, w13: Int4Experts | Fp8Experts, w2: Int4Expert
         experts = topk_ids.flatten()
         gate_up = gemv(x.contiguous(), w13.weight, weight_scale=w13.scale, experts=experts)  # [pairs, 2 * inter]
         down = gemv(gate_up, w2.weight, weight_scale=w2.scale, experts=experts, gated=True)  # [pairs, hidden]
+        return (down.view(num_tokens, top_k, hidden).float() * topk_weights[..., None]).sum(dim=1).to(x.dtype)
+    if config is None and isinstance(w13, Int4Experts) and num_pairs <= min(GEMV_PAIRS, MAX_ROWS) \
+            and x.dtype in (torch.bfloat16, torch.float16) and _runs_for_mma(w13) and _runs_for_mma(w2):
+        # 4-bit decode rows: int4_gemv's mma path, each row from its own expert
+        experts = topk_ids.flatten()
+        gate_up = int4_gemv_experts(x, w13.qweight, w13.zeros, w13.scales, w13.group_size, experts)
+        down = int4_gemv_experts(silu_and_mul(gate_up), w2.qweight, w2.zeros, w2.scales, w2.group_size, experts)
         return (down.view(num_tokens, top_k, hidden).float() * topk_weights[..., None]).sum(dim=1).to(x.dtype)
     c = config or default_config(num_pairs)
     if c.by_pair:
