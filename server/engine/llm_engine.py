@@ -616,9 +616,10 @@ class LLMEngine:
             delta = seq.text[start:end]
             seq.emitted_text_len = end
             num_output = seq.num_output_tokens
+            num_texts = min(num_output, len(seq.token_texts))  # texts are made the step after their tokens
             token_ids = tail(state.token_ids, seq.token_ids, num_output, seq.num_prompt_tokens)
-            token_texts = tail(state.token_texts, seq.token_texts, min(num_output, len(seq.token_texts)))
-            state.token_ids, state.token_texts = num_output, min(num_output, len(seq.token_texts))
+            token_texts = tail(state.token_texts, seq.token_texts, num_texts)
+            state.token_ids, state.token_texts = num_output, num_texts
             logprobs = None
             if params.logprobs is not None:
                 logprobs = tail(state.logprobs, seq.output_logprobs, len(seq.output_logprobs))
