@@ -2,6 +2,8 @@
 and seeded requests alike, alone and in mixed batches, with stops, logprobs and preemption."""
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -183,6 +185,8 @@ def test_checks_through_the_decode_graphs_keep_a_real_models_greedy_tokens_in_bf
     plain = LLM(dtype="bfloat16", device="cuda")
     expected = tokens(plain.chat(conversation, params, use_tqdm=False))
     del plain
+    gc.collect()  # its KV cache back to the device before the next engine sizes its own
+    torch.cuda.empty_cache()
     speculating = LLM(dtype="bfloat16", device="cuda",
                       speculative_config={"method": "ngram", "num_speculative_tokens": 4})
     assert tokens(speculating.chat(conversation, params, use_tqdm=False)) == expected
