@@ -617,13 +617,9 @@ class LLMEngine:
             seq.emitted_text_len = end
             num_output = seq.num_output_tokens
             num_texts = min(num_output, len(seq.token_texts))  # texts are made the step after their tokens
-            token_ids = tail(state.token_ids, seq.token_ids, num_output, seq.num_prompt_tokens)
-            token_texts = tail(state.token_texts, seq.token_texts, num_texts)
-            state.token_ids, state.token_texts = num_output, num_texts
-            logprobs = None
-            if params.logprobs is not None:
-                logprobs = tail(state.logprobs, seq.output_logprobs, len(seq.output_logprobs))
-                state.logprobs = len(seq.output_logprobs)
+            token_ids, token_texts, logprobs = state.tails(
+                seq.token_ids, num_output, seq.token_texts, num_texts,
+                seq.output_logprobs if params.logprobs is not None else None, offset=seq.num_prompt_tokens)
             completions.append((seq.index, (start, delta), token_ids, token_texts, logprobs, seq.cumulative_logprob,
                                 seq.finish_reason, seq.stop_reason, delta, seq.seed))
         prompt_logprobs = None

@@ -39,13 +39,9 @@ def delta_status(delta: OutputDelta) -> tuple[str, bool, str | None]:
     return delta[0], delta[4], delta[8]
 
 
-def _tail(sent: int, items: list) -> Tail:
-    start = max(0, min(sent, len(items)) - 1)
-    return start, items[start:]
-
-
 def tail(sent: int, items: list, length: int, offset: int = 0) -> Tail:
-    """`_tail(sent, items[offset:offset + length])`, copying only the tail."""
+    """The tail of a list of `length` items, `items[offset:offset + length]` (copying only the
+    tail), for a receiver that has `sent` of them: from one item before the end of those."""
     start = max(0, min(sent, length) - 1)
     return start, items[offset + start:offset + length]
 
@@ -60,10 +56,22 @@ def _apply(kept: list, tail: Tail) -> None:
 class SentCompletion:
     """How much of one completion the server's side has."""
 
-    text: str = ""
+    text: str = ""  # OutputEncoder's: the text sent (the engine's own deltas count Sequence.emitted_text_len)
     token_ids: int = 0
     token_texts: int = 0
     logprobs: int = 0
+
+    def tails(self, token_ids: list[int], num_ids: int, token_texts: list[str], num_texts: int,
+              logprobs: list | None, offset: int = 0) -> tuple[Tail, Tail, Tail | None]:
+        """The new tails of a completion's `num_ids` token ids (from `offset` in `token_ids`),
+        `num_texts` texts and its logprobs (None: not asked for), counted as sent."""
+        ids, texts = tail(self.token_ids, token_ids, num_ids, offset), tail(self.token_texts, token_texts, num_texts)
+        self.token_ids, self.token_texts = num_ids, num_texts
+        if logprobs is None:
+            return ids, texts, None
+        new_logprobs = tail(self.logprobs, logprobs, len(logprobs))
+        self.logprobs = len(logprobs)
+        return ids, texts, new_logprobs
 
 
 @dataclass
@@ -82,7 +90,7 @@ class OutputEncoder:
         sent, first = self.sent(output.request_id)
         prompt_logprobs = None
         if output.prompt_logprobs is not None:
-            prompt_logprobs = _tail(sent.prompt_logprobs, output.prompt_logprobs)
+            prompt_logprobs = tail(sent.prompt_logprobs, output.prompt_logprobs, len(output.prompt_logprobs))
             sent.prompt_logprobs = len(output.prompt_logprobs)
         completions = [self._completion(sent.completions.setdefault(c.index, SentCompletion()), c) for c in output.outputs]
         if output.finished:
@@ -111,13 +119,9 @@ class OutputEncoder:
         text = completion.text
         text_start = len(sent.text) if text.startswith(sent.text) else 0
         sent.text = text
-        token_ids = _tail(sent.token_ids, completion.token_ids)
-        token_texts = _tail(sent.token_texts, completion.token_texts)
-        sent.token_ids, sent.token_texts = len(completion.token_ids), len(completion.token_texts)
-        logprobs = None
-        if completion.logprobs is not None:
-            logprobs = _tail(sent.logprobs, completion.logprobs)
-            sent.logprobs = len(completion.logprobs)
+        token_ids, token_texts, logprobs = sent.tails(completion.token_ids, len(completion.token_ids),
+                                                      completion.token_texts, len(completion.token_texts),
+                                                      completion.logprobs)
         return (completion.index, (text_start, text[text_start:]), token_ids, token_texts, logprobs,
                 completion.cumulative_logprob, completion.finish_reason, completion.stop_reason, completion.delta,
                 completion.seed)
