@@ -82,6 +82,10 @@ class BlockManager:
         self.prefix_hits += seq.num_computed_tokens
         self.grow(seq, num_tokens)
 
+    def holds(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether `seq`'s blocks already hold `num_tokens` tokens (most decode steps)."""
+        return num_tokens <= len(seq.block_table) * self.block_size
+
     def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
         return self.blocks_for(num_tokens) - len(seq.block_table) <= self.num_free_blocks
 

@@ -76,7 +76,6 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.config.max_batch_prefill_tokens
-        block_size = self.block_manager.block_size
         queue = deque(self.running)
         kept: list[Sequence] = []
         while queue:
@@ -92,7 +91,7 @@ class Scheduler:
                 kept.append(seq)
                 continue
             total = seq.num_computed_tokens + num_tokens
-            if total > len(seq.block_table) * block_size:  # needs another block (most steps don't)
+            if not self.block_manager.holds(seq, total):
                 while not self.block_manager.can_grow(seq, total) and queue:
                     self._preempt(queue.pop(), batch)
                 if not self.block_manager.can_grow(seq, total):
