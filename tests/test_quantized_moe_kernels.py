@@ -83,6 +83,7 @@ def test_quantized_moe_matches_the_reference(tokens, experts, top_k, hidden, int
 def test_fp8_decode_rows_read_their_experts_through_gemv(tokens, monkeypatch):
     """One or two tokens of e4m3 experts in half precision (a decode step) take gemv's rows read
     from their own experts, as bf16 experts do: the reference's sums, and gemv called twice."""
+    import server.kernels.fused_moe as fused
     import server.kernels.quantized_moe as module
 
     g = torch.Generator().manual_seed(tokens)
@@ -95,7 +96,7 @@ def test_fp8_decode_rows_read_their_experts_through_gemv(tokens, monkeypatch):
         gated.append(kwargs.get("gated", False))
         return _gemv(*args, **kwargs)
 
-    monkeypatch.setattr(module, "gemv", counted)
+    monkeypatch.setattr(fused, "gemv", counted)  # fused_moe.experts_by_gemv's
     out = module.quantized_moe(x, w13, w2, weights, ids)
     assert gated == [False, True]
     assert out.dtype == torch.bfloat16

@@ -141,10 +141,7 @@ def fused_moe(x, w13, w2, topk_weights, topk_ids, config: MoEConfig | None = Non
     top_k = topk_ids.shape[1]
     num_pairs = num_tokens * top_k
     if config is None and num_pairs <= min(GEMV_PAIRS, MAX_ROWS) and x.dtype in (torch.bfloat16, torch.float16):
-        experts = topk_ids.flatten()
-        gate_up = gemv(x.contiguous(), w13, experts=experts)  # [pairs, 2 * inter]
-        down = gemv(gate_up, w2, experts=experts, gated=True)  # [pairs, hidden]
-        return (down.view(num_tokens, top_k, hidden) * topk_weights[..., None]).to(x.dtype).sum(dim=1)
+        return experts_by_gemv(x, w13, w2, topk_weights, topk_ids)
     c = config or default_config(num_pairs, x.element_size())
     pair_ids, block_expert = sort_by_expert(topk_ids, num_experts, c.block_m)
     tiles = dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, PRECISION=dot_precision(x.dtype),
@@ -158,3 +155,19 @@ def fused_moe(x, w13, w2, topk_weights, topk_ids, config: MoEConfig | None = Non
     _down_kernel[grid](inter_out, w2, pair_out, topk_weights.flatten().float().contiguous(), pair_ids, block_expert,
                        num_pairs, HIDDEN=hidden, INTER=inter, **tiles)
     return pair_out.view(num_tokens, top_k, hidden).sum(dim=1)
+
+
+def experts_by_gemv(x, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scale=None) -> torch.Tensor:
+    """A decode step's few (token, expert) pairs (up to MAX_ROWS), each two gemv rows read from
+    its own expert's stacked weight (e4m3 with its per-channel scales): gate and up in one
+    product, down with SiLU-and-multiply fused -> [tokens, hidden]."""
+    experts = topk_ids.flatten()
+    gate_up = gemv(x.contiguous(), w13, weight_scale=w13_scale, experts=experts)  # [pairs, 2 * inter]
+    return weighted_sum(gemv(gate_up, w2, weight_scale=w2_scale, experts=experts, gated=True), topk_weights)
+
+
+def weighted_sum(pair_out: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """[pairs, hidden] of the (token, expert) pairs in token order -> [tokens, hidden]: each
+    token's k outputs weighted by the router and summed in float32."""
+    tokens, top_k = topk_weights.shape
+    return (pair_out.view(tokens, top_k, -1).float() * topk_weights[..., None]).sum(dim=1).to(pair_out.dtype)

@@ -40,9 +40,9 @@ import torch
 import triton
 import triton.language as tl
 
-from server.kernels.fused_moe import GEMV_PAIRS, MoEConfig, sort_by_expert
 from server.kernels.activation import silu_and_mul
-from server.kernels.gemv import MAX_ROWS, gemv
+from server.kernels.fused_moe import GEMV_PAIRS, MoEConfig, experts_by_gemv, sort_by_expert, weighted_sum
+from server.kernels.gemv import MAX_ROWS
 from server.kernels.int4_gemv import int4_gemv_experts
 from server.kernels.int4_matmul import _dequantized_tile, tile_k
 from server.kernels.precision import dot_precision
@@ -200,17 +200,14 @@ def quantized_moe(x: torch.Tensor, w13: Int4Experts | Fp8Experts, w2: Int4Expert
     num_pairs = num_tokens * top_k
     if config is None and isinstance(w13, Fp8Experts) and num_pairs <= min(GEMV_PAIRS, MAX_ROWS) \
             and x.dtype in (torch.bfloat16, torch.float16):  # e4m3 decode rows: gemv, as fused_moe's bf16 ones
-        experts = topk_ids.flatten()
-        gate_up = gemv(x.contiguous(), w13.weight, weight_scale=w13.scale, experts=experts)  # [pairs, 2 * inter]
-        down = gemv(gate_up, w2.weight, weight_scale=w2.scale, experts=experts, gated=True)  # [pairs, hidden]
-        return (down.view(num_tokens, top_k, hidden).float() * topk_weights[..., None]).sum(dim=1).to(x.dtype)
+        return experts_by_gemv(x, w13.weight, w2.weight, topk_weights, topk_ids, w13.scale, w2.scale)
     if config is None and isinstance(w13, Int4Experts) and num_pairs <= min(GEMV_PAIRS, MAX_ROWS) \
             and x.dtype in (torch.bfloat16, torch.float16) and _runs_for_mma(w13) and _runs_for_mma(w2):
         # 4-bit decode rows: int4_gemv's mma path, each row from its own expert
         experts = topk_ids.flatten()
         gate_up = int4_gemv_experts(x, w13.qweight, w13.zeros, w13.scales, w13.group_size, experts)
         down = int4_gemv_experts(silu_and_mul(gate_up), w2.qweight, w2.zeros, w2.scales, w2.group_size, experts)
-        return (down.view(num_tokens, top_k, hidden).float() * topk_weights[..., None]).sum(dim=1).to(x.dtype)
+        return weighted_sum(down, topk_weights)
     c = config or default_config(num_pairs)
     if c.by_pair:
         block_expert = topk_ids.flatten()
