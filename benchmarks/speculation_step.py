@@ -69,8 +69,9 @@ def main() -> None:
     sizes = [int(n) for n in args.batch_sizes.split(",")]
     rates = [float(p) for p in args.acceptance.split(",")]
     # decode graphs for as many rows as the largest check has tokens
+    # (captured for checks of the most proposals, as a speculating engine's are)
     engine = LLMEngine(EngineArgs(model=args.model, dtype=args.dtype, device=args.device, enable_prefix_caching=False,
-                                  max_num_seqs=max(sizes) * (max(proposals) + 1)))
+                                  max_num_seqs=max(sizes) * (max(proposals) + 1), max_graph_query_len=max(proposals) + 1))
     runner = engine.runner
     report = {"benchmark": "speculation_step", "model": args.model, "context": args.context,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "batches": {}}
@@ -79,10 +80,10 @@ def main() -> None:
         entry = {"decode_ms": decode}
         for n in proposals:
             chunks = chunks_of(batch, args.context, n, runner.block_size)
-            runner.graph_query_len = 1
+            graphs, runner.graphs = runner.graphs, None  # the check run eagerly, then from the graphs
             eager = step_ms(runner, chunks, args.repeats)
-            runner.graph_query_len = n + 1  # a decode graph's row a token, where the graphs have the rows
-            verify = step_ms(runner, chunks, args.repeats)
+            runner.graphs = graphs
+            verify = step_ms(runner, chunks, args.repeats)  # a decode graph's row a token, where they have the rows
             ratio = verify / decode
             entry[f"verify_{n}"] = {"ms": verify, "eager_ms": eager, "ratio": ratio,
                                     "expected_speedup": {str(p): expected_speedup(ratio, n, p) for p in rates}}

@@ -40,6 +40,7 @@ class DecodeGraphs:
         `max_query_len` > 1, steps of up to that many tokens a sequence replay them a row a token
         (decode_rows): a row's context then ends in up to that many tokens the step stores."""
         self.sizes = sorted(sizes)
+        self.max_query_len = max_query_len  # steps of up to this many tokens a sequence replay them
         biggest = self.sizes[-1]
         self.token_ids = torch.zeros(biggest, dtype=torch.int64, device=device)
         self.positions = torch.zeros(biggest, dtype=torch.int64, device=device)

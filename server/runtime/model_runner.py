@@ -105,7 +105,6 @@ class ModelRunner:
         self.block_size = 0  # set with the KV cache
         self.graphs: DecodeGraphs | None = None
         self.lora_graphs: DecodeGraphs | None = None  # the same, with LoRA adapters' updates
-        self.graph_query_len = 1  # steps of at most this many tokens a sequence replay the decode graphs
         self.medusa = None  # Medusa heads (server/models/medusa.py): proposals from each sampled row
         self.medusa_max_rows = 0  # of a step whose rows the heads read
         self.lora_bank = LoRABank()  # which rows of a step use which adapter (the model's LoRA layers read it)
@@ -209,7 +208,6 @@ class ModelRunner:
         if self.has_lora:
             self.lora_graphs = DecodeGraphs(self.model, sizes, max_blocks, splits, self.device, self.lora_bank,
                                             max_query_len)
-        self.graph_query_len = max_query_len
 
     @torch.inference_mode()
     def warm_up(self, max_num_seqs: int = 1) -> None:
@@ -407,7 +405,7 @@ class ModelRunner:
         token_ids, positions, meta, sample_rows = self._unpack(packed, previous)
         # A step with adapters' rows replays the graphs captured with their updates.
         graphs = self.lora_graphs if self.lora_bank.active else self.graphs
-        if graphs is not None and token_ids.shape[0] <= graphs.max_size and meta.max_query_len <= self.graph_query_len:
+        if graphs is not None and token_ids.shape[0] <= graphs.max_size and meta.max_query_len <= graphs.max_query_len:
             tables, contexts = meta.block_tables, meta.context_lens
             if not meta.decode_only:  # speculation's checks: a decode row a token
                 seq, contexts = decode_rows(meta.cu_query_lens, contexts, token_ids.shape[0])
