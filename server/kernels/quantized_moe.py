@@ -182,10 +182,10 @@ def _weight_arguments(w: Int4Experts | Fp8Experts, largest_k: int) -> tuple[tupl
                           HAS_PERM=w.perm is not None, BLOCK_K=tile_k(w.in_features, w.group_size, largest_k))
 
 
-def _runs_for_mma(w: Int4Experts) -> bool:
-    """Whether int4_gemv's mma path can read these experts: groups that are runs of inputs
-    (no act-order), of whole 32-input steps, and outputs in fours."""
-    return w.g_idx is None and w.perm is None and w.group_size % 32 == 0 and w.qweight.shape[2] % 4 == 0
+def _runs_for_mma(w: Int4Experts | Fp8Experts) -> bool:
+    """Whether int4_gemv's mma path can read these experts: 4-bit, in groups that are runs of
+    inputs (no act-order), of whole 32-input steps, and outputs in fours."""
+    return isinstance(w, Int4Experts) and w.g_idx is None and w.perm is None and w.group_size % 32 == 0 and w.qweight.shape[2] % 4 == 0
 
 
 def quantized_moe(x: torch.Tensor, w13: Int4Experts | Fp8Experts, w2: Int4Experts | Fp8Experts,
@@ -198,12 +198,12 @@ def quantized_moe(x: torch.Tensor, w13: Int4Experts | Fp8Experts, w2: Int4Expert
     num_experts = w13.scale.shape[0] if isinstance(w13, Fp8Experts) else w13.qweight.shape[0]
     top_k = topk_ids.shape[1]
     num_pairs = num_tokens * top_k
-    if config is None and isinstance(w13, Fp8Experts) and num_pairs <= min(GEMV_PAIRS, MAX_ROWS) \
-            and x.dtype in (torch.bfloat16, torch.float16):  # e4m3 decode rows: gemv, as fused_moe's bf16 ones
+    # A decode step's few rows, each read from its own expert by the dense layers' decode products
+    decode_rows = config is None and num_pairs <= min(GEMV_PAIRS, MAX_ROWS) and x.dtype in (torch.bfloat16,
+                                                                                               torch.float16)
+    if decode_rows and isinstance(w13, Fp8Experts):
         return experts_by_gemv(x, w13.weight, w2.weight, topk_weights, topk_ids, w13.scale, w2.scale)
-    if config is None and isinstance(w13, Int4Experts) and num_pairs <= min(GEMV_PAIRS, MAX_ROWS) \
-            and x.dtype in (torch.bfloat16, torch.float16) and _runs_for_mma(w13) and _runs_for_mma(w2):
-        # 4-bit decode rows: int4_gemv's mma path, each row from its own expert
+    if decode_rows and _runs_for_mma(w13) and _runs_for_mma(w2):
         experts = topk_ids.flatten()
         gate_up = int4_gemv_experts(x, w13.qweight, w13.zeros, w13.scales, w13.group_size, experts)
         down = int4_gemv_experts(silu_and_mul(gate_up), w2.qweight, w2.zeros, w2.scales, w2.group_size, experts)
