@@ -40,7 +40,7 @@ from server.kernels.prefill_attention import prefill_attention  # noqa: E402
 from server.kernels.quant_reference import FP8, Fp8Experts, Int4Experts  # noqa: E402
 from server.kernels.quantized_moe import quantized_moe  # noqa: E402
 from server.kernels.rotary import rotate_and_store  # noqa: E402
-from server.kernels.lora import lora_expand, lora_rows, lora_shrink  # noqa: E402
+from server.kernels.lora import LoRAUpdate, lora_expand, lora_rows, lora_shrink  # noqa: E402
 from server.kernels.sampling import sample_rows  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -117,6 +117,16 @@ def decode_step_launches() -> None:
         t = lora_shrink(e(M, 4096, dtype=bf16), e(8, 48, 4096, dtype=bf16), rows)
         lora_expand(t, e(8, 6144, 48, dtype=bf16), rows, e(M, 6144, dtype=bf16))
         lora_expand(e(2, M, 32), e(8, 28672, 32, dtype=bf16), rows, e(M, 28672, dtype=bf16))
+        t = lora_shrink(e(M, 2 * 14336, dtype=bf16), e(8, 16, 14336, dtype=bf16), rows, gated=True)
+        if M == 1:  # and a decode step's products adding the updates in their epilogue, 1 to 16 rows
+            for batch in (1, 2, 16):
+                order = lora_rows(torch.arange(batch) % 8, 8)
+                for name, (N, K) in shapes.items():
+                    gated, rank = name == "down", {"qkv": 48, "gate_up": 32}.get(name, 16)
+                    update = LoRAUpdate(e(4, batch, rank), e(8, N, rank, dtype=bf16), order, order.order)
+                    gemv(e(batch, 2 * K if gated else K, dtype=bf16), e(N, K, dtype=bf16), gated=gated, lora=update)
+                    gemv(e(batch, 2 * K if gated else K, dtype=bf16), e(N, K, dtype=FP8), weight_scale=e(N),
+                         gated=gated, lora=update)
     for count in (1, 256):  # the sampling step's random rows, with no filter and with all three
         column, ids = e(count), torch.zeros(count, dtype=torch.int64)
         sample_rows(e(count, 32768), ids, column, ids)

@@ -299,3 +299,56 @@ def test_the_lora_kernels_equal_their_reference(rows, rank, splits, dtype):
     tolerance = dict(atol=1e-3, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.5, rtol=0.02)
     assert torch.allclose(view.float(), expected.float(), **tolerance)
     assert torch.equal(out[slots < 0, 50:180], expected[slots < 0])
+
+
+@pytest.mark.parametrize("rows, config, gated", [
+    (1, None, False), (3, dict(block_n=8, block_k=32, num_stages=2, split_k=3), True),
+    (16, dict(block_n=16, block_k=32, dot=True), False), (5, dict(block_n=32, block_k=64, dot=True, split_k=2), True)])
+def test_the_decode_product_adds_each_rows_update_in_its_epilogue(rows, config, gated):
+    """A decode batch's product (gemv) with the rows' updates added before its outputs are
+    rounded: rows of three adapters and of none, one row or a tile of 16 on the tensor cores,
+    K split or not, and a gated down projection whose shrink reads [gate | up] itself."""
+    from server.kernels.gemv import GemvConfig, gemv
+    from server.kernels.lora import LoRAUpdate, lora_reference, lora_rows, lora_shrink
+    from server.kernels.reference import silu_and_mul_reference
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator().manual_seed(rows)
+    K, N, rank = 96, 72, 24
+    x = torch.randn(rows, 2 * K if gated else K, generator=generator).to(device, HALF)
+    weight = (torch.randn(N, K, generator=generator) / K ** 0.5).to(device, HALF)
+    a = (torch.randn(3, rank, K, generator=generator) / K ** 0.5).to(device, HALF)
+    b = torch.randn(3, N, rank, generator=generator).to(device, HALF)
+    slots = torch.tensor([((i + 1) * 7 % 5) - 1 for i in range(rows)], device=device).clamp(max=2)  # row 0: slot 1
+    real_x = silu_and_mul_reference(x) if gated else x
+    expected = lora_reference(real_x, a, b, slots, (real_x.float() @ weight.float().T).to(HALF))
+    ordered = lora_rows(slots, 3)
+    update = LoRAUpdate(lora_shrink(x, a, ordered, splits=2, gated=gated), b, ordered, slots)
+    out = gemv(x, weight, GemvConfig(**config) if config else None, gated=gated, lora=update)
+    tolerance = dict(atol=1e-3, rtol=1e-4) if HALF == torch.float32 else dict(atol=0.1, rtol=0.02)
+    torch.testing.assert_close(out.float(), expected.float(), **tolerance)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Mistral-7B's shapes: on the GPU only")
+@pytest.mark.parametrize("rows", [1, 2, 7, 16])
+@pytest.mark.parametrize("in_features, out_features, rank, gated",
+                         [(4096, 6144, 48, False), (4096, 28672, 32, False), (14336, 4096, 16, True)])
+def test_the_decode_products_epilogue_on_mistral_shapes(rows, in_features, out_features, rank, gated):
+    """qkv, gate/up and the gated down projection of a decode step with its tiles as chosen for
+    Mistral-7B, eight adapters and the base model mixed, in bfloat16."""
+    from server.kernels.gemv import gemv
+    from server.kernels.lora import LoRAUpdate, lora_reference, lora_rows, lora_shrink
+    from server.kernels.reference import silu_and_mul_reference
+
+    generator = torch.Generator(device="cuda").manual_seed(rows)
+    x = torch.randn(rows, 2 * in_features if gated else in_features, generator=generator, device="cuda").bfloat16()
+    weight = (torch.randn(out_features, in_features, generator=generator, device="cuda") * 0.02).bfloat16()
+    a = (torch.randn(8, rank, in_features, generator=generator, device="cuda") * 0.02).bfloat16()
+    b = (torch.randn(8, out_features, rank, generator=generator, device="cuda") * 0.02).bfloat16()
+    slots = torch.randint(-1, 8, (rows,), generator=generator, device="cuda")
+    real_x = silu_and_mul_reference(x) if gated else x
+    expected = lora_reference(real_x, a, b, slots, (real_x.float() @ weight.float().T).bfloat16())
+    ordered = lora_rows(slots, 8)
+    out = gemv(x, weight, gated=gated, lora=LoRAUpdate(lora_shrink(x, a, ordered, gated=gated), b, ordered, slots))
+    assert torch.allclose(out.float(), expected.float(), atol=0.05, rtol=0.02)

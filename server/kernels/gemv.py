@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from server.kernels.launch import LAUNCH, PDL, wait_for_inputs
+from server.kernels.lora import LoRAUpdate, block_r, epilogue_chunk, lora_epilogue
 from server.kernels.precision import dot_precision
 
 MAX_ROWS = 16  # the largest batch the kernel is for (decode graphs); the dot pads rows to it
@@ -54,9 +55,11 @@ SHARED_MEMORY = 227 * 1024  # an H100's per-block limit: the pipeline's tiles in
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, experts_ptr, M, N, K, stride_xm, stride_wn, stride_we, x_repeat,
-                 k_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 k_per_split, t_ptr, lora_b_ptr, slots_ptr, rank, t_splits, stride_t_split, stride_t, stride_b_slot,
+                 stride_b_out, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  NUM_STAGES: tl.constexpr, DOT: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
-                 SCALED: tl.constexpr, GATED: tl.constexpr, EXPERTS: tl.constexpr, PDL: tl.constexpr):
+                 SCALED: tl.constexpr, GATED: tl.constexpr, EXPERTS: tl.constexpr, LORA: tl.constexpr,
+                 BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr, T_SPLITS: tl.constexpr, PDL: tl.constexpr):
     wait_for_inputs(PDL)
     split = tl.program_id(1)
     if EXPERTS:  # program (n block, k split, row): output row `row` from its own expert's weight
@@ -113,6 +116,10 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, experts_ptr, M, N, K, stride_
         acc = tl.sum(acc, axis=2)
     if SCALED:
         acc *= tl.load(scale_ptr + cols, mask=cmask, other=0.0)[None, :]
+    if LORA:  # the rows' adapter updates, once (in the first split's partial sums)
+        if split == 0:
+            acc += lora_epilogue(rows, rmask, cols, cmask, t_ptr, lora_b_ptr, slots_ptr, rank, t_splits, stride_t_split,
+                                 stride_t, stride_b_slot, stride_b_out, BLOCK_M, BLOCK_N, BLOCK_R, R_CHUNK, T_SPLITS)
     out = out_ptr + split * M * N + rows[:, None] * N + cols[None, :]  # (EXPERTS: out_ptr is at its row)
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
@@ -191,14 +198,16 @@ def suits(x: torch.Tensor) -> bool:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None,
          weight_scale: torch.Tensor | None = None, gated: bool = False,
-         experts: torch.Tensor | None = None) -> torch.Tensor:
+         experts: torch.Tensor | None = None, lora: LoRAUpdate | None = None) -> torch.Tensor:
     """x [M, K] (M <= MAX_ROWS) @ weight [N, K]^T -> [M, N] in x's dtype; an e4m3 weight is
     multiplied as weight * weight_scale[N] (float32, one scale per output channel). gated: x
     is [M, 2K] = [gate | up] and the product's input silu(gate) * up.
     experts [P] (integers; P a multiple of M, at most MAX_ROWS): weight is a stack [E, N, K]
     (weight_scale [E, N]) and output row p is x[p // (P / M)] @ weight[experts[p]]^T -> [P, N],
     one row per program (a mixture-of-experts layer's few decode rows, each read from the
-    expert it was routed to)."""
+    expert it was routed to).
+    lora: the rows' adapter updates (their shrink done), added to the products before they are
+    rounded: no launch of their own (server/kernels/lora.py)."""
     M = x.shape[0]
     rows = M if experts is None else experts.numel()
     if experts is not None and (weight.dim() != 3 or rows % max(M, 1) or experts.dim() != 1):
@@ -220,18 +229,28 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None
     c = config or default_config(1 if experts is not None else M, N, K, weight.element_size(), gated)
     if experts is not None and c.dot:
         raise ValueError("rows read from their own experts are multiplied one per program, without the tensor cores")
+    if lora is not None and (experts is not None or lora.b.shape[1] != N or lora.t.shape[1] != M):
+        raise ValueError("a LoRA update needs one row of t per row of x and a B of the product's outputs")
     per_split = triton.cdiv(triton.cdiv(K, c.block_k), c.split_k) * c.block_k
     split_k = triton.cdiv(K, per_split)  # no split left without columns
     out = torch.empty((rows, N), dtype=x.dtype, device=x.device)  # [rows, N]
     partial = out if split_k == 1 else torch.empty((split_k, rows, N), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(N, c.block_n), split_k) + ((rows,) if experts is not None else ())
     block_m = 1 if experts is not None else MAX_ROWS if c.dot else triton.next_power_of_2(M)
+    if lora is None:
+        lora_args, r_block, t_splits = (x, x, x, 0, 0, 0, 0, 0, 0), 1, 1
+    else:
+        t, b = lora.t, lora.b
+        lora_args = (t, b, lora.row_slots, b.shape[2], t.shape[0], t.stride(0), t.stride(1), b.stride(0), b.stride(1))
+        r_block, t_splits = block_r(b.shape[2]), triton.next_power_of_2(t.shape[0])
     _gemv_kernel[grid](
         x, weight, weight_scale if scaled else x, partial, x if experts is None else experts, rows, N, K,
         x.stride(0), weight.stride(-2), weight.stride(0) if experts is not None else 0, rows // M, per_split,
-        BLOCK_M=block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, NUM_STAGES=c.num_stages, DOT=c.dot,
+        *lora_args, BLOCK_M=block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, NUM_STAGES=c.num_stages, DOT=c.dot,
         EVEN_K=K % c.block_k == 0, PRECISION=dot_precision(x.dtype), SCALED=scaled, GATED=gated,
-        EXPERTS=experts is not None, PDL=PDL, num_warps=c.num_warps, **LAUNCH)
+        EXPERTS=experts is not None, LORA=lora is not None, BLOCK_R=r_block,
+        R_CHUNK=epilogue_chunk(block_m, c.block_n, r_block), T_SPLITS=t_splits, PDL=PDL, num_warps=c.num_warps,
+        **LAUNCH)
     if split_k > 1:
         block = 1024
         _sum_splits_kernel[(triton.cdiv(rows * N, block),)](partial, out, rows * N, split_k, BLOCK=block, PDL=PDL,

@@ -40,6 +40,22 @@ class LoRARows:
     starts: torch.Tensor  # [slots + 1] int64
 
 
+@dataclass
+class LoRAUpdate:
+    """A projection's adapter update for the step under way, its shrink done: t [splits, n, R]
+    (float32 partial sums of A[s] x), B [slots, N, R], the rows by slot and each row's slot
+    [n] (-1: none). A product that can add it in its own epilogue (gemv) takes it whole;
+    any other adds it after with `add_to`."""
+
+    t: torch.Tensor
+    b: torch.Tensor
+    rows: LoRARows
+    row_slots: torch.Tensor
+
+    def add_to(self, out: torch.Tensor) -> torch.Tensor:
+        return lora_expand(self.t, self.b, self.rows, out)
+
+
 def lora_rows(row_slots: torch.Tensor, num_slots: int) -> LoRARows:
     """Each row's slot [rows] (-1: none) -> the rows by slot, with device ops only (no host
     read: a graph captures it)."""
@@ -64,7 +80,7 @@ def _slot_block(order_ptr, starts_ptr, BLOCK_M: tl.constexpr):
 def _shrink_kernel(x_ptr, a_ptr, order_ptr, starts_ptr, t_ptr, in_features, rank, split_len,
                    stride_x, stride_a_slot, stride_a_rank, stride_t_split, stride_t,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
-                   PDL: tl.constexpr):
+                   GATED: tl.constexpr, PDL: tl.constexpr):
     wait_for_inputs(PDL)  # the rows' order is made in the forward, like x
     slot, rows, valid, live = _slot_block(order_ptr, starts_ptr, BLOCK_M)
     if live:
@@ -76,7 +92,12 @@ def _shrink_kernel(x_ptr, a_ptr, order_ptr, starts_ptr, t_ptr, in_features, rank
         for k0 in range(first, last, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             kmask = k < last
-            x = tl.load(x_ptr + rows[:, None] * stride_x + k[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
+            x_ptrs = x_ptr + rows[:, None] * stride_x + k[None, :]
+            x = tl.load(x_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
+            if GATED:  # x is [gate | up]: silu(gate) * up, rounded as the gated products round it
+                up = tl.load(x_ptrs + in_features, mask=valid[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+                g = x.to(tl.float32)
+                x = ((g / (1.0 + tl.exp(-g))).to(x.dtype).to(tl.float32) * up).to(x.dtype)
             a = tl.load(a_ptr + slot * stride_a_slot + r[None, :] * stride_a_rank + k[:, None],
                         mask=kmask[:, None] & (r[None, :] < rank), other=0.0)
             acc = tl.dot(x, a, acc, input_precision=PRECISION)
@@ -108,21 +129,55 @@ def _expand_kernel(t_ptr, b_ptr, order_ptr, starts_ptr, out_ptr, out_features, r
         tl.store(where, (old.to(tl.float32) + update).to(old.dtype), mask=mask)
 
 
+@triton.jit
+def lora_epilogue(rows, rmask, cols, cmask, t_ptr, b_ptr, slots_ptr, rank, t_splits, stride_t_split, stride_t,
+                  stride_b_slot, stride_b_out, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr, T_SPLITS: tl.constexpr):
+    """The update [BLOCK_M, BLOCK_N] float32 of a product's tile (`rows` of its batch, `cols`
+    of its outputs): sum over r of t[row, r] * B[slot of row, col, r], t's splits summed, zero
+    where a row has no slot. Each row gathers its own slot's B, so a tile's rows may mix
+    adapters; R is walked R_CHUNK at a time (registers: BLOCK_M * BLOCK_N * R_CHUNK)."""
+    slot = tl.load(slots_ptr + rows, mask=rmask, other=-1)
+    live = rmask & (slot >= 0)
+    b_rows = b_ptr + tl.maximum(slot, 0).to(tl.int64)[:, None, None] * stride_b_slot \
+        + cols[None, :, None].to(tl.int64) * stride_b_out
+    splits = tl.arange(0, T_SPLITS)
+    update = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for r0 in tl.static_range(0, BLOCK_R, R_CHUNK):
+        r = r0 + tl.arange(0, R_CHUNK)
+        rmask_r = r < rank
+        t = tl.load(t_ptr + splits[:, None, None] * stride_t_split + rows[None, :, None] * stride_t + r[None, None, :],
+                    mask=(splits < t_splits)[:, None, None] & live[None, :, None] & rmask_r[None, None, :], other=0.0)
+        b = tl.load(b_rows + r[None, None, :], mask=live[:, None, None] & cmask[None, :, None] & rmask_r[None, None, :],
+                    other=0.0)
+        update += tl.sum(tl.sum(t, axis=0)[:, None, :] * b.to(tl.float32), axis=2)
+    return update
+
+
+def epilogue_chunk(block_m: int, block_n: int, block_r: int) -> int:
+    """lora_epilogue's R_CHUNK: at most 8,192 products of a tile at once."""
+    return max(1, min(block_r, 8192 // (block_m * block_n)))
+
+
 def _block_m(rows: int) -> int:
     return 16 if rows <= 64 else 32 if rows <= 512 else 64
 
 
-def _block_r(rank: int) -> int:
+def block_r(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))  # a tensor-core product's inner size is 16 at least
 
 
-def lora_shrink(x: torch.Tensor, a: torch.Tensor, rows: LoRARows, splits: int | None = None) -> torch.Tensor:
+def lora_shrink(x: torch.Tensor, a: torch.Tensor, rows: LoRARows, splits: int | None = None,
+                gated: bool = False) -> torch.Tensor:
     """x [n, in], a [slots, R, in] -> t [splits, n, R] float32: partial sums of A[s] x over
     `splits` runs of the inputs (by default, enough programs to spread a small step's read).
-    Rows of no slot are left unwritten."""
+    Rows of no slot are left unwritten. gated: x is [n, 2 in] = [gate | up], and A multiplies
+    silu(gate) * up (a gated down projection's real input)."""
     if x.stride(1) != 1:  # the kernel walks the inputs with unit stride
         x = x.contiguous()
-    n, in_features = x.shape
+    n, in_features = x.shape[0], x.shape[1] // (2 if gated else 1)
+    if in_features != a.shape[2]:
+        raise ValueError(f"x has {x.shape[1]} columns for an A of {a.shape[2]} inputs{' (gated: twice that)' if gated else ''}")
     num_slots, rank = a.shape[0], a.shape[1]
     block_m, block_k = _block_m(n), 64
     blocks = triton.cdiv(n, block_m)
@@ -133,8 +188,8 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, rows: LoRARows, splits: int | 
     t = torch.empty(splits, n, rank, dtype=torch.float32, device=x.device)
     _shrink_kernel[(num_slots, blocks, splits)](
         x, a, rows.order, rows.starts, t, in_features, rank, split_len, x.stride(0), a.stride(0), a.stride(1),
-        t.stride(0), t.stride(1), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=_block_r(rank),
-        PRECISION=dot_precision(x.dtype), PDL=PDL, **LAUNCH)
+        t.stride(0), t.stride(1), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r(rank),
+        PRECISION=dot_precision(x.dtype), GATED=gated, PDL=PDL, **LAUNCH)
     return t
 
 
@@ -145,7 +200,7 @@ def lora_expand(t: torch.Tensor, b: torch.Tensor, rows: LoRARows, out: torch.Ten
     block_m, block_n = _block_m(n), 64 if out_features <= 8192 else 128
     _expand_kernel[(num_slots, triton.cdiv(n, block_m), triton.cdiv(out_features, block_n))](
         t, b, rows.order, rows.starts, out, out_features, rank, t.shape[0], t.stride(0), t.stride(1), b.stride(0),
-        b.stride(1), out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(rank),
+        b.stride(1), out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r(rank),
         PRECISION=dot_precision(b.dtype), PDL=PDL, **LAUNCH)
     return out
 

@@ -19,6 +19,8 @@ channel by its own maximum, so the ranks' weights differ slightly from one rank'
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,6 +28,9 @@ from torch import nn
 from server.kernels.quant_reference import FP8, dequantize_fp8, quantize_fp8_rows
 from server.layers.activation import silu_and_mul
 from server.layers.parallel import read_shard
+
+if TYPE_CHECKING:
+    from server.kernels.lora import LoRAUpdate
 
 try:
     from server.kernels.fp8_quant import quantize_fp8_per_token
@@ -64,10 +69,13 @@ class Fp8Weight:
         if torch.isnan(layer.weight_scale).any():
             raise ValueError("an fp8 weight came without its weight_scale")
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, gated: bool = False) -> torch.Tensor:
-        """gated: x is [gate | up], multiplied as silu(gate) * up (see linear.py)."""
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, gated: bool = False,
+              lora: LoRAUpdate | None = None) -> torch.Tensor:
+        """gated: x is [gate | up], multiplied as silu(gate) * up (see linear.py); lora: the rows'
+        adapter updates, added."""
         if gemv is not None and suits(x):  # a decode batch: the weight widened as it is read
-            out = gemv(x, layer.weight, weight_scale=layer.weight_scale, gated=gated)
+            out = gemv(x, layer.weight, weight_scale=layer.weight_scale, gated=gated, lora=lora)
+            lora = None
         else:
             x = silu_and_mul(x) if gated else x
             if x.is_cuda:
@@ -77,4 +85,5 @@ class Fp8Weight:
                                        out_dtype=torch.bfloat16).to(x.dtype)
             else:
                 out = F.linear(x, dequantize_fp8(layer.weight, layer.weight_scale).to(x.dtype))
+        out = out if lora is None else lora.add_to(out)
         return out + bias if bias is not None else out

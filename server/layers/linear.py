@@ -28,6 +28,8 @@ other schemes ignore it.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,16 +45,19 @@ try:
     from server.kernels.gemv import gemv, suits
 except ImportError:  # pragma: no cover - no triton: the CPU path only
     gemv = suits = None
+if TYPE_CHECKING:
+    from server.kernels.lora import LoRAUpdate
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 gated: bool = False) -> torch.Tensor:
-    """F.linear(x, weight, bias) (of silu_and_mul(x) if gated); through the gemv kernel for a
-    CUDA decode batch."""
+                 gated: bool = False, lora: LoRAUpdate | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) (of silu_and_mul(x) if gated), plus the rows' adapter
+    updates; through the gemv kernel for a CUDA decode batch."""
     if gemv is not None and suits(x) and weight.dtype == x.dtype:
-        out = gemv(x, weight, gated=gated)  # [rows, out]
+        out = gemv(x, weight, gated=gated, lora=lora)  # [rows, out]
         return out if bias is None else out + bias
-    return F.linear(silu_and_mul(x) if gated else x, weight, bias)
+    out = F.linear(silu_and_mul(x) if gated else x, weight, bias)
+    return out if lora is None else lora.add_to(out)
 
 
 class DenseWeight:
@@ -69,8 +74,9 @@ class DenseWeight:
     def finish(self, layer: nn.Module) -> None:
         pass
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, gated: bool = False) -> torch.Tensor:
-        return dense_linear(x, layer.weight, bias, gated)
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, gated: bool = False,
+              lora: LoRAUpdate | None = None) -> torch.Tensor:
+        return dense_linear(x, layer.weight, bias, gated, lora)
 
 
 def weight_scheme(quant: QuantConfig | None):
@@ -112,10 +118,9 @@ class MergedColumnParallelLinear(nn.Module):
         return self.in_features, outputs, list(self.shares), None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.scheme.apply(self, x, self.bias)
         if self.lora is not None and self.lora.bank.active:
-            out = self.lora.add_to(x, out)
-        return out
+            return self.lora.apply(self, x, self.bias, False)
+        return self.scheme.apply(self, x, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -147,9 +152,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lora is not None and self.lora.bank.active:
-            # The update reads the layer's real input: silu(gate) * up of a gated layer.
-            x = silu_and_mul(x) if self.gated else x
-            partial = self.lora.add_to(x, self.scheme.apply(self, x, None, False))
+            partial = self.lora.apply(self, x, None, self.gated)
         else:
             partial = self.scheme.apply(self, x, None, self.gated)
         out = all_reduce(partial)  # the ranks' shares of the product and of the update

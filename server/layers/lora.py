@@ -20,10 +20,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from server.layers.activation import silu_and_mul
+
 try:
-    from server.kernels.lora import LoRARows, lora_expand, lora_rows, lora_shrink
+    from server.kernels.lora import LoRARows, LoRAUpdate, lora_rows, lora_shrink
 except ImportError:  # pragma: no cover - no triton: the CPU path only
-    LoRARows = lora_expand = lora_rows = lora_shrink = None
+    LoRARows = LoRAUpdate = lora_rows = lora_shrink = None
 
 
 class LoRABank:
@@ -109,11 +111,17 @@ class LoRASlots:
         self.A[slot, first:first + rank] = a
         self.B[slot, offset:offset + length, first:first + rank] = b
 
-    def add_to(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """out (the base product of x [rows, in]) plus each row's adapter update, in place."""
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, gated: bool) -> torch.Tensor:
+        """The layer's product of x [rows, in] (gated: [gate | up], multiplied as silu(gate) * up)
+        plus each row's adapter update. With the slots on the device, the shrink runs first and
+        the layer's product adds the update: in its own epilogue where it is the gemv kernel,
+        else by the expand kernel after it."""
         if self.bank.row_slots is not None:
             rows = self.bank.rows(self.A.shape[0])
-            return lora_expand(lora_shrink(x, self.A, rows), self.B, rows, out)
+            update = LoRAUpdate(lora_shrink(x, self.A, rows, gated=gated), self.B, rows, self.bank.row_slots)
+            return layer.scheme.apply(layer, x, bias, gated, update)
+        out = layer.scheme.apply(layer, x, bias, gated)
+        x = silu_and_mul(x) if gated else x
         for slot, rows in self.bank.groups:
             update = (x[rows] @ self.A[slot].T) @ self.B[slot].T  # [n, out]
             out.index_add_(0, rows, update.to(out.dtype))
