@@ -11,6 +11,9 @@ environment each kernel's time is its own (the step's wall time is then a little
 `benchmarks/kernel_bench/gemv.py`, `decode_attention.py` and `moe_kernel.py` time the kernels alone.
 
     python benchmarks/profile_step.py --model /tmp/mistral-7b --batch-sizes 1,256 [--prefill] [--quantize fp8]
+
+`--adapters N` serves N random LoRA adapters (benchmarks/lora.py's, `--rank`) and spreads the
+requests over them, to see what their updates cost a step.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import random
 import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -29,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from server.config import EngineArgs  # noqa: E402
 from server.engine.llm_engine import LLMEngine  # noqa: E402
-from server.sampling_params import SamplingParams  # noqa: E402
+from server.sampling_params import LoRARequest, SamplingParams  # noqa: E402
 
 
 # The device's kernels (a CPU run, a check of the script, records host activity only).
@@ -69,14 +73,16 @@ def host_breakdown(engine: LLMEngine, steps: int) -> dict[str, float]:
     return dict(spent)
 
 
-def decode_profile(engine: LLMEngine, batch: int, prompt_len: int, steps: int) -> dict:
+def decode_profile(engine: LLMEngine, batch: int, prompt_len: int, steps: int, adapters: list[str]) -> dict:
+    """`adapters`: the requests' adapters, taken in turn (none: the base model)."""
     rng = random.Random(batch)
     # Sequences prefilled first decode while the others prefill: none may finish before the end.
     prefill_steps = -(-batch * prompt_len // engine.config.scheduler.max_batch_prefill_tokens)
     max_tokens = prefill_steps + steps * 3 + 10
-    for _ in range(batch):
+    for index in range(batch):
         engine.add_request([rng.randrange(100, 32000) for _ in range(prompt_len)],
-                           SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+                           SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+                           lora_request=LoRARequest(adapters[index % len(adapters)]) if adapters else None)
     while any(s.num_computed_tokens < s.num_prompt_tokens for r in engine.requests.values() for s in r.sequences):
         engine.step()
     for _ in range(5):
@@ -160,12 +166,21 @@ def main() -> None:
                                                          "(default: the largest of --batch-sizes, 256 with --prefill)")
     parser.add_argument("--stream-outputs", action="store_true",
                         help="build every request's output each step, as the server does (LLM.generate does not)")
+    parser.add_argument("--adapters", type=int, default=0, help="random LoRA adapters to spread the requests over")
+    parser.add_argument("--rank", type=int, default=16, help="the adapters' rank")
     args = parser.parse_args()
+    adapters = {}
+    if args.adapters:
+        from benchmarks.lora import write_adapters
+
+        model = Path(args.model)
+        adapters = write_adapters(model, args.adapters, args.rank, model.parent / f"{model.name}-lora-r{args.rank}")
     engine = LLMEngine(EngineArgs(model=args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
                                   max_num_seqs=args.max_num_seqs or (256 if args.prefill else max(args.batch_sizes)),
-                                  enforce_eager=args.eager, enable_prefix_caching=False))
+                                  enforce_eager=args.eager, enable_prefix_caching=False,
+                                  lora_adapters=adapters or None, max_lora_rank=max(args.rank, 16)))
     engine.stream_outputs = args.stream_outputs
-    profiles = [decode_profile(engine, b, args.prompt_len, args.steps) for b in args.batch_sizes]
+    profiles = [decode_profile(engine, b, args.prompt_len, args.steps, list(adapters)) for b in args.batch_sizes]
     if args.prefill:
         profiles.append(prefill_profile(engine, args.prompt_len, max(1, args.steps // 10)))
     print(json.dumps(profiles, indent=2))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import shutil
 import os
 import re
 import subprocess
@@ -126,6 +127,18 @@ def test_profile_step_profiles_decode_and_prefill_steps(mistral_v03_dir):
     decode, prefill = json.loads(done.stdout)
     assert decode["batch"] == 2 and decode["wall_ms_per_step"] > 0 and "forward" in decode["host_ms_per_step"]
     assert prefill["prefill_tokens_per_step"] == 4096 and prefill["wall_ms_per_step"] > 0
+
+
+def test_profile_step_spreads_its_requests_over_adapters(mistral_v03_dir, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(mistral_v03_dir, model)
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "profile_step.py"), "--model", str(model),
+                           "--device", "cpu", "--dtype", "float32", "--batch-sizes", "3", "--prompt-len", "16",
+                           "--steps", "2", "--adapters", "2", "--rank", "4"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (decode,) = json.loads(done.stdout)
+    assert decode["batch"] == 3 and decode["running_at_end"] == 3
+    assert sorted(p.name for p in (tmp_path / "model-lora-r4").iterdir()) == ["adapter-0", "adapter-1"]
 
 
 def test_capture_effect_times_decode_before_and_after(mistral_v03_dir):

@@ -1,5 +1,6 @@
 """LoRA updates of a batch whose rows use different adapters: out[i] += B[s](A[s] x[i]) with
-s = slots[i] (no update where s < 0), in two launches a projection.
+s = slots[i] (no update where s < 0), in two launches a projection, or one where the product
+is the decode kernel (server/kernels/gemv.py), which adds the update in its epilogue.
 
 The rows are first put in order of their slot (`lora_rows`, device ops only: once a step, for
 every projection), so that each adapter's rows are one run of the order. Then each program
@@ -7,9 +8,15 @@ takes one slot and a block of BLOCK_M of its rows, and multiplies them as a tile
 cores: an adapter's A and B are read once for each block of its rows, not once a row.
   - `lora_shrink`: t = x A[s]^T [rows, R], in `splits` partial sums over the inputs (one
     program a slot, block and split), so that a decode step of one row still spreads the read of
-    A over many SMs;
+    A over many SMs; gated, x is [gate | up] and A multiplies silu(gate) * up, as the down
+    projection's product does;
   - `lora_expand`: out[i, :] += (sum of t's splits) B[s]^T, one program a slot, block and tile
-    of outputs, added in place.
+    of outputs, added in place;
+  - `lora_epilogue`: the same update for a tile of a decode product's outputs, each row
+    gathering its own slot's B, added to the product's float32 sums before they are rounded.
+    A decode step with an adapter then has one launch a projection more than without, not two
+    (and no launch of silu_and_mul for the down projection's update): the adapters' bytes are
+    about 4 MB a Mistral-7B layer, so a one-sequence step pays mostly for the launches.
 A merged projection (q, k, v) keeps its pieces' A stacked along R and their B block-diagonal,
 so one shrink and one expand serve all of them. The slots are read on the device, so that a
 captured CUDA graph serves any mix of adapters: what decode steps with adapters replay. Both
