@@ -275,11 +275,13 @@ def test_info_and_metrics_know_the_adapters(lora_server):
 HALF = torch.bfloat16 if torch.cuda.is_available() else torch.float32
 
 
-@pytest.mark.parametrize("rows, rank, splits, dtype", [(1, 4, None, torch.float32), (5, 16, 3, torch.float32),
-                                                       (9, 48, None, torch.float32), (70, 16, 2, HALF)])
-def test_the_lora_kernels_equal_their_reference(rows, rank, splits, dtype):
+@pytest.mark.parametrize("rows, rank, splits, runs, dtype", [
+    (1, 4, None, None, torch.float32), (5, 16, 3, 1, torch.float32), (9, 48, None, 2, torch.float32),
+    (70, 16, 2, None, HALF)])
+def test_the_lora_kernels_equal_their_reference(rows, rank, splits, runs, dtype):
     """Rows of several slots in any order (70 rows: blocks of 32, one slot's rows over three
-    blocks), partial sums over runs of the inputs, a piece of a wider output."""
+    blocks), partial sums over runs of the inputs, a piece of a wider output, its tiles one a
+    program or walked in runs (one run: all three tiles, the last one partial)."""
     from server.kernels.lora import lora_expand, lora_reference, lora_rows, lora_shrink
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -295,7 +297,7 @@ def test_the_lora_kernels_equal_their_reference(rows, rank, splits, dtype):
     assert sorted(ordered.order[ordered.starts[0]:].tolist()) == (slots >= 0).nonzero().flatten().tolist()
     t = lora_shrink(x, a, ordered, splits)
     assert t.shape[0] == (splits or t.shape[0])
-    lora_expand(t, b, ordered, view)
+    lora_expand(t, b, ordered, view, runs)
     tolerance = dict(atol=1e-3, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.5, rtol=0.02)
     assert torch.allclose(view.float(), expected.float(), **tolerance)
     assert torch.equal(out[slots < 0, 50:180], expected[slots < 0])

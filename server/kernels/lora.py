@@ -10,8 +10,10 @@ cores: an adapter's A and B are read once for each block of its rows, not once a
     program a slot, block and split), so that a decode step of one row still spreads the read of
     A over many SMs; gated, x is [gate | up] and A multiplies silu(gate) * up, as the down
     projection's product does;
-  - `lora_expand`: out[i, :] += (sum of t's splits) B[s]^T, one program a slot, block and tile
-    of outputs, added in place;
+  - `lora_expand`: out[i, :] += (sum of t's splits) B[s]^T, one program a slot, block and run
+    of output tiles, added in place; the runs are long enough that t's splits, summed once a
+    program, are not read again for every tile (at 256 rows of eight adapters, a tile a
+    program read t's 16 splits 96 times over for qkv alone);
   - `lora_epilogue`: the same update for a tile of a decode product's outputs, each row
     gathering its own slot's B, added to the product's float32 sums before they are rounded.
     A decode step with an adapter then has one launch a projection more than without, not two
@@ -113,7 +115,7 @@ def _shrink_kernel(x_ptr, a_ptr, order_ptr, starts_ptr, t_ptr, in_features, rank
 
 
 @triton.jit
-def _expand_kernel(t_ptr, b_ptr, order_ptr, starts_ptr, out_ptr, out_features, rank, splits,
+def _expand_kernel(t_ptr, b_ptr, order_ptr, starts_ptr, out_ptr, out_features, rank, splits, tiles_per_program,
                    stride_t_split, stride_t, stride_b_slot, stride_b_out, stride_out,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
                    PDL: tl.constexpr):
@@ -125,15 +127,19 @@ def _expand_kernel(t_ptr, b_ptr, order_ptr, starts_ptr, out_ptr, out_features, r
         t = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
         for split in range(0, splits):
             t += tl.load(t_ptr + split * stride_t_split + rows[:, None] * stride_t + r[None, :], mask=tmask, other=0.0)
-        n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = n < out_features
-        b = tl.load(b_ptr + slot * stride_b_slot + n[None, :] * stride_b_out + r[:, None],
-                    mask=(r[:, None] < rank) & nmask[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
-        update = tl.dot(t.to(b.dtype), b, input_precision=PRECISION)
-        mask = valid[:, None] & nmask[None, :]
-        where = out_ptr + rows[:, None] * stride_out + n[None, :]
-        old = tl.load(where, mask=mask, other=0.0)
-        tl.store(where, (old.to(tl.float32) + update).to(old.dtype), mask=mask)
+        t = t.to(b_ptr.dtype.element_ty)
+        first = tl.program_id(2) * tiles_per_program * BLOCK_N
+        last = tl.minimum(first + tiles_per_program * BLOCK_N, out_features)
+        for n0 in range(first, last, BLOCK_N):  # this program's run of output tiles, t read once for all
+            n = n0 + tl.arange(0, BLOCK_N)
+            nmask = n < last
+            b = tl.load(b_ptr + slot * stride_b_slot + n[None, :] * stride_b_out + r[:, None],
+                        mask=(r[:, None] < rank) & nmask[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
+            update = tl.dot(t, b, input_precision=PRECISION)
+            mask = valid[:, None] & nmask[None, :]
+            where = out_ptr + rows[:, None] * stride_out + n[None, :]
+            old = tl.load(where, mask=mask, other=0.0)
+            tl.store(where, (old.to(tl.float32) + update).to(old.dtype), mask=mask)
 
 
 @triton.jit
@@ -164,6 +170,9 @@ def lora_epilogue(rows, rmask, cols, cmask, t_ptr, b_ptr, slots_ptr, rank, t_spl
 def epilogue_chunk(block_m: int, block_n: int, block_r: int) -> int:
     """lora_epilogue's R_CHUNK: at most 8,192 products of a tile at once."""
     return max(1, min(block_r, 8192 // (block_m * block_n)))
+
+
+EXPAND_PROGRAMS = 264  # twice an H100's SMs: enough programs with rows to keep them all busy
 
 
 def _block_m(rows: int) -> int:
@@ -200,14 +209,22 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, rows: LoRARows, splits: int | 
     return t
 
 
-def lora_expand(t: torch.Tensor, b: torch.Tensor, rows: LoRARows, out: torch.Tensor) -> torch.Tensor:
-    """out [n, N] (a view with unit column stride) += B[s] (t's splits summed), in place; b [slots, N, R]."""
+def lora_expand(t: torch.Tensor, b: torch.Tensor, rows: LoRARows, out: torch.Tensor,
+                tile_runs: int | None = None) -> torch.Tensor:
+    """out [n, N] (a view with unit column stride) += B[s] (t's splits summed), in place; b [slots, N, R].
+    Each program sums its rows' t once and walks a run of output tiles: `tile_runs` runs over
+    N (by default, about EXPAND_PROGRAMS programs with rows, however the rows fall into slots)."""
     n, out_features = out.shape
     num_slots, rank = b.shape[0], b.shape[2]
     block_m, block_n = _block_m(n), 64 if out_features <= 8192 else 128
-    _expand_kernel[(num_slots, triton.cdiv(n, block_m), triton.cdiv(out_features, block_n))](
-        t, b, rows.order, rows.starts, out, out_features, rank, t.shape[0], t.stride(0), t.stride(1), b.stride(0),
-        b.stride(1), out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r(rank),
+    blocks, tiles = triton.cdiv(n, block_m), triton.cdiv(out_features, block_n)
+    if tile_runs is None:  # (slot, block)s that can hold rows: the blocks, and one more at each change of slot
+        pairs = min(blocks + min(num_slots, n) - 1, num_slots * blocks)
+        tile_runs = max(1, min(tiles, EXPAND_PROGRAMS // pairs))
+    per_run = triton.cdiv(tiles, tile_runs)
+    _expand_kernel[(num_slots, blocks, triton.cdiv(tiles, per_run))](
+        t, b, rows.order, rows.starts, out, out_features, rank, t.shape[0], per_run, t.stride(0), t.stride(1),
+        b.stride(0), b.stride(1), out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r(rank),
         PRECISION=dot_precision(b.dtype), PDL=PDL, **LAUNCH)
     return out
 
