@@ -173,6 +173,7 @@ def epilogue_chunk(block_m: int, block_n: int, block_r: int) -> int:
 
 
 EXPAND_PROGRAMS = 264  # twice an H100's SMs: enough programs with rows to keep them all busy
+MAX_RUN = 8  # tiles a program walks at most (a prefill's rows keep many programs busy, each tile in flight)
 
 
 def _block_m(rows: int) -> int:
@@ -213,14 +214,15 @@ def lora_expand(t: torch.Tensor, b: torch.Tensor, rows: LoRARows, out: torch.Ten
                 tile_runs: int | None = None) -> torch.Tensor:
     """out [n, N] (a view with unit column stride) += B[s] (t's splits summed), in place; b [slots, N, R].
     Each program sums its rows' t once and walks a run of output tiles: `tile_runs` runs over
-    N (by default, about EXPAND_PROGRAMS programs with rows, however the rows fall into slots)."""
+    N (by default, about EXPAND_PROGRAMS programs with rows, however the rows fall into slots,
+    and runs of MAX_RUN tiles at most)."""
     n, out_features = out.shape
     num_slots, rank = b.shape[0], b.shape[2]
     block_m, block_n = _block_m(n), 64 if out_features <= 8192 else 128
     blocks, tiles = triton.cdiv(n, block_m), triton.cdiv(out_features, block_n)
     if tile_runs is None:  # (slot, block)s that can hold rows: the blocks, and one more at each change of slot
         pairs = min(blocks + min(num_slots, n) - 1, num_slots * blocks)
-        tile_runs = max(1, min(tiles, EXPAND_PROGRAMS // pairs))
+        tile_runs = max(1, min(tiles, max(EXPAND_PROGRAMS // pairs, triton.cdiv(tiles, MAX_RUN))))
     per_run = triton.cdiv(tiles, tile_runs)
     _expand_kernel[(num_slots, blocks, triton.cdiv(tiles, per_run))](
         t, b, rows.order, rows.starts, out, out_features, rank, t.shape[0], per_run, t.stride(0), t.stride(1),
