@@ -40,6 +40,15 @@ streamed token, which says whether the HTTP side or the engine's host work runs 
 first (a process near 1e6 / tokens-per-second is saturated); every rate reports
 `client_cpu_cores`, the CPU the client's processes spent over the run in cores (near
 `--client-processes`: the client is the bottleneck; give it more processes).
+With `--find-rate`, the rates are not given but searched for: the highest Poisson rate at which
+the server keeps TPOT p50 under --slo-tpot-p50-ms and TTFT p99 under --slo-ttft-p99-ms (25 ms
+and 1 s by default), doubling from the first of --rates until a rate misses, then halving the
+interval, --search-probes runs in all; `find_rate` in the report has each probe and the
+output tokens/s at the rate found (what the server keeps of the engine's offline figure):
+
+    python benchmarks/serving.py --launch ours --model /tmp/mistral-7b --find-rate --rates 8 \
+        --num-prompts 400 --prompt-len 100,1024 --output-len 100,1024 --time-budget 540 --out rate/
+
 With `--py-spy SECONDS` (py-spy on the PATH), a started server's processes are sampled for
 that long from the start of each rate, and the rate reports where their samples fell
 (`profile`: the busiest frames of each process, by self and by inclusive samples), beside
@@ -250,9 +259,8 @@ def bench(name: str, args, prompts, outputs, deadline: float, entry: dict) -> No
             asyncio.run(warm_up(url, model, deadline))
             entry["ready_s"] = time.perf_counter() - began  # start, model load and warm-up
         entry.update(url=url, model=model, runs=[])
-        rates = sorted((float(r) for r in args.rates.split(",")), reverse=True)
-        for i, rate in enumerate(rates):
-            share = (deadline - time.perf_counter()) / (len(rates) - i)
+
+        def measure(rate: float, share: float) -> dict:
             cpu_before = server.cpu_seconds() if server else {}
             profiler = start_profile(server.process.pid, args.py_spy, os.path.join(
                 args.out, f"{name}-{rate:g}.pyspy")) if server and args.py_spy else None
@@ -261,11 +269,19 @@ def bench(name: str, args, prompts, outputs, deadline: float, entry: dict) -> No
                 run["cpu_us_per_token"] = cpu_per_token(cpu_before, server.cpu_seconds(), run)
             if profiler:
                 run["profile"] = finish_profile(*profiler)
-            entry["runs"].insert(0, run)
+            entry["runs"].append(run)
             print(f"{name} at {run['request_rate']} req/s: {run['completed']} of {len(prompts)} served, "
                   f"{run['output_token_throughput']:.0f} tokens/s", file=sys.stderr)
-            if i + 1 < len(rates):
-                time.sleep(2)  # whatever a cut-off left running drains before the next rate
+            time.sleep(2)  # whatever a cut-off left running drains before the next rate
+            return run
+
+        if args.find_rate:
+            entry["find_rate"] = find_rate(measure, deadline, args)
+        else:
+            rates = sorted((float(r) for r in args.rates.split(",")), reverse=True)
+            for i, rate in enumerate(rates):
+                measure(rate, (deadline - time.perf_counter()) / (len(rates) - i))
+        entry["runs"].sort(key=lambda run: float(run["request_rate"]))
     except Exception as e:  # a failed server is reported; the run goes on to the next
         entry["error"] = f"{type(e).__name__}: {e}"
         print(f"{name}: {entry['error']}", file=sys.stderr)
@@ -274,6 +290,50 @@ def bench(name: str, args, prompts, outputs, deadline: float, entry: dict) -> No
     finally:
         if server:
             server.stop()
+
+
+def meets_slo(run: dict, args) -> bool:
+    """Every request sent and served, TPOT p50 and TTFT p99 within --slo-tpot-p50-ms and
+    --slo-ttft-p99-ms (a rate cut off by its time is not known to meet it, so it does not)."""
+    return (not run["not_sent"] and run["outcomes"] == {"ok": run["sent"]}
+            and run["tpot_ms"].get("p50", math.inf) <= args.slo_tpot_p50_ms
+            and run["ttft_ms"].get("p99", math.inf) <= args.slo_ttft_p99_ms)
+
+
+def search_rates(meets, start: float, probes: int) -> float | None:
+    """The highest request rate found to meet the SLO in `probes` probes (`meets(rate)`): the
+    rate doubles from `start` until one fails (halves until one meets it, if the first fails),
+    then the interval between the best that met it and the lowest that failed is halved."""
+    best = worst = None  # the highest rate that met the SLO, the lowest that did not
+    rate = start
+    for _ in range(probes):
+        if meets(rate):
+            best = rate
+        else:
+            worst = rate
+        rate = rate * 2 if worst is None else rate / 2 if best is None else (best + worst) / 2
+    return best
+
+
+def find_rate(measure, deadline: float, args) -> dict:
+    """--find-rate: the highest Poisson rate at which the server keeps TPOT p50 and TTFT p99
+    within the SLO (search_rates, --search-probes probes sharing the time left), and the output
+    tokens/s it served there."""
+    probes: list[dict] = []
+
+    def meets(rate: float) -> bool:
+        share = (deadline - time.perf_counter()) / (args.search_probes - len(probes))
+        run = measure(rate, share)
+        probes.append({"request_rate": rate, "meets_slo": meets_slo(run, args),
+                       "tpot_ms_p50": run["tpot_ms"].get("p50"), "ttft_ms_p99": run["ttft_ms"].get("p99"),
+                       "output_token_throughput": run["output_token_throughput"]})
+        return probes[-1]["meets_slo"]
+
+    best = search_rates(meets, float(args.rates.split(",")[0]), args.search_probes)
+    at_best = next((p for p in probes if p["request_rate"] == best), {})
+    return {"slo": {"tpot_ms_p50": args.slo_tpot_p50_ms, "ttft_ms_p99": args.slo_ttft_p99_ms},
+            "max_request_rate": best, "output_token_throughput": at_best.get("output_token_throughput"),
+            "probes": probes}
 
 
 def start_profile(pid: int, seconds: float, path: str) -> tuple[subprocess.Popen, str, float]:
@@ -373,10 +433,18 @@ def main() -> None:
                              "parses a few thousand streamed tokens a second)")
     parser.add_argument("--py-spy", type=float, default=0, metavar="SECONDS",
                         help="sample a started server's processes with py-spy this long in each rate (0: no)")
+    parser.add_argument("--find-rate", action="store_true",
+                        help="search for the highest rate that meets --slo-tpot-p50-ms and --slo-ttft-p99-ms, "
+                             "from the first of --rates, in --search-probes runs")
+    parser.add_argument("--slo-tpot-p50-ms", type=float, default=25)
+    parser.add_argument("--slo-ttft-p99-ms", type=float, default=1000)
+    parser.add_argument("--search-probes", type=int, default=6)
     parser.add_argument("--out", default="serving", help="directory for serving.json, the PNG and the servers' logs")
     args = parser.parse_args()
     if args.launch and not args.model:
         parser.error("--launch needs --model")
+    if args.find_rate and not math.isfinite(float(args.rates.split(",")[0])):
+        parser.error("--find-rate starts from the first of --rates, which must be a finite rate")
     names = args.launch.split(",") if args.launch else ["server"]
     if unknown := [n for n in names if args.launch and n not in servers.COMMANDS]:
         parser.error(f"--launch knows {', '.join(servers.COMMANDS)}, not {', '.join(unknown)}")

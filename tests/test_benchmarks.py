@@ -216,6 +216,36 @@ def test_serving_streams_every_request_from_several_client_processes(mistral_v03
         assert run["cpu_us_per_token"]["server"] > 0
 
 
+def test_the_rate_search_doubles_until_a_rate_misses_then_halves_the_interval():
+    sys.path.insert(0, ROOT)
+    from benchmarks.serving import search_rates
+
+    for limit in (0.5, 3.0, 7.9, 100.0):
+        probed = []
+        best = search_rates(lambda rate: probed.append(rate) or rate <= limit, 2.0, 6)
+        assert len(probed) == 6 and (best is None) == (limit < min(probed))
+        if best is not None:  # the best that met it, below the lowest that missed
+            missed = [r for r in probed if r > limit]
+            assert best <= limit and best == max(r for r in probed if r <= limit)
+            assert not missed or min(missed) - best <= max(best, min(missed)) / 2
+    assert search_rates(lambda rate: True, 1.0, 4) == 8.0
+    assert search_rates(lambda rate: False, 1.0, 3) is None
+
+
+def test_serving_finds_the_highest_rate_that_meets_its_slo(mistral_v03_dir, tmp_path):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "serving.py"), "--launch", "ours",
+                           "--model", mistral_v03_dir, "--dtype", "float32", "--find-rate", "--rates", "10",
+                           "--search-probes", "2", "--slo-tpot-p50-ms", "60000", "--slo-ttft-p99-ms", "60000",
+                           "--num-prompts", "6", "--prompt-len", "4,20", "--output-len", "2,6", "--time-budget", "200",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ours = json.loads(open(tmp_path / "serving.json").read())["servers"]["ours"]
+    found = ours["find_rate"]
+    assert [p["request_rate"] for p in found["probes"]] == [10.0, 20.0] and all(p["meets_slo"] for p in found["probes"])
+    assert found["max_request_rate"] == 20.0 and found["output_token_throughput"] > 0
+    assert [run["request_rate"] for run in ours["runs"]] == [10.0, 20.0]
+
+
 def test_a_profile_is_summed_per_process_from_py_spys_stacks():
     sys.path.insert(0, ROOT)
     from benchmarks.serving import profile_summary
