@@ -156,7 +156,7 @@ def lora_epilogue(rows, rmask, cols, cmask, t_ptr, b_ptr, slots_ptr, rank, t_spl
         + cols[None, :, None].to(tl.int64) * stride_b_out
     splits = tl.arange(0, T_SPLITS)
     update = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for r0 in tl.static_range(0, BLOCK_R, R_CHUNK):
+    for r0 in range(0, BLOCK_R, R_CHUNK):  # a loop, not unrolled: a tile of 16 rows may take 64 chunks
         r = r0 + tl.arange(0, R_CHUNK)
         rmask_r = r < rank
         t = tl.load(t_ptr + splits[:, None, None] * stride_t_split + rows[None, :, None] * stride_t + r[None, None, :],
@@ -168,8 +168,9 @@ def lora_epilogue(rows, rmask, cols, cmask, t_ptr, b_ptr, slots_ptr, rank, t_spl
 
 
 def epilogue_chunk(block_m: int, block_n: int, block_r: int) -> int:
-    """lora_epilogue's R_CHUNK: at most 8,192 products of a tile at once."""
-    return max(1, min(block_r, 8192 // (block_m * block_n)))
+    """lora_epilogue's R_CHUNK: at most 2,048 products of a tile at once (each with its own
+    64-bit address: at 8,192 a 16-row tile of qkv took 254 registers a thread, not 80)."""
+    return max(1, min(block_r, 2048 // (block_m * block_n)))
 
 
 EXPAND_PROGRAMS = 264  # twice an H100's SMs: enough programs with rows to keep them all busy
