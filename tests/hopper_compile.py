@@ -5,8 +5,9 @@ the compiler refuses, or whose pipeline needs more shared memory than a Hopper S
 there and fails only on the GPU. Here every kernel is launched as a Mistral-7B decode step (and
 a prefill) launches it, on empty CPU tensors of the real shapes; the launches are recorded
 instead of run, and each is compiled for sm_90 (with programmatic dependent launch, as an
-H100 launches them: server/kernels/launch.py). Prints one JSON line: each kernel variant's shared memory
-and its unguarded zeroing stores (`unguarded_zeroing`).
+H100 launches them: server/kernels/launch.py). Prints one JSON line: each kernel variant's shared memory,
+its unguarded zeroing stores (`unguarded_zeroing`), its registers a thread and the bytes a
+thread spills to local memory (cuobjdump's resource usage of the compiled cubin).
 
     python tests/hopper_compile.py        (run by tests/test_kernels_compile.py)
 """
@@ -14,7 +15,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)  # real JIT functions: they are compiled, not interpreted
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -178,6 +182,19 @@ def unguarded_zeroing(ttgir: str) -> int:
     return count
 
 
+def registers_and_spills(cubin: bytes) -> tuple[int, int]:
+    """Registers a thread and bytes of stack a thread (spilled registers) of a compiled kernel,
+    from cuobjdump (Triton's wheel carries it beside ptxas)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    found = re.search(r"REG:(\d+).*?STACK:(\d+)", usage)
+    return int(found.group(1)), int(found.group(2))
+
+
 def main() -> None:
     JITFunction.run = record
     decode_step_launches()
@@ -187,7 +204,8 @@ def main() -> None:
         key = f"{jit.fn.__name__}({', '.join(str(v) for v in variant)})"
         if key not in seen:
             seen.add(key)
-            report[key] = [kernel.metadata.shared, unguarded_zeroing(kernel.asm["ttgir"])]
+            report[key] = [kernel.metadata.shared, unguarded_zeroing(kernel.asm["ttgir"]),
+                           *registers_and_spills(kernel.asm["cubin"])]
     print(json.dumps(report))
 
 

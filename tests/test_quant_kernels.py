@@ -209,3 +209,15 @@ def test_a_mixed_step_reads_an_fp8_cache_like_the_reference(lens, heads, kv_head
     ref = prefill_attention_reference(q.float(), k_cache, v_cache, tables.long(), query_lens, context_lens,
                                       head_dim ** -0.5, window, **scales)
     torch.testing.assert_close(out.float(), ref.float(), **tol(dtype))
+
+
+def test_a_launch_that_holds_its_first_tile_over_an_fp8_cache_takes_64_token_tiles():
+    """A few sequences' programs read their first tile before their wait and hold it in
+    registers: over an fp8 cache a 128-token tile spilled (tests/test_kernels_compile.py), so
+    they take 64; a large batch, which reads nothing early, keeps its 128-token tiles."""
+    from server.kernels.decode_attention import DecodeConfig, kernel_choice
+
+    cpu = torch.device("cpu")
+    assert kernel_choice(256, 8, 1, 128, True, cpu) == (DecodeConfig(block_n=128, num_stages=3), False)
+    assert kernel_choice(8, 8, 32, 128, True, cpu) == (DecodeConfig(block_n=64, num_stages=3), True)
+    assert kernel_choice(1, 8, 32, 128, False, cpu) == (DecodeConfig(block_n=64), True)  # bf16: as before

@@ -119,8 +119,10 @@ def _decode_split_kernel(
         cached = pmask[:, None] & dmask[None, :]
         newest = cached & (pos >= ctx - fresh)[:, None]
         older = cached & (pos < ctx - fresh)[:, None]
-        k = tl.load(k_cache_ptr + at, mask=older, other=0.0).to(dtype)  # [BLOCK_N, BLOCK_D]
-        v = tl.load(v_cache_ptr + at, mask=older, other=0.0).to(dtype)
+        # [BLOCK_N, BLOCK_D], held in the cache's dtype until used: an fp8 tile widened here
+        # took 255 registers a lane and spilled (sm_90), 128 tokens wide
+        k = tl.load(k_cache_ptr + at, mask=older, other=0.0)
+        v = tl.load(v_cache_ptr + at, mask=older, other=0.0)
     wait_for_inputs(PDL)
     q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + d[None, :],
                 mask=gmask[:, None] & dmask[None, :], other=0.0).to(dtype)  # [BLOCK_G, BLOCK_D]
@@ -131,8 +133,8 @@ def _decode_split_kernel(
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     first = lo
     if EARLY:
-        k = tl.where(newest, tl.load(k_cache_ptr + at, mask=newest, other=0.0).to(dtype), k)
-        v = tl.where(newest, tl.load(v_cache_ptr + at, mask=newest, other=0.0).to(dtype), v)
+        k = tl.where(newest, tl.load(k_cache_ptr + at, mask=newest, other=0.0), k).to(dtype)
+        v = tl.where(newest, tl.load(v_cache_ptr + at, mask=newest, other=0.0), v).to(dtype)
         if hi > lo:
             m, l, acc = _attend(q, k, v, pmask, m, l, acc, scale_log2, PRECISION)
         first += BLOCK_N
@@ -188,6 +190,9 @@ def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, seq_ids_ptr, cu_qu
 # program from 96 registers a lane to 217 (sm_90), which would cut a large batch's programs an
 # SM from five to two, where its reads need them all.
 EARLY_SEQS = 8
+# The widest tile such a program holds: an fp8 cache's 128-token tiles held across the wait took
+# 255 registers a lane and spilled 432 bytes (sm_90); 64 tokens do not.
+EARLY_BLOCK_N = 64
 
 
 @dataclass(frozen=True)
@@ -241,7 +246,11 @@ def kernel_choice(num_seqs: int, num_kv_heads: int, num_splits: int, head_dim: i
     each variant a mixed step can take before the first request."""
     sms, shared_memory = device_limits(device)
     programs_per_sm = num_seqs * num_kv_heads / sms if num_splits == 1 else None
-    return default_config(head_dim, fp8_cache, programs_per_sm, shared_memory), num_seqs <= EARLY_SEQS
+    early = num_seqs <= EARLY_SEQS
+    config = default_config(head_dim, fp8_cache, programs_per_sm, shared_memory)
+    if early and config.block_n > EARLY_BLOCK_N:  # the first tile held in registers across the wait
+        config = DecodeConfig(block_n=EARLY_BLOCK_N, num_warps=config.num_warps, num_stages=config.num_stages)
+    return config, early
 
 
 def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float,
