@@ -133,6 +133,26 @@ def test_the_kernels_give_each_request_what_torch_gives_it(lora_llm, monkeypatch
         assert logprobs[0] == pytest.approx(logprobs[1], abs=1e-4)
 
 
+def test_fp8_weights_take_the_adapters_updates_through_the_kernels_as_through_torch(mistral_v03_dir, adapters,
+                                                                                   monkeypatch):
+    """--quantize fp8 with adapters: the products' updates through the kernels (interpreted
+    here; on a GPU a decode step's come in the fp8 gemv's epilogue) give what the torch
+    products per adapter give."""
+    llm = LLM(mistral_v03_dir, lora_adapters=adapters, quantization="fp8", max_batch_total_tokens=4096)
+    params = SamplingParams(temperature=0, max_tokens=4, logprobs=0, ignore_eos=True)
+    names = ["all", None, "mlp"]
+    loras = [LoRARequest(n) if n else None for n in names]
+    torch_path = llm.generate([PROMPTS[0]] * 3, params, use_tqdm=False, lora_request=loras)
+    monkeypatch.setattr(llm.engine.runner, "lora_kernels", True)
+    kernels = llm.generate([PROMPTS[0]] * 3, params, use_tqdm=False, lora_request=loras)
+    assert len({tuple(o.outputs[0].token_ids) for o in torch_path}) == 3  # each adapter changes the answer
+    for got, expected in zip(kernels, torch_path):
+        tokens = expected.outputs[0].token_ids
+        assert got.outputs[0].token_ids == tokens
+        logprobs = [[entry[t] for entry, t in zip(out.outputs[0].logprobs, tokens)] for out in (got, expected)]
+        assert logprobs[0] == pytest.approx(logprobs[1], abs=1e-4)
+
+
 def test_the_prefix_cache_keeps_each_adapters_blocks_apart(lora_llm):
     prompt = " ".join(["word"] * 40)  # several full blocks
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)

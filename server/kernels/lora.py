@@ -195,7 +195,8 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, rows: LoRARows, splits: int | 
         x = x.contiguous()
     n, in_features = x.shape[0], x.shape[1] // (2 if gated else 1)
     if in_features != a.shape[2]:
-        raise ValueError(f"x has {x.shape[1]} columns for an A of {a.shape[2]} inputs{' (gated: twice that)' if gated else ''}")
+        twice = " (gated: twice that)" if gated else ""
+        raise ValueError(f"x has {x.shape[1]} columns for an A of {a.shape[2]} inputs{twice}")
     num_slots, rank = a.shape[0], a.shape[1]
     block_m, block_k = _block_m(n), 64
     blocks = triton.cdiv(n, block_m)

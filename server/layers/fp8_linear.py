@@ -75,7 +75,6 @@ class Fp8Weight:
         adapter updates, added."""
         if gemv is not None and suits(x):  # a decode batch: the weight widened as it is read
             out = gemv(x, layer.weight, weight_scale=layer.weight_scale, gated=gated, lora=lora)
-            lora = None
         else:
             x = silu_and_mul(x) if gated else x
             if x.is_cuda:
@@ -85,5 +84,6 @@ class Fp8Weight:
                                        out_dtype=torch.bfloat16).to(x.dtype)
             else:
                 out = F.linear(x, dequantize_fp8(layer.weight, layer.weight_scale).to(x.dtype))
-        out = out if lora is None else lora.add_to(out)
+            if lora is not None:
+                out = lora.add_to(out)
         return out + bias if bias is not None else out
