@@ -374,3 +374,48 @@ def test_the_decode_products_epilogue_on_mistral_shapes(rows, in_features, out_f
     ordered = lora_rows(slots, 8)
     out = gemv(x, weight, gated=gated, lora=LoRAUpdate(lora_shrink(x, a, ordered, gated=gated), b, ordered, slots))
     assert torch.allclose(out.float(), expected.float(), atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("rows", [1, 16, 17])
+def test_a_decode_batchs_projection_takes_one_launch_more_for_its_adapters(rows, monkeypatch):
+    """Each row's slot on the device, as on a GPU: a projection of a decode batch (1-16 rows,
+    the gemv kernel, here on the CPU) launches the shrink and its product, which adds the
+    update itself (no expand), and the gated down projection makes silu(gate) * up inside both
+    (no silu_and_mul); a larger batch's product is followed by the expand. Each gives what the
+    base product plus torch's update gives."""
+    from server.kernels import lora as lora_kernels
+    from server.kernels.lora import lora_reference
+    from server.kernels.reference import silu_and_mul_reference
+    from server.layers import linear
+    from server.layers import lora as lora_layers
+
+    monkeypatch.setattr(linear, "suits", lambda x: x.dim() == 2 and 0 < x.shape[0] <= 16 and x.stride(1) == 1)
+    launched, silu_calls = [], []
+    kernel_type = type(lora_kernels._shrink_kernel)
+    run = kernel_type.run
+    monkeypatch.setattr(kernel_type, "run", lambda self, *a, **k: launched.append(self.fn.__name__) or run(self, *a, **k))
+    for module in (linear, lora_layers):
+        silu = module.silu_and_mul
+        monkeypatch.setattr(module, "silu_and_mul", lambda x, *a, silu=silu: silu_calls.append(1) or silu(x, *a))
+    generator = torch.Generator().manual_seed(rows)
+    qkv = linear.MergedColumnParallelLinear(64, [(48, 1), (16, 1)])
+    down = linear.RowParallelLinear(48, 40, gated=True)
+    qkv.load_piece(0, torch.randn(48, 64, generator=generator) / 8)
+    qkv.load_piece(1, torch.randn(16, 64, generator=generator) / 8)
+    down.load(torch.randn(40, 48, generator=generator) / 8)
+    bank = lora_layers.LoRABank()
+    slots = torch.tensor([((i + 1) * 7 % 5) - 1 for i in range(rows)]).clamp(max=2)  # -1: the base model
+    bank.use_rows(slots)
+    for layer, width in ((qkv, 64), (down, 96)):
+        layer.lora = lora_layers.LoRASlots.for_layer(layer, bank, 3, 4, torch.float32)
+        layer.lora.A.normal_(generator=generator)
+        layer.lora.B.normal_(generator=generator)
+        x = torch.randn(rows, width, generator=generator)
+        launched.clear(), silu_calls.clear()
+        out = layer(x)
+        real_x = silu_and_mul_reference(x) if layer is down else x
+        expected = lora_reference(real_x, layer.lora.A, layer.lora.B, slots, real_x @ layer.weight.T)
+        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+        fused = rows <= 16
+        assert launched == (["_shrink_kernel", "_gemv_kernel"] if fused else ["_shrink_kernel", "_expand_kernel"])
+        assert len(silu_calls) == (0 if fused or layer is qkv else 1)  # the larger batch's product needs it
