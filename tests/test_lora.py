@@ -393,7 +393,8 @@ def test_a_decode_batchs_projection_takes_one_launch_more_for_its_adapters(rows,
     launched, silu_calls = [], []
     kernel_type = type(lora_kernels._shrink_kernel)
     run = kernel_type.run
-    monkeypatch.setattr(kernel_type, "run", lambda self, *a, **k: launched.append(self.fn.__name__) or run(self, *a, **k))
+    monkeypatch.setattr(kernel_type, "run",
+                        lambda self, *a, **k: launched.append(self.fn.__name__) or run(self, *a, **k))
     for module in (linear, lora_layers):
         silu = module.silu_and_mul
         monkeypatch.setattr(module, "silu_and_mul", lambda x, *a, silu=silu: silu_calls.append(1) or silu(x, *a))
