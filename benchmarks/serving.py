@@ -365,8 +365,10 @@ def profile_summary(lines, top: int = 15) -> dict:
             continue
         frames = stack.split(";")
         process = "all"
-        while frames[0].startswith("process "):  # a child's stacks start with its parents' names, then its own
+        while frames and frames[0].startswith("process "):  # a child's stacks start with its parents' names
             process = frames.pop(0).split(":", 1)[0]
+        if not frames:  # a sample of a process with no Python frame (in native code)
+            frames = ["(no Python frame)"]
         tallies = processes.setdefault(process, {"self": Counter(), "under": Counter()})
         tallies["self"][frames[-1]] += int(count)
         for frame in set(frames):

@@ -256,9 +256,11 @@ def test_a_profile_is_summed_per_process_from_py_spys_stacks():
               f"{parent};main (server/__main__.py:3);encode (json/encoder.py:9) 10",
               f"{parent};{child};run (server/engine/engine_core.py:7);step (server/engine/llm_engine.py:2) 45",
               f"{parent};{child};run (server/engine/engine_core.py:7);send (multiprocessing/connection.py:4) 15",
+              f"{parent} 5",  # a sample in native code: the process's name alone
               "not a stack line"]
     summary = profile_summary(stacks)
-    assert summary["process 10"]["samples"] == 40 and summary["process 11"]["samples"] == 60
-    assert summary["process 10"]["self"][0] == ["send (uvicorn/x.py:5)", 0.75]
+    assert summary["process 10"]["samples"] == 45 and summary["process 11"]["samples"] == 60
+    assert summary["process 10"]["self"][0] == ["send (uvicorn/x.py:5)", round(30 / 45, 4)]
+    assert ["(no Python frame)", round(5 / 45, 4)] in summary["process 10"]["self"]
     assert summary["process 11"]["under"][0] == ["run (server/engine/engine_core.py:7)", 1.0]
     assert ["step (server/engine/llm_engine.py:2)", 0.75] in summary["process 11"]["under"]
