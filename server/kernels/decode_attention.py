@@ -36,6 +36,7 @@ model faster on an H100 (engines in one process, runs alternated; docs/kernels.m
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -249,7 +250,7 @@ def kernel_choice(num_seqs: int, num_kv_heads: int, num_splits: int, head_dim: i
     early = num_seqs <= EARLY_SEQS
     config = default_config(head_dim, fp8_cache, programs_per_sm, shared_memory)
     if early and config.block_n > EARLY_BLOCK_N:  # the first tile held in registers across the wait
-        config = DecodeConfig(block_n=EARLY_BLOCK_N, num_warps=config.num_warps, num_stages=config.num_stages)
+        config = dataclasses.replace(config, block_n=EARLY_BLOCK_N)
     return config, early
 
 

@@ -120,8 +120,8 @@ class LoRASlots:
             rows = self.bank.rows(self.A.shape[0])
             update = LoRAUpdate(lora_shrink(x, self.A, rows, gated=gated), self.B, rows, self.bank.row_slots)
             return layer.scheme.apply(layer, x, bias, gated, update)
-        out = layer.scheme.apply(layer, x, bias, gated)
-        x = silu_and_mul(x) if gated else x
+        x = silu_and_mul(x) if gated else x  # the layer's real input, made once for the product and the update
+        out = layer.scheme.apply(layer, x, bias)
         for slot, rows in self.bank.groups:
             update = (x[rows] @ self.A[slot].T) @ self.B[slot].T  # [n, out]
             out.index_add_(0, rows, update.to(out.dtype))
